@@ -1,2 +1,32 @@
-"""driftscope: base-vs-tuned LLM drift in lockstep, exact full-vocabulary metrics without materializing logits."""
+"""driftscope: base-vs-tuned LLM drift in lockstep, exact full-vocabulary metrics without materializing logits.
+
+The public API is imported lazily so that `import driftscope` stays cheap (no torch import until used).
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "driftscope.engine.loader",
+    "load_tokenizer": "driftscope.engine.tokenizer",
+    "ModelConfig": "driftscope.engine.config",
+    "vocab_probe": "driftscope.kernels.vocab_probe",
+    "VocabProbeResult": "driftscope.kernels.vocab_probe",
+    "backend_status": "driftscope.kernels._dispatch",
+    "use_backend": "driftscope.kernels._dispatch",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'driftscope' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
