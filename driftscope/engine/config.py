@@ -1,0 +1,207 @@
+"""ModelConfig: the validated, architecture-neutral description of a Llama/Mistral/Qwen2/Qwen3 checkpoint.
+
+`ModelConfig.from_file(config.json)` reads both HF config styles (rope_theta/rope_scaling and rope_parameters;
+torch_dtype and dtype); unsupported architectures or rope types raise ValueError naming the file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# model_type -> per-family flags. `qkv_bias`: None means "read attention_bias from the config".
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {"class": "LlamaForCausalLM", "qkv_bias": None, "o_bias": None, "qk_norm": False, "head_dim": None},
+    "mistral": {"class": "MistralForCausalLM", "qkv_bias": False, "o_bias": False, "qk_norm": False, "head_dim": None},
+    "qwen2": {"class": "Qwen2ForCausalLM", "qkv_bias": True, "o_bias": False, "qk_norm": False, "head_dim": None},
+    # transformers' Qwen3Config defaults head_dim to 128 when the key is absent; we follow it for parity.
+    "qwen3": {"class": "Qwen3ForCausalLM", "qkv_bias": None, "o_bias": None, "qk_norm": True, "head_dim": 128},
+}
+_CLASS_TO_TYPE = {v["class"]: k for k, v in ARCHITECTURES.items()}
+ROPE_TYPES = ("default", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """Everything the forward needs. Derived fields (head_dim, n_kv_groups, q/kv sizes) are set in __post_init__."""
+
+    arch: str  # one of ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None  # None -> num_heads (MHA)
+    head_dim: int | None = None  # None -> hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "llama3"
+    rope_scaling: dict[str, float] = field(default_factory=dict)  # llama3: factor, low/high_freq_factor, original_max_position_embeddings
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
+    o_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down (Llama mlp_bias)
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rope
+    sliding_window: int | None = None  # active window, None when disabled; the forward refuses longer sequences
+    hidden_act: str = "silu"
+    torch_dtype: str = "float32"  # dtype the checkpoint says it was saved in (informational)
+    source: str = "<dict>"  # where this config came from, for error messages
+    # derived
+    n_kv_groups: int = field(init=False)
+    q_size: int = field(init=False)
+    kv_size: int = field(init=False)
+
+    def _fail(self, name: str, value: Any, expected: str) -> None:
+        raise ValueError(f"{self.source}: {name}={value!r} is invalid: {expected}")
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            self._fail("arch", self.arch, f"supported architectures are {', '.join(ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                self._fail(name, value, "expected a positive integer")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if not isinstance(self.num_kv_heads, int) or self.num_kv_heads <= 0:
+            self._fail("num_key_value_heads", self.num_kv_heads, "expected a positive integer")
+        if self.num_heads % self.num_kv_heads != 0:
+            self._fail("num_key_value_heads", self.num_kv_heads, f"must divide num_attention_heads={self.num_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads != 0:
+                self._fail("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_heads} when head_dim is absent")
+            self.head_dim = self.hidden_size // self.num_heads
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2 != 0:
+            self._fail("head_dim", self.head_dim, "expected a positive even integer (rope rotates pairs)")
+        if not self.rms_norm_eps > 0:
+            self._fail("rms_norm_eps", self.rms_norm_eps, "expected > 0")
+        if not self.rope_theta > 0:
+            self._fail("rope_theta", self.rope_theta, "expected > 0")
+        if self.rope_type not in ROPE_TYPES:
+            self._fail("rope_type", self.rope_type, f"supported rope types are {', '.join(ROPE_TYPES)}")
+        if self.rope_type == "llama3":
+            missing = [k for k in _LLAMA3_KEYS if k not in self.rope_scaling]
+            if missing:
+                self._fail("rope_scaling", self.rope_scaling, f"llama3 rope needs {', '.join(missing)}")
+            if not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
+                self._fail("rope_scaling", self.rope_scaling, "llama3 rope needs high_freq_factor > low_freq_factor")
+        if self.hidden_act not in ("silu", "swish"):
+            self._fail("hidden_act", self.hidden_act, "only silu (SwiGLU) MLPs are supported")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            self._fail("sliding_window", self.sliding_window, "expected a positive integer or null")
+        if self.torch_dtype not in DTYPES:
+            self._fail("dtype", self.torch_dtype, f"supported dtypes are {', '.join(DTYPES)}")
+        self.n_kv_groups = self.num_heads // self.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+    # ---------------------------------------------------------------- reading HF config.json
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read an HF `config.json` (or the folder that holds it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint folder)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+        """Map an HF config dict (either rope/dtype style) onto ModelConfig. Ignores auto_map: no remote code."""
+        arch = _arch_of(d, source)
+        flags = ARCHITECTURES[arch]
+
+        def need(key: str) -> Any:
+            if key not in d:
+                raise ValueError(f"{source}: required key {key!r} is missing")
+            return d[key]
+
+        attention_bias = bool(d.get("attention_bias", False))
+        rope_type, rope_theta, rope_scaling = _rope_of(d, source)
+        sliding = d.get("sliding_window")
+        if d.get("use_sliding_window") is False:  # Qwen2/Qwen3: window configured but switched off
+            sliding = None
+        head_dim = d.get("head_dim")
+        if head_dim is None:
+            head_dim = flags["head_dim"]
+        dtype = d.get("dtype", d.get("torch_dtype")) or "float32"
+        return cls(
+            arch=arch,
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=need("num_attention_heads"),
+            num_kv_heads=d.get("num_key_value_heads"),
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_type=rope_type,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"],
+            o_bias=attention_bias if flags["o_bias"] is None else flags["o_bias"],
+            mlp_bias=bool(d.get("mlp_bias", False)) if arch == "llama" else False,
+            qk_norm=flags["qk_norm"],
+            sliding_window=sliding,
+            hidden_act=d.get("hidden_act", "silu"),
+            torch_dtype=str(dtype).removeprefix("torch."),
+            source=source,
+        )
+
+
+def _arch_of(d: dict[str, Any], source: str) -> str:
+    supported = ", ".join(f"{k} ({v['class']})" for k, v in ARCHITECTURES.items())
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type is not None and model_type not in ARCHITECTURES:
+        raise ValueError(f"{source}: model_type={model_type!r} is not supported; supported: {supported}")
+    for a in archs:
+        if a not in _CLASS_TO_TYPE:
+            raise ValueError(f"{source}: architectures={archs!r} is not supported; supported: {supported}")
+        if model_type is not None and _CLASS_TO_TYPE[a] != model_type:
+            raise ValueError(f"{source}: architectures={archs!r} disagrees with model_type={model_type!r}")
+    if model_type is None:
+        if not archs:
+            raise ValueError(f"{source}: neither model_type nor architectures is set; supported: {supported}")
+        model_type = _CLASS_TO_TYPE[archs[0]]
+    return model_type
+
+
+def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, float]]:
+    """(rope_type, theta, scaling params) from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
+    params = d.get("rope_parameters")
+    if params is None:
+        params = dict(d.get("rope_scaling") or {})
+    else:
+        if not isinstance(params, dict):
+            raise ValueError(f"{source}: rope_parameters={params!r} must be an object")
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"{source}: per-layer-type rope_parameters {sorted(params)} are not supported")
+        params = dict(params)
+    rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported rope types: {', '.join(ROPE_TYPES)}")
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = d.get("rope_theta", 10000.0)
+    if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
+    scaling: dict[str, float] = {}
+    if rope_type == "llama3":
+        if "original_max_position_embeddings" not in params and "max_position_embeddings" in d:
+            params["original_max_position_embeddings"] = d["max_position_embeddings"]  # as transformers does
+        scaling = {k: float(params[k]) for k in _LLAMA3_KEYS if k in params}
+    return rope_type, float(theta), scaling

@@ -1,0 +1,291 @@
+"""load_model(path) -> Transformer: reads an HF checkpoint folder (config.json + safetensors, single or sharded).
+
+Strict: every expected tensor present once with its exact shape, nothing unexpected, errors name the file and tensor.
+Loads tensor by tensor into preallocated (fused) parameters; pickle checkpoints only with allow_pickle=True.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from driftscope.engine.config import DTYPES, ModelConfig
+from driftscope.engine.model import Transformer
+
+# ------------------------------------------------------------------ the weight-name table (data, not code)
+# HF name -> (our parameter name, fused part or None, condition on the config or None).
+# A fused part is a row range of a fused parameter: q|k|v in attn.wqkv, gate|up in mlp.w_gate_up.
+GLOBAL_WEIGHTS: dict[str, tuple[str, str | None, str | None]] = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", None, None),
+    "model.norm.weight": ("norm.weight", None, None),
+    "lm_head.weight": ("output.weight", None, "untied"),
+}
+LAYER_WEIGHTS: dict[str, tuple[str, str | None, str | None]] = {
+    "input_layernorm.weight": ("attn_norm.weight", None, None),
+    "post_attention_layernorm.weight": ("mlp_norm.weight", None, None),
+    "self_attn.q_proj.weight": ("attn.wqkv.weight", "q", None),
+    "self_attn.k_proj.weight": ("attn.wqkv.weight", "k", None),
+    "self_attn.v_proj.weight": ("attn.wqkv.weight", "v", None),
+    "self_attn.q_proj.bias": ("attn.wqkv.bias", "q", "qkv_bias"),
+    "self_attn.k_proj.bias": ("attn.wqkv.bias", "k", "qkv_bias"),
+    "self_attn.v_proj.bias": ("attn.wqkv.bias", "v", "qkv_bias"),
+    "self_attn.o_proj.weight": ("attn.wo.weight", None, None),
+    "self_attn.o_proj.bias": ("attn.wo.bias", None, "o_bias"),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None, "qk_norm"),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None, "qk_norm"),
+    "mlp.gate_proj.weight": ("mlp.w_gate_up.weight", "gate", None),
+    "mlp.up_proj.weight": ("mlp.w_gate_up.weight", "up", None),
+    "mlp.down_proj.weight": ("mlp.w_down.weight", None, None),
+    "mlp.gate_proj.bias": ("mlp.w_gate_up.bias", "gate", "mlp_bias"),
+    "mlp.up_proj.bias": ("mlp.w_gate_up.bias", "up", "mlp_bias"),
+    "mlp.down_proj.bias": ("mlp.w_down.bias", None, "mlp_bias"),
+}
+# Stored but never needed: rope tables that old checkpoints saved; a tied head that a checkpoint also saved.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+
+
+def _condition(name: str | None, c: ModelConfig) -> bool:
+    if name is None:
+        return True
+    if name == "untied":
+        return not c.tie_word_embeddings
+    return bool(getattr(c, name))
+
+
+def _part_rows(c: ModelConfig, part: str) -> tuple[int, int]:
+    """Row range [start, stop) of a fused part inside its fused parameter."""
+    q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}[part]
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str  # our parameter name
+    rows: tuple[int, int] | None  # row range inside a fused parameter
+    shape: tuple[int, ...]  # shape the HF tensor must have
+
+
+def expected_weights(config: ModelConfig, model: Transformer | None = None) -> dict[str, Target]:
+    """HF tensor name -> where it goes and what shape it must have, in checkpoint order (embeddings first)."""
+    model = model if model is not None else Transformer(config, device="meta")
+    params = dict(model.named_parameters())
+    table: list[tuple[str, tuple[str, str | None, str | None]]] = []
+    table.append(("model.embed_tokens.weight", GLOBAL_WEIGHTS["model.embed_tokens.weight"]))
+    for i in range(config.num_layers):
+        for hf, (ours, part, cond) in LAYER_WEIGHTS.items():
+            table.append((f"model.layers.{i}.{hf}", (f"layers.{i}.{ours}", part, cond)))
+    table.append(("model.norm.weight", GLOBAL_WEIGHTS["model.norm.weight"]))
+    table.append(("lm_head.weight", GLOBAL_WEIGHTS["lm_head.weight"]))
+    out: dict[str, Target] = {}
+    for hf, (ours, part, cond) in table:
+        if not _condition(cond, config):
+            continue
+        assert ours in params, f"weight table names {ours}, which the model does not have"
+        shape = tuple(params[ours].shape)
+        rows = None
+        if part is not None:
+            rows = _part_rows(config, part)
+            shape = (rows[1] - rows[0], *shape[1:])
+        out[hf] = Target(ours, rows, shape)
+    covered = {t.param for t in out.values()}
+    assert covered == set(params), f"parameters not covered by the weight table: {sorted(set(params) - covered)}"
+    return out
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    return name.endswith(IGNORED_SUFFIXES) or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+# ------------------------------------------------------------------ checkpoint files
+class _Source:
+    """A set of tensor files: name -> file, with shape/dtype look-ups before any data is read."""
+
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], opener):
+        self.files, self.shapes, self.dtypes, self._opener = files, shapes, dtypes, opener
+
+    def iter_tensors(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) one tensor at a time, file by file."""
+        by_file: dict[Path, list[str]] = {}
+        for n in sorted(names):
+            by_file.setdefault(self.files[n], []).append(n)
+        for f, ns in by_file.items():
+            with self._opener(f) as get:
+                for n in ns:
+                    yield n, get(n)
+
+
+@contextmanager
+def _open_safetensors(path: Path):
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            yield f.get_tensor
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
+
+
+def _scan_safetensors(paths: list[Path]) -> _Source:
+    files: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for path in paths:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name in files:
+                        raise ValueError(f"{path}: tensor {name!r} is also stored in {files[name]}")
+                    sl = f.get_slice(name)
+                    files[name], shapes[name], dtypes[name] = path, tuple(sl.get_shape()), sl.get_dtype()
+        except SafetensorError as exc:
+            raise ValueError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
+    return _Source(files, shapes, dtypes, _open_safetensors)
+
+
+def _scan_pickle(paths: list[Path]) -> _Source:
+    """Only reached with allow_pickle=True; torch.load(weights_only=True) refuses arbitrary objects."""
+    loaded: dict[Path, dict[str, torch.Tensor]] = {}
+    files: dict[str, Path] = {}
+    for path in paths:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, OSError, EOFError) as exc:  # torch reports corrupt/unsafe pickles as these
+            raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from exc
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path}: expected a flat dict of tensors (a state_dict)")
+        loaded[path] = sd
+        for name in sd:
+            files[name] = path
+    shapes = {n: tuple(loaded[p][n].shape) for n, p in files.items()}
+    rev = {v: k for k, v in STORED_DTYPES.items()}
+    dtypes = {n: rev.get(loaded[p][n].dtype, str(loaded[p][n].dtype)) for n, p in files.items()}
+
+    @contextmanager
+    def opener(path: Path):
+        yield loaded[path].__getitem__
+
+    return _Source(files, shapes, dtypes, opener)
+
+
+def _index_files(index: Path, suffix: str) -> list[Path]:
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{index}: not valid JSON: {exc}") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: expected a non-empty 'weight_map' object")
+    shards = sorted(set(weight_map.values()))
+    for s in shards:
+        if not str(s).endswith(suffix) or Path(s).name != s:
+            raise ValueError(f"{index}: shard name {s!r} must be a plain file name ending in {suffix}")
+        if not (index.parent / s).is_file():
+            raise FileNotFoundError(f"{index.parent / s}: shard listed in {index.name} is missing")
+    return [index.parent / s for s in shards]
+
+
+def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str] | None, Path | None]:
+    """(source, weight_map from the index or None, index path or None)."""
+    index = root / "model.safetensors.index.json"
+    single = root / "model.safetensors"
+    if index.is_file():
+        src = _scan_safetensors(_index_files(index, ".safetensors"))
+        return src, json.loads(index.read_text(encoding="utf-8"))["weight_map"], index
+    if single.is_file():
+        return _scan_safetensors([single]), None, None
+    pickles = [root / n for n in PICKLE_NAMES if (root / n).is_file()] + sorted(root.glob("*.pt"))
+    if pickles:
+        if not allow_pickle:
+            raise ValueError(
+                f"{pickles[0]}: pickle checkpoints can execute code when loaded, so they are refused; convert to "
+                "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+            )
+        pindex = root / "pytorch_model.bin.index.json"
+        paths = _index_files(pindex, ".bin") if pindex.is_file() else [pickles[0]]
+        return _scan_pickle(paths), None, None
+    raise FileNotFoundError(
+        f"{root}: no model.safetensors or model.safetensors.index.json (nor a pickle checkpoint) found"
+    )
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+# ------------------------------------------------------------------ the entry point
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *, allow_pickle: bool = False
+) -> Transformer:
+    """Load an HF-layout checkpoint folder into a Transformer on `device` in `dtype` (stored weights are cast).
+
+    Never executes code from the checkpoint (auto_map / trust_remote_code are ignored).
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: checkpoint folder not found")
+    torch_dtype = _resolve_dtype(dtype)
+    device = torch.device(device)
+    config = ModelConfig.from_file(root / "config.json")
+    source, weight_map, index = _find_source(root, allow_pickle)
+
+    model = Transformer(config, device="meta", dtype=torch_dtype)
+    expected = expected_weights(config, model)
+
+    # --- names: everything expected is stored (where the index says), nothing else is
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in source.files:
+                raise ValueError(f"{index}: tensor {name!r} is listed in shard {shard} but not stored there")
+            if source.files[name].name != shard:
+                raise ValueError(f"{index}: tensor {name!r} is listed in {shard} but stored in {source.files[name]}")
+    for name in sorted(source.files):
+        if name not in expected and not _ignored(name, config):
+            raise ValueError(
+                f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} "
+                f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm})"
+            )
+    for name in expected:
+        if name not in source.files:
+            where = index if index is not None else sorted({str(p) for p in source.files.values()}) or root
+            raise ValueError(f"{where}: missing tensor {name!r} required by {config.source}")
+    # --- shapes and dtypes, before any data is read
+    for name, target in expected.items():
+        got = source.shapes[name]
+        if got != target.shape:
+            raise ValueError(
+                f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(target.shape)} from {config.source}"
+            )
+        if source.dtypes[name] not in STORED_DTYPES:
+            raise ValueError(
+                f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; supported: {', '.join(STORED_DTYPES)}"
+            )
+
+    # --- data: allocate once, copy tensor by tensor (peak = model + one stored tensor)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    with torch.no_grad():
+        for name, tensor in source.iter_tensors(set(expected)):
+            target = expected[name]
+            dst = params[target.param].data
+            if target.rows is not None:
+                dst = dst[target.rows[0] : target.rows[1]]
+            dst.copy_(tensor)  # casts to the requested dtype and moves to the device
+            filled[target.param] = filled.get(target.param, 0) + target.shape[0]
+            del tensor
+    for pname, p in params.items():
+        assert filled.get(pname) == p.shape[0], f"{pname}: filled {filled.get(pname)} of {p.shape[0]} rows"
+    model.requires_grad_(False)
+    model.eval()
+    return model

@@ -1,0 +1,244 @@
+"""One decoder-only transformer for the Llama/Mistral/Qwen2/Qwen3 family, over packed variable-length batches.
+
+Input: `input_ids [T]` int64 + `cu_seqlens [B+1]` int32 (causal within each sequence, no padding); q/k/v and
+gate/up are fused into one GEMM each. Everything runs under torch.inference_mode(). Weights come from `loader.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from driftscope.engine.config import ModelConfig
+from driftscope.kernels.attention import varlen_attention
+
+
+@dataclass
+class PackedBatch:
+    """Per-batch data shared by all layers (and by both models of a lockstep pair when their configs agree)."""
+
+    cu_seqlens: torch.Tensor  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T
+    max_seqlen: int
+    positions: torch.Tensor  # [T] int64, position of each token inside its own sequence
+    cos: torch.Tensor  # [T, 1, D/2] model dtype
+    sin: torch.Tensor  # [T, 1, D/2] model dtype
+
+
+@dataclass
+class ForwardOutput:
+    hidden: torch.Tensor  # [T, d] after the final norm
+    hidden_states: tuple[torch.Tensor, ...] | None  # L+1 × [T, d] (transformers' convention) or None
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[D/2] float32 inverse frequencies, computed exactly as transformers does (default and llama3 types)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_type == "llama3":
+        s = config.rope_scaling
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    else:
+        assert config.rope_type == "default", config.rope_type
+    return inv_freq
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, H, D] in place (rotate-half convention): (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin).
+
+    cos/sin: [T, 1, D/2]. One temporary of half of x instead of transformers' four full-size ones.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # views, [T, H, D/2]
+    x1_sin = x1 * sin
+    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
+    x2.mul_(cos).add_(x1_sin)
+
+
+def rms_norm_(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In-place RMSNorm over the last dim, transformers' rounding: normalize in fp32, cast, then scale."""
+    if x.dtype == torch.float32:
+        x.mul_(torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
+    else:
+        xf = x.float()
+        x.copy_(xf.mul_(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))))
+        x.mul_(weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim], new tensor
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.head_dim**-0.5
+        self.eps = c.rms_norm_eps
+        kw = {"device": device, "dtype": dtype}
+        self.wqkv = nn.Linear(c.hidden_size, c.q_size + 2 * c.kv_size, bias=c.qkv_bias, **kw)  # rows: q | k | v
+        self.wo = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
+        self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:  # [T, d] -> [T, d]
+        T = x.shape[0]
+        hq, hkv = self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
+        if self.q_norm is not None:
+            rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
+            rms_norm_(qkv[:, hq : hq + hkv], self.k_norm.weight, self.eps)
+        apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)  # q and k in one pass
+        o = varlen_attention(
+            qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :], batch.cu_seqlens, batch.max_seqlen, self.scale
+        )  # [T, Hq, D]
+        return self.wo(o.reshape(T, hq * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.inter = c.intermediate_size
+        kw = {"device": device, "dtype": dtype}
+        self.w_gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias, **kw)  # rows: gate | up
+        self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
+        gu = self.w_gate_up(x)  # [T, 2I]
+        g = gu[:, : self.inter]  # [T, I] view with row stride 2I: BLAS takes it without a copy
+        F.silu(g, inplace=True)
+        g.mul_(gu[:, self.inter :])
+        return self.w_down(g)
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
+        self.attn = Attention(c, device=device, dtype=dtype)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
+        self.mlp = MLP(c, device=device, dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, h: torch.Tensor, batch: PackedBatch) -> torch.Tensor:  # [T, d] -> new [T, d]; h is not modified
+        r = h + self.attn(self.attn_norm(h), batch)
+        r += self.mlp(self.mlp_norm(r))
+        return r
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        c = self.config = config
+        kw = {"device": device, "dtype": dtype}
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, **kw)
+        self.layers = nn.ModuleList(Block(c, **kw) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
+        self.output = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
+        self.inv_freq = rope_inv_freq(c)  # [D/2] float32 on CPU; not a parameter (never in a checkpoint)
+        self.requires_grad_(False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:  # [V, d]
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @torch.inference_mode()
+    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> PackedBatch:
+        """Check the packing and compute positions and rope tables once per batch."""
+        if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
+            raise ValueError(f"input_ids must be a 1-D int64 tensor [T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+        T = input_ids.shape[0]
+        if T == 0:
+            raise ValueError("input_ids is empty")
+        dev = input_ids.device
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=dev)
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        bounds = cu_seqlens.tolist()
+        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        if bounds[0] != 0 or bounds[-1] != T or min(lengths) < 0:
+            raise ValueError(f"cu_seqlens={bounds} must start at 0, be non-decreasing and end at T={T}")
+        max_seqlen = max(lengths)
+        window = self.config.sliding_window
+        if window is not None and max_seqlen > window:
+            raise ValueError(
+                f"a sequence of {max_seqlen} tokens exceeds sliding_window={window} of {self.config.source}; "
+                "sliding-window attention is not implemented (shorter sequences are exact)"
+            )
+        cu_seqlens = cu_seqlens.to(dev)
+        lengths_t = torch.tensor(lengths, device=dev)
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths_t, output_size=T)  # [T]
+        positions = torch.arange(T, device=dev) - starts  # [T]
+        freqs = positions.float()[:, None] * self.inv_freq.to(dev)[None, :]  # [T, D/2] fp32, as transformers
+        return PackedBatch(
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            positions=positions,
+            cos=freqs.cos().to(self.dtype)[:, None, :],  # [T, 1, D/2]
+            sin=freqs.sin().to(self.dtype)[:, None, :],
+        )
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]
+        return F.embedding(input_ids, self.tok_embeddings.weight)
+
+    @torch.inference_mode()
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool = False
+    ) -> ForwardOutput:
+        batch = self.prepare(input_ids, cu_seqlens)
+        h = self.embed(input_ids)  # [T, d]
+        states = [h] if output_hidden_states else None
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, batch)
+            if states is not None and i < n - 1:  # transformers replaces the last layer's output by the normed one
+                states.append(h)
+        h = self.final_norm(h)
+        if states is not None:
+            states.append(h)
+            assert len(states) == n + 1
+        return ForwardOutput(hidden=h, hidden_states=None if states is None else tuple(states))
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits for [T] ids -> [T, V], or [B, T] ids (independent rows) -> [B, T, V]. Small inputs only."""
+        if input_ids.dim() == 1:
+            return F.linear(self.forward(input_ids).hidden, self.lm_head_weight).float()
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [T] or [B, T], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=input_ids.device)  # [B+1]
+        hidden = self.forward(input_ids.reshape(B * T), cu).hidden  # [B·T, d]
+        return F.linear(hidden, self.lm_head_weight).float().view(B, T, -1)
