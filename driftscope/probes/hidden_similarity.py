@@ -1,0 +1,164 @@
+"""Per-layer hidden-state drift between base and tuned states over scored tokens: mean cosine, relative L2,
+and linear CKA from streaming float64 sums (Σx, Σy, XᵀX, YᵀY, YᵀX), so merge is an exact add.
+
+Memory: full CKA keeps 3·d²·8 bytes per layer (d=5120: 629 MB per layer, 25.8 GB for 41 layers);
+`cka="projected"` keeps 3·k²·8 (k=256: 1.6 MB) after a fixed Gaussian projection; `cka="none"` keeps O(1).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from driftscope.probes.base import Accumulator, json_float
+
+__all__ = ["HiddenSimilarity", "linear_cka_from_sums", "projection_matrix"]
+
+_CKA_MODES = ("full", "projected", "none")
+_SCALARS = ("tokens", "sum_cos", "sum_rel_l2", "sum_diff_norm", "sum_base_norm", "sum_diff_sq", "sum_base_sq")
+_CKA_SUMS = ("sum_x", "sum_y", "xtx", "yty", "ytx")
+_EPS = 1e-8  # norm floor for cosine / relative L2, as torch.nn.functional.cosine_similarity
+_CHUNK = 4096  # rows converted to float64 at a time (bounds the transient copy)
+
+
+def projection_matrix(d: int, k: int, seed: int) -> torch.Tensor:
+    """[d, k] float64 Gaussian N(0, 1/k) from a CPU generator seeded with `seed` (same on every machine)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d, k, generator=g, dtype=torch.float64) / k ** 0.5
+
+
+def linear_cka_from_sums(n, sum_x, sum_y, xtx, yty, ytx) -> float:
+    """Linear CKA (Kornblith et al. 2019) of centred X, Y from n, Σx, Σy, XᵀX, YᵀY, YᵀX (float64):
+    ‖YcᵀXc‖_F² / (‖XcᵀXc‖_F ‖YcᵀYc‖_F) with XcᵀXc = XᵀX − n·x̄x̄ᵀ etc. NaN if a side has no variance."""
+    n = float(n)
+    mx, my = sum_x / n, sum_y / n
+    cxx = xtx - n * torch.outer(mx, mx)
+    cyy = yty - n * torch.outer(my, my)
+    cyx = ytx - n * torch.outer(my, mx)
+    den = torch.linalg.matrix_norm(cxx) * torch.linalg.matrix_norm(cyy)
+    return float(torch.linalg.matrix_norm(cyx) ** 2 / den) if den > 0 else float("nan")
+
+
+class HiddenSimilarity(Accumulator):
+    """Per layer: n tokens, Σcos, Σ‖Δ‖/‖h_b‖, Σ‖Δ‖, Σ‖h_b‖, Σ‖Δ‖², Σ‖h_b‖² (Δ = h_t − h_b), plus CKA sums.
+
+    Sums live on the device of the first `update` (float64; H100 float64 GEMM is fine) and move to the CPU
+    in `state_dict`. Cancellation in XᵀX − n·x̄x̄ᵀ is the float64 limit of the CKA: fine unless the per-feature
+    mean is ~1e6× the spread.
+    """
+
+    def __init__(self, n_layers: int, hidden_size: int, cka: str = "full", proj_dim: int = 256,
+                 seed: int = 0) -> None:
+        if cka not in _CKA_MODES:
+            raise ValueError(f"cka must be one of {_CKA_MODES}, got {cka!r}")
+        if n_layers <= 0 or hidden_size <= 0 or proj_dim <= 0:
+            raise ValueError(f"n_layers, hidden_size, proj_dim must be positive: {n_layers}, {hidden_size}, {proj_dim}")
+        self.n_layers, self.hidden_size, self.cka, self.seed = int(n_layers), int(hidden_size), cka, int(seed)
+        self.proj_dim = int(proj_dim) if cka == "projected" else 0
+        self.k = {"full": self.hidden_size, "projected": self.proj_dim, "none": 0}[cka]
+        self._proj: torch.Tensor | None = None
+        self.s: dict[str, torch.Tensor] = {name: torch.zeros(self.n_layers, dtype=torch.float64) for name in _SCALARS}
+        self.m: dict[str, list[torch.Tensor | None]] = {name: [None] * self.n_layers for name in _CKA_SUMS}
+
+    def cka_bytes_per_layer(self) -> int:
+        return 3 * self.k * self.k * 8 + 2 * self.k * 8
+
+    def _sums(self, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.m["sum_x"][layer] is None:
+            for name in _CKA_SUMS:
+                shape = (self.k,) if name.startswith("sum") else (self.k, self.k)
+                self.m[name][layer] = torch.zeros(shape, dtype=torch.float64, device=device)
+        for name in _CKA_SUMS:
+            self.m[name][layer] = self.m[name][layer].to(device)
+        return {name: self.m[name][layer] for name in _CKA_SUMS}
+
+    def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor) -> None:
+        """h_base, h_tuned: [N, d] states of the N scored tokens at `layer` (any float dtype, same device)."""
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.n_layers})")
+        if h_base.shape != h_tuned.shape or h_base.ndim != 2 or h_base.shape[1] != self.hidden_size:
+            raise ValueError(f"expected h_base, h_tuned [N, {self.hidden_size}], got {tuple(h_base.shape)}, "
+                             f"{tuple(h_tuned.shape)}")
+        dev = h_base.device
+        acc = torch.zeros(len(_SCALARS), dtype=torch.float64, device=dev)
+        sums = self._sums(layer, dev) if self.k else None
+        if self.cka == "projected" and (self._proj is None or self._proj.device != dev):
+            self._proj = projection_matrix(self.hidden_size, self.proj_dim, self.seed).to(dev)
+        for i in range(0, h_base.shape[0], _CHUNK):
+            x = h_base[i:i + _CHUNK].detach().to(torch.float64)   # [n, d]
+            y = h_tuned[i:i + _CHUNK].detach().to(torch.float64)  # [n, d]
+            nx, ny = x.norm(dim=1), y.norm(dim=1)
+            dn = (y - x).norm(dim=1)
+            cos = (x * y).sum(1) / (nx.clamp_min(_EPS) * ny.clamp_min(_EPS))
+            acc += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), cos.sum(),
+                                (dn / nx.clamp_min(_EPS)).sum(), dn.sum(), nx.sum(), (dn * dn).sum(), (nx * nx).sum()])
+            if sums is not None:
+                if self._proj is not None:
+                    x, y = x @ self._proj, y @ self._proj  # [n, k]
+                sums["sum_x"] += x.sum(0)
+                sums["sum_y"] += y.sum(0)
+                sums["xtx"] += x.T @ x
+                sums["yty"] += y.T @ y
+                sums["ytx"] += y.T @ x
+        acc = acc.cpu()
+        for j, name in enumerate(_SCALARS):
+            self.s[name][layer] += acc[j]
+
+    def _config(self) -> tuple:
+        return (self.n_layers, self.hidden_size, self.cka, self.proj_dim, self.seed)
+
+    def merge(self, other: "HiddenSimilarity") -> "HiddenSimilarity":
+        self._check_mergeable(other)
+        if other._config() != self._config():
+            raise ValueError(f"cannot merge config {other._config()} into {self._config()} "
+                             "(n_layers, hidden_size, cka, proj_dim, seed)")
+        for name in _SCALARS:
+            self.s[name] += other.s[name]
+        for layer in range(self.n_layers):
+            if other.m["sum_x"][layer] is None:
+                continue
+            mine = self._sums(layer, other.m["sum_x"][layer].device)
+            for name in _CKA_SUMS:
+                mine[name] += other.m[name][layer]
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {"config": torch.tensor([self.n_layers, self.hidden_size, _CKA_MODES.index(self.cka),
+                                      self.proj_dim, self.seed], dtype=torch.int64)}
+        sd.update({f"s.{name}": v.clone() for name, v in self.s.items()})
+        for name in _CKA_SUMS:
+            for layer, v in enumerate(self.m[name]):
+                if v is not None:
+                    sd[f"m.{name}.{layer}"] = v.detach().cpu().clone()
+        return sd
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        n_layers, d, mode, proj_dim, seed = state["config"].tolist()
+        self.__init__(n_layers, d, _CKA_MODES[mode], proj_dim or 256, seed)
+        for name in _SCALARS:
+            self.s[name] = state[f"s.{name}"].to(torch.float64).clone()
+        for key, v in state.items():
+            if key.startswith("m."):
+                _, name, layer = key.split(".")
+                self.m[name][int(layer)] = v.to(torch.float64).clone()
+
+    def finalize(self) -> dict:
+        """{"cka_mode", "proj_dim", "layers": [{layer, tokens, cos_mean, rel_l2_mean, rel_l2_ratio_of_sums,
+        rel_l2_fro, cka}]}; rel_l2_ratio_of_sums = Σ‖Δ‖/Σ‖h_b‖, rel_l2_fro = sqrt(Σ‖Δ‖²/Σ‖h_b‖²)."""
+        s = self.s
+        layers = []
+        for i in range(self.n_layers):
+            n = float(s["tokens"][i])
+            nan = float("nan")
+            row = {
+                "layer": i, "tokens": int(n),
+                "cos_mean": json_float(s["sum_cos"][i] / n if n else nan),
+                "rel_l2_mean": json_float(s["sum_rel_l2"][i] / n if n else nan),
+                "rel_l2_ratio_of_sums": json_float(s["sum_diff_norm"][i] / s["sum_base_norm"][i] if n else nan),
+                "rel_l2_fro": json_float((s["sum_diff_sq"][i] / s["sum_base_sq"][i]).sqrt() if n else nan),
+                "cka": None,
+            }
+            if self.k and n and self.m["sum_x"][i] is not None:
+                row["cka"] = json_float(linear_cka_from_sums(n, *(self.m[name][i].cpu() for name in _CKA_SUMS)))
+            layers.append(row)
+        return {"cka_mode": self.cka, "proj_dim": self.proj_dim or None, "layers": layers}
