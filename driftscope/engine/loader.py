@@ -257,7 +257,8 @@ def load_model(
             )
     for name in expected:
         if name not in source.files:
-            where = index if index is not None else sorted({str(p) for p in source.files.values()}) or root
+            stored = sorted({str(p) for p in source.files.values()})
+            where = index if index is not None else ", ".join(stored) if stored else root
             raise ValueError(f"{where}: missing tensor {name!r} required by {config.source}")
     # --- shapes and dtypes, before any data is read
     for name, target in expected.items():
