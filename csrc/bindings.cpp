@@ -1,7 +1,11 @@
 // pybind11 bindings for driftscope._C. Binding only: all logic lives in the kernel files.
+// Tensors cross as raw pointers (int from tensor.data_ptr()) plus sizes; the Python launchers in
+// driftscope/kernels/ check shapes, dtypes, devices and contiguity before calling in.
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "cov_update.h"
+#include "vocab_probe.h"
 
 namespace py = pybind11;
 
@@ -15,4 +19,21 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("omp_max_threads", &driftscope::max_threads);
+
+  py::class_<driftscope::VocabFold>(m, "VocabFold")
+      .def(py::init<int64_t, int64_t>(), py::arg("n_rows"), py::arg("topk"))
+      .def("fold", &driftscope::VocabFold::fold, py::arg("zb"), py::arg("zt"), py::arg("ld"), py::arg("rows"),
+           py::arg("cols"), py::arg("row0"), py::arg("col0"), py::arg("targets"), py::arg("zpre_b"),
+           py::arg("zpre_t"), py::call_guard<py::gil_scoped_release>())
+      .def("finalize", &driftscope::VocabFold::finalize, py::arg("lse_b"), py::arg("lse_t"), py::arg("ent_b"),
+           py::arg("ent_t"), py::arg("kl_tb"), py::arg("kl_bt"), py::arg("top_b"), py::arg("top_t"),
+           py::arg("zb_at_top_t"), py::arg("shift_top"), py::arg("zy_b"), py::arg("zy_t"), py::arg("gt_b"),
+           py::arg("gt_t"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("n_rows", &driftscope::VocabFold::n_rows)
+      .def_property_readonly("topk", &driftscope::VocabFold::topk);
+  m.def("count_greater", &driftscope::count_greater, py::arg("z"), py::arg("ld"), py::arg("rows"), py::arg("cols"),
+        py::arg("col0"), py::arg("thr"), py::arg("excl"), py::arg("active"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cov_update", &driftscope::cov_update, py::arg("sum_x"), py::arg("sum_xxT"), py::arg("xT"), py::arg("d"),
+        py::arg("n"), py::call_guard<py::gil_scoped_release>());
 }
