@@ -1,0 +1,307 @@
+"""Records -> tokenized `Sample`s -> token-budget `PackedBatch`es (cu_seqlens, no padding) for a drift run.
+
+Bad records are skipped but never silently: each is reported as "file:line: why" in `problems` and logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+__all__ = [
+    "Record", "Sample", "PackedBatch", "read_records", "detect_format", "record_texts",
+    "tokenize_records", "load_samples", "pack_batches",
+]
+
+log = logging.getLogger(__name__)
+
+# Auto-detection order: the first field set a record has wins.
+FORMATS: dict[str, tuple[str, ...]] = {
+    "input_output": ("input", "output"),      # the paper's response files: chat-templated prompt + continuation
+    "prompt_response": ("prompt", "response"),
+    "messages": ("messages",),                # chat; the last message must be the assistant's response
+    "text": ("text",),                        # everything scored (except the first token, which has no context)
+}
+
+
+class TextTokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw record. `prompt` is None for the messages format (templated later with a tokenizer)."""
+    fmt: str
+    prompt: str | None
+    response: str
+    messages: tuple | None
+    where: str   # "path:line" (JSONL) or "path[i]" (JSON list / parquet row)
+    index: int   # 0-based ordinal of the record in its file, bad records included (stable sample ids)
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """Tokenized sample: input_ids [L] int64 = prompt tokens ++ response tokens; the first n_prompt are prompt.
+
+    Scored positions (the target of position t is token t+1): max(n_prompt, 1) − 1 … L − 2, i.e. exactly the
+    positions that predict a response token; with no prompt the first token has no context and is not scored.
+    """
+    sample_id: int
+    input_ids: torch.Tensor
+    n_prompt: int
+    where: str = ""
+    truncated: bool = False
+
+    @property
+    def first_scored(self) -> int:
+        return max(self.n_prompt, 1) - 1
+
+    @property
+    def n_scored(self) -> int:
+        return max(len(self.input_ids) - 1 - self.first_scored, 0)
+
+
+# ---- reading --------------------------------------------------------------------------------------------------
+def detect_format(obj: Any) -> str:
+    """Name of the record's format (see FORMATS); ValueError naming what is missing or mistyped."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"record is a {type(obj).__name__}, expected a JSON object")
+    for fmt, keys in FORMATS.items():
+        if all(k in obj for k in keys):
+            return fmt
+    present = sorted(obj)[:8]
+    raise ValueError(f"record has none of the field sets {[list(k) for k in FORMATS.values()]} (fields: {present})")
+
+
+def _parse(obj: Any, where: str, index: int) -> Record:
+    fmt = detect_format(obj)
+    if fmt == "messages":
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("field 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"the last message must be the assistant response, got role {msgs[-1]['role']!r}")
+        if not msgs[-1]["content"]:
+            raise ValueError("the assistant response (last message content) is empty")
+        return Record(fmt, None, msgs[-1]["content"], tuple(dict(m) for m in msgs), where, index)
+    keys = FORMATS[fmt]
+    for k in keys:
+        if not isinstance(obj[k], str):
+            raise ValueError(f"field {k!r} must be a string, got {type(obj[k]).__name__}")
+    if fmt == "text":
+        prompt, response = "", obj["text"]
+    else:
+        prompt, response = obj[keys[0]], obj[keys[1]]
+    if not response:
+        raise ValueError(f"field {keys[-1]!r} is empty: nothing to score")
+    if fmt == "input_output" and not prompt:
+        raise ValueError("field 'input' is empty (the paper's script skips such records too)")
+    return Record(fmt, prompt, response, None, where, index)
+
+
+def _raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
+    """Yield (where, object or None, parse error or None) for each record slot of the file."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"{path}: reading parquet needs pyarrow, which is not installed "
+                              "(pip install pyarrow), or convert the file to JSONL") from e
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}[{i}]", row, None
+        return
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a JSON list; one bad item cannot be skipped without the others
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON list ({e.msg})") from e
+        for i, obj in enumerate(items):
+            yield f"{path}[{i}]", obj, None
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines are not records
+        try:
+            yield f"{path}:{lineno}", json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
+    """Read JSONL, a JSON list, or parquet (with pyarrow); formats auto-detected per record.
+
+    Returns (records, problems); each problem is "path:line: why" and is also logged as a warning.
+    FileNotFoundError if the file is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"records file {path} does not exist")
+    records, problems = [], []
+    for index, (where, obj, err) in enumerate(_raw_objects(path)):
+        if err is None:
+            try:
+                records.append(_parse(obj, where, index))
+                continue
+            except ValueError as e:
+                err = str(e)
+        problems.append(f"{where}: {err}; record skipped")
+        log.warning("%s", problems[-1])
+    return records, problems
+
+
+# ---- tokenizing -----------------------------------------------------------------------------------------------
+def record_texts(record: Record, tokenizer: Any = None, chat_template_kwargs: Mapping | None = None) -> tuple[str, str]:
+    """(prompt text, response text). For messages: prompt = apply_chat_template(messages[:-1],
+    add_generation_prompt=True, tokenize=False, **chat_template_kwargs), response = last message content --
+    the same split as the paper's {"input", "output"} files (no end-of-turn token in the response)."""
+    if record.fmt != "messages":
+        return record.prompt, record.response
+    if tokenizer is None or not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError(f"{record.where}: messages records need a tokenizer with apply_chat_template")
+    prompt = tokenizer.apply_chat_template(list(record.messages[:-1]), add_generation_prompt=True, tokenize=False,
+                                           **dict(chat_template_kwargs or {}))
+    return prompt, record.response
+
+
+def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max_seq_len: int | None = None,
+                     id_offset: int = 0, chat_template_kwargs: Mapping | None = None,
+                     problems: list[str] | None = None) -> list[Sample]:
+    """Tokenize prompt and response separately (`encode(text, add_special_tokens=False)`) and concatenate.
+
+    Why separately: the response tokens are then the encoding of the response alone (the closest we get to the
+    ids the tuned model emitted), and the prompt/response boundary is a token boundary by construction. The paper (vLLM) tokenized
+    `input + output` as one string and took n_prompt = len(encode(input)); that is the same sequence whenever
+    the tokenizer does not merge across the boundary -- for Qwen's byte-level BPE the pre-tokenizer splits
+    there when the input ends in "\\n\\n" and the output starts with a non-space character. That holds for 2936
+    of the 2937 lines of the paper's response files (tests check the pre-tokenizer split on every line); the
+    exception, UniReason-RL_ifeval.jsonl line 15, has an output starting with newlines, which the paper's
+    joint tokenization merged with the prompt's trailing "\\n\\n" (so its response tokens differ there).
+
+    sample_id = id_offset + record.index (stable under bad records). max_seq_len keeps the first max_seq_len
+    tokens (the scored tokens keep their full left context; the response tail is dropped, `truncated=True`);
+    a sample left with no scored token is reported in `problems` (and logged) and skipped.
+    """
+    if max_seq_len is not None and max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    problems = problems if problems is not None else []
+    out = []
+    for rec in records:
+        try:
+            prompt, response = record_texts(rec, tokenizer, chat_template_kwargs)
+        except ValueError as e:
+            problems.append(f"{rec.where}: {e}; record skipped")
+            log.warning("%s", problems[-1])
+            continue
+        p_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        r_ids = tokenizer.encode(response, add_special_tokens=False)
+        ids = list(p_ids) + list(r_ids)
+        truncated = max_seq_len is not None and len(ids) > max_seq_len
+        if truncated:
+            ids = ids[:max_seq_len]
+        sample = Sample(id_offset + rec.index, torch.tensor(ids, dtype=torch.int64), len(p_ids), rec.where, truncated)
+        if sample.n_scored == 0:
+            why = (f"prompt has {len(p_ids)} tokens, max_seq_len {max_seq_len} leaves no response token"
+                   if truncated else f"no scorable response token ({len(r_ids)} response tokens, {len(p_ids)} prompt)")
+            problems.append(f"{rec.where}: {why}; record skipped")
+            log.warning("%s", problems[-1])
+            continue
+        out.append(sample)
+    return out
+
+
+def load_samples(path: str | Path, tokenizer: TextTokenizer, **kwargs: Any) -> tuple[list[Sample], list[str]]:
+    """read_records + tokenize_records; returns (samples, problems from both steps)."""
+    records, problems = read_records(path)
+    return tokenize_records(records, tokenizer, problems=problems, **kwargs), problems
+
+
+# ---- packing --------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class PackedBatch:
+    """B whole samples concatenated into T tokens (varlen / flash-attn layout, no padding).
+
+    input_ids [T] int64; position_ids [T] int64 (restart at 0 per sample); cu_seqlens [B+1] int32;
+    max_seqlen; score_mask [T] bool (positions predicting a response token); targets [T] int64 (next token
+    where scored, −1 elsewhere); first_scored [T] bool (the first scored position of each sample);
+    sample_ids [B] int64; token_sample_ids [T] int64.
+    """
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    score_mask: torch.Tensor
+    targets: torch.Tensor
+    first_scored: torch.Tensor
+    sample_ids: torch.Tensor
+    token_sample_ids: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    # What the token accumulators take, for the N scored positions:
+    @property
+    def scored_targets(self) -> torch.Tensor:       # [N] the vocab_probe targets
+        return self.targets[self.score_mask]
+
+    @property
+    def scored_sample_ids(self) -> torch.Tensor:    # [N] TokenMetrics.update(sample_ids=...)
+        return self.token_sample_ids[self.score_mask]
+
+    @property
+    def scored_first(self) -> torch.Tensor:         # [N] TokenMetrics.update(first_response_token=...)
+        return self.first_scored[self.score_mask]
+
+
+def _build(samples: Sequence[Sample]) -> PackedBatch:
+    lens = [len(s.input_ids) for s in samples]
+    ids = torch.cat([s.input_ids for s in samples])
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens])
+    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+    first = torch.zeros(ids.shape[0], dtype=torch.bool)
+    targets = torch.full_like(ids, -1)
+    for s, start in zip(samples, cu[:-1].tolist()):
+        a, b = start + s.first_scored, start + len(s.input_ids) - 1  # scored: [a, b)
+        mask[a:b] = True
+        first[a] = True
+        targets[a:b] = ids[a + 1:b + 1]
+    sids = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
+    return PackedBatch(ids, pos, cu, max(lens), mask, targets, first, sids,
+                       torch.repeat_interleave(sids, torch.tensor(lens)))
+
+
+def pack_batches(samples: Iterable[Sample], max_batch_tokens: int) -> list[PackedBatch]:
+    """Pack whole samples, in sample-id order, into batches of at most `max_batch_tokens` tokens (next-fit).
+
+    Deterministic and independent of the input order (the batches depend only on the set of samples). A sample
+    longer than the budget gets a batch of its own (which then exceeds the budget); samples are never split,
+    which the accumulators rely on. ValueError on duplicate sample ids.
+    """
+    if max_batch_tokens <= 0:
+        raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+    ordered = sorted(samples, key=lambda s: s.sample_id)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.sample_id == b.sample_id:
+            raise ValueError(f"duplicate sample_id {a.sample_id} ({a.where} and {b.where}); use id_offset per file")
+    batches, cur, used = [], [], 0
+    for s in ordered:
+        n = len(s.input_ids)
+        if cur and used + n > max_batch_tokens:
+            batches.append(_build(cur))
+            cur, used = [], 0
+        cur.append(s)
+        used += n
+    if cur:
+        batches.append(_build(cur))
+    return batches
