@@ -54,10 +54,14 @@ def field(obj: Any, name: str) -> torch.Tensor:
     if isinstance(obj, Mapping):
         if name not in obj:
             raise ValueError(f"probe result lacks field {name!r} (has {sorted(obj)})")
-        return obj[name]
-    if not hasattr(obj, name):
+        value = obj[name]
+    elif not hasattr(obj, name):
         raise ValueError(f"probe result of type {type(obj).__name__} lacks field {name!r}")
-    return getattr(obj, name)
+    else:
+        value = getattr(obj, name)
+    if value is None:
+        raise ValueError(f"probe result field {name!r} is None (was vocab_probe called without targets?)")
+    return value
 
 
 def json_float(x: float) -> float | None:

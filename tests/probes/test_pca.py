@@ -79,7 +79,7 @@ def test_streaming_matches_sklearn_pca(n, d):
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, d, dtype=torch.float64)
          + torch.randn(d, generator=g, dtype=torch.float64) * 10)
     acc = P.StreamingPCA(1, d, tuned_cov=True)
-    for chunk in torch.split(x, 7):  # any number of rows per update
+    for chunk in torch.split(x, max(7, n // 8)):  # any number of rows per update
         acc.update(0, chunk.float() if n == 2000 else chunk, chunk)
     ref = PCA(n_components=2, svd_solver="full").fit(x.numpy())
     mean, comps, ev = acc.components(0, model="tuned")

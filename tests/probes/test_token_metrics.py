@@ -160,6 +160,9 @@ def test_bad_shapes_name_the_field():
     del probe["kl_bt"]
     with pytest.raises(ValueError, match="lacks field 'kl_bt'"):
         TokenMetrics().update(probe, ids, first)
+    probe["kl_bt"], probe["logp_base"] = probe["kl_tb"], None
+    with pytest.raises(ValueError, match="'logp_base' is None"):
+        TokenMetrics().update(probe, ids, first)
 
 
 def test_accepts_attribute_objects():
