@@ -118,20 +118,25 @@ def _raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}[{i}]", row, None
         return
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):  # a JSON list; one bad item cannot be skipped without the others
+    data = path.read_bytes()
+    if data.lstrip().startswith(b"["):  # a JSON list; one bad item cannot be skipped without the others
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-8 at byte {e.start}") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: invalid JSON list ({e.msg})") from e
         for i, obj in enumerate(items):
             yield f"{path}[{i}]", obj, None
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # split on b"\n" only: str.splitlines would also split inside strings holding U+2028, U+0085, ...
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
             continue  # blank lines are not records
         try:
-            yield f"{path}:{lineno}", json.loads(line), None
+            yield f"{path}:{lineno}", json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as e:
+            yield f"{path}:{lineno}", None, f"not valid UTF-8 (byte {e.start} of the line)"
         except json.JSONDecodeError as e:
             yield f"{path}:{lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})"
 
@@ -291,6 +296,10 @@ def pack_batches(samples: Iterable[Sample], max_batch_tokens: int) -> list[Packe
     if max_batch_tokens <= 0:
         raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
     ordered = sorted(samples, key=lambda s: s.sample_id)
+    for s in ordered:
+        if s.n_scored == 0:
+            raise ValueError(f"sample {s.sample_id} ({s.where}) has no scored position "
+                             f"(n_prompt {s.n_prompt}, {len(s.input_ids)} tokens)")
     for a, b in zip(ordered, ordered[1:]):
         if a.sample_id == b.sample_id:
             raise ValueError(f"duplicate sample_id {a.sample_id} ({a.where} and {b.where}); use id_offset per file")

@@ -87,6 +87,15 @@ def test_bad_lines_are_reported_with_file_and_line(tmp_path, caplog):
     assert [r.index for r in records] == [0, 7]
 
 
+def test_line_splitting_is_jsonl_not_unicode(tmp_path):
+    f = tmp_path / "u.jsonl"
+    good = json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False).encode("utf-8")  # raw U+2028 / U+0085
+    f.write_bytes(good + b"\n" + b'{"text": "\xff"}\r\n' + good + b"\r\n")
+    records, problems = read_records(f)
+    assert [r.where for r in records] == [f"{f}:1", f"{f}:3"] and records[0].response == "a\u2028b\x85c"
+    assert problems == [f"{f}:2: not valid UTF-8 (byte 10 of the line); record skipped"], problems
+
+
 def test_json_list_and_parquet(tmp_path):
     f = tmp_path / "r.json"
     f.write_text(json.dumps(RECORDS + [{"nope": 1}]), encoding="utf-8")
@@ -149,6 +158,8 @@ def test_packing(budget):
     assert seen == sorted(by_id)
     with pytest.raises(ValueError, match="duplicate sample_id 1"):
         pack_batches(samples + samples[:1], budget)
+    with pytest.raises(ValueError, match="no scored position"):
+        pack_batches([Sample(0, torch.tensor([1, 2]), 2)], budget)
 
 
 # ---- real data -------------------------------------------------------------------------------------------------

@@ -165,6 +165,12 @@ def test_bad_shapes_name_the_field():
         TokenMetrics().update(probe, ids, first)
 
 
+def test_empty_finalize_is_valid_json():
+    out = TokenMetrics().finalize()
+    assert out["tokens"] == 0 and out["samples"] == 0 and out["sampled_kl"]["value"] is None
+    json.dumps(out, allow_nan=False)
+
+
 def test_accepts_attribute_objects():
     from types import SimpleNamespace
     probe, ids, first = make_batch(4, 4, seed=5)
