@@ -178,7 +178,7 @@ void VocabFold::fold(uintptr_t zb, uintptr_t zt, int64_t ld, int64_t rows, int64
 void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uintptr_t ent_t, uintptr_t kl_tb,
                          uintptr_t kl_bt, uintptr_t top_b, uintptr_t top_t, uintptr_t zb_at_top_t,
                          uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
-                         uintptr_t gt_t) const {
+                         uintptr_t gt_t, uintptr_t logp_b, uintptr_t logp_t) const {
   check(lse_b && lse_t && ent_b && ent_t && kl_tb && kl_bt && top_b && top_t && zb_at_top_t && shift_top,
         "VocabFold.finalize: output pointers must be non-null");
   auto F = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
@@ -208,6 +208,9 @@ void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uint
     }
     if (zy_b) F(zy_b)[g] = st.zy_b;
     if (zy_t) F(zy_t)[g] = st.zy_t;
+    // log-prob relative to the max: (z_y - m) - log s, never z_y - lse (lse ~1e4 would round it)
+    if (logp_b) F(logp_b)[g] = static_cast<float>((static_cast<double>(st.zy_b) - st.m_b) - lsb);
+    if (logp_t) F(logp_t)[g] = static_cast<float>((static_cast<double>(st.zy_t) - st.m_t) - lst);
     if (gt_b) I(gt_b)[g] = st.gt_b;
     if (gt_t) I(gt_t)[g] = st.gt_t;
   }

@@ -24,7 +24,7 @@ class VocabFold {
   void finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uintptr_t ent_t, uintptr_t kl_tb,
                 uintptr_t kl_bt, uintptr_t top_b, uintptr_t top_t, uintptr_t zb_at_top_t,
                 uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
-                uintptr_t gt_t) const;
+                uintptr_t gt_t, uintptr_t logp_b, uintptr_t logp_t) const;
 
   int64_t n_rows() const { return n_; }
   int64_t topk() const { return k_; }

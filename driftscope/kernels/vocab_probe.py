@@ -51,7 +51,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from driftscope.kernels._dispatch import select
+from driftscope.kernels._dispatch import select, triton_interpreter
 
 try:
     import triton
@@ -103,7 +103,7 @@ if triton is not None:
         ht_ptr,  # [N, Dt] tuned hidden states
         wt_ptr,  # [V, Dt] tuned LM head rows
         tgt_ptr,  # [N] int64 targets (unused unless HAS_TARGETS)
-        outf_ptr,  # [12, N] fp32: lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_at_top_t, top_v_b, zpre_b, zpre_t, zy_b, zy_t
+        outf_ptr,  # [14, N] fp32: lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_at_top_t, top_v_b, zpre_b, zpre_t, zy_b, zy_t, logp_b, logp_t
         outi_ptr,  # [4, N] int64: top_b, top_t, gt_b, gt_t
         N,
         V,
@@ -228,6 +228,8 @@ if triton is not None:
         tl.store(outf_ptr + 9 * N + rows, zpre_t, mask=rmask)
         tl.store(outf_ptr + 10 * N + rows, zy_b, mask=rmask)
         tl.store(outf_ptr + 11 * N + rows, zy_t, mask=rmask)
+        tl.store(outf_ptr + 12 * N + rows, (zy_b - m_b) - lsb, mask=rmask)  # not zy - lse: lse ~1e4 rounds
+        tl.store(outf_ptr + 13 * N + rows, (zy_t - m_t) - lst, mask=rmask)
         tl.store(outi_ptr + 0 * N + rows, top_b, mask=rmask)
         tl.store(outi_ptr + 1 * N + rows, top_t, mask=rmask)
         tl.store(outi_ptr + 2 * N + rows, gt_b, mask=rmask)
@@ -408,7 +410,11 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
     assert block_v >= block_n and all(b & (b - 1) == 0 and b >= 16 for b in (block_n, block_v, block_d))
     n, vocab = h_base.shape[0], w_base.shape[0]
     hb, wb, ht, wt = (_rows_contig(t) for t in (h_base, w_base, h_tuned, w_tuned))
-    up_b, up_t = hb.dtype != wb.dtype, ht.dtype != wt.dtype
+    # Mixed dtypes multiply in fp32. Under TRITON_INTERPRET=1, triton 3.9's numpy tl.dot gets bf16
+    # operands wrong, so bf16 is upcast there (exact: bf16 -> fp32 loses nothing, products are exact).
+    interp = triton_interpreter() and hb.device.type == "cpu"
+    up_b = hb.dtype != wb.dtype or (interp and torch.bfloat16 in (hb.dtype, wb.dtype))
+    up_t = ht.dtype != wt.dtype or (interp and torch.bfloat16 in (ht.dtype, wt.dtype))
     if up_b:
         hb = hb.float()
     if up_t:
@@ -416,13 +422,13 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
     dev = hb.device
     has_t = targets is not None
     tgt = targets if has_t else torch.zeros(1, dtype=torch.int64, device=dev)
-    outf = torch.full((12, n), float("nan"), dtype=torch.float32, device=dev)
+    outf = torch.full((14, n), float("nan"), dtype=torch.float32, device=dev)
     outi = torch.full((4, n), -1, dtype=torch.int64, device=dev)
     common = dict(HAS_TARGETS=has_t, UPCAST_B=up_b, UPCAST_T=up_t, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d)
     strides = (hb.stride(0), wb.stride(0), ht.stride(0), wt.stride(0))
     n_blocks = triton.cdiv(n, block_n)
     _vocab_probe_kernel[(n_blocks,)](hb, wb, ht, wt, tgt, outf, outi, n, vocab, hb.shape[1], ht.shape[1], *strides, **common)
-    lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top, top_vb, zpre_b, zpre_t, zy_b, zy_t = outf
+    lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top, top_vb, zpre_b, zpre_t, zy_b, zy_t, logp_b, logp_t = outf
     top_b, top_t, gt_b, gt_t = outi
 
     need = zb_top < top_vb  # tuned top-1 is not a base maximum: its base rank needs a count
@@ -445,7 +451,7 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
             rank_b = torch.where((zpre_b != zy_b) & in_blk, cnt[1] + 1, rank_b)
             rank_t = torch.where((zpre_t != zy_t) & in_blk, cnt[2] + 1, rank_t)
     return VocabProbeResult(
-        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=zy_b - lse_b if has_t else None, logp_tuned=zy_t - lse_t if has_t else None,
+        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b if has_t else None, logp_tuned=logp_t if has_t else None,
         rank_base=rank_b, rank_tuned=rank_t, top_base=top_b, top_tuned=top_t, rank_shift_top=shift,
         entropy_base=ent_b, entropy_tuned=ent_t, lse_base=lse_b, lse_tuned=lse_t,
     )
@@ -509,9 +515,9 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
     i = lambda: torch.full((n,), -7, dtype=torch.int64)  # noqa: E731
     lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top = (f() for _ in range(7))
     top_b, top_t, shift = i(), i(), i()
-    zy_b, zy_t, gt_b, gt_t = (f(), f(), i(), i()) if has_t else (None, None, None, None)
+    zy_b, zy_t, gt_b, gt_t, logp_b, logp_t = (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6
     fold.finalize(*(t.data_ptr() for t in (lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, top_b, top_t, zb_top, shift)),
-                  ptr(zy_b), ptr(zy_t), ptr(gt_b), ptr(gt_t))
+                  *(ptr(t) for t in (zy_b, zy_t, gt_b, gt_t, logp_b, logp_t)))
 
     # pass 2, only for rows that need it: identical GEMM calls, exact counts against scanned values
     need_s = shift < 0
@@ -547,7 +553,7 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
             rank_b = torch.where(need_b, cnt_b + 1, rank_b)
             rank_t = torch.where(need_t, cnt_t + 1, rank_t)
     return VocabProbeResult(
-        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=zy_b - lse_b if has_t else None, logp_tuned=zy_t - lse_t if has_t else None,
+        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b, logp_tuned=logp_t,
         rank_base=rank_b, rank_tuned=rank_t, top_base=top_b, top_tuned=top_t, rank_shift_top=shift,
         entropy_base=ent_b, entropy_tuned=ent_t, lse_base=lse_b, lse_tuned=lse_t,
     )

@@ -1,0 +1,125 @@
+"""Streaming covariance statistics of hidden states: Σx and Σxxᵀ accumulated in float64, in place.
+
+Contract: `cov_update(sum_x, sum_xxT, x)` adds x's column sums to sum_x [d] and xᵀx to sum_xxT [d, d]
+(both float64, same device as x, updated in place and returned); x: [n, d] float32/bfloat16/float16/
+float64. Mean and covariance follow at finalize: μ = Σx/N, C = Σxxᵀ/N − μμᵀ (done in float64, so the
+large-mean data of real hidden states, where fp32 sums lose the covariance, stay exact enough).
+A function on two plain tensors rather than a class: the probes' accumulators own the tensors and
+merge them by addition. Backends via kernels._dispatch.select: `triton` (fp64 tl.dot, upper-triangle
+blocks mirrored), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d triangle), `torch`.
+"""
+from __future__ import annotations
+
+import torch
+
+from driftscope.kernels._dispatch import select
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional on CPU builds
+    triton = None
+
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+if triton is not None:
+
+    @triton.jit
+    def _cov_update_kernel(
+        x_ptr,  # [n, d] any float dtype, row stride stride_x, unit column stride
+        sx_ptr,  # [d] float64, updated in place
+        s_ptr,  # [d, d] float64 contiguous, updated in place
+        n,
+        d,
+        stride_x,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """Program (bi, bj), bj ≥ bi: S[I, J] += Σ_k x[k, I]ᵀ x[k, J] with float64 loads and float64
+        tl.dot; off-diagonal blocks are also written transposed to S[J, I] (symmetry: each of the
+        d²/2 block products is computed once). Diagonal programs also add Σ_k x[k, I] to sx[I]."""
+        bi = tl.program_id(0)
+        bj = tl.program_id(1)
+        if bj >= bi:
+            ci = bi * BLOCK_D + tl.arange(0, BLOCK_D)
+            cj = bj * BLOCK_D + tl.arange(0, BLOCK_D)
+            mi = ci < d
+            mj = cj < d
+            acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
+            colsum = tl.zeros([BLOCK_D], dtype=tl.float64)
+            for k0 in range(0, n, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                mk = k < n
+                row = k.to(tl.int64)[:, None] * stride_x
+                xi = tl.load(x_ptr + row + ci[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float64)
+                xj = tl.load(x_ptr + row + cj[None, :], mask=mk[:, None] & mj[None, :], other=0.0).to(tl.float64)
+                acc = tl.dot(tl.trans(xi), xj, acc, out_dtype=tl.float64)  # [BLOCK_D, BLOCK_D]
+                colsum += tl.sum(xi, 0)
+            m = mi[:, None] & mj[None, :]
+            p = s_ptr + ci.to(tl.int64)[:, None] * d + cj[None, :]
+            tl.store(p, tl.load(p, mask=m, other=0.0) + acc, mask=m)
+            if bj > bi:
+                pt = s_ptr + cj.to(tl.int64)[None, :] * d + ci[:, None]  # S[J, I] = S[I, J]ᵀ
+                tl.store(pt, tl.load(pt, mask=m, other=0.0) + acc, mask=m)
+            else:
+                tl.store(sx_ptr + ci, tl.load(sx_ptr + ci, mask=mi, other=0.0) + colsum, mask=mi)
+
+
+def _check(sum_x, sum_xxT, x) -> None:
+    for name, t in (("sum_x", sum_x), ("sum_xxT", sum_xxT), ("x", x)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [n, d], got shape {tuple(x.shape)}")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"x must be a float tensor (float32/bfloat16/float16/float64), got {x.dtype}")
+    d = x.shape[1]
+    if sum_x.shape != (d,) or sum_x.dtype != torch.float64:
+        raise ValueError(f"sum_x must be float64 [{d}], got {sum_x.dtype} {tuple(sum_x.shape)}")
+    if sum_xxT.shape != (d, d) or sum_xxT.dtype != torch.float64:
+        raise ValueError(f"sum_xxT must be float64 [{d}, {d}], got {sum_xxT.dtype} {tuple(sum_xxT.shape)}")
+    if not (sum_x.is_contiguous() and sum_xxT.is_contiguous()):
+        raise ValueError("sum_x and sum_xxT must be contiguous (they are updated in place)")
+    for name, t in (("sum_x", sum_x), ("sum_xxT", sum_xxT)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def cov_update(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: sum_x += Σ_rows x, sum_xxT += xᵀx (float64). Returns (sum_x, sum_xxT)."""
+    _check(sum_x, sum_xxT, x)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return sum_x, sum_xxT
+    backend = select(x.device, ("triton", "cpp", "torch"))
+    if backend == "triton":
+        _cov_update_triton(sum_x, sum_xxT, x)
+    elif backend == "cpp":
+        _cov_update_cpp(sum_x, sum_xxT, x)
+    else:
+        cov_update_torch(sum_x, sum_xxT, x)
+    return sum_x, sum_xxT
+
+
+def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = 32, block_k: int = 32) -> None:
+    xc = x if x.stride(1) == 1 else x.contiguous()
+    n, d = xc.shape
+    nb = triton.cdiv(d, block_d)
+    _cov_update_kernel[(nb, nb)](xc, sum_x, sum_xxT, n, d, xc.stride(0), BLOCK_D=block_d, BLOCK_K=block_k)
+
+
+def _cov_update_cpp(sum_x, sum_xxT, x) -> None:
+    from driftscope import _C
+
+    n, d = x.shape
+    xT = x.to(torch.float64).T.contiguous()  # [d, n] float64: rows of the triangle's dot products
+    _C.cov_update(sum_x.data_ptr(), sum_xxT.data_ptr(), xT.data_ptr(), d, n)
+
+
+def cov_update_torch(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference: upcast, then Σ and xᵀx. Roofline: n·d² FLOPs (n·d²/2 with symmetry),
+    bytes ≈ n·d·sizeof(x) + 2·d²·8 (read-modify-write of Σxxᵀ) — compute-bound for n ≫ 16."""
+    _check(sum_x, sum_xxT, x)
+    x64 = x.to(torch.float64)  # [n, d]
+    sum_x += x64.sum(0)
+    sum_xxT += x64.T @ x64
+    return sum_x, sum_xxT
