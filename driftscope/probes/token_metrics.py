@@ -12,7 +12,8 @@ import torch
 
 from driftscope.probes.base import Accumulator, field, json_float
 
-__all__ = ["TokenMetrics", "KL_EDGES", "RANK_SHIFT_EDGES", "RANK_EDGES", "PAPER_EPS", "histogram_counts"]
+__all__ = ["TokenMetrics", "KL_EDGES", "RANK_SHIFT_EDGES", "RANK_EDGES", "PAPER_EPS", "histogram_counts",
+           "mean_of_task_means"]
 
 PAPER_EPS = 1e-10  # the paper adds this to both probabilities before taking logs (calculate_KL.py)
 
@@ -48,6 +49,15 @@ def histogram_counts(values: torch.Tensor, edges: tuple[float, ...]) -> torch.Te
     e = torch.tensor(edges, dtype=torch.float64)
     idx = torch.bucketize(values.detach().to("cpu", torch.float64), e, right=True)
     return torch.bincount(idx, minlength=len(edges) + 1)
+
+
+def mean_of_task_means(per_task: Mapping[str, dict], metric: str = "rank_shift", mean: str = "token_mean") -> float:
+    """The paper's headline aggregate: plain mean over tasks of each task's `finalize()[mean][metric]`
+    (e.g. token rank shift). Tasks with no value (None) make the result NaN rather than being dropped."""
+    vals = [r[mean][metric] for r in per_task.values()]
+    if not vals or any(v is None for v in vals):
+        return float("nan")
+    return sum(vals) / len(vals)
 
 
 class TokenMetrics(Accumulator):
@@ -151,6 +161,19 @@ class TokenMetrics(Accumulator):
             self._hist[k] = state[f"hist.{k}"].to(torch.int64).clone()
 
     # ---- finalize -----------------------------------------------------------------------------------
+    def per_sample(self) -> dict[str, list]:
+        """Per-sample table (columns as lists, sorted by sample id): sample_id, tokens, the mean of each metric,
+        and paper_log_ratio (the sample's sampled-KL term, None when no token is left after the skip)."""
+        ids, s = self._table()
+        col = {c: s[:, j] for j, c in enumerate(_COLS)}
+        out: dict[str, list] = {"sample_id": ids.tolist(), "tokens": col["tokens"].to(torch.int64).tolist()}
+        for c in _MEANS:
+            out[c] = (col[c] / col["tokens"]).tolist()
+        ok = col["paper_tokens"] > 0
+        lr = torch.where(ok, col["paper_log_ratio"] / col["paper_tokens"].clamp_min(1), torch.nan)
+        out["paper_log_ratio"] = [json_float(v) for v in lr.tolist()]
+        return out
+
     def finalize(self) -> dict:
         """JSON dict: tokens, samples, token_mean{...}, sample_mean{...}, sampled_kl{...}, histograms{...}."""
         _, s = self._table()

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from driftscope.probes.base import load_state, save_state
-from driftscope.probes.token_metrics import KL_EDGES, RANK_SHIFT_EDGES, TokenMetrics, histogram_counts
+from driftscope.probes.token_metrics import (
+    KL_EDGES, RANK_SHIFT_EDGES, TokenMetrics, histogram_counts, mean_of_task_means,
+)
 from probe_helpers import assert_close, fake_probe, subset
 
 # (samples, max tokens per sample): tiny, odd, larger; a 1-token sample exercises the paper's skip
@@ -178,3 +180,18 @@ def test_accepts_attribute_objects():
     a.update(probe, ids, first)
     b.update(SimpleNamespace(**probe), ids, first)
     assert a.finalize() == b.finalize()
+
+
+def test_per_sample_table_and_task_means():
+    probe, ids, first = make_batch(9, 5, seed=8)
+    acc = TokenMetrics()
+    acc.update(probe, ids, first)
+    table, out = acc.per_sample(), acc.finalize()
+    assert table["sample_id"] == sorted(ids.unique().tolist()) and sum(table["tokens"]) == out["tokens"]
+    assert_close(sum(table["kl_tb"]) / 9, out["sample_mean"]["kl_tb"], rtol=1e-12, what="per-sample kl_tb")
+    kept = [v for v in table["paper_log_ratio"] if v is not None]
+    assert len(kept) == out["sampled_kl"]["samples"]
+    assert_close(abs(sum(kept) / len(kept)), out["sampled_kl"]["value"], rtol=1e-12, what="sampled KL from table")
+    tasks = {"a": out, "b": {"token_mean": {"rank_shift": 1.0}}}
+    assert mean_of_task_means(tasks) == (out["token_mean"]["rank_shift"] + 1.0) / 2
+    assert math.isnan(mean_of_task_means({"a": {"token_mean": {"rank_shift": None}}}))
