@@ -1,0 +1,82 @@
+"""cov_update: cpp and triton against the float64 torch reference, on random and large-mean data."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from driftscope.kernels import use_backend
+from kernel_helpers import assert_close_verbose
+
+cu = importlib.import_module("driftscope.kernels.cov_update")
+DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
+# (n, d, dtype, mean): odd sizes, a single row, large means where fp32 sums of x·xᵀ lose the covariance
+CASES = [(1, 5, torch.float32, 0.0), (37, 72, torch.float32, 0.0), (100, 33, torch.bfloat16, 0.0),
+         (64, 40, torch.float16, 3.0), (257, 48, torch.float32, 1e4), (33, 17, torch.float64, -1e3)]
+IDS = [f"n{n}-d{d}-{DT[dt]}-mean{m:g}" for n, d, dt, m in CASES]
+
+
+def _data(n, d, dtype, mean):
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) + mean).to(dtype)
+
+
+def _zeros(d, device="cpu"):
+    return torch.zeros(d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device)
+
+
+def _cov(sx, sxx, n):
+    mu = sx / n
+    return sxx / n - torch.outer(mu, mu)
+
+
+@pytest.mark.parametrize(("n", "d", "dtype", "mean"), CASES, ids=IDS)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_cov_update_vs_float64(backend, n, d, dtype, mean, triton_device):
+    if backend == "cpp":
+        pytest.importorskip("driftscope._C")
+    x = _data(n, d, dtype, mean)
+    want = _zeros(d)
+    cu.cov_update_torch(*want, x)
+    cu.cov_update_torch(*want, x[: n // 2])  # two updates: accumulation, not overwrite
+    dev = triton_device if backend == "triton" else "cpu"
+    got = _zeros(d, dev)
+    with use_backend(backend):
+        cu.cov_update(*got, x.to(dev))
+        cu.cov_update(*got, x[: n // 2].to(dev))
+    scale = float(want[1].abs().max())
+    assert_close_verbose(got[0], want[0], atol=1e-12 * max(1.0, float(want[0].abs().max())), what=f"{backend} sum_x")
+    assert_close_verbose(got[1], want[1], atol=1e-13 * scale, rtol=1e-13, what=f"{backend} sum_xxT")
+    assert torch.equal(got[1], got[1].T), "sum_xxT must be exactly symmetric"
+    # the covariance recovered from the sums (large-mean data: this is where fp32 fails)
+    m = n + n // 2
+    assert_close_verbose(_cov(*got, m), _cov(*want, m), atol=1e-6, what=f"{backend} covariance")
+
+
+def test_naive_fp32_fails_on_large_mean():
+    """The reason for float64 accumulation: fp32 Σxxᵀ at mean 1e4 has no covariance left."""
+    x = _data(257, 48, torch.float32, 1e4)
+    want = _zeros(48)
+    cu.cov_update_torch(*want, x)
+    naive = (x.T @ x).double(), x.sum(0).double()
+    err = (_cov(naive[1], naive[0], 257) - _cov(*want, 257)).abs().max()
+    assert err > 1.0, f"fp32 accumulation unexpectedly accurate (err {err})"
+
+
+def test_cov_update_errors_name_the_argument():
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"sum_x must be float64 \[3\]"):
+        cu.cov_update(torch.zeros(3), torch.zeros(3, 3, dtype=torch.float64), x)
+    with pytest.raises(ValueError, match=r"sum_xxT must be float64 \[3, 3\]"):
+        cu.cov_update(torch.zeros(3, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64), x)
+    with pytest.raises(ValueError, match=r"x must be 2-D"):
+        cu.cov_update(*_zeros(3), x[0])
+    with pytest.raises(ValueError, match=r"x must be a float tensor"):
+        cu.cov_update(*_zeros(3), x.int())
+
+
+def test_cov_update_empty_is_a_no_op():
+    sx, sxx = _zeros(3)
+    cu.cov_update(sx, sxx, torch.zeros(0, 3))
+    assert not sx.any() and not sxx.any()
