@@ -65,8 +65,8 @@ class TokenMetrics(Accumulator):
 
     Assumption (asserted): every sample's scored tokens arrive in a single `update` call -- the runner packs
     whole samples into a batch -- so per-sample sums are complete when stored and a sample id is never seen
-    twice (not across updates, not across merged accumulators). Per-sample sums are kept (12 float64 per
-    sample, ~100 B) and dataset totals are summed at `finalize` in sample-id order, so the result is bitwise
+    twice (not across updates, not across merged accumulators). Per-sample sums are kept (13 float64 per
+    sample, ~104 B) and dataset totals are summed at `finalize` in sample-id order, so the result is bitwise
     independent of batch order and of how the data was split before `merge`.
     """
 
