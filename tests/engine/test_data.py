@@ -191,3 +191,16 @@ def test_real_response_files(shared_data, tmp_path):
     samples, problems = load_samples(f, TOK)
     assert len(samples) == 1 and samples[0].n_scored == len(json.loads(real)["output"].encode("utf-8"))
     assert [p.split(": ")[0] for p in problems] == [f"{f}:2", f"{f}:3"]
+
+
+def test_messages_with_the_engine_tokenizer(tmp_path):
+    from driftscope.engine.synth import write_tokenizer
+    from driftscope.engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(write_tokenizer(tmp_path / "tok", ["hello world, how are you? fine thanks"] * 20))
+    msgs = [{"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine thanks"}]
+    f = write_jsonl(tmp_path / "m.jsonl", [json.dumps({"messages": msgs})])
+    (s,), problems = load_samples(f, tok, chat_template_kwargs={"enable_thinking": False})
+    prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, enable_thinking=False, tokenize=False)
+    assert problems == [] and "how are you?" in prompt and "fine thanks" not in prompt, prompt
+    assert s.input_ids.tolist() == tok.encode(prompt) + tok.encode("fine thanks") and s.n_prompt == len(tok.encode(prompt))
