@@ -90,3 +90,15 @@ def test_bad_input():
         acc.update(0, torch.zeros(1, 8), torch.zeros(1, 7))
     with pytest.raises(ValueError, match="cka"):
         HiddenSimilarity(2, 8, cka="exact")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    hb, ht = states(300, 32, torch.bfloat16, seed=4)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        acc = HiddenSimilarity(1, 32, cka="full")
+        acc.update(0, hb.to(dev), ht.to(dev))
+        res[dev] = acc.finalize()["layers"][0]
+    for k in ("cos_mean", "rel_l2_mean", "rel_l2_fro", "cka"):
+        assert_close(res["cuda"][k], res["cpu"][k], rtol=1e-10, what=k)

@@ -189,3 +189,17 @@ def test_bad_input():
         s.components(0, model="tuned")
     with pytest.raises(ValueError, match="pad_to"):
         P.paper_pad_batch([[1]], 0, pad_to="left")
+
+
+@pytest.mark.gpu
+def test_streaming_cuda_matches_cpu():
+    base, tuned = query_vectors(2, 40, 24, seed=6)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        acc = P.StreamingPCA(2, 24)
+        for layer in range(2):
+            acc.update(layer, base[layer].to(dev), tuned[layer].to(dev))
+        out[dev] = acc.finalize()
+    for key in ("shift", "principle"):
+        assert_close([r[key] for r in out["cuda"]["records"]], [r[key] for r in out["cpu"]["records"]],
+                     rtol=1e-9, atol=1e-9, what=key)
