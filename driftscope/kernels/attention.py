@@ -44,20 +44,23 @@ def varlen_attention(
     T, Hq, D = q.shape
     gqa = k.shape[1] != Hq
     bounds = cu_seqlens.tolist()  # one host sync per call; B is small
+    # 4-D [1, H, L, D] views: CPU SDPA takes its fused flash kernel only for 4-D inputs (3-D falls back to the
+    # unfused math path, ~4x slower); strided views of the fused qkv projection are accepted without copies.
     if len(bounds) == 2:  # one sequence: no output copy into a preallocated buffer
         o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=gqa
-        )  # [Hq, T, D]
-        return o.transpose(0, 1)  # [T, Hq, D] view
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            is_causal=True, scale=scale, enable_gqa=gqa,
+        )  # [1, Hq, T, D]
+        return o[0].transpose(0, 1)  # [T, Hq, D] view
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, Hq, D]
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e == s:
             continue
         o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+            q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
             is_causal=True, scale=scale, enable_gqa=gqa,
-        )  # [Hq, L, D]
-        out[s:e].copy_(o.transpose(0, 1))
+        )  # [1, Hq, L, D]
+        out[s:e].copy_(o[0].transpose(0, 1))
     return out
 
 
