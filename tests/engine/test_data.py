@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from driftscope.engine.data import (
-    FORMATS, Sample, detect_format, load_samples, pack_batches, read_records, tokenize_records,
+    FORMATS, Sample, detect_format, load_samples, pack_batches, read_records,
 )
 
 
