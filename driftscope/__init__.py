@@ -14,6 +14,9 @@ _EXPORTS = {
     "ModelConfig": "driftscope.engine.config",
     "vocab_probe": "driftscope.kernels.vocab_probe",
     "VocabProbeResult": "driftscope.kernels.vocab_probe",
+    "drift": "driftscope.analysis.run",
+    "DriftReport": "driftscope.analysis.run",
+    "DriftOptions": "driftscope.analysis.options",
     "backend_status": "driftscope.kernels._dispatch",
     "use_backend": "driftscope.kernels._dispatch",
 }

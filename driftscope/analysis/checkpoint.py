@@ -1,0 +1,70 @@
+"""Resumable run state: accumulator states (safetensors) + progress.json, written atomically after batches.
+
+A run killed at any point resumes from its last completed checkpoint and ends with the same outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from driftscope.probes.base import Accumulator
+
+STATE_DIR = ".driftscope-state"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunState:
+    """progress.json = {"fingerprint": ..., "done": {task: completed batches}, "pca_done": [tasks]}."""
+
+    def __init__(self, out: Path):
+        self.dir = out / STATE_DIR
+
+    def exists(self) -> bool:
+        return (self.dir / "progress.json").is_file()
+
+    def reset(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+
+    def load_progress(self, fingerprint: dict) -> dict:
+        prog = json.loads((self.dir / "progress.json").read_text())
+        old = prog["fingerprint"]
+        if old != fingerprint:
+            diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+            raise ValueError(
+                f"cannot resume {self.dir}: the run's {', '.join(diff)} differ from the interrupted run's "
+                "(start without --resume, or use the original inputs and options)"
+            )
+        return prog
+
+    def save(self, progress: dict, accumulators: dict[str, Accumulator]) -> None:
+        """Write every accumulator, then progress.json last: a crash in between leaves the old progress valid."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        gen = progress.get("generation", 0) + 1
+        for key, acc in accumulators.items():
+            state = {k: v.contiguous() for k, v in acc.state_dict().items()}
+            _atomic_write(self.dir / f"{key}.{gen}.safetensors", lambda p, s=state: save_file(s, str(p)))
+        progress["generation"] = gen
+        _atomic_write(self.dir / "progress.json", lambda p: p.write_text(json.dumps(progress, indent=1)))
+        for f in self.dir.glob("*.safetensors"):  # drop the previous generation
+            if not f.name.endswith(f".{gen}.safetensors"):
+                f.unlink()
+
+    def restore(self, progress: dict, accumulators: dict[str, Accumulator]) -> None:
+        gen = progress["generation"]
+        for key, acc in accumulators.items():
+            path = self.dir / f"{key}.{gen}.safetensors"
+            if path.is_file():
+                acc.load_state_dict(load_file(str(path)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""What a run records about where it ran: package versions, CPU/GPU, and GPU telemetry via nvidia-ml-py."""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+
+import torch
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("driftscope", "numpy", "safetensors", "tokenizers", "triton", "flash_attn"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "unknown")
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    info = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "gpu": None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class GpuTelemetry:
+    """Samples NVML at start/end (and on `sample()`): memory, utilization, power; None when not on CUDA or no NVML."""
+
+    def __init__(self, device: torch.device):
+        self.samples: list[dict] = []
+        self.reason: str | None = None
+        self._handle = None
+        if device.type != "cuda":
+            self.reason = "not on CUDA"
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception as exc:  # missing package or driver: telemetry is optional, say why
+            self.reason = f"nvidia-ml-py unavailable: {type(exc).__name__}: {exc}"
+
+    def sample(self) -> None:
+        if self._handle is None:
+            return
+        n, h = self._nvml, self._handle
+        mem = n.nvmlDeviceGetMemoryInfo(h)
+        util = n.nvmlDeviceGetUtilizationRates(h)
+        self.samples.append({
+            "t": time.time(), "memory_used_mb": mem.used / 2**20, "gpu_util_pct": util.gpu,
+            "power_w": n.nvmlDeviceGetPowerUsage(h) / 1000.0,
+        })
+
+    def summary(self) -> dict | None:
+        if self._handle is None:
+            return {"available": False, "reason": self.reason}
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"available": True, "samples": self.samples, "torch_peak_allocated_mb": peak}
+
+
+class Progress:
+    """A one-line progress bar on stderr (tokens/s and ETA); silent when disabled."""
+
+    def __init__(self, total_tokens: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = max(total_tokens, 1), label, enabled
+        self.done, self.t0 = 0, time.perf_counter()
+
+    def advance(self, tokens: int) -> None:
+        self.done += tokens
+        if not self.enabled:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = self.done / dt if dt > 0 else 0.0
+        frac = min(self.done / self.total, 1.0)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done}/{self.total} tok, "
+                         f"{rate:,.0f} tok/s, eta {eta:,.0f} s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

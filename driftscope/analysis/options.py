@@ -1,0 +1,77 @@
+"""Options of a drift run, validated once; `fingerprint()` names what a resumed run must share with the original."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PCA_MODES = ("streaming", "paper", "none")
+CKA_MODES = ("auto", "full", "projected", "none")
+
+
+@dataclass
+class DriftOptions:
+    max_batch_tokens: int = 8192  # token budget of one packed batch: bounds activation memory
+    max_seq_len: int | None = None  # keep the first max_seq_len tokens of each sample
+    device: str = "cpu"
+    dtype: str = "float32"
+    pca: str = "streaming"  # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
+    pca_queries: int = 30  # paper mode: k query texts
+    pca_seed: int = 42  # paper mode: random.seed(42) before shuffling the texts
+    pca_max_length: int = 128  # paper mode: truncation length
+    pca_texts: str | None = None  # paper mode: plain-text file, one query per line (default: the records' prompts)
+    cka: str = "auto"  # auto: full when hidden_size <= 1024, else projected to cka_proj_dim
+    cka_proj_dim: int = 256
+    top_tokens: int = 200  # rows of the shifted-token table in summary.json (the token table file has all)
+    checkpoint_every: float = 30.0  # seconds between resumable checkpoints (0: after every batch)
+    resume: bool = False
+    progress: bool = True
+    allow_pickle: bool = False
+    chat_template_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.pca not in PCA_MODES:
+            raise ValueError(f"pca must be one of {PCA_MODES}, got {self.pca!r}")
+        if self.cka not in CKA_MODES:
+            raise ValueError(f"cka must be one of {CKA_MODES}, got {self.cka!r}")
+        if self.pca_queries < 2:
+            raise ValueError(f"pca_queries must be >= 2 (PCA with 2 components), got {self.pca_queries}")
+        if self.pca_texts is not None and not Path(self.pca_texts).is_file():
+            raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")
+
+    def cka_mode(self, hidden_size: int) -> str:
+        if self.cka != "auto":
+            return self.cka
+        return "full" if hidden_size <= 1024 else "projected"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    # fields that do not change any number of the result
+    _COSMETIC = ("checkpoint_every", "resume", "progress", "top_tokens", "device")
+
+    def result_fields(self) -> dict:
+        return {k: v for k, v in self.as_dict().items() if k not in self._COSMETIC}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], options: DriftOptions) -> dict:
+    """Everything a resumed run must share with the run it continues, as a JSON-able dict."""
+    return {
+        "base": str(base.resolve()),
+        "tuned": {k: str(v.resolve()) for k, v in tuned.items()},
+        "data": {k: {"path": str(v.resolve()), "sha256": file_digest(v)} for k, v in data.items()},
+        "options": json.loads(json.dumps(options.result_fields())),
+    }

@@ -1,0 +1,36 @@
+"""Writes a drift run's files: summary.json, the shifted-token table, pca_shift.json (paper schema), report.html."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _write_json(path: Path, obj) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def pca_shift_entries(summary: dict) -> list[dict]:
+    """The paper's pca_shift.json: [{"benchmark": "<task>_PCA_Shift", "model": ..., "data": records}]."""
+    out = []
+    for model, m in summary["models"].items():
+        for task, t in m["tasks"].items():
+            if t.get("pca"):
+                out.append({"benchmark": f"{task}_PCA_Shift", "model": model, "mode": t["pca"]["mode"],
+                            "centroid_distance": t["pca"]["centroid_distance"], "data": t["pca"]["records"]})
+    return out
+
+
+def write_outputs(out: Path, summary: dict, token_rows: list[dict]) -> dict[str, Path]:
+    from driftscope.report import write_report, write_token_table
+
+    files = {"summary": _write_json(out / "summary.json", summary)}
+    files["tokens"] = write_token_table(out / "tokens", token_rows)
+    entries = pca_shift_entries(summary)
+    if entries:
+        files["pca_shift"] = _write_json(out / "pca_shift.json", entries)
+    files["report"] = write_report(out, summary)
+    return files

@@ -1,0 +1,276 @@
+"""`drift(base, tuned, data, out=None, **options)`: the lockstep drift analysis, end to end.
+
+Records -> packed token-budget batches -> base and tuned models in lockstep -> probes (token metrics, shifted
+tokens, per-layer similarity, PCA) -> summary.json, token table, pca_shift.json, report.html. Resumable.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from driftscope.analysis.checkpoint import RunState
+from driftscope.analysis.env import GpuTelemetry, Progress, machine, versions
+from driftscope.analysis.options import DriftOptions, fingerprint
+from driftscope.analysis.paper_pca import paper_pca
+from driftscope.analysis.summary import model_summary, task_summary
+from driftscope.engine.data import PackedBatch, Record, pack_batches, read_records, tokenize_records
+from driftscope.engine.loader import load_model
+from driftscope.engine.runner import LockstepRunner
+from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
+from driftscope.kernels import backend_status
+from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.probes import HiddenSimilarity, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
+from driftscope.probes.base import Accumulator
+
+log = logging.getLogger(__name__)
+PathLike = str | Path
+
+
+@dataclass
+class DriftReport:
+    """`.summary` is exactly what summary.json holds; `.files` maps output kinds to their paths."""
+
+    summary: dict
+    out: Path | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    name: str
+    path: Path
+    batches: list[PackedBatch]
+    problems: list[str]
+    records: list[Record]
+
+
+def _as_list(x: PathLike | Sequence[PathLike]) -> list[Path]:
+    return [Path(x)] if isinstance(x, (str, Path)) else [Path(p) for p in x]
+
+
+def unique_names(paths: list[Path], key) -> dict[str, Path]:
+    """name -> path with names from `key(path)`, made unique with -2, -3 suffixes (in order)."""
+    out: dict[str, Path] = {}
+    for p in paths:
+        name, k = key(p), 2
+        while name in out:
+            name, k = f"{key(p)}-{k}", k + 1
+        out[name] = p
+    return out
+
+
+def check_same_tokenizer(tok: Tokenizer, other_dir: Path) -> None:
+    """Both models must tokenize identically; say what differs if not (a tuned dir without tokenizer.json is fine)."""
+    if not (other_dir / "tokenizer.json").is_file():
+        return
+    other = load_tokenizer(other_dir)
+    a, b = tok._tok.get_vocab(with_added_tokens=True), other._tok.get_vocab(with_added_tokens=True)
+    if a == b:
+        return
+    only_a = sorted(set(a.items()) - set(b.items()), key=lambda kv: kv[1])[:3]
+    only_b = sorted(set(b.items()) - set(a.items()), key=lambda kv: kv[1])[:3]
+    raise ValueError(
+        f"the tokenizers of {tok.path} and {other_dir} differ ({len(a)} vs {len(b)} entries); first "
+        f"(token, id) only in the base: {only_a}, only in the tuned: {only_b}. Both models must share a tokenizer."
+    )
+
+
+def _valid_vocab(base, tuned, tok: Tokenizer) -> int | None:
+    sizes = {base.lm_head_weight.shape[0], *(t.lm_head_weight.shape[0] for t in tuned)}
+    return None if len(sizes) == 1 else tok.vocab_size  # resized heads: compare over the ids the tokenizer has
+
+
+class _Run:
+    def __init__(self, base_dir: Path, tuned: dict[str, Path], data: dict[str, Path], out: Path | None, opts: DriftOptions):
+        self.opts, self.out = opts, out
+        self.base_dir, self.tuned_dirs, self.data = base_dir, tuned, data
+        self.device = torch.device(opts.device)
+        self.tok = load_tokenizer(base_dir)
+        for d in tuned.values():
+            check_same_tokenizer(self.tok, d)
+        kw = {"device": self.device, "dtype": opts.dtype, "allow_pickle": opts.allow_pickle}
+        self.base = load_model(base_dir, **kw)
+        self.tuned = [load_model(d, **kw) for d in tuned.values()]
+        self.runner = LockstepRunner(self.base, self.tuned)
+        self.valid_vocab = _valid_vocab(self.base, self.tuned, self.tok)
+        self.tasks = [self._read_task(name, path) for name, path in data.items()]
+        self.accs: dict[str, Accumulator] = {}
+        for j in range(len(self.tuned)):
+            for k, task in enumerate(self.tasks):
+                for kind, acc in self._new_accumulators().items():
+                    self.accs[f"m{j}.t{k}.{kind}"] = acc
+
+    def _read_task(self, name: str, path: Path) -> _Task:
+        o = self.opts
+        records, problems = read_records(path)
+        samples = tokenize_records(records, self.tok, max_seq_len=o.max_seq_len,
+                                   chat_template_kwargs=o.chat_template_kwargs, problems=problems)
+        if not samples:
+            first = problems[0] if problems else "the file has no records"
+            raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
+        return _Task(name, path, pack_batches(samples, o.max_batch_tokens), problems, records)
+
+    def _new_accumulators(self) -> dict[str, Accumulator]:
+        c = self.base.config
+        n_states = c.num_layers + 1
+        accs: dict[str, Accumulator] = {
+            "tokens": TokenMetrics(),
+            "shifted": ShiftedTokens(max(self.base.lm_head_weight.shape[0], *(t.lm_head_weight.shape[0] for t in self.tuned))),
+            "hidden": HiddenSimilarity(n_states, c.hidden_size, cka=self.opts.cka_mode(c.hidden_size),
+                                       proj_dim=self.opts.cka_proj_dim),
+        }
+        if self.opts.pca == "streaming":
+            accs["pca"] = StreamingPCA(n_states, c.hidden_size)
+        elif self.opts.pca == "paper":
+            accs["pca"] = PaperPCAShift(n_states, c.hidden_size)
+        return accs
+
+    def acc(self, j: int, k: int, kind: str) -> Accumulator:
+        return self.accs[f"m{j}.t{k}.{kind}"]
+
+    # ---- one batch ------------------------------------------------------------------------------------------
+    def process(self, k: int, batch: PackedBatch) -> None:
+        dev = self.device
+        mask = batch.score_mask.to(dev)
+        streaming = self.opts.pca == "streaming"
+
+        def on_layer(i: int, hb: torch.Tensor, hts: list[torch.Tensor]) -> None:
+            hb_s = hb[mask]  # [N, d] scored positions
+            for j, ht in enumerate(hts):
+                ht_s = ht[mask]
+                self.acc(j, k, "hidden").update(i, hb_s, ht_s)
+                if streaming:
+                    self.acc(j, k, "pca").update(i, hb_s, ht_s)
+
+        hb, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer)
+        targets = batch.scored_targets.to(dev)
+        hb_s = hb[mask]
+        for j, (ht, model) in enumerate(zip(hts, self.tuned)):
+            r = vocab_probe(hb_s, self.base.lm_head_weight, ht[mask], model.lm_head_weight, targets,
+                            valid_vocab=self.valid_vocab)
+            self.acc(j, k, "tokens").update(r, batch.scored_sample_ids, batch.scored_first)
+            self.acc(j, k, "shifted").update(targets, r.rank_base, r.rank_tuned)
+
+    # ---- the loop with checkpoints ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        o = self.opts
+        state = RunState(self.out) if self.out is not None else None
+        fp = fingerprint(self.base_dir, self.tuned_dirs, self.data, o)
+        progress = {"fingerprint": fp, "done": {}, "pca_done": [], "generation": 0}
+        if state is not None:
+            if o.resume and state.exists():
+                progress = state.load_progress(fp)
+                state.restore(progress, self.accs)
+                log.info("resuming from %s: %s", state.dir, progress["done"])
+            else:
+                state.reset()
+        telemetry = GpuTelemetry(self.device)
+        telemetry.sample()
+        total = sum(b.n_tokens for t in self.tasks for b in t.batches)
+        done_tokens = sum(b.n_tokens for t in self.tasks for b in t.batches[: progress["done"].get(t.name, 0)])
+        bar = Progress(total, "drift", enabled=o.progress)
+        bar.advance(done_tokens)
+        last_save = time.monotonic()
+        t0 = time.perf_counter()
+        try:
+            for k, task in enumerate(self.tasks):
+                start = progress["done"].get(task.name, 0)
+                for bi in range(start, len(task.batches)):
+                    self.process(k, task.batches[bi])
+                    progress["done"][task.name] = bi + 1
+                    bar.advance(task.batches[bi].n_tokens)
+                    if state is not None and time.monotonic() - last_save >= o.checkpoint_every:
+                        state.save(progress, self.accs)
+                        last_save = time.monotonic()
+                if o.pca == "paper" and task.name not in progress["pca_done"]:
+                    paper_pca(self, k, task)
+                    progress["pca_done"].append(task.name)
+        except KeyboardInterrupt:
+            if state is not None:
+                state.save(progress, self.accs)
+                log.warning("interrupted: state saved in %s; rerun with --resume to continue", state.dir)
+            raise
+        finally:
+            bar.close()
+        telemetry.sample()
+        seconds = time.perf_counter() - t0
+        return self.summarize(seconds, total - done_tokens, telemetry)
+
+    def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry) -> dict:
+        models = {}
+        for j, name in enumerate(self.tuned_dirs):
+            tasks = {}
+            for k, task in enumerate(self.tasks):
+                pca = self.acc(j, k, "pca").finalize() if self.opts.pca != "none" else None
+                tasks[task.name] = task_summary(
+                    tokens=self.acc(j, k, "tokens").finalize(),
+                    hidden=self.acc(j, k, "hidden").finalize(),
+                    shifted=self.acc(j, k, "shifted").finalize(decode=self._decode, top_k=self.opts.top_tokens),
+                    pca=pca, problems=task.problems,
+                )
+            models[name] = model_summary(str(self.tuned_dirs[name]), tasks)
+        return {
+            "driftscope_version": versions()["driftscope"],
+            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "config": {
+                "base": str(self.base_dir), "tuned": {k: str(v) for k, v in self.tuned_dirs.items()},
+                "data": {k: str(v) for k, v in self.data.items()}, **self.opts.as_dict(),
+                "valid_vocab": self.valid_vocab,
+            },
+            "versions": versions(), "machine": machine(self.device), "backends": backend_status(),
+            "gpu_telemetry": telemetry.summary(),
+            "timing": {"seconds": seconds, "tokens": tokens_run, "tokens_per_s": tokens_run / seconds if seconds else None},
+            "models": models,
+        }
+
+    def _decode(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def shifted_rows(self) -> list[dict]:
+        """Every shifted token of every (model, task), for the token table file."""
+        rows = []
+        for j, name in enumerate(self.tuned_dirs):
+            for k, task in enumerate(self.tasks):
+                top = self.acc(j, k, "shifted").finalize(decode=self._decode, top_k=None)["top"]
+                rows.extend({"model": name, "task": task.name, **r} for r in top)
+        return rows
+
+
+def drift(
+    base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
+    out: PathLike | None = None, **options,
+) -> DriftReport:
+    """Compare `base` with each tuned checkpoint on each records file; see DriftOptions for the options.
+
+    With `out`, writes summary.json, tokens.{parquet,jsonl}, pca_shift.json and report.html there and keeps a
+    resumable state while running (`resume=True` continues an interrupted run). Returns a DriftReport.
+    """
+    opts = DriftOptions(**options)
+    base_dir = Path(base)
+    for p in [base_dir, *_as_list(tuned)]:
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {p} does not exist")
+    for p in _as_list(data):
+        if not p.is_file():
+            raise FileNotFoundError(f"records file {p} does not exist")
+    tuned_map = unique_names(_as_list(tuned), key=lambda p: p.resolve().name)
+    data_map = unique_names(_as_list(data), key=lambda p: p.stem)
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(base_dir, tuned_map, data_map, out_dir, opts)
+    summary = run.run()
+    report = DriftReport(summary=summary, out=out_dir)
+    if out_dir is not None:
+        from driftscope.analysis.outputs import write_outputs
+
+        report.files = write_outputs(out_dir, summary, run.shifted_rows())
+        RunState(out_dir).remove()
+    return report

@@ -1,0 +1,57 @@
+"""Shapes the probes' finalize() dicts into summary.json's per-task and per-model blocks (the report's contract)."""
+from __future__ import annotations
+
+from driftscope.probes.base import json_float
+from driftscope.probes.token_metrics import mean_of_task_means
+
+
+def _means(tokens: dict, metric: str) -> dict:
+    return {"token_mean": tokens["token_mean"][metric], "sample_mean": tokens["sample_mean"][metric]}
+
+
+def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str]) -> dict:
+    by_layer: dict[int, dict] = {}
+    if pca is not None:
+        for r in pca["records"]:
+            row = by_layer.setdefault(r["layer"], {})
+            if r["state"] == "Updated":
+                row["pca_shift"], row["pca_principle_tuned"] = r["shift"], r["principle"]
+            else:
+                row["pca_principle_base"] = r["principle"]
+    layers = []
+    for h in hidden["layers"]:
+        p = by_layer.get(h["layer"], {})
+        layers.append({
+            "layer": h["layer"], "cosine": h["cos_mean"], "rel_l2": h["rel_l2_mean"],
+            "rel_l2_fro": h["rel_l2_fro"], "cka": h["cka"],
+            "pca_shift": p.get("pca_shift"), "pca_principle_base": p.get("pca_principle_base"),
+            "pca_principle_tuned": p.get("pca_principle_tuned"),
+        })
+    return {
+        "tokens": tokens["tokens"], "samples": tokens["samples"],
+        "kl_tb": _means(tokens, "kl_tb"), "kl_bt": _means(tokens, "kl_bt"),
+        "sampled_kl": tokens["sampled_kl"]["value"],
+        "rank_shift": _means(tokens, "rank_shift"),
+        "rank_shift_top": _means(tokens, "rank_shift_top"),
+        "top1_agreement": tokens["token_mean"]["top1_agree"],
+        "entropy_base": _means(tokens, "entropy_base"), "entropy_tuned": _means(tokens, "entropy_tuned"),
+        "logp_base": _means(tokens, "logp_base"), "logp_tuned": _means(tokens, "logp_tuned"),
+        "layers": layers,
+        "pca": pca,
+        "cka_mode": hidden["cka_mode"],
+        "histograms": tokens["histograms"],
+        "shifted_tokens": shifted,
+        "token_metrics": {k: tokens[k] for k in ("sampled_kl", "rank_shift_paper_tokens")},
+        "problems": problems,
+    }
+
+
+def model_summary(path: str, tasks: dict[str, dict]) -> dict:
+    per_task = {name: {"token_mean": {"rank_shift": t["rank_shift"]["token_mean"]},
+                       "sample_mean": {"rank_shift": t["rank_shift"]["sample_mean"]}} for name, t in tasks.items()}
+    return {
+        "path": path,
+        "rank_shift_mean_of_task_means": json_float(mean_of_task_means(per_task, "rank_shift", "token_mean")),
+        "rank_shift_mean_of_task_sample_means": json_float(mean_of_task_means(per_task, "rank_shift", "sample_mean")),
+        "tasks": tasks,
+    }

@@ -1,0 +1,84 @@
+"""Lockstep forward: a base model and one or more tuned models, layer by layer, on the same packed batch.
+
+At every hidden-state index (transformers' convention: 0 = embeddings, i = output of layer i, L = after the
+final norm) a callback sees the base state and each tuned state while they are in memory; nothing per layer
+is kept. The base forward is computed once per batch and shared by all tuned models.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from driftscope.engine.model import Transformer
+
+# on_layer(index, h_base [T, d], [h_tuned_j [T, d] for each tuned model])
+LayerCallback = Callable[[int, torch.Tensor, list[torch.Tensor]], None]
+
+
+def check_compatible(base: Transformer, tuned: Sequence[Transformer]) -> None:
+    """ValueError naming the first config field that makes a lockstep comparison meaningless."""
+    b = base.config
+    for t in tuned:
+        c = t.config
+        for name in ("num_layers", "hidden_size"):
+            if getattr(b, name) != getattr(c, name):
+                raise ValueError(
+                    f"cannot compare layer by layer: {name} is {getattr(b, name)} in {b.source} "
+                    f"but {getattr(c, name)} in {c.source}"
+                )
+        if t.device != base.device:
+            raise ValueError(f"models must be on one device: base on {base.device}, {c.source} on {t.device}")
+
+
+class LockstepRunner:
+    """`forward(input_ids, cu_seqlens, on_layer)` -> (final normed base hidden, [final normed tuned hidden])."""
+
+    def __init__(self, base: Transformer, tuned: Sequence[Transformer]):
+        if not tuned:
+            raise ValueError("need at least one tuned model")
+        check_compatible(base, tuned)
+        self.base, self.tuned = base, list(tuned)
+        self.n_states = base.config.num_layers + 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, on_layer: LayerCallback | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        dev = self.device
+        ids, cu = input_ids.to(dev), cu_seqlens.to(dev)
+        models = [self.base, *self.tuned]
+        batches = [m.prepare(ids, cu) for m in models]  # rope tables per model (configs may differ in theta)
+        hs = [m.embed(ids) for m in models]  # [T, d] each
+        last = self.n_states - 1
+        if on_layer is not None:
+            on_layer(0, hs[0], hs[1:])
+        for i in range(last):
+            hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]
+            if i == last - 1:  # transformers reports the final *normed* state at index L
+                hs = [m.final_norm(h) for m, h in zip(models, hs)]
+            if on_layer is not None:
+                on_layer(i + 1, hs[0], hs[1:])
+        return hs[0], hs[1:]
+
+
+@torch.inference_mode()
+def pad_states(model: Transformer, pad_id: int) -> list[torch.Tensor]:
+    """The L+1 hidden states [d] of a left-padding token whose attention output is zero.
+
+    That is what a padded position carries in the paper's PCA run (flash-attention skips masked rows, so
+    attention contributes nothing): embedding, then per layer only the residual MLP path, then the final norm.
+    """
+    h = model.embed(torch.tensor([pad_id], device=model.device))  # [1, d]
+    states = [h[0]]
+    n = len(model.layers)
+    for i, layer in enumerate(model.layers):
+        if layer.attn.wo.bias is not None:
+            h = h + layer.attn.wo.bias  # attention output wo(0) = its bias
+        h = h + layer.mlp(layer.mlp_norm(h))
+        states.append(model.final_norm(h)[0] if i == n - 1 else h[0])
+    return states
