@@ -1,0 +1,93 @@
+"""Transformer API contract the lockstep runner builds on: prepare / embed / layers / final_norm / lm_head_weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import assert_close
+
+from driftscope.engine.loader import load_model
+from driftscope.engine.model import ForwardOutput, PackedBatch
+from driftscope.engine.synth import random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m")
+    random_checkpoint(path, "qwen3", vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=24, intermediate_size=96)
+    return load_model(path)
+
+
+def _batch():
+    lengths = [5, 1, 8]
+    ids = torch.randint(0, 300, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 5, 6, 14], dtype=torch.int32)
+    return ids, cu
+
+
+def test_manual_layer_loop_equals_forward_and_leaves_inputs_alone(model):
+    ids, cu = _batch()
+    batch = model.prepare(ids, cu)
+    assert isinstance(batch, PackedBatch) and batch.max_seqlen == 8
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert batch.cos.shape == (14, 1, 12) and batch.sin.shape == (14, 1, 12)
+    h = model.embed(ids)  # [T, d]
+    states = [h]
+    for layer in model.layers:
+        before = h.clone()
+        h = layer(h, batch)
+        assert torch.equal(states[-1], before), "a layer modified its input in place"
+        states.append(h)
+    final = model.final_norm(h)
+    out = model.forward(ids, cu, output_hidden_states=True)
+    assert isinstance(out, ForwardOutput)
+    assert torch.equal(final, out.hidden)
+    for i in range(len(model.layers)):  # [i] = output of layer i-1 (embedding for i = 0), as transformers
+        assert torch.equal(states[i], out.hidden_states[i]), i
+    assert torch.equal(out.hidden_states[-1], final)
+    assert model.forward(ids, cu).hidden_states is None
+
+
+def test_lm_head_weight_tied_and_untied(model, tmp_path):
+    assert model.lm_head_weight is model.output.weight and model.lm_head_weight.shape == (300, 64)
+    random_checkpoint(tmp_path, "llama", vocab_size=300, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=4,
+                      intermediate_size=96, tie=True)
+    tied = load_model(tmp_path)
+    assert tied.output is None and tied.lm_head_weight is tied.tok_embeddings.weight
+
+
+def test_no_autograd_state(model):
+    ids, cu = _batch()
+    out = model.forward(ids, cu)
+    assert not out.hidden.requires_grad and out.hidden.is_inference()
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_default_cu_seqlens_is_one_sequence(model):
+    ids, _ = _batch()
+    one = torch.tensor([0, len(ids)], dtype=torch.int32)
+    assert_close(model.forward(ids).hidden, model.forward(ids, one).hidden, 0.0, "cu_seqlens=None")
+
+
+BAD_PACKING = {
+    "int64-cu": (torch.tensor([0, 14], dtype=torch.int64), "int32"),
+    "short-total": (torch.tensor([0, 13], dtype=torch.int32), "end at T=14"),
+    "decreasing": (torch.tensor([0, 9, 5, 14], dtype=torch.int32), "non-decreasing"),
+    "not-from-zero": (torch.tensor([1, 14], dtype=torch.int32), "start at 0"),
+}
+
+
+@pytest.mark.parametrize("cu,needle", list(BAD_PACKING.values()), ids=list(BAD_PACKING))
+def test_bad_packing_is_a_value_error(model, cu, needle):
+    ids, _ = _batch()
+    with pytest.raises(ValueError, match=needle):
+        model.forward(ids, cu)
+
+
+def test_bad_ids(model):
+    with pytest.raises(ValueError, match="int64"):
+        model.forward(torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="empty"):
+        model.forward(torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[T\] or \[B, T\]"):
+        model.logits(torch.zeros(1, 2, 3, dtype=torch.int64))
