@@ -1,0 +1,300 @@
+"""`write_report(out_dir, summary)` writes out_dir/report.html: one self-contained file (inline CSS, PNG plots as
+base64 data URIs, no script, no external resource) from a drift-run summary dict; every data string is escaped.
+
+Without matplotlib the report still has every table, and says how to get the plots. Missing optional parts
+(no PCA, CKA None, NaN written as None) show as "—" or are left out with a note; they never fail the report.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from driftscope.report import plots
+from driftscope.report.tables import visible_text
+
+__all__ = ["write_report", "render_report"]
+
+MAX_PROBLEMS_SHOWN = 200
+TOP_TOKENS_IN_PLOT = 20
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.4}
+h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.5em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .55em;vertical-align:top}
+th{background:#f3f3f3;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+code.tok{white-space:pre;background:#f6f6f6;border:1px solid #e2e2e2;border-radius:3px;padding:0 .2em}
+img{max-width:100%;height:auto;display:block;margin:.5em 0}
+details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:.8em 0}
+.error{background:#fdecea;border-left:4px solid #d93025;padding:.5em .8em;margin:.8em 0}
+.muted{color:#666;font-size:.9em}
+pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+"""
+
+
+# ---- escaping and formatting -----------------------------------------------------------------------------------
+def esc(value: Any) -> str:
+    """Any data value as HTML text: str(value) (None: ∅), invisible characters made visible, then HTML-escaped."""
+    return html.escape(visible_text(value if isinstance(value, str) or value is None else str(value)), quote=True)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A number for a table cell: ints with thousands separators, floats to `digits` significant digits,
+    None (NaN in the summary) as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return esc(value)
+
+
+def _get(d: Mapping | None, *path: str) -> Any:
+    """d[path[0]][path[1]]..., None where any level is missing or None."""
+    for key in path:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(key)
+    return d
+
+
+def _sampled_kl(task: Mapping) -> Any:
+    """The summary's sampled_kl is a float; TokenMetrics.finalize writes {"value": ...}: accept both."""
+    v = task.get("sampled_kl")
+    return _get(v, "value") if isinstance(v, Mapping) else v
+
+
+# ---- small HTML builders ---------------------------------------------------------------------------------------
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
+    """A table of already-escaped cells; columns from `numeric_from` on are right-aligned."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if j >= numeric_from else f"<td>{c}</td>"
+                         for j, c in enumerate(row)) + "</tr>\n"
+        for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+
+
+def _details(summary: str, body: str, open_: bool = False) -> str:
+    return f"<details{' open' if open_ else ''}><summary>{summary}</summary>\n{body}</details>\n"
+
+
+def _kv_table(mapping: Mapping | None) -> str:
+    """Key/value table of a flat-ish dict; nested values as compact JSON. Everything escaped."""
+    if not mapping:
+        return '<p class="muted">none recorded</p>\n'
+    rows = [[esc(k), esc(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str))]
+            for k, v in mapping.items()]
+    return _table(["key", "value"], rows, numeric_from=2)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">\n'
+
+
+class _Figures:
+    """Draws figures for the report: PNG <img> tags, or nothing when matplotlib is missing (the report says so
+    once), or a visible error box when one figure fails (the rest of the report is still written)."""
+
+    def __init__(self) -> None:
+        self.missing = plots.unavailable()
+
+    def __call__(self, alt: str, draw: Callable[..., bytes], *args: Any, **kwargs: Any) -> str:
+        if self.missing:
+            return ""
+        try:
+            return _img(draw(*args, **kwargs), alt)
+        except Exception as e:  # noqa: BLE001 — shown in the report and warned, not hidden
+            warnings.warn(f"report figure {alt!r} failed: {type(e).__name__}: {e}", stacklevel=2)
+            return f'<p class="error">figure “{esc(alt)}” could not be drawn: {esc(type(e).__name__)}: {esc(e)}</p>\n'
+
+
+# ---- header -----------------------------------------------------------------------------------------------------
+def _header(summary: Mapping, figures: _Figures) -> str:
+    cfg = summary.get("config") or {}
+    models = summary.get("models") or {}
+    tuned = {name: (m or {}).get("path") or _get(cfg, "tuned", name) for name, m in models.items()}
+    tasks = list(dict.fromkeys(t for m in models.values() for t in (m or {}).get("tasks") or {}))
+    data = cfg.get("data") or {}
+    rows = [["base", esc(cfg.get("base", "—"))]]
+    rows += [[f"tuned: {esc(n)}", esc(p if p is not None else "—")] for n, p in tuned.items()]
+    rows += [[f"task: {esc(t)}", esc(data.get(t, "—"))] for t in tasks]
+    out = ["<h1>driftscope report</h1>\n",
+           f'<p class="muted">driftscope {esc(summary.get("driftscope_version", "?"))}, '
+           f'created {esc(summary.get("created", "?"))}</p>\n',
+           "<h2>What was compared</h2>\n", _table(["", "path"], rows, numeric_from=2)]
+    n_problems = sum(len(t.get("problems") or []) for m in models.values() for t in (m.get("tasks") or {}).values())
+    if n_problems:
+        out.append(f'<p class="note">{n_problems:,} input records were skipped; '
+                   f"see “Problems” in each task section.</p>\n")
+    if figures.missing:
+        out.append(f'<p class="note">No plots in this report: {esc(figures.missing)}. '
+                   f"All tables are complete.</p>\n")
+    run = ("<h3>config</h3>\n" + _kv_table(cfg) + "<h3>versions</h3>\n" + _kv_table(summary.get("versions"))
+           + "<h3>machine</h3>\n" + _kv_table(summary.get("machine")))
+    if summary.get("gpu_telemetry"):
+        run += "<h3>GPU telemetry</h3>\n" + _kv_table(summary["gpu_telemetry"])
+    out.append(_details("Run configuration, versions, machine", run))
+    return "".join(out)
+
+
+def _toc(sections: Sequence[tuple[str, str, str]]) -> str:
+    items = "".join(f'<li><a href="#{sid}">{esc(m)} / {esc(t)}</a></li>\n' for sid, m, t in sections)
+    return f"<h2>Sections</h2>\n<ul>\n{items}</ul>\n" if sections else ""
+
+
+# ---- overview ------------------------------------------------------------------------------------------------
+_OVERVIEW_HEADER = ["task", "tokens", "samples", "KL(t‖b) token mean", "KL(t‖b) sample mean",
+                    "KL(b‖t) token mean", "KL(b‖t) sample mean", "sampled KL (paper)",
+                    "rank shift token mean", "rank shift sample mean", "top-1 agreement"]
+
+
+def _overview_row(task_name: str, sid: str, t: Mapping) -> list[str]:
+    return [f'<a href="#{sid}">{esc(task_name)}</a>', fmt(t.get("tokens")), fmt(t.get("samples")),
+            fmt(_get(t, "kl_tb", "token_mean")), fmt(_get(t, "kl_tb", "sample_mean")),
+            fmt(_get(t, "kl_bt", "token_mean")), fmt(_get(t, "kl_bt", "sample_mean")), fmt(_sampled_kl(t)),
+            fmt(_get(t, "rank_shift", "token_mean")), fmt(_get(t, "rank_shift", "sample_mean")),
+            fmt(t.get("top1_agreement"))]
+
+
+def _overview(models: Mapping, section_ids: Mapping[tuple[str, str], str]) -> str:
+    out = ["<h2>Overview across tasks</h2>\n"]
+    for model_name, m in models.items():
+        tasks = m.get("tasks") or {}
+        rows = [_overview_row(t, section_ids[(model_name, t)], task) for t, task in tasks.items()]
+        out.append(f"<h3>{esc(model_name)}</h3>\n")
+        out.append(_table(_OVERVIEW_HEADER, rows) if rows else '<p class="muted">no tasks</p>\n')
+        out.append(f"<p>Token rank shift, mean of task means (the paper's headline): "
+                   f"<b>{fmt(m.get('rank_shift_mean_of_task_means'))}</b></p>\n")
+    return "".join(out)
+
+
+# ---- one (model, task) section -------------------------------------------------------------------------------
+def _metrics_table(t: Mapping) -> str:
+    rows = [[label, fmt(_get(t, key, "token_mean")), fmt(_get(t, key, "sample_mean"))]
+            for label, key in (("KL(tuned ‖ base)", "kl_tb"), ("KL(base ‖ tuned)", "kl_bt"),
+                               ("rank shift (rank_base − rank_tuned)", "rank_shift"),
+                               ("entropy base", "entropy_base"), ("entropy tuned", "entropy_tuned"))]
+    scalars = [["sampled KL (paper estimator)", fmt(_sampled_kl(t))], ["top-1 agreement", fmt(t.get("top1_agreement"))],
+               ["tokens", fmt(t.get("tokens"))], ["samples", fmt(t.get("samples"))]]
+    pca = t.get("pca")
+    if pca:
+        scalars.append([f"PCA centroid distance ({esc(pca.get('mode', '?'))})", fmt(pca.get("centroid_distance"))])
+    return _table(["metric", "token mean", "sample mean"], rows) + _table(["metric", "value"], scalars)
+
+
+_LAYER_COLS = ("layer", "cosine", "rel_l2", "cka", "pca_shift", "pca_principle_base", "pca_principle_tuned")
+
+
+def _layers_table(layers: Sequence[Mapping]) -> str:
+    rows = [[fmt(row.get(c)) for c in _LAYER_COLS] for row in layers]
+    return _details(f"Per-layer table ({len(layers)} layers)", _table(list(_LAYER_COLS), rows, numeric_from=0))
+
+
+def _token_cell(text: str | None) -> str:
+    """Token text in a bordered pre-formatted box, so leading/trailing spaces show; empty text said in words."""
+    return '<span class="muted">(empty)</span>' if text == "" else f'<code class="tok">{esc(text)}</code>'
+
+
+def _tokens_table(st: Mapping) -> str:
+    top = st.get("top") or []
+    head = (f"<p>{fmt(st.get('shifted'))} of {fmt(st.get('tokens'))} scored tokens changed rank, "
+            f"{fmt(st.get('distinct_shifted'))} distinct token ids. "
+            f'<span class="muted">Token text: ↵ newline, ⇥ tab, \\xNN / \\uXXXX other invisible characters, '
+            f"∅ no text.</span></p>\n")
+    rows = [[esc(r.get("id")), _token_cell(r.get("text")), fmt(r.get("count")),
+             fmt(r.get("count_shifted")), fmt(r.get("frac_shifted")), fmt(r.get("mean_shift")),
+             fmt(r.get("mean_abs_shift"))] for r in top]
+    header = ["id", "text", "count", "count shifted", "frac shifted", "mean shift", "mean |shift|"]
+    table = _table(header, rows, numeric_from=2) if rows else '<p class="muted">no shifted tokens</p>\n'
+    return head + _details(f"Top shifted tokens ({len(top)} rows)", table)
+
+
+def _problems(problems: Sequence[str]) -> str:
+    if not problems:
+        return ""
+    shown = "".join(f"<li><code>{esc(p)}</code></li>\n" for p in problems[:MAX_PROBLEMS_SHOWN])
+    more = (f"<li>… and {len(problems) - MAX_PROBLEMS_SHOWN:,} more</li>\n"
+            if len(problems) > MAX_PROBLEMS_SHOWN else "")
+    return _details(f"Problems: {len(problems):,} records skipped", f"<ul>\n{shown}{more}</ul>\n")
+
+
+def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Figures) -> str:
+    label = f"{model_name} / {task_name}"
+    hists = t.get("histograms") or {}
+    layers = t.get("layers") or []
+    pca = t.get("pca")
+    st = t.get("shifted_tokens") or {}
+    out = [f'<h2 id="{sid}">{esc(model_name)} / {esc(task_name)}</h2>\n', _metrics_table(t)]
+    out.append("<h3>Hidden states per layer</h3>\n")
+    if pca and pca.get("records"):
+        out.append(figures(f"PCA shift, {label}", plots.pca_shift_png, pca["records"],
+                           pca.get("centroid_distance"), title=label))
+    else:
+        out.append('<p class="muted">No PCA shift in this run.</p>\n')
+    if layers:
+        if all(row.get("cka") is None for row in layers):
+            out.append('<p class="muted">CKA was not computed for this run.</p>\n')
+        out.append(figures(f"layer drift, {label}", plots.layer_drift_png, layers, title=label))
+        out.append(_layers_table(layers))
+    out.append("<h3>Token distributions</h3>\n")
+    if hists.get("kl_tb") or hists.get("kl_bt"):
+        means = {k: _get(t, k, "token_mean") for k in ("kl_tb", "kl_bt")}
+        out.append(figures(f"KL histogram, {label}", plots.kl_histogram_png, hists, means, title=label))
+    if hists.get("rank_shift") or hists.get("rank_shift_top"):
+        out.append(figures(f"rank shift histogram, {label}", plots.rank_shift_histogram_png, hists, title=label))
+    out.append("<h3>Shifted tokens</h3>\n")
+    if st.get("top"):
+        out.append(figures(f"top shifted tokens, {label}", plots.top_tokens_png, st["top"],
+                           n=TOP_TOKENS_IN_PLOT, title=label))
+    out.append(_tokens_table(st))
+    out.append(_problems(t.get("problems") or []))
+    return "".join(out)
+
+
+# ---- the document --------------------------------------------------------------------------------------------
+def render_report(summary: Mapping) -> str:
+    """The report as one HTML string (see the module docstring)."""
+    figures = _Figures()
+    models = summary.get("models") or {}
+    ids = {(m, t): f"s{i}" for i, (m, t) in enumerate((m, t) for m, mv in models.items() for t in mv.get("tasks") or {})}
+    body = [_header(summary, figures), _toc([(sid, m, t) for (m, t), sid in ids.items()]), _overview(models, ids)]
+    for (m, t), sid in ids.items():
+        body.append(_section(sid, m, t, models[m]["tasks"][t], figures))
+    if not models:
+        body.append('<p class="note">The summary has no models: nothing was compared.</p>\n')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>driftscope report</title>\n<style>{_CSS}</style>\n</head><body>\n"
+            + "".join(body) + "</body></html>\n")
+
+
+def write_report(out_dir: Path, summary: dict) -> Path:
+    """Write `out_dir/report.html` (creating out_dir) atomically and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    text = render_report(summary)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.", suffix=".html.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

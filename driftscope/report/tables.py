@@ -1,0 +1,161 @@
+"""Per-token-id table of a drift run on disk: `write_token_table` writes parquet when pyarrow imports, else JSONL;
+`read_token_table` reads either back to the same rows. `visible_text` is how token text is shown to a reader.
+
+NaN floats are written as null (None), like everywhere in a summary. Column order: TOKEN_COLUMNS, then extra keys.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import unicodedata
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TOKEN_COLUMNS", "write_token_table", "read_token_table", "visible_text", "escape_code_point"]
+
+# column -> pyarrow type name; "text" is null when the run had no decoder, mean_shift is null for NaN
+TOKEN_COLUMNS: dict[str, str] = {
+    "model": "string", "task": "string", "id": "int64", "text": "string", "count": "int64",
+    "count_shifted": "int64", "frac_shifted": "float64", "mean_shift": "float64", "mean_abs_shift": "float64",
+}
+
+_SHOWN_AS = {"\n": "↵", "\t": "⇥"}
+_HIDDEN_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, format, surrogates, private, unassigned
+
+
+def visible_text(text: str | None) -> str:
+    """Token text with nothing invisible: newline → ↵, tab → ⇥, other control/format/unassigned code points
+    → \\xNN / \\uXXXX; None → "∅". Not HTML-escaped (escape after)."""
+    if text is None:
+        return "∅"
+    out = []
+    for ch in text:
+        if ch in _SHOWN_AS:
+            out.append(_SHOWN_AS[ch])
+        elif unicodedata.category(ch) in _HIDDEN_CATEGORIES:
+            out.append(escape_code_point(ord(ch)))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def escape_code_point(cp: int) -> str:
+    """Python-style escape of one code point: \\xNN, \\uXXXX or \\UXXXXXXXX."""
+    return f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}" if cp < 0x10000 else f"\\U{cp:08x}"
+
+
+# ---- writing --------------------------------------------------------------------------------------------------
+def write_token_table(path_without_suffix: Path, rows: list[dict]) -> Path:
+    """Write `rows` (dicts with TOKEN_COLUMNS keys; extra keys become extra columns) to
+    `<path_without_suffix>.parquet` if pyarrow is importable, else `.jsonl`; return the path written.
+
+    The suffix is appended to the name (a dotted name such as `qwen2.5_coqa` keeps its dots). Parent folders
+    are created; the file appears atomically (temp file + rename). Text that is not valid UTF-8 (lone
+    surrogates) cannot go into parquet: the table is then written as JSONL, with a warning that says why.
+    """
+    path_without_suffix = Path(path_without_suffix)
+    columns = _columns(rows)
+    clean = [{c: _json_value(row.get(c)) for c in columns} for row in rows]
+    pa = _pyarrow()
+    bad = _first_non_utf8(clean)
+    if pa is not None and bad is not None:
+        warnings.warn(f"token table {path_without_suffix}: row {bad[0]} column {bad[1]!r} is not valid UTF-8 "
+                      f"(lone surrogate), which parquet cannot store; writing JSONL instead", stacklevel=2)
+    if pa is not None and bad is None:
+        return _write_parquet(path_without_suffix.with_name(path_without_suffix.name + ".parquet"), clean, columns, pa)
+    return _write_jsonl(path_without_suffix.with_name(path_without_suffix.name + ".jsonl"), clean)
+
+
+def _columns(rows: Sequence[dict]) -> list[str]:
+    """TOKEN_COLUMNS in order, then extra keys in first-seen order; a row missing a required key is an error."""
+    required = [c for c in TOKEN_COLUMNS if c != "text"]
+    for i, row in enumerate(rows):
+        missing = [c for c in required if c not in row]
+        if missing:
+            raise ValueError(f"token table row {i} (id={row.get('id')!r}) lacks {missing}; "
+                             f"expected keys {list(TOKEN_COLUMNS)}")
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in TOKEN_COLUMNS))
+    return list(TOKEN_COLUMNS) + extra
+
+
+def _json_value(v: Any) -> Any:
+    """NaN → None (the summary convention); everything else unchanged."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _first_non_utf8(rows: Sequence[dict]) -> tuple[int, str] | None:
+    for i, row in enumerate(rows):
+        for k, v in row.items():
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return i, k
+    return None
+
+
+def _pyarrow():
+    """The pyarrow module, or None when it is not installed (JSONL is written then)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (submodule must import too)
+    except ImportError:
+        return None
+    return pyarrow
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Call `write(tmp_path)` on a temp file beside `path`, then rename it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    # ensure_ascii=True: every string (even a lone surrogate) round-trips, and the file is plain ASCII
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="ascii") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=True, allow_nan=False) + "\n")
+    return _atomic_write(path, write)
+
+
+def _write_parquet(path: Path, rows: list[dict], columns: list[str], pa) -> Path:
+    arrays = {}
+    for c in columns:
+        values = [row[c] for row in rows]
+        arrays[c] = pa.array(values, type=getattr(pa, TOKEN_COLUMNS[c])()) if c in TOKEN_COLUMNS else pa.array(values)
+    table = pa.table(arrays)
+
+    def write(tmp: Path) -> None:
+        import pyarrow.parquet as pq
+        pq.write_table(table, tmp)
+    return _atomic_write(path, write)
+
+
+# ---- reading --------------------------------------------------------------------------------------------------
+def read_token_table(path: Path) -> list[dict]:
+    """Rows of a table written by `write_token_table` (by suffix: .parquet or .jsonl), as a list of dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"token table {path} does not exist")
+    if path.suffix == ".jsonl":
+        with path.open(encoding="ascii") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".parquet":
+        if _pyarrow() is None:
+            raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)")
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"token table {path}: expected a .parquet or .jsonl suffix, got {path.suffix!r}")
