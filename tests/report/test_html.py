@@ -1,0 +1,142 @@
+"""report.html: one self-contained file, every data string escaped, one embedded PNG per drawable figure, every
+table present without matplotlib, missing parts (no PCA, CKA None, NaN as None) shown instead of failing."""
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from report_helpers import HOSTILE, MODELS, TASKS, block_import, expected_images, synthetic_summary
+
+from driftscope.report import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMG_RE = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, str]:
+    """The synthetic summary's report, drawn once for the module (matplotlib needed)."""
+    pytest.importorskip("matplotlib", reason="matplotlib not installed: the report has no plots to check")
+    out = tmp_path_factory.mktemp("report")
+    path = write_report(out, synthetic_summary())
+    return path, path.read_text(encoding="utf-8")
+
+
+@pytest.fixture()
+def no_matplotlib_html(tmp_path, monkeypatch) -> str:
+    block_import(monkeypatch, "matplotlib")
+    return write_report(tmp_path, synthetic_summary()).read_text(encoding="utf-8")
+
+
+# ---- structure ------------------------------------------------------------------------------------------------
+def test_one_self_contained_file(rendered):
+    path, text = rendered
+    assert path.name == "report.html"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html"], "temp files left behind"
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', text)
+    external = [r for r in refs if not (r.startswith("#") or r.startswith("data:image/png;base64,"))]
+    assert external == [], f"non-embedded references: {external[:5]}"
+    for needle in ("<script", "<link", "@import", "url(", "<iframe", "<object"):
+        assert needle not in text.lower(), f"{needle!r} in the report"
+
+
+def test_image_count_and_every_png_decodes(rendered):
+    _, text = rendered
+    images = IMG_RE.findall(text)
+    summary = synthetic_summary()
+    assert len(images) == expected_images(summary) == 19  # 4 sections x 5 figures, one without PCA
+    for i, b64 in enumerate(images):
+        png = base64.b64decode(b64, validate=True)
+        assert png.startswith(PNG_SIGNATURE), f"image {i} is not a PNG: {png[:8]!r}"
+        assert png.endswith(b"IEND\xaeB`\x82"), f"image {i} is truncated (no IEND chunk at the end)"
+    assert 'class="error"' not in text, "a figure failed to draw"
+
+
+def test_every_model_and_task_named_and_sectioned(rendered):
+    _, text = rendered
+    for name in MODELS + TASKS:
+        assert html.escape(name) in text, f"{name!r} missing"
+    for i in range(len(MODELS) * len(TASKS)):
+        assert f'<h2 id="s{i}">' in text and f'href="#s{i}"' in text
+
+
+# ---- escaping -------------------------------------------------------------------------------------------------
+def _without_images(text: str) -> str:
+    return IMG_RE.sub('src="data:image/png;base64,"', text)
+
+
+def test_hostile_text_only_escaped(rendered):
+    text = _without_images(rendered[1])
+    assert HOSTILE not in text and "<b>500</b>" not in text and "<think>" not in text
+    assert html.escape(HOSTILE, quote=True) in text
+    assert " &amp;amp; co" in text  # the token "&amp; co" shown literally
+    assert "$x$" in text
+    assert "↵↵" in text and "a\\x00b\\x1bc" in text and "⇥\\x0d" in text
+    bad = sorted({hex(ord(c)) for c in text if ord(c) < 0x20 and c != "\n"})
+    assert bad == [], f"raw control characters in the HTML: {bad}"
+
+
+def test_paths_and_problems_escaped(rendered):
+    text = _without_images(rendered[1])
+    assert "/ckpt/base&lt;1&gt;" in text and "/ckpt/rl&amp;v=1" in text
+    assert "Problems: 2 records skipped" in text
+    assert "/data/coqa.jsonl:3: &lt;missing &#x27;output&#x27;&gt;; record skipped" in text
+
+
+# ---- missing parts --------------------------------------------------------------------------------------------
+def test_missing_parts_are_said_not_failed(rendered):
+    text = _without_images(rendered[1])
+    assert text.count("No PCA shift in this run.") == 1
+    assert text.count("CKA was not computed for this run.") == 1
+    assert "—" in text  # NaN -> None -> em dash
+    assert "nan" not in re.sub(r"<[^>]+>", "", text).lower().split()
+
+
+def test_figure_failure_is_shown_and_warned(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib not installed")
+    summary = {"models": {"m": {"tasks": {"t": {"histograms": {"kl_tb": {"edges": [1e-3, 1e-2], "counts": [1]}}}}}}}
+    with pytest.warns(UserWarning, match="KL histogram"):
+        text = write_report(tmp_path, summary).read_text(encoding="utf-8")
+    assert 'class="error"' in text and "len(counts) == len(edges) + 1" in text
+
+
+def test_empty_summary_still_writes(tmp_path, monkeypatch):
+    block_import(monkeypatch, "matplotlib")
+    text = write_report(tmp_path / "new" / "dir", {}).read_text(encoding="utf-8")
+    assert "nothing was compared" in text
+
+
+def test_no_matplotlib_has_tables_and_note(no_matplotlib_html):
+    text = no_matplotlib_html
+    assert "data:image" not in text
+    assert "pip install matplotlib" in text
+    assert text.count("Top shifted tokens (") == len(MODELS) * len(TASKS)
+    assert html.escape(HOSTILE, quote=True) in text and HOSTILE not in text
+    assert text.count("<h2 id=") == len(MODELS) * len(TASKS)
+
+
+def test_no_matplotlib_same_tables_as_with(rendered, no_matplotlib_html):
+    def tables(t: str) -> list[str]:
+        return re.findall(r"<table>.*?</table>", t, flags=re.S)
+    assert tables(no_matplotlib_html) == tables(rendered[1])
+
+
+def test_importing_report_does_not_import_matplotlib_or_pyarrow():
+    code = ("import sys, driftscope.report; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'pyarrow')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_summary_is_not_modified(tmp_path, monkeypatch):
+    block_import(monkeypatch, "matplotlib")
+    summary = synthetic_summary()
+    before = copy.deepcopy(summary)
+    write_report(tmp_path, summary)
+    assert summary == before
