@@ -50,8 +50,8 @@ def esc(value: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell: ints with thousands separators, floats to `digits` significant digits,
-    None (NaN in the summary) as an em dash."""
+    """A number for a table cell: ints and floats >= 10**digits with thousands separators, other floats to
+    `digits` significant digits, None (NaN in the summary) as an em dash."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -59,7 +59,7 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:.{digits}g}"
+        return f"{value:,.0f}" if 10 ** digits <= abs(value) < 1e15 else f"{value:.{digits}g}"
     return esc(value)
 
 
@@ -144,12 +144,31 @@ def _header(summary: Mapping, figures: _Figures) -> str:
     if figures.missing:
         out.append(f'<p class="note">No plots in this report: {esc(figures.missing)}. '
                    f"All tables are complete.</p>\n")
-    run = ("<h3>config</h3>\n" + _kv_table(cfg) + "<h3>versions</h3>\n" + _kv_table(summary.get("versions"))
-           + "<h3>machine</h3>\n" + _kv_table(summary.get("machine")))
-    if summary.get("gpu_telemetry"):
-        run += "<h3>GPU telemetry</h3>\n" + _kv_table(summary["gpu_telemetry"])
-    out.append(_details("Run configuration, versions, machine", run))
+    out.append(_timing(summary.get("timing")))
+    out.append(_details("Run configuration, versions, machine", _run_details(summary)))
     return "".join(out)
+
+
+_SHOWN_ELSEWHERE = ("driftscope_version", "created", "models", "timing")
+
+
+def _run_details(summary: Mapping) -> str:
+    """config, versions, machine, then every other top-level entry (gpu_telemetry, backends, ...) as a table."""
+    keys = ["config", "versions", "machine"]
+    keys += [k for k in summary if k not in keys and k not in _SHOWN_ELSEWHERE and summary[k] is not None]
+    out = []
+    for k in keys:
+        v = summary.get(k)
+        out.append(f"<h3>{esc(k)}</h3>\n" + (_kv_table(v) if isinstance(v, Mapping) or v is None
+                                             else f"<p>{esc(json.dumps(v, ensure_ascii=False, default=str))}</p>\n"))
+    return "".join(out)
+
+
+def _timing(timing: Mapping | None) -> str:
+    if not isinstance(timing, Mapping):
+        return ""
+    return (f'<p class="muted">Ran {fmt(timing.get("tokens"))} tokens in {fmt(timing.get("seconds"), 3)} s '
+            f'({fmt(timing.get("tokens_per_s"), 3)} tokens/s).</p>\n')
 
 
 def _toc(sections: Sequence[tuple[str, str, str]]) -> str:
@@ -184,13 +203,20 @@ def _overview(models: Mapping, section_ids: Mapping[tuple[str, str], str]) -> st
 
 
 # ---- one (model, task) section -------------------------------------------------------------------------------
+_MEAN_METRICS = (("KL(tuned ‖ base)", "kl_tb"), ("KL(base ‖ tuned)", "kl_bt"),
+                 ("rank shift (rank_base − rank_tuned)", "rank_shift"),
+                 ("base rank of the tuned top-1 token", "rank_shift_top"),
+                 ("entropy base", "entropy_base"), ("entropy tuned", "entropy_tuned"),
+                 ("log p base of the actual token", "logp_base"), ("log p tuned of the actual token", "logp_tuned"))
+
+
 def _metrics_table(t: Mapping) -> str:
     rows = [[label, fmt(_get(t, key, "token_mean")), fmt(_get(t, key, "sample_mean"))]
-            for label, key in (("KL(tuned ‖ base)", "kl_tb"), ("KL(base ‖ tuned)", "kl_bt"),
-                               ("rank shift (rank_base − rank_tuned)", "rank_shift"),
-                               ("entropy base", "entropy_base"), ("entropy tuned", "entropy_tuned"))]
+            for label, key in _MEAN_METRICS if key in t]
     scalars = [["sampled KL (paper estimator)", fmt(_sampled_kl(t))], ["top-1 agreement", fmt(t.get("top1_agreement"))],
                ["tokens", fmt(t.get("tokens"))], ["samples", fmt(t.get("samples"))]]
+    if t.get("cka_mode"):
+        scalars.append(["CKA mode", esc(t["cka_mode"])])
     pca = t.get("pca")
     if pca:
         scalars.append([f"PCA centroid distance ({esc(pca.get('mode', '?'))})", fmt(pca.get("centroid_distance"))])
@@ -201,8 +227,9 @@ _LAYER_COLS = ("layer", "cosine", "rel_l2", "cka", "pca_shift", "pca_principle_b
 
 
 def _layers_table(layers: Sequence[Mapping]) -> str:
-    rows = [[fmt(row.get(c)) for c in _LAYER_COLS] for row in layers]
-    return _details(f"Per-layer table ({len(layers)} layers)", _table(list(_LAYER_COLS), rows, numeric_from=0))
+    cols = list(_LAYER_COLS) + list(dict.fromkeys(k for row in layers for k in row if k not in _LAYER_COLS))
+    rows = [[fmt(row.get(c)) for c in cols] for row in layers]
+    return _details(f"Per-layer table ({len(layers)} layers)", _table([esc(c) for c in cols], rows, numeric_from=0))
 
 
 def _token_cell(text: str | None) -> str:

@@ -190,58 +190,78 @@ def _log_bins(edges: Sequence[float]) -> list[tuple[float, float]]:
 
 def kl_histogram_png(histograms: Mapping[str, Mapping], means: Mapping[str, float | None] | None = None,
                      title: str = "") -> bytes:
-    """Per-token KL distributions (kl_tb and/or kl_bt, whichever is present) from precomputed bins on a log x
-    axis, as fractions of tokens; the open-ended first (< edges[0], includes exact zeros) and last (>= edges[-1])
-    bins are hatched bars with their range and share written above. `means` (token means): dashed lines."""
+    """Per-token KL distributions (kl_tb and/or kl_bt, whichever is present; same edges) from precomputed bins on
+    a log x axis, as fractions of tokens. The open-ended first (< edges[0], includes exact zeros) and last
+    (>= edges[-1]) bins are hatched bars in grey bands, labelled; an edge bin that is empty for every series is
+    left out and the axis cropped to the occupied bins (said in the x label). `means`: dashed lines."""
     names = [k for k in KL_NAMES if histograms.get(k)]
     if not names:
         raise ValueError("KL histogram: neither kl_tb nor kl_bt is present")
+    hists = {k: _check_hist(k, histograms[k]) for k in names}
+    edges = hists[names[0]][0]
+    if any(e != edges for e, _ in hists.values()):
+        raise ValueError(f"KL histogram: {names} have different edges; they are drawn on one axis")
+    bins = _log_bins(edges)
+    fracs = {k: [c / max(sum(counts), 1) for c in counts] for k, (_, counts) in hists.items()}
+    show_first, show_last = (any(f[i] > 0 for f in fracs.values()) for i in (0, -1))
     fig, (ax,) = _figure(8.0, 3.8)
-    top = 0.0
+    xs = [b[0] for b in bins[1:-1]] + [bins[-2][1]]
     for j, name in enumerate(names):
-        edges, counts = _check_hist(name, histograms[name])
-        bins = _log_bins(edges)
-        frac = [c / max(sum(counts), 1) for c in counts]
-        top = max(top, max(frac))
-        xs = [b[0] for b in bins[1:-1]] + [bins[-2][1]]
-        ax.stairs(frac[1:-1], xs, color=f"C{j}", lw=1.4, label=KL_NAMES[name])
-        ax.stairs(frac[1:-1], xs, color=f"C{j}", alpha=0.15, fill=True)
-        _edge_bars(ax, bins, frac, j, len(names))
+        ax.stairs(fracs[name][1:-1], xs, color=f"C{j}", lw=1.4, label=KL_NAMES[name])
+        ax.stairs(fracs[name][1:-1], xs, color=f"C{j}", alpha=0.15, fill=True)
+        _edge_bars(ax, bins, fracs[name], j, len(names), show_first, show_last)
         mean = (means or {}).get(name)
         if mean is not None and mean > 0:
             ax.axvline(mean, color=f"C{j}", ls="--", lw=1, label=f"{KL_NAMES[name]} token mean {mean:.3g}")
+    lo, hi = _kl_xlim(bins, list(fracs.values()), show_first, show_last)
     ax.set_xscale("log")
-    ax.set_xlim(bins[0][0], bins[-1][1])
-    ax.set_ylim(0, top * 1.4 or 1.0)
-    _edge_bands(ax, bins, f"< {edges[0]:.0e}\n(incl. 0)", f"≥ {edges[-1]:.0e}")
-    ax.set_xlabel("per-token KL (nats)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, max(max(f) for f in fracs.values()) * 1.4 or 1.0)
+    _edge_bands(ax, bins, f"< {edges[0]:.0e}\n(incl. 0)" if show_first else None,
+                f"≥ {edges[-1]:.0e}" if show_last else None)
+    empty = [t for t, shown in ((f"< {edges[0]:.0e}", show_first), (f"≥ {edges[-1]:.0e}", show_last)) if not shown]
+    ax.set_xlabel("per-token KL (nats)" + (f"; no tokens {' or '.join(empty)}" if empty else ""))
     ax.set_ylabel("fraction of tokens")
-    ax.legend(fontsize=8, loc="upper center")
+    ax.legend(fontsize=8, loc="upper center")  # the corners hold the edge-band labels
     ax.grid(alpha=0.3, which="major")
     _title(fig, title)
     return _png(fig)
 
 
-def _edge_bands(ax, bins, first: str, last: str) -> None:
-    """Grey bands behind the open-ended bins, their ranges written at the top; decade ticks only between them."""
+def _kl_xlim(bins, fracs, show_first: bool, show_last: bool) -> tuple[float, float]:
+    """Full range when an edge bin is drawn on that side; else one decade beyond the outermost occupied inner bin,
+    within the edges."""
+    inner = [i for i in range(1, len(bins) - 1) if any(f[i] > 0 for f in fracs)] or [1, len(bins) - 2]
+    lo = bins[0][0] if show_first else max(bins[1][0], bins[inner[0]][0] / 10)
+    hi = bins[-1][1] if show_last else min(bins[-2][1], bins[inner[-1]][1] * 10)
+    return lo, hi
+
+
+def _edge_bands(ax, bins, first: str | None, last: str | None) -> None:
+    """Grey bands behind the drawn open-ended bins, their ranges written at the top; decade ticks only between."""
     from matplotlib.transforms import blended_transform_factory
     tr = blended_transform_factory(ax.transData, ax.transAxes)
     for (left, right), text in ((bins[0], first), (bins[-1], last)):
-        ax.axvspan(left, right, color="#eeeeee", zorder=0)
-        ax.text(math.sqrt(left * right), 0.97, text, transform=tr, ha="center", va="top", fontsize=7)
-    lo, hi = math.ceil(math.log10(bins[0][1])), math.floor(math.log10(bins[-1][0]))
+        if text is not None:
+            ax.axvspan(left, right, color="#eeeeee", zorder=0)
+            ax.text(math.sqrt(left * right), 0.97, text, transform=tr, ha="center", va="top", fontsize=7)
+    x0, x1 = ax.get_xlim()
+    lo, hi = math.ceil(math.log10(max(x0, bins[0][1]))), math.floor(math.log10(min(x1, bins[-1][0])))
     ax.set_xticks([10.0 ** k for k in range(lo, hi + 1)])
     ax.set_xticks([], minor=True)
 
 
-def _edge_bars(ax, bins, frac, j: int, n_series: int) -> None:
-    """Series j's two open-ended bins as hatched bars, side by side with the other series' in the same band
-    (split evenly in log space), each with its share written above."""
-    for (left, right), f in ((bins[0], frac[0]), (bins[-1], frac[-1])):
+def _edge_bars(ax, bins, frac, j: int, n_series: int, show_first: bool, show_last: bool) -> None:
+    """Series j's open-ended bins as hatched bars, side by side with the other series' in the same band
+    (split evenly in log space), each with its share written above when not zero."""
+    for (left, right), f, shown in ((bins[0], frac[0], show_first), (bins[-1], frac[-1], show_last)):
+        if not shown:
+            continue
         ratio = (right / left) ** (1 / n_series)
         lo, hi = left * ratio ** j, left * ratio ** (j + 1)
         ax.bar(lo, f, width=hi - lo, align="edge", color=f"C{j}", alpha=0.6, hatch="//", edgecolor="black", lw=0.5)
-        ax.text(math.sqrt(lo * hi), f, f"{100 * f:.1f}%", ha="center", va="bottom", fontsize=6, rotation=90)
+        if f > 0:
+            ax.text(math.sqrt(lo * hi), f, f"{100 * f:.2g}%", ha="center", va="bottom", fontsize=6, rotation=90)
 
 
 # ---- (d) rank-shift histograms ---------------------------------------------------------------------------------

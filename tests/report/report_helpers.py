@@ -101,6 +101,8 @@ def synthetic_summary(seed: int = 0) -> dict:
         "versions": {"python": "3.11.2", "torch": "2.5.0"},
         "machine": {"cpu": "Test CPU", "gpu": None},
         "gpu_telemetry": None,
+        "backends": {"cpp": {"available": True, "reason": "driftscope._C <OpenMP>"}},
+        "timing": {"seconds": 2.5, "tokens": 16000, "tokens_per_s": 6400.0},
         "models": models,
     }
 

@@ -82,8 +82,10 @@ def test_hostile_text_only_escaped(rendered):
     assert bad == [], f"raw control characters in the HTML: {bad}"
 
 
-def test_paths_and_problems_escaped(rendered):
+def test_header_paths_timing_extras_and_problems(rendered):
     text = _without_images(rendered[1])
+    assert "Ran 16,000 tokens in 2.5 s (6,400 tokens/s)" in text
+    assert "<h3>backends</h3>" in text and "driftscope._C &lt;OpenMP&gt;" in text
     assert "/ckpt/base&lt;1&gt;" in text and "/ckpt/rl&amp;v=1" in text
     assert "Problems: 2 records skipped" in text
     assert "/data/coqa.jsonl:3: &lt;missing &#x27;output&#x27;&gt;; record skipped" in text

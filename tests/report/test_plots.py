@@ -64,8 +64,10 @@ def test_every_plot_draws(task):
 def test_partial_inputs_draw(task):
     layers = [dict(r, cka=None, cosine=None if r["layer"] == 2 else r["cosine"]) for r in task["layers"]]
     only_tb = {"kl_tb": task["histograms"]["kl_tb"]}
+    kl = task["histograms"]["kl_bt"]
+    no_edge_bins = {"kl_bt": dict(kl, counts=[0] + kl["counts"][1:-1] + [0])}  # axis cropped to occupied bins
     only_updated = [r for r in task["pca"]["records"] if r["state"] == "Updated"]
-    pngs = [plots.layer_drift_png(layers), plots.kl_histogram_png(only_tb),
+    pngs = [plots.layer_drift_png(layers), plots.kl_histogram_png(only_tb), plots.kl_histogram_png(no_edge_bins),
             plots.rank_shift_histogram_png({"rank_shift_top": task["histograms"]["rank_shift_top"]}),
             plots.pca_shift_png(only_updated), plots.top_tokens_png(task["shifted_tokens"]["top"][:1])]
     assert all(p.startswith(PNG_SIGNATURE) for p in pngs)
