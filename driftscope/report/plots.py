@@ -101,6 +101,7 @@ def pca_shift_png(records: Sequence[Mapping], centroid_distance: float | None = 
     a line from each layer's Original to its Updated point, and both centroids with the distance between them."""
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
     pts = _pca_points(records)
     layers = sorted(set(pts["Original"]) | set(pts["Updated"]))
     if not layers:
@@ -121,11 +122,11 @@ def pca_shift_png(records: Sequence[Mapping], centroid_distance: float | None = 
     cents = {s: _centroid(list(p.values())) for s, p in pts.items() if p}
     for state, style in (("Original", dict(marker="X", color="black")), ("Updated", dict(marker="*", color="red"))):
         if state in cents:
-            ax.scatter(*cents[state], s=220, edgecolors="white", linewidths=1.0, zorder=4, **style)
+            ax.scatter(*cents[state], s=200, alpha=0.85, zorder=1.5, **style)  # under the layer points
     if len(cents) == 2:
         ax.annotate("", xy=cents["Updated"], xytext=cents["Original"], zorder=3,
                     arrowprops=dict(arrowstyle="->", color="red", lw=1.5))
-    fig.colorbar(sc, ax=ax, label="layer")
+    fig.colorbar(sc, ax=ax, label="layer").ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Line2D([], [], ls="", marker="o", color="#777777", label="Original (base)"),
                Line2D([], [], ls="", marker="^", color="#777777", label="Updated (tuned)"),
                Line2D([], [], ls="", marker="X", color="black", ms=10, label="Original centroid"),
