@@ -298,14 +298,14 @@ def rank_shift_histogram_png(histograms: Mapping[str, Mapping], title: str = "")
     for ax, name in zip(axes, names):
         edges, counts = _check_hist(name, histograms[name])
         pos = list(range(len(counts)))
-        colors = ["C0"] * len(counts)
-        bars = ax.bar(pos, [c if c > 0 else 0 for c in counts], color=colors, width=0.8)
+        bars = ax.bar(pos, counts, color="C0", width=0.8)
         for i in (0, len(counts) - 1):
             bars[i].set(**_EDGE_BIN)
         ax.set_xticks(pos, bin_labels(edges), rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
-        if any(c > 0 for c in counts):
+        log = any(c > 0 for c in counts)  # a log axis needs a positive value
+        if log:
             ax.set_yscale("log")
-        ax.set_ylabel("tokens (log)")
+        ax.set_ylabel("tokens (log scale)" if log else "tokens")
         ax.set_title(_RANK_TITLES[name], fontsize=9, wrap=True)
         ax.grid(alpha=0.3, axis="y")
     fig.get_layout_engine().set(w_pad=0.1)
