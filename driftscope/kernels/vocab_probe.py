@@ -254,6 +254,7 @@ if triton is not None:
         s_ht,
         s_wt,
         HAS_TARGETS: tl.constexpr,
+        RECOUNT_TUNED: tl.constexpr,
         UPCAST_B: tl.constexpr,
         UPCAST_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -261,7 +262,8 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         """Second pass: recompute the same (token block, vocab chunk) tiles as the first pass with the
-        same `_logits_tile` call, so the logits are bitwise the scanned ones, and count exactly."""
+        same `_logits_tile` call, so the logits are bitwise the scanned ones, and count exactly. The
+        tuned GEMM is redone only when a tuned target logit needs a recount (RECOUNT_TUNED)."""
         blk = tl.load(blocks_ptr + tl.program_id(0))
         rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
@@ -280,10 +282,11 @@ if triton is not None:
             zb = _logits_tile(hb_ptr, wb_ptr, rows, cols, rmask, cmask, Db, s_hb, s_wb, UPCAST_B, BLOCK_N, BLOCK_V, BLOCK_D)
             c_s += tl.sum(((zb > thr_s[:, None]) & cmask[None, :]).to(tl.int64), 1)
             if HAS_TARGETS:
-                zt = _logits_tile(ht_ptr, wt_ptr, rows, cols, rmask, cmask, Dt, s_ht, s_wt, UPCAST_T, BLOCK_N, BLOCK_V, BLOCK_D)
                 keep = cmask[None, :] & (cols[None, :] != y[:, None])
                 c_b += tl.sum(((zb > thr_b[:, None]) & keep).to(tl.int64), 1)
-                c_t += tl.sum(((zt > thr_t[:, None]) & keep).to(tl.int64), 1)
+                if RECOUNT_TUNED:
+                    zt = _logits_tile(ht_ptr, wt_ptr, rows, cols, rmask, cmask, Dt, s_ht, s_wt, UPCAST_T, BLOCK_N, BLOCK_V, BLOCK_D)
+                    c_t += tl.sum(((zt > thr_t[:, None]) & keep).to(tl.int64), 1)
         tl.store(cnt_ptr + rows, c_s, mask=rmask)
         tl.store(cnt_ptr + N + rows, c_b, mask=rmask)
         tl.store(cnt_ptr + 2 * N + rows, c_t, mask=rmask)
@@ -404,9 +407,18 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int = 16, block_v: int = 64, block_d: int = 32):
+def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int | None = None,
+                        block_v: int | None = None, block_d: int | None = None, _force_recount: bool = False):
     """Launch the fused kernel over cdiv(N, block_n) programs, then the recount pass where needed.
-    Inputs are already validated and cut to the vocabulary (w_*: [V, d_*])."""
+    Inputs are already validated and cut to the vocabulary (w_*: [V, d_*]). Blocks: CUDA 64×128×64
+    (two fp32 [64, 128] accumulators per program, 8 warps; untuned: no GPU was available when this
+    was written), interpreter 16×64×32 (small, so TRITON_INTERPRET=1 tests stay fast).
+    `_force_recount` (tests only) sends every row through the second pass."""
+    on_cuda = h_base.device.type == "cuda"
+    block_n = block_n or (64 if on_cuda else 16)
+    block_v = block_v or (128 if on_cuda else 64)
+    block_d = block_d or (64 if on_cuda else 32)
+    launch = {"num_warps": 8} if on_cuda else {}
     assert block_v >= block_n and all(b & (b - 1) == 0 and b >= 16 for b in (block_n, block_v, block_d))
     n, vocab = h_base.shape[0], w_base.shape[0]
     hb, wb, ht, wt = (_rows_contig(t) for t in (h_base, w_base, h_tuned, w_tuned))
@@ -427,13 +439,15 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
     common = dict(HAS_TARGETS=has_t, UPCAST_B=up_b, UPCAST_T=up_t, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d)
     strides = (hb.stride(0), wb.stride(0), ht.stride(0), wt.stride(0))
     n_blocks = triton.cdiv(n, block_n)
-    _vocab_probe_kernel[(n_blocks,)](hb, wb, ht, wt, tgt, outf, outi, n, vocab, hb.shape[1], ht.shape[1], *strides, **common)
+    _vocab_probe_kernel[(n_blocks,)](hb, wb, ht, wt, tgt, outf, outi, n, vocab, hb.shape[1], ht.shape[1], *strides,
+                                     **common, **launch)
     lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top, top_vb, zpre_b, zpre_t, zy_b, zy_t, logp_b, logp_t = outf
     top_b, top_t, gt_b, gt_t = outi
 
-    need = zb_top < top_vb  # tuned top-1 is not a base maximum: its base rank needs a count
-    if has_t:
-        need = need | (zpre_b != zy_b) | (zpre_t != zy_t)
+    need_s = (zb_top < top_vb) | _force_recount  # tuned top-1 is not a base maximum: count its base rank
+    need_b = ((zpre_b != zy_b) | _force_recount) if has_t else None
+    need_t = ((zpre_t != zy_t) | _force_recount) if has_t else None
+    need = need_s | need_b | need_t if has_t else need_s
     shift = torch.ones(n, dtype=torch.int64, device=dev)
     rank_b = gt_b + 1 if has_t else None
     rank_t = gt_t + 1 if has_t else None
@@ -441,15 +455,17 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
         blocks = torch.unique(need.nonzero()[:, 0] // block_n).to(torch.int32)
         thr = torch.stack([zb_top, zy_b, zy_t]).contiguous()
         cnt = torch.zeros((3, n), dtype=torch.int64, device=dev)
+        recount_t = has_t and bool(need_t.any())
         _vocab_probe_recount_kernel[(blocks.numel(),)](
-            hb, wb, ht, wt, tgt, blocks, thr, cnt, n, vocab, hb.shape[1], ht.shape[1], *strides, **common
+            hb, wb, ht, wt, tgt, blocks, thr, cnt, n, vocab, hb.shape[1], ht.shape[1], *strides,
+            RECOUNT_TUNED=recount_t, **common, **launch,
         )
         in_blk = torch.zeros(n, dtype=torch.bool, device=dev)
         in_blk[(blocks.long()[:, None] * block_n + torch.arange(block_n, device=dev)).flatten().clamp(max=n - 1)] = True
-        shift = torch.where((zb_top < top_vb) & in_blk, cnt[0] + 1, shift)
+        shift = torch.where(need_s & in_blk, cnt[0] + 1, shift)
         if has_t:
-            rank_b = torch.where((zpre_b != zy_b) & in_blk, cnt[1] + 1, rank_b)
-            rank_t = torch.where((zpre_t != zy_t) & in_blk, cnt[2] + 1, rank_t)
+            rank_b = torch.where(need_b & in_blk, cnt[1] + 1, rank_b)
+            rank_t = torch.where(need_t & in_blk, cnt[2] + 1, rank_t)
     return VocabProbeResult(
         kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b if has_t else None, logp_tuned=logp_t if has_t else None,
         rank_base=rank_b, rank_tuned=rank_t, top_base=top_b, top_tuned=top_t, rank_shift_top=shift,

@@ -273,3 +273,13 @@ def test_prologue_mismatch_rows_are_recounted_exactly():
     got = vp._vocab_probe_cpp(hb, wb, ht, wt, y, tile=16, chunk=256, _perturb_prologue=True)
     assert_close_verbose(got.rank_base, want.rank_base, what="rank_base")
     assert_close_verbose(got.rank_tuned, want.rank_tuned, what="rank_tuned")
+
+
+@pytest.mark.parametrize("case", [Case(37, 1000, 48, kind="ties"), Case(21, 700, 40, torch.bfloat16)], ids=lambda c: c.id)
+def test_triton_recount_pass_is_exact(case, triton_device):
+    """Every row through the second (recount) kernel: it must reproduce the exact ranks."""
+    hb, wb, ht, wt, y = make_inputs(case)
+    want = vp.vocab_probe_torch(hb, wb, ht, wt, y)
+    got = vp._vocab_probe_triton(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), _force_recount=True)
+    for name in ("rank_base", "rank_tuned", "rank_shift_top"):
+        assert_close_verbose(getattr(got, name), getattr(want, name).to(triton_device), what=name)
