@@ -63,6 +63,10 @@ def fmt(value: Any, digits: int = 4) -> str:
     return esc(value)
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _get(d: Mapping | None, *path: str) -> Any:
     """d[path[0]][path[1]]..., None where any level is missing or None."""
     for key in path:
@@ -127,8 +131,8 @@ class _Figures:
 def _header(summary: Mapping, figures: _Figures) -> str:
     cfg = summary.get("config") or {}
     models = summary.get("models") or {}
-    tuned = {name: (m or {}).get("path") or _get(cfg, "tuned", name) for name, m in models.items()}
-    tasks = list(dict.fromkeys(t for m in models.values() for t in (m or {}).get("tasks") or {}))
+    tuned = {name: m.get("path") or _get(cfg, "tuned", name) for name, m in models.items()}
+    tasks = list(dict.fromkeys(t for m in models.values() for t in m.get("tasks") or {}))
     data = cfg.get("data") or {}
     rows = [["base", esc(cfg.get("base", "—"))]]
     rows += [[f"tuned: {esc(n)}", esc(p if p is not None else "—")] for n, p in tuned.items()]
@@ -137,9 +141,11 @@ def _header(summary: Mapping, figures: _Figures) -> str:
            f'<p class="muted">driftscope {esc(summary.get("driftscope_version", "?"))}, '
            f'created {esc(summary.get("created", "?"))}</p>\n',
            "<h2>What was compared</h2>\n", _table(["", "path"], rows, numeric_from=2)]
-    n_problems = sum(len(t.get("problems") or []) for m in models.values() for t in (m.get("tasks") or {}).values())
+    # every tuned model reads the same task files: count each task's skipped records once
+    n_problems = len({(name, p) for m in models.values() for name, t in (m.get("tasks") or {}).items()
+                      for p in t.get("problems") or []})
     if n_problems:
-        out.append(f'<p class="note">{n_problems:,} input records were skipped; '
+        out.append(f'<p class="note">{_plural(n_problems, "input record")} skipped; '
                    f"see “Problems” in each task section.</p>\n")
     if figures.missing:
         out.append(f'<p class="note">No plots in this report: {esc(figures.missing)}. '
@@ -257,7 +263,7 @@ def _problems(problems: Sequence[str]) -> str:
     shown = "".join(f"<li><code>{esc(p)}</code></li>\n" for p in problems[:MAX_PROBLEMS_SHOWN])
     more = (f"<li>… and {len(problems) - MAX_PROBLEMS_SHOWN:,} more</li>\n"
             if len(problems) > MAX_PROBLEMS_SHOWN else "")
-    return _details(f"Problems: {len(problems):,} records skipped", f"<ul>\n{shown}{more}</ul>\n")
+    return _details(f"Problems: {_plural(len(problems), 'record')} skipped", f"<ul>\n{shown}{more}</ul>\n")
 
 
 def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Figures) -> str:

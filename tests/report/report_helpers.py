@@ -92,7 +92,9 @@ def synthetic_summary(seed: int = 0) -> dict:
     rl, sft = models[MODELS[0]]["tasks"], models[MODELS[1]]["tasks"]
     rl[TASKS[1]] = _task(rng, drift=2.0, with_pca=False, with_cka=False)
     sft[TASKS[0]] = _task(rng, drift=1.5, nan=True)
-    sft[TASKS[0]]["problems"] = [f"/data/coqa.jsonl:{i}: <missing 'output'>; record skipped" for i in (3, 17)]
+    problems = [f"/data/coqa.jsonl:{i}: <missing 'output'>; record skipped" for i in (3, 17)]
+    sft[TASKS[0]]["problems"] = problems
+    rl[TASKS[0]]["problems"] = problems[:1]  # the same file, seen by both models: counted once in the header
     return {
         "driftscope_version": "0.1.0", "created": "2026-11-25T12:00:00Z",
         "config": {"base": "/ckpt/base<1>", "tuned": {m: models[m]["path"] for m in MODELS},
