@@ -16,9 +16,11 @@ def _cmd_backends(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from driftscope.demo.run import format_summary, run_demo
 
-    summary = run_demo(args.out, seed=args.seed)
-    print(format_summary(summary))
-    print(f"summary written to {args.out}/summary.json")
+    report = run_demo(args.out, seed=args.seed, progress=True)
+    print(format_summary(report))
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    print(f"open {report.files['report']} in a browser to see the report")
     return 0
 
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 import torch
+from analysis_helpers import TEXTS
 
 from driftscope import drift, load_tokenizer
-from driftscope.demo.corpus import TEXTS
 
 sklearn_decomposition = pytest.importorskip("sklearn.decomposition")
 transformers = pytest.importorskip("transformers")
