@@ -1,8 +1,10 @@
 """Kernel-test set-up: Triton runs under TRITON_INTERPRET=1 on CPU-only machines.
 
-triton.jit decides interpreter-or-compiler when a kernel is *defined*, so the variable must be set
-before driftscope.kernels' kernel modules are imported; if another test imported them first, they
-are reloaded here (module reload re-runs the @triton.jit definitions in the same module dict).
+Triton decides interpreter-or-compiler when a @triton.jit function is *defined* — its own
+triton.language helpers (tl.sum, tl.zeros, ...) included, at `import triton`. If an earlier test file
+already imported triton without the interpreter (e.g. through driftscope.kernels), the pure-Python
+triton modules are dropped from sys.modules (its compiled extension stays loaded) and our kernel
+modules are reloaded, so that both are redefined as interpreted functions.
 """
 from __future__ import annotations
 
@@ -13,11 +15,26 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+_KERNEL_MODULES = ("driftscope.kernels.vocab_probe", "driftscope.kernels.cov_update")
+
+
+def _triton_defined_for_interpreter() -> bool:
+    if "triton" not in sys.modules:
+        return True  # not imported yet: the first import will see TRITON_INTERPRET
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
+if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("driftscope.kernels.vocab_probe", "driftscope.kernels.cov_update"):
-        if _name in sys.modules:
-            importlib.reload(sys.modules[_name])
+    if not _triton_defined_for_interpreter():
+        for _name in [m for m in sys.modules if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]:
+            del sys.modules[_name]
+        for _name in _KERNEL_MODULES:
+            if _name in sys.modules:
+                importlib.reload(sys.modules[_name])
 
 
 @pytest.fixture(scope="session")
