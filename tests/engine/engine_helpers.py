@@ -46,7 +46,8 @@ def hf_config(case: Case):
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial weights: norms ~ 1 + N(0, 0.1), q/k ~ N(0, 0.15) (peaky attention), others ~ N(0, 0.05)."""
+    """Non-trivial weights: norms ~ 1 + N(0, 0.1), q/k ~ N(0, 0.15) (peaky attention, so rope and masking errors
+    show), embeddings ~ N(0, 1), everything else (incl. biases) ~ N(0, 0.05)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):

@@ -215,7 +215,7 @@ def test_auto_map_code_is_never_executed(ckpt, tmp_path):
     assert not marker.exists()
 
 
-def test_sharded_transformers_checkpoint_copy_is_independent(checkpoints, tmp_path):
+def test_transformers_sharded_checkpoint_with_a_missing_shard(checkpoints, tmp_path):
     """A transformers-written sharded checkpoint (save_pretrained, many shards) with one shard removed."""
     src = checkpoints.path(CASES[6])
     dst = tmp_path / "copy"

@@ -103,7 +103,7 @@ def test_encode_decode_and_special_tokens(tok_dir):
     assert tok.id_to_token(tok.eos_token_id) == "<|im_end|>"
     assert tok.id_to_token(tok.pad_token_id) == "<|endoftext|>"
     assert tok.bos_token_id is None
-    assert tok.encode("<|im_start|>user") [0] == tok.token_to_id("<|im_start|>")
+    assert tok.encode("<|im_start|>user")[0] == tok.token_to_id("<|im_start|>")
     assert tok.decode(tok.encode("<|im_end|>hi"), skip_special_tokens=True) == "hi"
 
 
