@@ -33,12 +33,17 @@ How ranks stay exact without holding logits (cpp and triton):
   buffers, same thread count), which torch CPU BLAS and a fixed Triton kernel are.
 
 Triton design choice: one fully fused kernel (tl.dot over d in BLOCK_D steps for both heads, online
-fold across V in BLOCK_V chunks, fp32 running state in registers). It never writes logits to global
-memory, so the extra traffic over the GEMM floor is the second read of h per chunk (h tiles are
-re-read from L2) and the fold's ALU work, which hides under the MMA work for d ≥ 1024; the
-alternative (cuBLAS per chunk into an fp32 buffer + a fold kernel) pays 2·N·chunk·4 bytes of writes
-and reads per chunk. Blocks are constexpr and small enough for TRITON_INTERPRET=1 in the tests.
-Not verified on a GPU here: the H100 speed target is unmeasured.
+fold across V in BLOCK_V chunks, fp32 running state in registers), so logits never reach global
+memory and bf16 inputs get fp32 accumulation inside the MMA. The alternative — cuBLAS per chunk into
+an fp32 buffer + a Triton fold — costs 8 bytes of buffer traffic per logit against 2·d FLOPs (1280
+FLOP/byte at d=5120, comfortably compute-bound on H100) and would reuse cuBLAS's GEMM, but needs a
+bf16×bf16→fp32-output GEMM per chunk from torch; the fused kernel avoids that dependency and the
+extra launches. Its costs: each program streams all of W (shared through L2 when the concurrent
+programs walk V in step) and re-reads its h tile per chunk, so arithmetic intensity grows with
+BLOCK_N; rank_shift_top has no in-kernel top-k yet, so token blocks where some row's tuned top-1 is
+not the base top-1 redo the base GEMM in the recount pass (up to +50% over the GEMM floor).
+Blocks are constexpr; the CUDA defaults are untuned (no GPU here): the H100 target (≤ 1.25× of the
+GEMM floor) is unmeasured. Tests run the kernels under TRITON_INTERPRET=1 with small blocks.
 
 cpp design: chunk-outer (W chunk converted to fp32 once), token-tile-inner; per (tile, chunk) two
 torch.matmul into preallocated fp32 [tile, chunk] buffers, then one OpenMP+SIMD pass of
