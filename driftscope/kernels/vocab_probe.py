@@ -24,11 +24,11 @@ How ranks stay exact without holding logits (cpp and triton):
      where it differs are recounted in a second pass that recomputes the same tiles with identical
      calls (same tile, chunk and block shapes, so the same bits) and counts against the scanned z_y.
   3. rank_shift_top: the scan tracks the tuned running argmax and the base logit at that id, taken
-     from the same tile (z_b,top). cpp keeps the k largest base logits per row; if z_b,top ≥ the k-th
+     from the same tile (z_b,top). Both keep the k largest base logits per row; if z_b,top ≥ the k-th
      largest, every larger base logit is in the list and the rank is 1 + #{list > z_b,top}. Rows with
-     top_tuned's base logit equal to the base max have rank 1. Only the remaining rows (cpp: rank
-     beyond k; triton: any rank > 1, no in-kernel top-k yet) go to the second pass, which recomputes
-     the base tiles of their token tiles with identical calls and counts exactly.
+     top_tuned's base logit equal to the base max have rank 1. Only rows whose rank is beyond k
+     (cpp k=32, triton k=8) go to the second pass, which recomputes the base tiles of their token
+     tiles with identical calls and counts exactly.
   The second pass relies on the GEMM being deterministic for identical calls (same shapes, same
   buffers, same thread count), which torch CPU BLAS and a fixed Triton kernel are.
 
@@ -40,8 +40,9 @@ FLOP/byte at d=5120, comfortably compute-bound on H100) and would reuse cuBLAS's
 bf16×bf16→fp32-output GEMM per chunk from torch; the fused kernel avoids that dependency and the
 extra launches. Its costs: each program streams all of W (shared through L2 when the concurrent
 programs walk V in step) and re-reads its h tile per chunk, so arithmetic intensity grows with
-BLOCK_N; rank_shift_top has no in-kernel top-k yet, so token blocks where some row's tuned top-1 is
-not the base top-1 redo the base GEMM in the recount pass (up to +50% over the GEMM floor).
+BLOCK_N; the in-kernel top-8 costs a few extra reductions per chunk (one per inserted candidate of
+the busiest row), and token blocks where some row's rank_shift_top exceeds 8 redo the base GEMM in
+the recount pass (up to +50% over the GEMM floor for those blocks).
 Blocks are constexpr; the CUDA defaults are untuned (no GPU here): the H100 target (≤ 1.25× of the
 GEMM floor) is unmeasured. Tests run the kernels under TRITON_INTERPRET=1 with small blocks.
 
@@ -109,7 +110,7 @@ if triton is not None:
         wt_ptr,  # [V, Dt] tuned LM head rows
         tgt_ptr,  # [N] int64 targets (unused unless HAS_TARGETS)
         outf_ptr,  # [14, N] fp32: lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_at_top_t, top_v_b, zpre_b, zpre_t, zy_b, zy_t, logp_b, logp_t
-        outi_ptr,  # [4, N] int64: top_b, top_t, gt_b, gt_t
+        outi_ptr,  # [5, N] int64: top_b, top_t, gt_b, gt_t, rank_shift_top (-1: top-k cannot decide)
         N,
         V,
         Db,
@@ -121,6 +122,7 @@ if triton is not None:
         HAS_TARGETS: tl.constexpr,
         UPCAST_B: tl.constexpr,
         UPCAST_T: tl.constexpr,
+        TOPK: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_V: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -130,7 +132,11 @@ if triton is not None:
         k_tb = Σe^{zt−mt}((zt−mt) − (zb−mb)), k_bt symmetric. A max move δ = m_old − m_new rescales
         s ← e^δ s, a ← e^δ(a + δs), k_tb ← e^{δt}(k_tb + (δt − δb)s_t). Final: lse = m + log s,
         H = log s − a/s, KL(p‖q) = k_tb/s_t − log s_t + log s_b. Counts are strict against the
-        prologue target logit zpre, the target entry excluded; zy is the scanned target logit."""
+        prologue target logit zpre, the target entry excluded; zy is the scanned target logit.
+        rank_shift_top: tk holds the TOPK largest base logits per row (unsorted; a chunk inserts its
+        candidates > min(tk) one at a time, replacing the minimum, looping only as often as the row
+        with the most candidates needs); at the end, if the base logit of the tuned top-1 is ≥ min(tk),
+        every larger base logit is in tk and the rank is 1 + #{tk > it}."""
         tl.static_assert(BLOCK_V >= BLOCK_N)
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -168,6 +174,9 @@ if triton is not None:
         gt_t = tl.zeros([BLOCK_N], dtype=tl.int64)
         zy_b = tl.zeros([BLOCK_N], dtype=tl.float32)
         zy_t = tl.zeros([BLOCK_N], dtype=tl.float32)
+        kk = tl.arange(0, TOPK)
+        tk = tl.full([BLOCK_N, TOPK], neg_inf, tl.float32)  # [BLOCK_N, TOPK] largest base logits
+        vloc = tl.arange(0, BLOCK_V)
 
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -190,6 +199,18 @@ if triton is not None:
             top_vt = tl.where(updt, cmt, top_vt)
             top_t = tl.where(updt, v0 + cit.to(tl.int64), top_t)
             zb_top = tl.where(updt, zb_at, zb_top)
+
+            # top-k of base logits: insert this chunk's candidates (> current row minimum)
+            kmin = tl.min(tk, 1)
+            cand = tl.where(zb > kmin[:, None], zb, neg_inf)
+            n_ins = tl.max(tl.sum((cand > neg_inf).to(tl.int32), 1))
+            for _ in range(0, tl.minimum(n_ins, TOPK)):
+                cm = tl.max(cand, 1)
+                ci = tl.argmax(cand, 1, tie_break_left=True)
+                cand = tl.where(vloc[None, :] == ci[:, None], neg_inf, cand)
+                ins = cm > tl.min(tk, 1)
+                mi = tl.argmin(tk, 1, tie_break_left=True)
+                tk = tl.where((kk[None, :] == mi[:, None]) & ins[:, None], cm[:, None], tk)
 
             # online softmax sums relative to the running maxima
             mb_new = tl.maximum(m_b, cmb)
@@ -239,6 +260,9 @@ if triton is not None:
         tl.store(outi_ptr + 1 * N + rows, top_t, mask=rmask)
         tl.store(outi_ptr + 2 * N + rows, gt_b, mask=rmask)
         tl.store(outi_ptr + 3 * N + rows, gt_t, mask=rmask)
+        above = tl.sum((tk > zb_top[:, None]).to(tl.int64), 1)
+        shift = tl.where(zb_top >= tl.min(tk, 1), 1 + above, -1)
+        tl.store(outi_ptr + 4 * N + rows, shift, mask=rmask)
 
     @triton.jit
     def _vocab_probe_recount_kernel(
@@ -413,7 +437,8 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
 
 
 def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int | None = None,
-                        block_v: int | None = None, block_d: int | None = None, _force_recount: bool = False):
+                        block_v: int | None = None, block_d: int | None = None, topk: int = 8,
+                        _force_recount: bool = False):
     """Launch the fused kernel over cdiv(N, block_n) programs, then the recount pass where needed.
     Inputs are already validated and cut to the vocabulary (w_*: [V, d_*]). Blocks: CUDA 64×128×64
     (two fp32 [64, 128] accumulators per program, 8 warps; untuned: no GPU was available when this
@@ -440,20 +465,20 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
     has_t = targets is not None
     tgt = targets if has_t else torch.zeros(1, dtype=torch.int64, device=dev)
     outf = torch.full((14, n), float("nan"), dtype=torch.float32, device=dev)
-    outi = torch.full((4, n), -1, dtype=torch.int64, device=dev)
+    outi = torch.full((5, n), -7, dtype=torch.int64, device=dev)
     common = dict(HAS_TARGETS=has_t, UPCAST_B=up_b, UPCAST_T=up_t, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d)
+    assert topk >= 1 and topk & (topk - 1) == 0, "topk must be a power of two (tl.arange)"
     strides = (hb.stride(0), wb.stride(0), ht.stride(0), wt.stride(0))
     n_blocks = triton.cdiv(n, block_n)
     _vocab_probe_kernel[(n_blocks,)](hb, wb, ht, wt, tgt, outf, outi, n, vocab, hb.shape[1], ht.shape[1], *strides,
-                                     **common, **launch)
+                                     TOPK=topk, **common, **launch)
     lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top, top_vb, zpre_b, zpre_t, zy_b, zy_t, logp_b, logp_t = outf
-    top_b, top_t, gt_b, gt_t = outi
+    top_b, top_t, gt_b, gt_t, shift = outi
 
-    need_s = (zb_top < top_vb) | _force_recount  # tuned top-1 is not a base maximum: count its base rank
+    need_s = (shift < 0) | _force_recount  # the top-k cannot decide: count the base rank exactly
     need_b = ((zpre_b != zy_b) | _force_recount) if has_t else None
     need_t = ((zpre_t != zy_t) | _force_recount) if has_t else None
     need = need_s | need_b | need_t if has_t else need_s
-    shift = torch.ones(n, dtype=torch.int64, device=dev)
     rank_b = gt_b + 1 if has_t else None
     rank_t = gt_t + 1 if has_t else None
     if bool(need.any()):

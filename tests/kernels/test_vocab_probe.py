@@ -275,11 +275,14 @@ def test_prologue_mismatch_rows_are_recounted_exactly():
     assert_close_verbose(got.rank_tuned, want.rank_tuned, what="rank_tuned")
 
 
+@pytest.mark.parametrize("mode", ["forced", "topk2"])
 @pytest.mark.parametrize("case", [Case(37, 1000, 48, kind="ties"), Case(21, 700, 40, torch.bfloat16)], ids=lambda c: c.id)
-def test_triton_recount_pass_is_exact(case, triton_device):
-    """Every row through the second (recount) kernel: it must reproduce the exact ranks."""
+def test_triton_recount_pass_is_exact(case, mode, triton_device):
+    """Rows through the second (recount) kernel — all of them, or those a top-2 cannot decide —
+    must get the exact ranks."""
     hb, wb, ht, wt, y = make_inputs(case)
     want = vp.vocab_probe_torch(hb, wb, ht, wt, y)
-    got = vp._vocab_probe_triton(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), _force_recount=True)
+    kw = {"_force_recount": True} if mode == "forced" else {"topk": 2}
+    got = vp._vocab_probe_triton(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), **kw)
     for name in ("rank_base", "rank_tuned", "rank_shift_top"):
         assert_close_verbose(getattr(got, name), getattr(want, name).to(triton_device), what=name)
