@@ -6,6 +6,8 @@ heads. Work = the two GEMMs, 4·N·V·d FLOPs; throughput reported as tokens/s a
   entropies, ranks by comparison — what one writes without a fused kernel.
 - `gemm_floor`: just the two LM-head GEMMs (h @ wᵀ, fp32 out) — no kernel that computes logits can
   beat it; the fused path's target is ≤ 1.2× of it.
+- `gemm_chunked`: the same GEMMs blocked like the fused path (256 × 1024 tiles into reused buffers),
+  no fold — the tight floor: fused_cpp / gemm_chunked is the cost of everything but the GEMMs.
 - `fused_cpp`: driftscope.kernels.vocab_probe with the cpp backend.
 Peak extra memory of each is measured in a fresh process (VmHWM after /proc/self/clear_refs = 5).
 GPU variant (skipped without CUDA): N=16384, d=5120, V=151,936, bf16, CUDA-event timing, fused
@@ -54,6 +56,19 @@ def gemm_floor(hb, wb, ht, wt, y):
     return hb @ wb.T, ht @ wt.T
 
 
+def gemm_chunked(hb, wb, ht, wt, y, tile: int = 256, chunk: int = 1024):
+    """The same two GEMMs in the fused path's (tile, chunk) blocks into reused fp32 buffers, no fold:
+    the tight floor for the fused cpp path (no [N, V] output to allocate and write)."""
+    n, v = hb.shape[0], wb.shape[0]
+    zb, zt = torch.empty(tile * chunk), torch.empty(tile * chunk)
+    for c0 in range(0, v, chunk):
+        c = min(chunk, v - c0)
+        for r0 in range(0, n, tile):
+            t = min(tile, n - r0)
+            torch.matmul(hb[r0 : r0 + t], wb[c0 : c0 + c].T, out=zb[: t * c].view(t, c))
+            torch.matmul(ht[r0 : r0 + t], wt[c0 : c0 + c].T, out=zt[: t * c].view(t, c))
+
+
 def fused_cpp(hb, wb, ht, wt, y):
     from driftscope.kernels import use_backend, vocab_probe
 
@@ -61,7 +76,7 @@ def fused_cpp(hb, wb, ht, wt, y):
         return vocab_probe(hb, wb, ht, wt, y)
 
 
-WORKLOADS = {"materialized": materialized, "gemm_floor": gemm_floor, "fused_cpp": fused_cpp}
+WORKLOADS = {"materialized": materialized, "gemm_floor": gemm_floor, "gemm_chunked": gemm_chunked, "fused_cpp": fused_cpp}
 
 _CHILD = r"""
 import importlib.util, json
