@@ -413,7 +413,15 @@ def _empty_result(n: int, device, has_targets: bool) -> VocabProbeResult:
     )
 
 
-def vocab_probe(h_base, w_base, h_tuned, w_tuned, targets=None, *, valid_vocab: int | None = None) -> VocabProbeResult:
+def vocab_probe(
+    h_base: torch.Tensor,
+    w_base: torch.Tensor,
+    h_tuned: torch.Tensor,
+    w_tuned: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    valid_vocab: int | None = None,
+) -> VocabProbeResult:
     """Exact per-token vocabulary metrics of a base and a tuned LM head, without [N, V] logits.
 
     h_*: [N, d_*] final normed hidden states; w_*: [V_*, d_*] LM-head rows (float32/bfloat16/float16);
@@ -611,7 +619,15 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
 # ---------------------------------------------------------------------------------------- reference
 
 
-def vocab_probe_torch(h_base, w_base, h_tuned, w_tuned, targets=None, *, valid_vocab: int | None = None) -> VocabProbeResult:
+def vocab_probe_torch(
+    h_base: torch.Tensor,
+    w_base: torch.Tensor,
+    h_tuned: torch.Tensor,
+    w_tuned: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    valid_vocab: int | None = None,
+) -> VocabProbeResult:
     """fp32 reference, written to be obviously right: full [N, V] logits for both models.
 
     Roofline (per call, both models, N tokens, V vocab, d hidden): 4·N·V·d FLOPs for the two GEMMs

@@ -47,6 +47,8 @@ CASES = [
     Case(37, 4099, 24, torch.bfloat16, kind="ties"),
     Case(37, 1000, 64, kind="identical"),
     Case(5, 1000, 64, torch.bfloat16, kind="identical"),
+    Case(3, 262_144, 16, torch.bfloat16),  # the largest vocabulary the contract names
+    Case(2, 300, 8200),  # d beyond 8192, not a multiple of 16
 ]
 TRITON_CASES = [c for c in CASES if c.v <= 1000 or c.id == "N37-V4099-d72-f32"]
 
