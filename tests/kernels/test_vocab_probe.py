@@ -288,3 +288,14 @@ def test_triton_recount_pass_is_exact(case, mode, triton_device):
     got = vp._vocab_probe_triton(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), **kw)
     for name in ("rank_base", "rank_tuned", "rank_shift_top"):
         assert_close_verbose(getattr(got, name), getattr(want, name).to(triton_device), what=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Row-strided views (a column slice of a wider tensor) and a transposed-storage head."""
+    case = Case(11, 333, 24)
+    hb, wb, ht, wt, y = make_inputs(case)
+    hb_wide = torch.cat([hb, torch.randn(case.n, 5)], 1)[:, : case.d]  # row stride d+5
+    wt_colmajor = wt.T.contiguous().T  # [V, d] with column stride V
+    got = _run(backend, hb_wide, wb, ht, wt_colmajor, y)
+    assert_result_close(got, vp.vocab_probe_torch(hb, wb, ht, wt, y), f"{backend} strided")
