@@ -8,6 +8,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Triton picks interpreter-or-compiler when kernels are defined: set it before any test imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = Path(os.environ.get("DRIFTSCOPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

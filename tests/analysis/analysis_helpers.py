@@ -31,6 +31,8 @@ GENERAL = [
     "The train to the city leaves from platform four every twenty minutes.",
 ]
 
+TEXTS = MATH + GENERAL
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
