@@ -12,7 +12,7 @@ import torch
 
 from driftscope.engine.data import record_texts
 from driftscope.engine.runner import pad_states
-from driftscope.probes.pca import paper_select_texts
+from driftscope.probes.pca import PaperPCAShift, paper_select_texts
 
 if TYPE_CHECKING:
     from driftscope.analysis.run import _Run, _Task
@@ -79,6 +79,7 @@ def paper_pca(run: "_Run", k: int, task: "_Task") -> None:
     vecs = [((s + n_pad[None, :, None] * p[:, None, :]) / width).float() for s, p in zip(sums, pads)]  # [L+1, Q, d]
     qids = list(range(len(ids)))
     for j in range(len(run.tuned)):
-        acc = run.acc(j, k, "pca")
+        acc = PaperPCAShift(n_states, d)  # filled whole, then swapped in: an interrupt never leaves half of it
         for layer in range(n_states):
             acc.update(layer, vecs[0][layer], vecs[j + 1][layer], qids)
+        run.accs[f"m{j}.t{k}.pca"] = acc

@@ -71,7 +71,7 @@ def check_same_tokenizer(tok: Tokenizer, other_dir: Path) -> None:
     if not (other_dir / "tokenizer.json").is_file():
         return
     other = load_tokenizer(other_dir)
-    a, b = tok._tok.get_vocab(with_added_tokens=True), other._tok.get_vocab(with_added_tokens=True)
+    a, b = tok.get_vocab(), other.get_vocab()
     if a == b:
         return
     only_a = sorted(set(a.items()) - set(b.items()), key=lambda kv: kv[1])[:3]

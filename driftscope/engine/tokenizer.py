@@ -175,6 +175,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id for every id, added/special tokens included."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     # ------------------------------------------------------------ chat
     def apply_chat_template(
         self,
