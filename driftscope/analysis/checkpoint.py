@@ -61,10 +61,14 @@ class RunState:
 
     def restore(self, progress: dict, accumulators: dict[str, Accumulator]) -> None:
         gen = progress["generation"]
+        if gen == 0:  # nothing was saved yet: fresh accumulators are the state
+            return
+        missing = [k for k in accumulators if not (self.dir / f"{k}.{gen}.safetensors").is_file()]
+        if missing:  # every save writes every accumulator: a gap means the state was damaged, never resume on it
+            raise ValueError(f"cannot resume {self.dir}: generation {gen} lacks the state of {', '.join(missing)} "
+                             "(damaged state; start without --resume)")
         for key, acc in accumulators.items():
-            path = self.dir / f"{key}.{gen}.safetensors"
-            if path.is_file():
-                acc.load_state_dict(load_file(str(path)))
+            acc.load_state_dict(load_file(str(self.dir / f"{key}.{gen}.safetensors")))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -6,8 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -35,6 +38,20 @@ class DriftOptions:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if isinstance(self.dtype, torch.dtype) or str(self.dtype).startswith("torch."):
+            self.dtype = str(self.dtype).removeprefix("torch.")  # a JSON-able name in the config and fingerprint
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device {self.device!r} is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: CUDA is not available here (torch {torch.__version__}); use device='cpu'")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         if self.pca not in PCA_MODES:
             raise ValueError(f"pca must be one of {PCA_MODES}, got {self.pca!r}")
         if self.cka not in CKA_MODES:

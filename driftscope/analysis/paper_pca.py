@@ -50,7 +50,8 @@ def paper_pca(run: "_Run", k: int, task: "_Task") -> None:
     texts = paper_select_texts(query_texts(run, task), k=o.pca_queries, seed=o.pca_seed)
     if len(texts) < 2:
         raise ValueError(f"{task.path}: paper-mode PCA needs at least 2 query texts, found {len(texts)}")
-    ids = [tok.encode(t)[: o.pca_max_length] for t in texts]
+    # the paper's `tokenizer(texts, truncation=True, max_length=128)` adds the special tokens (Llama's BOS)
+    ids = [tok.encode(t, add_special_tokens=True)[: o.pca_max_length] for t in texts]
     width = max(len(x) for x in ids)  # padding=True pads to the longest truncated text
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad_id is None:

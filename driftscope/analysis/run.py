@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,8 +84,22 @@ def check_same_tokenizer(tok: Tokenizer, other_dir: Path) -> None:
 
 
 def _valid_vocab(base, tuned, tok: Tokenizer) -> int | None:
-    sizes = {base.lm_head_weight.shape[0], *(t.lm_head_weight.shape[0] for t in tuned)}
-    return None if len(sizes) == 1 else tok.vocab_size  # resized heads: compare over the ids the tokenizer has
+    """The vocab_probe `valid_vocab` of one (base, tuned) pair: None when their heads have the same rows (the
+    whole vocabulary), else the tokenizer's id space (resized heads). Per pair, so a model's numbers never
+    depend on which other tuned models share the run."""
+    return None if base.lm_head_weight.shape[0] == tuned.lm_head_weight.shape[0] else tok.vocab_size
+
+
+def _finite(obj):
+    """`obj` with every non-finite float (NaN, ±inf) replaced by None: summary.json is strict JSON, and
+    DriftReport.summary must be what is on disk (a diverged checkpoint gives NaN states, not a crash at the end)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 class _Run:
@@ -99,7 +114,7 @@ class _Run:
         self.base = load_model(base_dir, **kw)
         self.tuned = [load_model(d, **kw) for d in tuned.values()]
         self.runner = LockstepRunner(self.base, self.tuned)
-        self.valid_vocab = _valid_vocab(self.base, self.tuned, self.tok)
+        self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
         self.tasks = [self._read_task(name, path) for name, path in data.items()]
         self.accs: dict[str, Accumulator] = {}
         for j in range(len(self.tuned)):
@@ -154,7 +169,7 @@ class _Run:
         hb_s = hb[mask]
         for j, (ht, model) in enumerate(zip(hts, self.tuned)):
             r = vocab_probe(hb_s, self.base.lm_head_weight, ht[mask], model.lm_head_weight, targets,
-                            valid_vocab=self.valid_vocab)
+                            valid_vocab=self.valid_vocab[j])
             self.acc(j, k, "tokens").update(r, batch.scored_sample_ids, batch.scored_first)
             self.acc(j, k, "shifted").update(targets, r.rank_base, r.rank_tuned)
 
@@ -179,12 +194,17 @@ class _Run:
         bar.advance(done_tokens)
         last_save = time.monotonic()
         t0 = time.perf_counter()
+        # True while the accumulators may hold part of a batch that progress does not count: an interrupt then
+        # must not save them (the resumed run would add that batch again); the last checkpoint stays valid.
+        in_batch = False
         try:
             for k, task in enumerate(self.tasks):
                 start = progress["done"].get(task.name, 0)
                 for bi in range(start, len(task.batches)):
+                    in_batch = True
                     self.process(k, task.batches[bi])
                     progress["done"][task.name] = bi + 1
+                    in_batch = False
                     bar.advance(task.batches[bi].n_tokens)
                     if state is not None and time.monotonic() - last_save >= o.checkpoint_every:
                         state.save(progress, self.accs)
@@ -193,9 +213,13 @@ class _Run:
                     paper_pca(self, k, task)
                     progress["pca_done"].append(task.name)
         except KeyboardInterrupt:
-            if state is not None:
+            if state is not None and not in_batch:
                 state.save(progress, self.accs)
                 log.warning("interrupted: state saved in %s; rerun with --resume to continue", state.dir)
+            elif state is not None:
+                log.warning("interrupted inside a batch: %s keeps the last checkpoint (%s); rerun with --resume "
+                            "to continue from there", state.dir,
+                            "none yet" if not state.exists() else "saved after a complete batch")
             raise
         finally:
             bar.close()
@@ -216,19 +240,19 @@ class _Run:
                     pca=pca, problems=task.problems,
                 )
             models[name] = model_summary(str(self.tuned_dirs[name]), tasks)
-        return {
+        return _finite({
             "driftscope_version": versions()["driftscope"],
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "config": {
                 "base": str(self.base_dir), "tuned": {k: str(v) for k, v in self.tuned_dirs.items()},
                 "data": {k: str(v) for k, v in self.data.items()}, **self.opts.as_dict(),
-                "valid_vocab": self.valid_vocab,
+                "valid_vocab": dict(zip(self.tuned_dirs, self.valid_vocab)),
             },
             "versions": versions(), "machine": machine(self.device), "backends": backend_status(),
             "gpu_telemetry": telemetry.summary(),
             "timing": {"seconds": seconds, "tokens": tokens_run, "tokens_per_s": tokens_run / seconds if seconds else None},
             "models": models,
-        }
+        })
 
     def _decode(self, token_id: int) -> str:
         return self.tok.decode([token_id])
@@ -258,6 +282,8 @@ def drift(
         if not p.is_dir():
             raise FileNotFoundError(f"checkpoint folder {p} does not exist")
     for p in _as_list(data):
+        if p.is_dir():
+            raise IsADirectoryError(f"records file {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
         if not p.is_file():
             raise FileNotFoundError(f"records file {p} does not exist")
     tuned_map = unique_names(_as_list(tuned), key=lambda p: p.resolve().name)

@@ -1,0 +1,170 @@
+"""Regression tests from a review of the drift analysis: interrupts inside a batch, per-pair valid_vocab, strict
+JSON from a diverged checkpoint, damaged resume state, paper-mode special tokens, clear input errors."""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+
+import pytest
+import torch
+from analysis_helpers import TOKENIZER_FILES, write_base, write_tuned
+from safetensors.torch import load_file
+from test_drift import _assert_same
+
+from driftscope import drift, load_tokenizer
+from driftscope.analysis import DriftOptions
+from driftscope.engine.runner import LockstepRunner
+from driftscope.engine.synth import write_checkpoint
+from driftscope.probes import HiddenSimilarity, ShiftedTokens, TokenMetrics
+
+OPTS = {"progress": False, "max_batch_tokens": 64, "checkpoint_every": 0}
+
+
+def _strict(text: str):
+    def no_constant(name):
+        raise AssertionError(f"summary.json holds {name}, which strict JSON forbids")
+
+    return json.loads(text, parse_constant=no_constant)
+
+
+# ---- an interrupt inside a batch must not leave half a batch in the saved state ----------------------------------
+@pytest.mark.parametrize("where", ["after-token-metrics", "inside-the-forward"])
+def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, records, tmp_path, monkeypatch, where):
+    full = drift(models["base"], models["tuned"], records, tmp_path / "full", **OPTS).summary
+    # the 3rd batch is interrupted after its token metrics were folded in, or after two of its layers were
+    cls, nth = (ShiftedTokens, 3) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 4 + 2)
+    original, calls = cls.update, {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == nth:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(cls, "update", flaky)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        drift(models["base"], models["tuned"], records, out, **OPTS)
+    monkeypatch.setattr(cls, "update", original)
+    resumed = drift(models["base"], models["tuned"], records, out, resume=True, **OPTS).summary
+    _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
+
+
+def test_resume_refuses_a_damaged_state(models, records, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = TokenMetrics.update
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(TokenMetrics, "update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        drift(models["base"], models["tuned"], records, tmp_path, **OPTS)
+    monkeypatch.undo()
+    state = tmp_path / ".driftscope-state"
+    next(state.glob("m0.t0.hidden.*.safetensors")).unlink()
+    with pytest.raises(ValueError, match="m0.t0.hidden"):
+        drift(models["base"], models["tuned"], records, tmp_path, resume=True, **OPTS)
+
+
+# ---- valid_vocab is a property of each (base, tuned) pair ------------------------------------------------------------
+def test_a_models_numbers_do_not_depend_on_a_resized_model_beside_it(records, tmp_path):
+    base = write_base(tmp_path / "base", vocab=load_tokenizer_size(tmp_path) + 10)  # head padded past the tokenizer
+    tuned = write_tuned(base, tmp_path / "tuned", from_layer=1)
+    cfg = json.loads((tuned / "config.json").read_text())
+    state = load_file(str(tuned / "model.safetensors"))
+    n = load_tokenizer(base).vocab_size + 2  # resized: fewer rows than the base head, still covering the tokenizer
+    cfg["vocab_size"] = n
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[k] = state[k][:n].clone()
+    small = tmp_path / "small"
+    write_checkpoint(small, cfg, state)
+    for f in TOKENIZER_FILES:
+        if (tuned / f).exists():
+            shutil.copy(tuned / f, small / f)
+    alone = drift(base, tuned, records, **OPTS).summary
+    both = drift(base, [tuned, small], records, **OPTS).summary
+    assert both["config"]["valid_vocab"] == {"tuned": None, "small": load_tokenizer(base).vocab_size}
+    a = json.loads(json.dumps(alone["models"]["tuned"]["tasks"]))
+    b = json.loads(json.dumps(both["models"]["tuned"]["tasks"]))
+    _assert_same(a, b, rel=1e-9)
+
+
+def load_tokenizer_size(root) -> int:
+    from analysis_helpers import TEXTS
+
+    from driftscope.engine.synth import write_tokenizer
+
+    return load_tokenizer(write_tokenizer(root / "tok", TEXTS, vocab_size=350)).vocab_size
+
+
+# ---- strict JSON, even from a diverged checkpoint -------------------------------------------------------------------
+def test_a_diverged_checkpoint_gives_strict_json_equal_to_the_report(models, records, tmp_path):
+    cfg = json.loads((models["tuned"] / "config.json").read_text())
+    state = load_file(str(models["tuned"] / "model.safetensors"))
+    name = next(k for k in state if k.startswith("model.layers.2.") and "down_proj" in k)
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("inf")  # layer 2 overflows: NaN states from there on
+    bad = tmp_path / "diverged"
+    write_checkpoint(bad, cfg, state)
+    for f in TOKENIZER_FILES:
+        if (models["tuned"] / f).exists():
+            shutil.copy(models["tuned"] / f, bad / f)
+    for pca in ("streaming", "paper"):
+        out = tmp_path / f"out-{pca}"
+        report = drift(models["base"], bad, records, out, pca=pca, pca_queries=5, **OPTS)
+        disk = _strict((out / "summary.json").read_text())
+        assert disk == report.summary
+        task = disk["models"]["diverged"]["tasks"]["mixed"]
+        assert task["layers"][0]["cosine"] == pytest.approx(1.0) and task["layers"][-1]["pca_shift"] is None
+
+
+def test_summary_on_disk_equals_the_report_and_names_the_run(models, records, tmp_path):
+    report = drift(models["base"], models["tuned"], records, tmp_path, **OPTS)
+    disk = _strict((tmp_path / "summary.json").read_text())
+    assert disk == report.summary
+    assert disk["config"]["base"] == str(models["base"]) and disk["config"]["dtype"] == "float32"
+    assert disk["versions"]["torch"] == torch.__version__ and disk["machine"]["cpu"]
+
+
+# ---- paper-mode PCA tokenizes like the paper's tokenizer(texts, ...): special tokens included ----------------------
+def test_paper_pca_queries_carry_the_tokenizers_special_tokens(models, records, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    base = tmp_path / "llama-like"
+    shutil.copytree(models["base"], base)
+    hf = HFTokenizer.from_file(str(base / "tokenizer.json"))
+    bos = hf.token_to_id("<|im_start|>")
+    hf.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    hf.save(str(base / "tokenizer.json"))
+    fed: list[list[int]] = []
+    original = LockstepRunner.forward
+
+    def spy(self, input_ids, cu_seqlens, on_layer=None):
+        if inspect.stack()[1].function == "paper_pca":
+            cu = cu_seqlens.tolist()
+            fed.extend(input_ids[a:b].tolist() for a, b in zip(cu[:-1], cu[1:]))
+        return original(self, input_ids, cu_seqlens, on_layer)
+
+    monkeypatch.setattr(LockstepRunner, "forward", spy)
+    drift(base, models["tuned"], records, pca="paper", pca_queries=4, **OPTS)
+    assert len(fed) == 4 and all(q[0] == bos for q in fed), [q[:3] for q in fed]
+
+
+# ---- inputs and options that cannot work say so up front ----------------------------------------------------------
+def test_clear_errors_for_a_directory_and_bad_device_or_dtype(models, tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        drift(models["base"], models["tuned"], tmp_path, **OPTS)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        DriftOptions(dtype="float33")
+    with pytest.raises(ValueError, match="not a torch device"):
+        DriftOptions(device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            DriftOptions(device="cuda")
+    assert DriftOptions(dtype=torch.bfloat16).dtype == "bfloat16"
