@@ -186,6 +186,7 @@ class _Run:
                 log.info("resuming from %s: %s", state.dir, progress["done"])
             else:
                 state.reset()
+                state.save(progress, self.accs)  # the fingerprint is on disk before any batch: resume can check it
         telemetry = GpuTelemetry(self.device)
         telemetry.sample()
         total = sum(b.n_tokens for t in self.tasks for b in t.batches)

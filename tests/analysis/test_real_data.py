@@ -58,7 +58,7 @@ def test_real_response_files_score_exactly_the_response_tokens(qwen_pair, shared
     for name, t in tasks.items():
         assert t["samples"] == N_RECORDS and not t["problems"], (name, t["problems"])
         assert t["kl_tb"]["token_mean"] > 0 and t["sampled_kl"] is not None
-    assert report.summary["config"]["valid_vocab"] is None  # both heads are 151,936 rows: exact over all of them
+    assert report.summary["config"]["valid_vocab"] == {"tuned": None}  # both heads are 151,936 rows: exact over all of them
     assert (tmp_path / "out" / "report.html").is_file()
 
 
