@@ -84,11 +84,32 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def checkpoint_identity(folder: Path) -> dict:
+    """What identifies a checkpoint's contents without reading its weights: sha256 of its small JSON files
+    (config, tokenizer, index) and (size, mtime_ns) of each weight file. A checkpoint re-saved in place changes it."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json" or f.name == "chat_template.jinja":
+            out[f.name] = file_digest(f)
+        elif f.suffix in _WEIGHT_SUFFIXES:
+            st = f.stat()
+            out[f.name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], options: DriftOptions) -> dict:
     """Everything a resumed run must share with the run it continues, as a JSON-able dict."""
     return {
         "base": str(base.resolve()),
         "tuned": {k: str(v.resolve()) for k, v in tuned.items()},
+        "checkpoints": {"base": checkpoint_identity(base),
+                        "tuned": {k: checkpoint_identity(v) for k, v in tuned.items()}},
         "data": {k: {"path": str(v.resolve()), "sha256": file_digest(v)} for k, v in data.items()},
         "options": json.loads(json.dumps(options.result_fields())),
+        "pca_texts": file_digest(Path(options.pca_texts)) if options.pca_texts is not None else None,
     }

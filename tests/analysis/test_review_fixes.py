@@ -168,3 +168,27 @@ def test_clear_errors_for_a_directory_and_bad_device_or_dtype(models, tmp_path):
         with pytest.raises(ValueError, match="CUDA is not available"):
             DriftOptions(device="cuda")
     assert DriftOptions(dtype=torch.bfloat16).dtype == "bfloat16"
+
+
+# ---- resume refuses inputs that changed in place ----------------------------------------------------------------------
+@pytest.mark.parametrize("change", ["checkpoint", "pca_texts"])
+def test_resume_refuses_inputs_changed_in_place(models, records, tmp_path, monkeypatch, change):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(models["tuned"], tuned)
+    queries = tmp_path / "queries.txt"
+    queries.write_text("first query text here\nsecond query text\nthird one\n")
+    opts = {**OPTS, "pca": "paper", "pca_texts": str(queries), "pca_queries": 3}
+
+    def boom(self, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ShiftedTokens, "update", boom)
+    with pytest.raises(KeyboardInterrupt):
+        drift(models["base"], tuned, records, tmp_path / "out", **opts)
+    monkeypatch.undo()
+    if change == "checkpoint":  # the tuned checkpoint re-saved at the same path (a later training step)
+        write_tuned(models["base"], tuned, from_layer=1, seed=7)
+    else:
+        queries.write_text("other queries now\nanother\nand a third\n")
+    with pytest.raises(ValueError, match="checkpoints differ" if change == "checkpoint" else "pca_texts differ"):
+        drift(models["base"], tuned, records, tmp_path / "out", resume=True, **opts)
