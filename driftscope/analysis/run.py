@@ -32,6 +32,7 @@ from driftscope.probes.base import Accumulator
 
 log = logging.getLogger(__name__)
 PathLike = str | Path
+_TOKENIZER_CHECK_RECORDS = 64  # records per task whose texts must encode alike under base and tuned tokenizers
 
 
 @dataclass
@@ -67,13 +68,25 @@ def unique_names(paths: list[Path], key) -> dict[str, Path]:
     return out
 
 
-def check_same_tokenizer(tok: Tokenizer, other_dir: Path) -> None:
-    """Both models must tokenize identically; say what differs if not (a tuned dir without tokenizer.json is fine)."""
+def check_same_tokenizer(tok: Tokenizer, other_dir: Path, texts: Sequence[str] = ()) -> None:
+    """Both models must tokenize identically; say what differs if not (a tuned dir without tokenizer.json is fine).
+
+    Same vocabulary is not enough (different merges give other ids for the same text with the same vocabulary):
+    `texts` (a sample of the run's records) must also encode to the same ids."""
     if not (other_dir / "tokenizer.json").is_file():
         return
     other = load_tokenizer(other_dir)
     a, b = tok.get_vocab(), other.get_vocab()
     if a == b:
+        for t in texts:
+            ea, eb = tok.encode(t), other.encode(t)
+            if ea != eb:
+                i = next((i for i, (x, y) in enumerate(zip(ea, eb)) if x != y), min(len(ea), len(eb)))
+                raise ValueError(
+                    f"the tokenizers of {tok.path} and {other_dir} have the same vocabulary but encode differently "
+                    f"(merges or pre-tokenizer differ): {t[:60]!r} gives {ea[i:i + 5]} vs {eb[i:i + 5]} at token {i}. "
+                    "Both models must share a tokenizer."
+                )
         return
     only_a = sorted(set(a.items()) - set(b.items()), key=lambda kv: kv[1])[:3]
     only_b = sorted(set(b.items()) - set(a.items()), key=lambda kv: kv[1])[:3]
@@ -109,13 +122,16 @@ class _Run:
         self.device = torch.device(opts.device)
         self.tok = load_tokenizer(base_dir)
         for d in tuned.values():
-            check_same_tokenizer(self.tok, d)
+            check_same_tokenizer(self.tok, d)  # vocabularies first: fail before the checkpoints load
         kw = {"device": self.device, "dtype": opts.dtype, "allow_pickle": opts.allow_pickle}
         self.base = load_model(base_dir, **kw)
         self.tuned = [load_model(d, **kw) for d in tuned.values()]
         self.runner = LockstepRunner(self.base, self.tuned)
         self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
         self.tasks = [self._read_task(name, path) for name, path in data.items()]
+        sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
+        for d in tuned.values():
+            check_same_tokenizer(self.tok, d, sample)
         self.accs: dict[str, Accumulator] = {}
         for j in range(len(self.tuned)):
             for k, task in enumerate(self.tasks):

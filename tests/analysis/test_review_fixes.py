@@ -192,3 +192,14 @@ def test_resume_refuses_inputs_changed_in_place(models, records, tmp_path, monke
         queries.write_text("other queries now\nanother\nand a third\n")
     with pytest.raises(ValueError, match="checkpoints differ" if change == "checkpoint" else "pca_texts differ"):
         drift(models["base"], tuned, records, tmp_path / "out", resume=True, **opts)
+
+
+def test_tokenizers_with_the_same_vocabulary_but_other_merges_are_refused(models, records, tmp_path):
+    tuned = tmp_path / "tuned"
+    shutil.copytree(models["tuned"], tuned)
+    tj = json.loads((tuned / "tokenizer.json").read_text())
+    tj["model"]["merges"] = tj["model"]["merges"][1:]  # same vocabulary, one merge fewer: other ids for some text
+    (tuned / "tokenizer.json").write_text(json.dumps(tj))
+    assert load_tokenizer(tuned).get_vocab() == load_tokenizer(models["base"]).get_vocab()
+    with pytest.raises(ValueError, match="same vocabulary but encode differently"):
+        drift(models["base"], tuned, records, **OPTS)
