@@ -11,6 +11,7 @@ import torch
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+STATE_FORMAT = 2  # layout of the resumable state's accumulators (2: streaming PCA base moments once per task)
 
 
 @dataclass
@@ -112,4 +113,5 @@ def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], optio
         "data": {k: {"path": str(v.resolve()), "sha256": file_digest(v)} for k, v in data.items()},
         "options": json.loads(json.dumps(options.result_fields())),
         "pca_texts": file_digest(Path(options.pca_texts)) if options.pca_texts is not None else None,
+        "state_format": STATE_FORMAT,
     }

@@ -20,6 +20,7 @@ from driftscope.analysis.checkpoint import RunState
 from driftscope.analysis.env import GpuTelemetry, Progress, machine, versions
 from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca
+from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
 from driftscope.analysis.summary import model_summary, task_summary
 from driftscope.engine.data import PackedBatch, Record, pack_batches, read_records, tokenize_records
 from driftscope.engine.loader import load_model
@@ -135,7 +136,7 @@ class _Run:
         self.accs: dict[str, Accumulator] = {}
         for j in range(len(self.tuned)):
             for k, task in enumerate(self.tasks):
-                for kind, acc in self._new_accumulators().items():
+                for kind, acc in self._new_accumulators(j).items():
                     self.accs[f"m{j}.t{k}.{kind}"] = acc
 
     def _read_task(self, name: str, path: Path) -> _Task:
@@ -148,7 +149,7 @@ class _Run:
             raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
         return _Task(name, path, pack_batches(samples, o.max_batch_tokens), problems, records)
 
-    def _new_accumulators(self) -> dict[str, Accumulator]:
+    def _new_accumulators(self, j: int) -> dict[str, Accumulator]:
         c = self.base.config
         n_states = c.num_layers + 1
         accs: dict[str, Accumulator] = {
@@ -157,8 +158,8 @@ class _Run:
             "hidden": HiddenSimilarity(n_states, c.hidden_size, cka=self.opts.cka_mode(c.hidden_size),
                                        proj_dim=self.opts.cka_proj_dim),
         }
-        if self.opts.pca == "streaming":
-            accs["pca"] = StreamingPCA(n_states, c.hidden_size)
+        if self.opts.pca == "streaming":  # base moments once per task (model 0's), tuned means per model
+            accs["pca"] = StreamingPCA(n_states, c.hidden_size) if j == 0 else TunedMeans(n_states, c.hidden_size)
         elif self.opts.pca == "paper":
             accs["pca"] = PaperPCAShift(n_states, c.hidden_size)
         return accs
@@ -177,8 +178,10 @@ class _Run:
             for j, ht in enumerate(hts):
                 ht_s = ht[mask]
                 self.acc(j, k, "hidden").update(i, hb_s, ht_s)
-                if streaming:
+                if streaming and j == 0:
                     self.acc(j, k, "pca").update(i, hb_s, ht_s)
+                elif streaming:
+                    self.acc(j, k, "pca").update(i, ht_s)
 
         hb, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer)
         targets = batch.scored_targets.to(dev)
@@ -246,10 +249,18 @@ class _Run:
 
     def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry) -> dict:
         models = {}
+        pcas: dict[tuple[int, int], dict | None] = {}
+        for k in range(len(self.tasks)):
+            if self.opts.pca == "streaming":
+                others = [self.acc(j, k, "pca") for j in range(1, len(self.tuned))]
+                pcas.update({(j, k): r for j, r in enumerate(shared_streaming_finalize(self.acc(0, k, "pca"), others))})
+            else:
+                pcas.update({(j, k): self.acc(j, k, "pca").finalize() if self.opts.pca == "paper" else None
+                             for j in range(len(self.tuned))})
         for j, name in enumerate(self.tuned_dirs):
             tasks = {}
             for k, task in enumerate(self.tasks):
-                pca = self.acc(j, k, "pca").finalize() if self.opts.pca != "none" else None
+                pca = pcas[(j, k)]
                 tasks[task.name] = task_summary(
                     tokens=self.acc(j, k, "tokens").finalize(),
                     hidden=self.acc(j, k, "hidden").finalize(),

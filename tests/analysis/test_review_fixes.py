@@ -203,3 +203,55 @@ def test_tokenizers_with_the_same_vocabulary_but_other_merges_are_refused(models
     assert load_tokenizer(tuned).get_vocab() == load_tokenizer(models["base"]).get_vocab()
     with pytest.raises(ValueError, match="same vocabulary but encode differently"):
         drift(models["base"], tuned, records, **OPTS)
+
+
+# ---- one base against several tuned models: the base PCA moments are accumulated once ------------------------------
+def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(models, records, monkeypatch):
+    import driftscope.probes.pca as pca_mod
+
+    calls = {"n": 0}
+    original = pca_mod.cov_update
+
+    def counting(sum_x, sum_xxT, x):
+        calls["n"] += 1
+        return original(sum_x, sum_xxT, x)
+
+    monkeypatch.setattr(pca_mod, "cov_update", counting)
+    both = drift(models["base"], [models["tuned"], models["late"]], records, **OPTS).summary
+    n_both = calls["n"]
+    calls["n"] = 0
+    single = drift(models["base"], models["late"], records, **OPTS).summary
+    assert n_both == calls["n"], "Σxxᵀ of the base states must not be recomputed for every tuned model"
+    for name in ("tuned", "late"):
+        assert both["models"][name]["tasks"]["mixed"]["pca"]["mode"] == "streaming"
+    # the second model's PCA shift is bitwise the one it gets alone
+    assert both["models"]["late"]["tasks"]["mixed"]["pca"] == single["models"]["late"]["tasks"]["mixed"]["pca"]
+
+
+@pytest.mark.parametrize("pca", ["streaming", "paper"])
+def test_resume_with_several_tuned_models_and_tasks(models, records, tmp_path, monkeypatch, pca):
+    from analysis_helpers import write_records
+
+    from driftscope.probes import PaperPCAShift
+
+    second = write_records(tmp_path / "short.jsonl", n=6)
+    tuned = [models["tuned"], models["late"]]
+    opts = {**OPTS, "pca": pca, "pca_queries": 4}
+    full = drift(models["base"], tuned, [records, second], tmp_path / "full", **opts).summary
+    # interrupted twice: inside a batch of the second task, then (paper) inside its PCA phase or (streaming) later
+    out = tmp_path / "cut"
+    for cls, nth in ((TokenMetrics, 2 * 5 + 3), (PaperPCAShift if pca == "paper" else TokenMetrics, 11)):
+        original, calls = cls.update, {"n": 0}
+
+        def flaky(self, *a, _o=original, _c=calls, _n=nth, **kw):
+            _c["n"] += 1
+            if _c["n"] == _n:
+                raise KeyboardInterrupt
+            return _o(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "update", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            drift(models["base"], tuned, [records, second], out, resume=True, **opts)
+        monkeypatch.undo()
+    resumed = drift(models["base"], tuned, [records, second], out, resume=True, **opts).summary
+    _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
