@@ -22,7 +22,7 @@ from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca
 from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
 from driftscope.analysis.summary import model_summary, task_summary
-from driftscope.engine.data import PackedBatch, Record, pack_batches, read_records, tokenize_records
+from driftscope.engine.data import PackedBatch, Record, Sample, pack_batches, read_records, tokenize_records
 from driftscope.engine.loader import load_model
 from driftscope.engine.runner import LockstepRunner
 from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
@@ -47,11 +47,37 @@ class DriftReport:
 
 @dataclass
 class _Task:
+    """One records file. Only the token ids are kept: each PackedBatch (4x the ids' memory in masks, targets,
+    positions) is built when it runs, and the records themselves only when paper-mode PCA needs their prompts."""
     name: str
     path: Path
-    batches: list[PackedBatch]
+    groups: list[list[Sample]]  # the samples of each token-budget batch, in pack_batches' order
     problems: list[str]
     records: list[Record]
+    max_batch_tokens: int
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def n_tokens(self, i: int) -> int:
+        return sum(len(s.input_ids) for s in self.groups[i])
+
+    def batch(self, i: int) -> PackedBatch:
+        (b,) = pack_batches(self.groups[i], self.max_batch_tokens)
+        return b
+
+
+def _batch_groups(samples: Sequence[Sample], budget: int) -> list[list[Sample]]:
+    """pack_batches' next-fit grouping (sample-id order), without building the batches."""
+    groups, cur, used = [], [], 0
+    for s in sorted(samples, key=lambda s: s.sample_id):
+        n = len(s.input_ids)
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(s)
+        used += n
+    return groups + ([cur] if cur else [])
 
 
 def _as_list(x: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -147,7 +173,8 @@ class _Run:
         if not samples:
             first = problems[0] if problems else "the file has no records"
             raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
-        return _Task(name, path, pack_batches(samples, o.max_batch_tokens), problems, records)
+        keep = records if o.pca == "paper" and o.pca_texts is None else records[:_TOKENIZER_CHECK_RECORDS]
+        return _Task(name, path, _batch_groups(samples, o.max_batch_tokens), problems, keep, o.max_batch_tokens)
 
     def _new_accumulators(self, j: int) -> dict[str, Accumulator]:
         c = self.base.config
@@ -208,8 +235,8 @@ class _Run:
                 state.save(progress, self.accs)  # the fingerprint is on disk before any batch: resume can check it
         telemetry = GpuTelemetry(self.device)
         telemetry.sample()
-        total = sum(b.n_tokens for t in self.tasks for b in t.batches)
-        done_tokens = sum(b.n_tokens for t in self.tasks for b in t.batches[: progress["done"].get(t.name, 0)])
+        total = sum(t.n_tokens(i) for t in self.tasks for i in range(len(t)))
+        done_tokens = sum(t.n_tokens(i) for t in self.tasks for i in range(progress["done"].get(t.name, 0)))
         bar = Progress(total, "drift", enabled=o.progress)
         bar.advance(done_tokens)
         last_save = time.monotonic()
@@ -220,18 +247,22 @@ class _Run:
         try:
             for k, task in enumerate(self.tasks):
                 start = progress["done"].get(task.name, 0)
-                for bi in range(start, len(task.batches)):
+                for bi in range(start, len(task)):
                     in_batch = True
-                    self.process(k, task.batches[bi])
+                    batch = task.batch(bi)
+                    self.process(k, batch)
                     progress["done"][task.name] = bi + 1
                     in_batch = False
-                    bar.advance(task.batches[bi].n_tokens)
+                    bar.advance(batch.n_tokens)
                     if state is not None and time.monotonic() - last_save >= o.checkpoint_every:
                         state.save(progress, self.accs)
                         last_save = time.monotonic()
                 if o.pca == "paper" and task.name not in progress["pca_done"]:
                     paper_pca(self, k, task)
                     progress["pca_done"].append(task.name)
+                    if state is not None:  # the PCA phase is a unit of work of its own: keep it
+                        state.save(progress, self.accs)
+                        last_save = time.monotonic()
         except KeyboardInterrupt:
             if state is not None and not in_batch:
                 state.save(progress, self.accs)

@@ -229,29 +229,83 @@ def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(m
 
 
 @pytest.mark.parametrize("pca", ["streaming", "paper"])
-def test_resume_with_several_tuned_models_and_tasks(models, records, tmp_path, monkeypatch, pca):
+def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, pca):
     from analysis_helpers import write_records
 
+    from driftscope.analysis import run as run_mod
     from driftscope.probes import PaperPCAShift
 
-    second = write_records(tmp_path / "short.jsonl", n=6)
+    data = [write_records(tmp_path / "a.jsonl", n=5), write_records(tmp_path / "b.jsonl", n=4)]
     tuned = [models["tuned"], models["late"]]
-    opts = {**OPTS, "pca": pca, "pca_queries": 4}
-    full = drift(models["base"], tuned, [records, second], tmp_path / "full", **opts).summary
-    # interrupted twice: inside a batch of the second task, then (paper) inside its PCA phase or (streaming) later
+    opts = {**OPTS, "pca": pca, "pca_queries": 3}
+    full = drift(models["base"], tuned, data, tmp_path / "full", **opts).summary
     out = tmp_path / "cut"
-    for cls, nth in ((TokenMetrics, 2 * 5 + 3), (PaperPCAShift if pca == "paper" else TokenMetrics, 11)):
-        original, calls = cls.update, {"n": 0}
+    # 1st interrupt: inside the first batch of the second task, after model 0's token metrics were folded in
+    where = {"k": None, "j": 0}
+    process, update = run_mod._Run.process, TokenMetrics.update
 
-        def flaky(self, *a, _o=original, _c=calls, _n=nth, **kw):
-            _c["n"] += 1
-            if _c["n"] == _n:
+    def tracking(self, k, batch):
+        where["k"], where["j"] = k, 0
+        return process(self, k, batch)
+
+    def flaky(self, *a, **kw):
+        if where["k"] == 1 and where["j"] == 1:
+            raise KeyboardInterrupt
+        where["j"] += 1
+        return update(self, *a, **kw)
+
+    monkeypatch.setattr(run_mod._Run, "process", tracking)
+    monkeypatch.setattr(TokenMetrics, "update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        drift(models["base"], tuned, data, out, **opts)
+    monkeypatch.undo()
+    # 2nd interrupt (paper): inside the second task's PCA phase, after model 0's PCA was built
+    if pca == "paper":
+        calls, pupdate = {"n": 0}, PaperPCAShift.update
+
+        def flaky_pca(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 2 * 4 + 4 + 2:  # task 1, model 1, layer 1
                 raise KeyboardInterrupt
-            return _o(self, *a, **kw)
+            return pupdate(self, *a, **kw)
 
-        monkeypatch.setattr(cls, "update", flaky)
-        with pytest.raises(KeyboardInterrupt):
-            drift(models["base"], tuned, [records, second], out, resume=True, **opts)
+        monkeypatch.setattr(PaperPCAShift, "update", flaky_pca)
+        with pytest.raises(KeyboardInterrupt):  # the resumed run redoes task 0's PCA (not done), then task 1's
+            drift(models["base"], tuned, data, out, resume=True, **opts)
         monkeypatch.undo()
-    resumed = drift(models["base"], tuned, [records, second], out, resume=True, **opts).summary
+    resumed = drift(models["base"], tuned, data, out, resume=True, **opts).summary
     _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
+
+
+# ---- memory: packed batches exist one at a time, not for the whole dataset -------------------------------------------
+def test_packed_batches_are_built_one_at_a_time(models, records, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    import driftscope.engine.data as data_mod
+    from driftscope.analysis import run as run_mod
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(records.read_text() * 2)
+    alive: list[weakref.ref] = []
+    build = data_mod._build
+
+    def tracked(samples):
+        b = build(samples)
+        alive.append(weakref.ref(b))
+        return b
+
+    monkeypatch.setattr(data_mod, "_build", tracked)
+    peak = {"n": 0, "calls": 0}
+    process = run_mod._Run.process
+
+    def watching(self, k, batch):
+        peak["calls"] += 1
+        if peak["calls"] in (3, 8):
+            gc.collect()
+            peak["n"] = max(peak["n"], sum(r() is not None for r in alive))
+        return process(self, k, batch)
+
+    monkeypatch.setattr(run_mod._Run, "process", watching)
+    drift(models["base"], models["tuned"], big, **OPTS)
+    assert len(alive) >= 8 and peak["n"] <= 2, f"{peak['n']} of {len(alive)} packed batches alive at once"
