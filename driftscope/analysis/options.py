@@ -88,9 +88,22 @@ def file_digest(path: Path) -> str:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
+def sampled_digest(path: Path, window: int = 1 << 20) -> str:
+    """sha256 of the size and three 1 MiB windows (start, middle, end): a weights file re-saved after more
+    training differs in all of them; copying or re-staging the file (new mtime) does not change it."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        for off in sorted({0, max(size // 2 - window // 2, 0), max(size - window, 0)}):
+            f.seek(off)
+            h.update(f.read(window))
+    return h.hexdigest()
+
+
 def checkpoint_identity(folder: Path) -> dict:
-    """What identifies a checkpoint's contents without reading its weights: sha256 of its small JSON files
-    (config, tokenizer, index) and (size, mtime_ns) of each weight file. A checkpoint re-saved in place changes it."""
+    """What identifies a checkpoint's contents without reading all its weights: sha256 of its small JSON files
+    (config, tokenizer, index) and a sampled digest of each weight file. A checkpoint re-saved in place changes it."""
     out = {}
     for f in sorted(folder.iterdir()):
         if not f.is_file():
@@ -98,8 +111,7 @@ def checkpoint_identity(folder: Path) -> dict:
         if f.suffix == ".json" or f.name == "chat_template.jinja":
             out[f.name] = file_digest(f)
         elif f.suffix in _WEIGHT_SUFFIXES:
-            st = f.stat()
-            out[f.name] = [st.st_size, st.st_mtime_ns]
+            out[f.name] = sampled_digest(f)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 
 import pytest
@@ -31,9 +32,11 @@ def _strict(text: str):
 # ---- an interrupt inside a batch must not leave half a batch in the saved state ----------------------------------
 @pytest.mark.parametrize("where", ["after-token-metrics", "inside-the-forward"])
 def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, records, tmp_path, monkeypatch, where):
-    full = drift(models["base"], models["tuned"], records, tmp_path / "full", **OPTS).summary
+    # two tuned models (streaming PCA: the second one's TunedMeans is saved and restored too)
+    tuned = [models["tuned"], models["late"]]
+    full = drift(models["base"], tuned, records, tmp_path / "full", **OPTS).summary
     # the 3rd batch is interrupted after its token metrics were folded in, or after two of its layers were
-    cls, nth = (ShiftedTokens, 3) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 4 + 2)
+    cls, nth = (ShiftedTokens, 2 * 2 + 1) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 2 * 4 + 3)
     original, calls = cls.update, {"n": 0}
 
     def flaky(self, *a, **kw):
@@ -45,9 +48,9 @@ def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, re
     monkeypatch.setattr(cls, "update", flaky)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        drift(models["base"], models["tuned"], records, out, **OPTS)
+        drift(models["base"], tuned, records, out, **OPTS)
     monkeypatch.setattr(cls, "update", original)
-    resumed = drift(models["base"], models["tuned"], records, out, resume=True, **OPTS).summary
+    resumed = drift(models["base"], tuned, records, out, resume=True, **OPTS).summary
     _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
 
 
@@ -185,6 +188,10 @@ def test_resume_refuses_inputs_changed_in_place(models, records, tmp_path, monke
     monkeypatch.setattr(ShiftedTokens, "update", boom)
     with pytest.raises(KeyboardInterrupt):
         drift(models["base"], tuned, records, tmp_path / "out", **opts)
+    if change == "checkpoint":  # re-staged (copied again: new mtime, same bytes): still resumable
+        os.utime(tuned / "model.safetensors", ns=(1, 1))
+        with pytest.raises(KeyboardInterrupt):
+            drift(models["base"], tuned, records, tmp_path / "out", resume=True, **opts)
     monkeypatch.undo()
     if change == "checkpoint":  # the tuned checkpoint re-saved at the same path (a later training step)
         write_tuned(models["base"], tuned, from_layer=1, seed=7)
@@ -228,8 +235,7 @@ def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(m
     assert both["models"]["late"]["tasks"]["mixed"]["pca"] == single["models"]["late"]["tasks"]["mixed"]["pca"]
 
 
-@pytest.mark.parametrize("pca", ["streaming", "paper"])
-def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, pca):
+def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, pca="paper"):
     from analysis_helpers import write_records
 
     from driftscope.analysis import run as run_mod
@@ -309,3 +315,17 @@ def test_packed_batches_are_built_one_at_a_time(models, records, tmp_path, monke
     monkeypatch.setattr(run_mod._Run, "process", watching)
     drift(models["base"], models["tuned"], big, **OPTS)
     assert len(alive) >= 8 and peak["n"] <= 2, f"{peak['n']} of {len(alive)} packed batches alive at once"
+
+
+# ---- bfloat16 end to end ------------------------------------------------------------------------------------------------
+def test_bfloat16_run_agrees_with_float32(models, records):
+    runs = {dt: drift(models["base"], models["tuned"], records, dtype=dt, pca="paper", pca_queries=5,
+                      **OPTS).summary["models"]["tuned"]["tasks"]["mixed"] for dt in ("float32", "bfloat16")}
+    a, b = runs["float32"], runs["bfloat16"]
+    assert a["tokens"] == b["tokens"] and a["samples"] == b["samples"]
+    for k in ("kl_tb", "kl_bt"):
+        assert b[k]["token_mean"] == pytest.approx(a[k]["token_mean"], rel=0.05), k
+    assert b["top1_agreement"] == pytest.approx(a["top1_agreement"], abs=0.05)
+    for ra, rb in zip(a["layers"], b["layers"]):
+        assert rb["cosine"] == pytest.approx(ra["cosine"], abs=0.02), ra["layer"]
+        assert rb["pca_shift"] == pytest.approx(ra["pca_shift"], abs=0.05 * max(1.0, abs(ra["pca_shift"]))), ra["layer"]
