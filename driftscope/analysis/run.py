@@ -24,7 +24,8 @@ from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
 from driftscope.analysis.summary import model_summary, task_summary
 from driftscope.engine.data import PackedBatch, Record, Sample, pack_batches, read_records, tokenize_records
 from driftscope.engine.loader import load_model
-from driftscope.engine.runner import LockstepRunner
+from driftscope.engine.config import ModelConfig
+from driftscope.engine.runner import LockstepRunner, check_compatible_configs
 from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
 from driftscope.kernels import backend_status
 from driftscope.kernels.vocab_probe import vocab_probe
@@ -150,6 +151,9 @@ class _Run:
         self.tok = load_tokenizer(base_dir)
         for d in tuned.values():
             check_same_tokenizer(self.tok, d)  # vocabularies first: fail before the checkpoints load
+        # configs first: a layer-count or width mismatch is refused before minutes of weight loading
+        check_compatible_configs(ModelConfig.from_file(base_dir / "config.json"),
+                                 [ModelConfig.from_file(d / "config.json") for d in tuned.values()])
         kw = {"device": self.device, "dtype": opts.dtype, "allow_pickle": opts.allow_pickle}
         self.base = load_model(base_dir, **kw)
         self.tuned = [load_model(d, **kw) for d in tuned.values()]

@@ -10,23 +10,33 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
 
 # on_layer(index, h_base [T, d], [h_tuned_j [T, d] for each tuned model])
 LayerCallback = Callable[[int, torch.Tensor, list[torch.Tensor]], None]
 
 
+_HF_NAMES = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size"}
+
+
+def check_compatible_configs(base: ModelConfig, tuned: Sequence[ModelConfig]) -> None:
+    """ValueError naming the first config field (and both config files) that makes a lockstep comparison
+    meaningless. Needs only the configs, so a run can refuse before it loads any weights."""
+    for c in tuned:
+        for name, hf in _HF_NAMES.items():
+            if getattr(base, name) != getattr(c, name):
+                raise ValueError(
+                    f"cannot compare layer by layer: {name} ({hf} in config.json) is {getattr(base, name)} in "
+                    f"{base.source} but {getattr(c, name)} in {c.source}"
+                )
+
+
 def check_compatible(base: Transformer, tuned: Sequence[Transformer]) -> None:
     """ValueError naming the first config field that makes a lockstep comparison meaningless."""
-    b = base.config
+    check_compatible_configs(base.config, [t.config for t in tuned])
     for t in tuned:
         c = t.config
-        for name in ("num_layers", "hidden_size"):
-            if getattr(b, name) != getattr(c, name):
-                raise ValueError(
-                    f"cannot compare layer by layer: {name} is {getattr(b, name)} in {b.source} "
-                    f"but {getattr(c, name)} in {c.source}"
-                )
         if t.device != base.device:
             raise ValueError(f"models must be on one device: base on {base.device}, {c.source} on {t.device}")
 

@@ -329,3 +329,23 @@ def test_bfloat16_run_agrees_with_float32(models, records):
     for ra, rb in zip(a["layers"], b["layers"]):
         assert rb["cosine"] == pytest.approx(ra["cosine"], abs=0.02), ra["layer"]
         assert rb["pca_shift"] == pytest.approx(ra["pca_shift"], abs=0.05 * max(1.0, abs(ra["pca_shift"]))), ra["layer"]
+
+
+def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, records, tmp_path, monkeypatch):
+    from driftscope.analysis import run as run_mod
+
+    other = write_base(tmp_path / "two-layers", layers=2)
+    loads = {"n": 0}
+    load_model = run_mod.load_model
+
+    def counting(*a, **kw):
+        loads["n"] += 1
+        return load_model(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "load_model", counting)
+    with pytest.raises(ValueError) as e:
+        drift(models["base"], [models["tuned"], other], records, **OPTS)
+    msg = str(e.value)
+    assert "num_layers" in msg and "num_hidden_layers" in msg, msg
+    assert str(models["base"] / "config.json") in msg and str(other / "config.json") in msg, msg
+    assert loads["n"] == 0, "the configs disagree: no checkpoint should be loaded"
