@@ -28,7 +28,7 @@ class DriftOptions:
     cka: str = "auto"  # auto: full when hidden_size <= 1024, else projected to cka_proj_dim
     cka_proj_dim: int = 256
     top_tokens: int = 200  # rows of the shifted-token table in summary.json (the token table file has all)
-    checkpoint_every: float = 30.0  # seconds between resumable checkpoints (0: after every batch)
+    checkpoint_every: float = 30.0  # min seconds between checkpoints, stretched to keep saving <= ~10% (0: every batch)
     resume: bool = False
     progress: bool = True
     allow_pickle: bool = False

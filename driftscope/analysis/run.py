@@ -243,7 +243,7 @@ class _Run:
         done_tokens = sum(t.n_tokens(i) for t in self.tasks for i in range(progress["done"].get(t.name, 0)))
         bar = Progress(total, "drift", enabled=o.progress)
         bar.advance(done_tokens)
-        last_save = time.monotonic()
+        last_save, save_cost = time.monotonic(), 0.0
         t0 = time.perf_counter()
         # True while the accumulators may hold part of a batch that progress does not count: an interrupt then
         # must not save them (the resumed run would add that batch again); the last checkpoint stays valid.
@@ -258,9 +258,14 @@ class _Run:
                     progress["done"][task.name] = bi + 1
                     in_batch = False
                     bar.advance(batch.n_tokens)
-                    if state is not None and time.monotonic() - last_save >= o.checkpoint_every:
+                    # at most every checkpoint_every s, and never more than ~10% of the time in saving (a d=5120
+                    # streaming-PCA state is GBs); checkpoint_every=0 means after every batch, as asked
+                    gap = max(o.checkpoint_every, 9 * save_cost) if o.checkpoint_every > 0 else 0.0
+                    if state is not None and time.monotonic() - last_save >= gap:
+                        t_save = time.monotonic()
                         state.save(progress, self.accs)
                         last_save = time.monotonic()
+                        save_cost = last_save - t_save
                 if o.pca == "paper" and task.name not in progress["pca_done"]:
                     paper_pca(self, k, task)
                     progress["pca_done"].append(task.name)

@@ -349,3 +349,30 @@ def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, recor
     assert "num_layers" in msg and "num_hidden_layers" in msg, msg
     assert str(models["base"] / "config.json") in msg and str(other / "config.json") in msg, msg
     assert loads["n"] == 0, "the configs disagree: no checkpoint should be loaded"
+
+
+def test_checkpoints_never_dominate_the_run_time(models, records, tmp_path, monkeypatch):
+    import time
+
+    from driftscope.analysis import run as run_mod
+    from driftscope.analysis.checkpoint import RunState
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(records.read_text() * 2)
+    saves, batches = {"n": 0}, {"n": 0}
+    save, process = RunState.save, run_mod._Run.process
+
+    def slow_save(self, *a, **kw):  # a large state: each save takes far longer than a batch
+        saves["n"] += 1
+        time.sleep(0.1)
+        return save(self, *a, **kw)
+
+    def counting(self, *a, **kw):
+        batches["n"] += 1
+        return process(self, *a, **kw)
+
+    monkeypatch.setattr(RunState, "save", slow_save)
+    monkeypatch.setattr(run_mod._Run, "process", counting)
+    drift(models["base"], models["tuned"], big, tmp_path / "out", **{**OPTS, "checkpoint_every": 1e-3})
+    print(saves, batches)
+    assert batches["n"] >= 20 and saves["n"] <= batches["n"] // 3, (saves, batches)
