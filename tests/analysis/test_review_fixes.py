@@ -127,7 +127,7 @@ def test_a_diverged_checkpoint_gives_strict_json_equal_to_the_report(models, rec
 
 
 def test_summary_on_disk_equals_the_report_and_names_the_run(models, records, tmp_path):
-    report = drift(models["base"], models["tuned"], records, tmp_path, **OPTS)
+    report = drift(models["base"], models["tuned"], records, tmp_path, resume=True, **OPTS)  # no state: a fresh run
     disk = _strict((tmp_path / "summary.json").read_text())
     assert disk == report.summary
     assert disk["config"]["base"] == str(models["base"]) and disk["config"]["dtype"] == "float32"
