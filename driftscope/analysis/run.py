@@ -160,6 +160,7 @@ class _Run:
         self.runner = LockstepRunner(self.base, self.tuned)
         self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
         self.tasks = [self._read_task(name, path) for name, path in data.items()]
+        self._check_ids_fit_the_models()
         sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
         for d in tuned.values():
             check_same_tokenizer(self.tok, d, sample)
@@ -168,6 +169,20 @@ class _Run:
             for k, task in enumerate(self.tasks):
                 for kind, acc in self._new_accumulators(j).items():
                     self.accs[f"m{j}.t{k}.{kind}"] = acc
+
+    def _check_ids_fit_the_models(self) -> None:
+        """Every token id must have an embedding row in every model: else say which id, file and checkpoint
+        (not an IndexError from the embedding lookup in the middle of the run)."""
+        for task in self.tasks:
+            top = max(int(s.input_ids.max()) for g in task.groups for s in g)
+            for m in (self.base, *self.tuned):
+                rows = m.tok_embeddings.weight.shape[0]
+                if top >= rows:
+                    raise ValueError(
+                        f"{task.path}: token id {top} ({self.tok.id_to_token(top)!r}) from the tokenizer in {self.tok.path} "
+                        f"has no row in {m.config.source} (vocab_size {rows}); the tokenizer ({self.tok.vocab_size} ids) "
+                        "does not belong to that checkpoint"
+                    )
 
     def _read_task(self, name: str, path: Path) -> _Task:
         o = self.opts

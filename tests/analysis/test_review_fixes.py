@@ -376,3 +376,10 @@ def test_checkpoints_never_dominate_the_run_time(models, records, tmp_path, monk
     drift(models["base"], models["tuned"], big, tmp_path / "out", **{**OPTS, "checkpoint_every": 1e-3})
     print(saves, batches)
     assert batches["n"] >= 20 and saves["n"] <= batches["n"] // 3, (saves, batches)
+
+
+def test_a_tokenizer_with_ids_beyond_the_checkpoints_vocabulary_is_named(records, tmp_path):
+    base = write_base(tmp_path / "base", vocab=300)  # the tokenizer written beside it has 350 ids
+    tuned = write_tuned(base, tmp_path / "tuned", from_layer=1)
+    with pytest.raises(ValueError, match=r"has no row in .*config.json \(vocab_size 300\)"):
+        drift(base, tuned, records, **OPTS)
