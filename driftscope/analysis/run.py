@@ -151,36 +151,35 @@ class _Run:
         self.tok = load_tokenizer(base_dir)
         for d in tuned.values():
             check_same_tokenizer(self.tok, d)  # vocabularies first: fail before the checkpoints load
-        # configs first: a layer-count or width mismatch is refused before minutes of weight loading
-        check_compatible_configs(ModelConfig.from_file(base_dir / "config.json"),
-                                 [ModelConfig.from_file(d / "config.json") for d in tuned.values()])
+        # configs, data and tokenizers first: what cannot work is refused before minutes of weight loading
+        configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned.values())]
+        check_compatible_configs(configs[0], configs[1:])
+        self.tasks = [self._read_task(name, path) for name, path in data.items()]
+        self._check_ids_fit_the_models(configs)
+        sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
+        for d in tuned.values():
+            check_same_tokenizer(self.tok, d, sample)
         kw = {"device": self.device, "dtype": opts.dtype, "allow_pickle": opts.allow_pickle}
         self.base = load_model(base_dir, **kw)
         self.tuned = [load_model(d, **kw) for d in tuned.values()]
         self.runner = LockstepRunner(self.base, self.tuned)
         self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
-        self.tasks = [self._read_task(name, path) for name, path in data.items()]
-        self._check_ids_fit_the_models()
-        sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
-        for d in tuned.values():
-            check_same_tokenizer(self.tok, d, sample)
         self.accs: dict[str, Accumulator] = {}
         for j in range(len(self.tuned)):
             for k, task in enumerate(self.tasks):
                 for kind, acc in self._new_accumulators(j).items():
                     self.accs[f"m{j}.t{k}.{kind}"] = acc
 
-    def _check_ids_fit_the_models(self) -> None:
+    def _check_ids_fit_the_models(self, configs: list[ModelConfig]) -> None:
         """Every token id must have an embedding row in every model: else say which id, file and checkpoint
         (not an IndexError from the embedding lookup in the middle of the run)."""
         for task in self.tasks:
             top = max(int(s.input_ids.max()) for g in task.groups for s in g)
-            for m in (self.base, *self.tuned):
-                rows = m.tok_embeddings.weight.shape[0]
-                if top >= rows:
+            for c in configs:
+                if top >= c.vocab_size:
                     raise ValueError(
                         f"{task.path}: token id {top} ({self.tok.id_to_token(top)!r}) from the tokenizer in {self.tok.path} "
-                        f"has no row in {m.config.source} (vocab_size {rows}); the tokenizer ({self.tok.vocab_size} ids) "
+                        f"has no row in {c.source} (vocab_size {c.vocab_size}); the tokenizer ({self.tok.vocab_size} ids) "
                         "does not belong to that checkpoint"
                     )
 

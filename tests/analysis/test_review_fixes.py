@@ -383,3 +383,14 @@ def test_a_tokenizer_with_ids_beyond_the_checkpoints_vocabulary_is_named(records
     tuned = write_tuned(base, tmp_path / "tuned", from_layer=1)
     with pytest.raises(ValueError, match=r"has no row in .*config.json \(vocab_size 300\)"):
         drift(base, tuned, records, **OPTS)
+
+
+@pytest.mark.parametrize("content", ["", "not json\n{\"a\": 1}\n"], ids=["empty", "all-bad"])
+def test_unusable_data_is_refused_before_any_weights_load(models, tmp_path, monkeypatch, content):
+    from driftscope.analysis import run as run_mod
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for unusable data"))
+    with pytest.raises(ValueError, match=f"{data}: no usable record"):
+        drift(models["base"], models["tuned"], data, **OPTS)
