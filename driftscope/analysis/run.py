@@ -19,7 +19,7 @@ import torch
 from driftscope.analysis.checkpoint import RunState
 from driftscope.analysis.env import GpuTelemetry, Progress, machine, versions
 from driftscope.analysis.options import DriftOptions, fingerprint
-from driftscope.analysis.paper_pca import paper_pca
+from driftscope.analysis.paper_pca import paper_pca, query_texts
 from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
 from driftscope.analysis.summary import model_summary, task_summary
 from driftscope.engine.data import PackedBatch, Record, Sample, pack_batches, read_records, tokenize_records
@@ -156,6 +156,11 @@ class _Run:
         check_compatible_configs(configs[0], configs[1:])
         self.tasks = [self._read_task(name, path) for name, path in data.items()]
         self._check_ids_fit_the_models(configs)
+        if opts.pca == "paper":  # the query count is known now: refuse before the weights load and the batches run
+            for task in self.tasks:
+                if len(query_texts(self, task)) < 2:
+                    raise ValueError(f"{opts.pca_texts or task.path}: paper-mode PCA needs at least 2 query texts, "
+                                     f"found {len(query_texts(self, task))}")
         sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
         for d in tuned.values():
             check_same_tokenizer(self.tok, d, sample)

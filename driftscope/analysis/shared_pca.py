@@ -64,7 +64,13 @@ class TunedMeans(Accumulator):
 
 
 def shared_streaming_finalize(base: StreamingPCA, others: Sequence[TunedMeans]) -> list[dict]:
-    """[base.finalize(), then the same dict for each of `others` projected on base's PCA]; one eigh per layer."""
+    """[base.finalize(), then the same dict for each of `others` projected on base's PCA]; one eigh per layer.
+
+    Fewer than 2 rows (scored tokens) make the PCA undefined: then each dict says so (no records, distance None)."""
+    if int(base.n.min()) < 2:
+        why = f"PCA needs at least 2 rows (scored tokens) per layer, got {int(base.n.min())}"
+        return [{"mode": "streaming", "rows": base.n.tolist(), "records": [], "centroid_distance": None,
+                 "explained_variance": None, "undefined": why} for _ in range(1 + len(others))]
     comps, evs, means_b = [], [], []
     for layer in range(base.n_layers):
         mean, c, ev = base.components(layer)

@@ -394,3 +394,18 @@ def test_unusable_data_is_refused_before_any_weights_load(models, tmp_path, monk
     monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for unusable data"))
     with pytest.raises(ValueError, match=f"{data}: no usable record"):
         drift(models["base"], models["tuned"], data, **OPTS)
+
+
+def test_a_single_scored_token_gives_an_undefined_pca_not_a_crash_at_the_end(models, tmp_path, monkeypatch):
+    from driftscope.analysis import run as run_mod
+
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"prompt": "The sum of", "response": " the"}\n')
+    report = drift(models["base"], models["tuned"], data, tmp_path / "out", **OPTS)
+    task = report.summary["models"]["tuned"]["tasks"]["one"]
+    assert task["tokens"] == 1 and task["pca"]["records"] == [] and "at least 2" in task["pca"]["undefined"]
+    assert _strict((tmp_path / "out" / "summary.json").read_text()) == report.summary
+    # paper mode with one query text: refused before any weights load, not after the batches
+    monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for an impossible PCA"))
+    with pytest.raises(ValueError, match="at least 2 query texts"):
+        drift(models["base"], models["tuned"], data, pca="paper", **OPTS)
