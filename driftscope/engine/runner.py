@@ -50,6 +50,8 @@ class LockstepRunner:
         check_compatible(base, tuned)
         self.base, self.tuned = base, list(tuned)
         self.n_states = base.config.num_layers + 1
+        # models whose packed-batch data agree (dtype, rope frequencies, sliding window) share one prepare() per batch
+        self._prep_keys = [(m.dtype, m.config.sliding_window, m.inv_freq.numpy().tobytes()) for m in (base, *tuned)]
 
     @property
     def device(self) -> torch.device:
@@ -62,7 +64,9 @@ class LockstepRunner:
         dev = self.device
         ids, cu = input_ids.to(dev), cu_seqlens.to(dev)
         models = [self.base, *self.tuned]
-        batches = [m.prepare(ids, cu) for m in models]  # rope tables per model (configs may differ in theta)
+        prepared: dict = {}  # rope tables once per distinct (dtype, theta/scaling, window), not once per model
+        batches = [prepared[k] if k in prepared else prepared.setdefault(k, m.prepare(ids, cu))
+                   for m, k in zip(models, self._prep_keys)]
         hs = [m.embed(ids) for m in models]  # [T, d] each
         last = self.n_states - 1
         if on_layer is not None:

@@ -409,3 +409,28 @@ def test_a_single_scored_token_gives_an_undefined_pca_not_a_crash_at_the_end(mod
     monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for an impossible PCA"))
     with pytest.raises(ValueError, match="at least 2 query texts"):
         drift(models["base"], models["tuned"], data, pca="paper", **OPTS)
+
+
+def test_the_lockstep_runner_prepares_each_batch_once_for_models_that_agree(models, monkeypatch):
+    from driftscope import load_model
+    from driftscope.engine.model import Transformer
+
+    base, a, b = (load_model(models[n]) for n in ("base", "tuned", "late"))
+    calls = {"n": 0}
+    prepare = Transformer.prepare
+
+    def counting(self, *args, **kw):
+        calls["n"] += 1
+        return prepare(self, *args, **kw)
+
+    monkeypatch.setattr(Transformer, "prepare", counting)
+    ids = torch.arange(1, 21, dtype=torch.int64)
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)
+    hb, hts = LockstepRunner(base, [a, b]).forward(ids, cu)
+    assert calls["n"] == 1, "same dtype and rope: one set of rope tables per batch, not one per model"
+    ref = base.forward(ids, cu).hidden
+    assert torch.equal(hb, ref) and torch.equal(hts[0], a.forward(ids, cu).hidden)
+    b.inv_freq = b.inv_freq * 0.5  # a tuned model with another rope base gets its own tables
+    calls["n"] = 0
+    LockstepRunner(base, [a, b]).forward(ids, cu)
+    assert calls["n"] == 2
