@@ -22,6 +22,14 @@ from driftscope.probes import HiddenSimilarity, ShiftedTokens, TokenMetrics
 OPTS = {"progress": False, "max_batch_tokens": 64, "checkpoint_every": 0}
 
 
+@pytest.fixture
+def no_html(monkeypatch):
+    """Skip report.html (its plots are most of a tiny run's time) in tests that check numbers and state only."""
+    import driftscope.report
+
+    monkeypatch.setattr(driftscope.report, "write_report", lambda out, summary: out / "report.html")
+
+
 def _strict(text: str):
     def no_constant(name):
         raise AssertionError(f"summary.json holds {name}, which strict JSON forbids")
@@ -30,11 +38,20 @@ def _strict(text: str):
 
 
 # ---- an interrupt inside a batch must not leave half a batch in the saved state ----------------------------------
+BIG = {**OPTS, "max_batch_tokens": 128}  # fewer, larger batches: fewer checkpoints to write
+
+
+@pytest.fixture(scope="module")
+def two_model_run(models, records):
+    return drift(models["base"], [models["tuned"], models["late"]], records, **BIG).summary
+
+
 @pytest.mark.parametrize("where", ["after-token-metrics", "inside-the-forward"])
-def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, records, tmp_path, monkeypatch, where):
+def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, records, tmp_path, monkeypatch, where,
+                                                                      two_model_run, no_html):
     # two tuned models (streaming PCA: the second one's TunedMeans is saved and restored too)
     tuned = [models["tuned"], models["late"]]
-    full = drift(models["base"], tuned, records, tmp_path / "full", **OPTS).summary
+    full = two_model_run
     # the 3rd batch is interrupted after its token metrics were folded in, or after two of its layers were
     cls, nth = (ShiftedTokens, 2 * 2 + 1) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 2 * 4 + 3)
     original, calls = cls.update, {"n": 0}
@@ -48,9 +65,10 @@ def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, re
     monkeypatch.setattr(cls, "update", flaky)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        drift(models["base"], tuned, records, out, **OPTS)
+        drift(models["base"], tuned, records, out, **BIG)
+    assert json.loads((out / ".driftscope-state" / "progress.json").read_text())["done"]["mixed"] == 2
     monkeypatch.setattr(cls, "update", original)
-    resumed = drift(models["base"], tuned, records, out, resume=True, **OPTS).summary
+    resumed = drift(models["base"], tuned, records, out, resume=True, **BIG).summary
     _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
 
 
@@ -235,7 +253,7 @@ def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(m
     assert both["models"]["late"]["tasks"]["mixed"]["pca"] == single["models"]["late"]["tasks"]["mixed"]["pca"]
 
 
-def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, pca="paper"):
+def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, no_html, pca="paper"):
     from analysis_helpers import write_records
 
     from driftscope.analysis import run as run_mod
@@ -243,8 +261,8 @@ def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatc
 
     data = [write_records(tmp_path / "a.jsonl", n=5), write_records(tmp_path / "b.jsonl", n=4)]
     tuned = [models["tuned"], models["late"]]
-    opts = {**OPTS, "pca": pca, "pca_queries": 3}
-    full = drift(models["base"], tuned, data, tmp_path / "full", **opts).summary
+    opts = {**BIG, "pca": pca, "pca_queries": 3}
+    full = drift(models["base"], tuned, data, None, **opts).summary
     out = tmp_path / "cut"
     # 1st interrupt: inside the first batch of the second task, after model 0's token metrics were folded in
     where = {"k": None, "j": 0}
@@ -264,7 +282,8 @@ def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatc
     monkeypatch.setattr(TokenMetrics, "update", flaky)
     with pytest.raises(KeyboardInterrupt):
         drift(models["base"], tuned, data, out, **opts)
-    monkeypatch.undo()
+    monkeypatch.setattr(run_mod._Run, "process", process)
+    monkeypatch.setattr(TokenMetrics, "update", update)
     # 2nd interrupt (paper): inside the second task's PCA phase, after model 0's PCA was built
     if pca == "paper":
         calls, pupdate = {"n": 0}, PaperPCAShift.update
@@ -278,7 +297,7 @@ def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatc
         monkeypatch.setattr(PaperPCAShift, "update", flaky_pca)
         with pytest.raises(KeyboardInterrupt):  # the resumed run redoes task 0's PCA (not done), then task 1's
             drift(models["base"], tuned, data, out, resume=True, **opts)
-        monkeypatch.undo()
+        monkeypatch.setattr(PaperPCAShift, "update", pupdate)
     resumed = drift(models["base"], tuned, data, out, resume=True, **opts).summary
     _assert_same(json.loads(json.dumps(full["models"])), json.loads(json.dumps(resumed["models"])), rel=0)
 
@@ -351,7 +370,7 @@ def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, recor
     assert loads["n"] == 0, "the configs disagree: no checkpoint should be loaded"
 
 
-def test_checkpoints_never_dominate_the_run_time(models, records, tmp_path, monkeypatch):
+def test_checkpoints_never_dominate_the_run_time(models, records, tmp_path, monkeypatch, no_html):
     import time
 
     from driftscope.analysis import run as run_mod
