@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from driftscope.engine.data import record_texts
+from driftscope.engine.data import next_fit, record_texts
 from driftscope.engine.runner import pad_states
 from driftscope.probes.pca import PaperPCAShift, paper_select_texts
 
@@ -28,19 +28,6 @@ def query_texts(run: "_Run", task: "_Task") -> list[str]:
         prompt, response = record_texts(rec, run.tok, o.chat_template_kwargs)
         texts.append(prompt or response)
     return texts
-
-
-def _batches(lengths: list[int], budget: int) -> list[list[int]]:
-    out, cur, used = [], [], 0
-    for q, n in enumerate(lengths):
-        if n == 0:
-            continue
-        if cur and used + n > budget:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(q)
-        used += n
-    return out + ([cur] if cur else [])
 
 
 @torch.inference_mode()
@@ -62,7 +49,7 @@ def paper_pca(run: "_Run", k: int, task: "_Task") -> None:
     lengths = [len(x) for x in ids]
     # vectors[m][layer, q] = Σ over the query's real tokens, then padded-mean below
     sums = [torch.zeros(n_states, len(ids), d, dtype=torch.float64, device=run.device) for _ in models]
-    for group in _batches(lengths, max(o.max_batch_tokens, o.pca_max_length)):
+    for group in next_fit(lengths, max(o.max_batch_tokens, o.pca_max_length)):
         flat = torch.tensor([t for q in group for t in ids[q]], dtype=torch.int64)
         lens = torch.tensor([lengths[q] for q in group])
         cu = torch.zeros(len(group) + 1, dtype=torch.int32)

@@ -22,7 +22,7 @@ from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca, query_texts
 from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
 from driftscope.analysis.summary import model_summary, task_summary
-from driftscope.engine.data import PackedBatch, Record, Sample, pack_batches, read_records, tokenize_records
+from driftscope.engine.data import PackedBatch, Record, Sample, next_fit, pack_batches, read_records, tokenize_records
 from driftscope.engine.loader import load_model
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.runner import LockstepRunner, check_compatible_configs
@@ -70,15 +70,8 @@ class _Task:
 
 def _batch_groups(samples: Sequence[Sample], budget: int) -> list[list[Sample]]:
     """pack_batches' next-fit grouping (sample-id order), without building the batches."""
-    groups, cur, used = [], [], 0
-    for s in sorted(samples, key=lambda s: s.sample_id):
-        n = len(s.input_ids)
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(s)
-        used += n
-    return groups + ([cur] if cur else [])
+    ordered = sorted(samples, key=lambda s: s.sample_id)
+    return [[ordered[i] for i in g] for g in next_fit([len(s.input_ids) for s in ordered], budget)]
 
 
 def _as_list(x: PathLike | Sequence[PathLike]) -> list[Path]:

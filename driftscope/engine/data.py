@@ -15,7 +15,7 @@ import torch
 
 __all__ = [
     "Record", "Sample", "PackedBatch", "read_records", "detect_format", "record_texts",
-    "tokenize_records", "load_samples", "pack_batches",
+    "tokenize_records", "load_samples", "pack_batches", "next_fit",
 ]
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,21 @@ def _build(samples: Sequence[Sample]) -> PackedBatch:
                        torch.repeat_interleave(sids, torch.tensor(lens)))
 
 
+def next_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped in order, a new group whenever the next item would exceed `budget` tokens
+    (an item longer than the budget gets a group of its own); zero-length items are left out."""
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if n == 0:
+            continue
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    return groups + ([cur] if cur else [])
+
+
 def pack_batches(samples: Iterable[Sample], max_batch_tokens: int) -> list[PackedBatch]:
     """Pack whole samples, in sample-id order, into batches of at most `max_batch_tokens` tokens (next-fit).
 
@@ -303,14 +318,5 @@ def pack_batches(samples: Iterable[Sample], max_batch_tokens: int) -> list[Packe
     for a, b in zip(ordered, ordered[1:]):
         if a.sample_id == b.sample_id:
             raise ValueError(f"duplicate sample_id {a.sample_id} ({a.where} and {b.where}); use id_offset per file")
-    batches, cur, used = [], [], 0
-    for s in ordered:
-        n = len(s.input_ids)
-        if cur and used + n > max_batch_tokens:
-            batches.append(_build(cur))
-            cur, used = [], 0
-        cur.append(s)
-        used += n
-    if cur:
-        batches.append(_build(cur))
-    return batches
+    groups = next_fit([len(s.input_ids) for s in ordered], max_batch_tokens)
+    return [_build([ordered[i] for i in g]) for g in groups]

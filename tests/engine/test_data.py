@@ -204,3 +204,15 @@ def test_messages_with_the_engine_tokenizer(tmp_path):
     prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, enable_thinking=False, tokenize=False)
     assert problems == [] and "how are you?" in prompt and "fine thanks" not in prompt, prompt
     assert s.input_ids.tolist() == tok.encode(prompt) + tok.encode("fine thanks") and s.n_prompt == len(tok.encode(prompt))
+
+
+def test_next_fit_groups_in_order_within_budget():
+    from driftscope.engine.data import next_fit
+
+    lengths = [3, 0, 5, 9, 1, 1, 4, 20, 2]
+    groups = next_fit(lengths, 8)
+    assert [i for g in groups for i in g] == [i for i, n in enumerate(lengths) if n]  # order kept, zeros out
+    for g in groups:
+        assert sum(lengths[i] for i in g) <= 8 or len(g) == 1, g  # only a lone oversize item exceeds
+    for a, b in zip(groups, groups[1:]):  # next-fit: the next group's first item did not fit
+        assert sum(lengths[i] for i in a) + lengths[b[0]] > 8
