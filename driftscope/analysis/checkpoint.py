@@ -70,5 +70,24 @@ class RunState:
         for key, acc in accumulators.items():
             acc.load_state_dict(load_file(str(self.dir / f"{key}.{gen}.safetensors")))
 
+    # generate mode: the responses of finished chunks, appended before progress.json counts them
+    def append_rows(self, key: str, rows: list[dict]) -> None:
+        with open(self.dir / f"gen.{key}.jsonl", "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+    def load_rows(self, key: str, n: int) -> list[dict]:
+        """The first n rows (what progress.json counts); the file is cut back to them, dropping rows of a chunk
+        finished after the last checkpoint (it is generated again)."""
+        path = self.dir / f"gen.{key}.jsonl"
+        lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
+        if len([x for x in lines if x.strip()]) < n:
+            raise ValueError(f"cannot resume {self.dir}: {path.name} has fewer than the {n} responses progress.json "
+                             "counts (damaged state; start without --resume)")
+        rows = [json.loads(x) for x in lines[:n]]
+        _atomic_write(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                                   encoding="utf-8"))
+        return rows
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

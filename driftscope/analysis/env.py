@@ -77,8 +77,8 @@ class GpuTelemetry:
 class Progress:
     """A one-line progress bar on stderr (tokens/s and ETA); silent when disabled."""
 
-    def __init__(self, total_tokens: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = max(total_tokens, 1), label, enabled
+    def __init__(self, total_tokens: int, label: str, enabled: bool = True, unit: str = "tok"):
+        self.total, self.label, self.enabled, self.unit = max(total_tokens, 1), label, enabled, unit
         self.done, self.t0 = 0, time.perf_counter()
 
     def advance(self, tokens: int) -> None:
@@ -90,8 +90,9 @@ class Progress:
         frac = min(self.done / self.total, 1.0)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         bar = "#" * int(frac * 30)
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done}/{self.total} tok, "
-                         f"{rate:,.0f} tok/s, eta {eta:,.0f} s ")
+        u = self.unit
+        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done}/{self.total} {u}, "
+                         f"{rate:,.0f} {u}/s, eta {eta:,.0f} s ")
         sys.stderr.flush()
 
     def close(self) -> None:

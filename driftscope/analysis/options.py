@@ -33,8 +33,39 @@ class DriftOptions:
     progress: bool = True
     allow_pickle: bool = False
     chat_template_kwargs: dict = field(default_factory=dict)
+    # drift while generating: each tuned model generates from the records' prompts, the base follows in lockstep
+    generate: bool = False
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple = ()
+    ignore_eos: bool = False
+    chat: bool = False  # render plain 'prompt' fields with the chat template (as one user message)
+    system: str | None = None
+    thinking: bool | None = None
+    prompt_field: str | None = None
+    generate_chunk: int = 256  # prompts per unit of resume
+    cache_memory: int | None = None  # KV cache bytes for base + tuned (default: see engine/kv_cache.py)
+    max_num_seqs: int = 256
+
+    def sampling(self):
+        from driftscope.engine.sampling import SamplingParams
+
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
 
     def __post_init__(self) -> None:
+        self.stop = list(self.stop) if not isinstance(self.stop, str) else [self.stop]  # JSON-able in the fingerprint
+        if self.generate:
+            self.sampling()  # refuse bad decoding options now, naming the value
+        if self.generate_chunk <= 0:
+            raise ValueError(f"generate_chunk={self.generate_chunk} is invalid: expected a positive number of prompts")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} is invalid: expected a positive integer")
+        if self.cache_memory is not None and self.cache_memory <= 0:
+            raise ValueError(f"cache_memory={self.cache_memory} is invalid: expected a positive number of bytes")
         if self.max_batch_tokens <= 0:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -71,7 +102,7 @@ class DriftOptions:
         return asdict(self)
 
     # fields that do not change any number of the result
-    _COSMETIC = ("checkpoint_every", "resume", "progress", "top_tokens", "device")
+    _COSMETIC = ("checkpoint_every", "resume", "progress", "top_tokens", "device", "cache_memory", "max_num_seqs")
 
     def result_fields(self) -> dict:
         return {k: v for k, v in self.as_dict().items() if k not in self._COSMETIC}

@@ -34,3 +34,20 @@ def write_outputs(out: Path, summary: dict, token_rows: list[dict]) -> dict[str,
         files["pca_shift"] = _write_json(out / "pca_shift.json", entries)
     files["report"] = write_report(out, summary)
     return files
+
+
+def write_responses(out: Path, responses: dict[str, dict[str, list[dict]]]) -> dict[str, Path]:
+    """Generate mode: responses/<model>/<task>.jsonl, one record per prompt ({input, output, output_token_ids, ...})."""
+    files = {}
+    for model, tasks in responses.items():
+        folder = out / "responses" / model
+        folder.mkdir(parents=True, exist_ok=True)
+        for task, rows in tasks.items():
+            path = folder / f"{task}.jsonl"
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+            files[f"responses/{model}/{task}"] = path
+    return files

@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 
 
 def query_texts(run: "_Run", task: "_Task") -> list[str]:
-    """The plain-text file's non-empty lines, or the prompts of the task's records (the text for {"text"})."""
+    """The plain-text file's non-empty lines, or the prompts of the task's records (the text for {"text"}, the
+    rendered prompts in generate mode)."""
     o = run.opts
     if o.pca_texts is not None:
         return [line for line in Path(o.pca_texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if task.prompts is not None:  # generate mode: the rendered prompts
+        return [p.text for p in task.prompts if p.text]
     texts = []
     for rec in task.records:
         prompt, response = record_texts(rec, run.tok, o.chat_template_kwargs)

@@ -2,6 +2,7 @@
 
 Records -> packed token-budget batches -> base and tuned models in lockstep -> probes (token metrics, shifted
 tokens, per-layer similarity, PCA) -> summary.json, token table, pca_shift.json, report.html. Resumable.
+With `generate=True` the records give only prompts: each tuned model generates, the base follows (gen_drift.py).
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 
 from driftscope.analysis.checkpoint import RunState
+from driftscope.analysis import gen_drift
 from driftscope.analysis.env import GpuTelemetry, Progress, machine, versions
 from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca, query_texts
 from driftscope.analysis.shared_pca import TunedMeans, shared_streaming_finalize
-from driftscope.analysis.summary import model_summary, task_summary
+from driftscope.analysis.summary import generation_summary, model_summary, task_summary
 from driftscope.engine.data import PackedBatch, Record, Sample, next_fit, pack_batches, read_records, tokenize_records
 from driftscope.engine.loader import load_model
 from driftscope.engine.config import ModelConfig
@@ -44,6 +46,7 @@ class DriftReport:
     summary: dict
     out: Path | None
     files: dict[str, Path] = field(default_factory=dict)
+    responses: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # generate mode: model -> task -> records
 
 
 @dataclass
@@ -56,9 +59,24 @@ class _Task:
     problems: list[str]
     records: list[Record]
     max_batch_tokens: int
+    prompts: list[gen_drift.PromptItem] | None = None  # generate mode: the prompts (groups is empty)
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    def n_chunks(self, size: int) -> int:
+        return -(-len(self.prompts) // size)
+
+    def max_id(self) -> int:
+        if self.prompts is not None:
+            return max(max(p.ids) for p in self.prompts)
+        return max(int(s.input_ids.max()) for g in self.groups for s in g)
+
+    def sample_texts(self, n: int) -> list[str]:
+        """Texts of the first n records, for the tokenizer agreement check."""
+        if self.prompts is not None:
+            return [p.text for p in self.prompts[:n] if p.text]
+        return [x for r in self.records[:n] for x in (r.prompt, r.response) if x]
 
     def n_tokens(self, i: int) -> int:
         return sum(len(s.input_ids) for s in self.groups[i])
@@ -147,14 +165,15 @@ class _Run:
         # configs, data and tokenizers first: what cannot work is refused before minutes of weight loading
         configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned.values())]
         check_compatible_configs(configs[0], configs[1:])
-        self.tasks = [self._read_task(name, path) for name, path in data.items()]
+        self.tasks = [(self._read_prompt_task if opts.generate else self._read_task)(name, path)
+                      for name, path in data.items()]
         self._check_ids_fit_the_models(configs)
         if opts.pca == "paper":  # the query count is known now: refuse before the weights load and the batches run
             for task in self.tasks:
                 if len(query_texts(self, task)) < 2:
                     raise ValueError(f"{opts.pca_texts or task.path}: paper-mode PCA needs at least 2 query texts, "
                                      f"found {len(query_texts(self, task))}")
-        sample = [x for t in self.tasks for r in t.records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
+        sample = [x for t in self.tasks for x in t.sample_texts(_TOKENIZER_CHECK_RECORDS)]
         for d in tuned.values():
             check_same_tokenizer(self.tok, d, sample)
         kw = {"device": self.device, "dtype": opts.dtype, "allow_pickle": opts.allow_pickle}
@@ -163,6 +182,8 @@ class _Run:
         self.runner = LockstepRunner(self.base, self.tuned)
         self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
         self.accs: dict[str, Accumulator] = {}
+        self.gen_rows: dict[tuple[int, int], list[dict]] = {}  # generate mode: responses per (tuned model, task)
+        self.tokens_generated = 0
         for j in range(len(self.tuned)):
             for k, task in enumerate(self.tasks):
                 for kind, acc in self._new_accumulators(j).items():
@@ -172,7 +193,7 @@ class _Run:
         """Every token id must have an embedding row in every model: else say which id, file and checkpoint
         (not an IndexError from the embedding lookup in the middle of the run)."""
         for task in self.tasks:
-            top = max(int(s.input_ids.max()) for g in task.groups for s in g)
+            top = task.max_id()
             for c in configs:
                 if top >= c.vocab_size:
                     raise ValueError(
@@ -192,6 +213,13 @@ class _Run:
         keep = records if o.pca == "paper" and o.pca_texts is None else records[:_TOKENIZER_CHECK_RECORDS]
         return _Task(name, path, _batch_groups(samples, o.max_batch_tokens), problems, keep, o.max_batch_tokens)
 
+    def _read_prompt_task(self, name: str, path: Path) -> _Task:
+        items, problems = gen_drift.read_prompt_items(self, path)
+        if not items:
+            first = problems[0] if problems else "the file has no records"
+            raise ValueError(f"{path}: no usable prompt ({len(problems)} problems; first: {first})")
+        return _Task(name, path, [], problems, [], self.opts.max_batch_tokens, prompts=items)
+
     def _new_accumulators(self, j: int) -> dict[str, Accumulator]:
         c = self.base.config
         n_states = c.num_layers + 1
@@ -201,7 +229,9 @@ class _Run:
             "hidden": HiddenSimilarity(n_states, c.hidden_size, cka=self.opts.cka_mode(c.hidden_size),
                                        proj_dim=self.opts.cka_proj_dim),
         }
-        if self.opts.pca == "streaming":  # base moments once per task (model 0's), tuned means per model
+        if self.opts.pca == "streaming" and self.opts.generate:  # each tuned model's own tokens: base moments each
+            accs["pca"] = StreamingPCA(n_states, c.hidden_size)
+        elif self.opts.pca == "streaming":  # base moments once per task (model 0's), tuned means per model
             accs["pca"] = StreamingPCA(n_states, c.hidden_size) if j == 0 else TunedMeans(n_states, c.hidden_size)
         elif self.opts.pca == "paper":
             accs["pca"] = PaperPCAShift(n_states, c.hidden_size)
@@ -240,28 +270,62 @@ class _Run:
         o = self.opts
         state = RunState(self.out) if self.out is not None else None
         fp = fingerprint(self.base_dir, self.tuned_dirs, self.data, o)
-        progress = {"fingerprint": fp, "done": {}, "pca_done": [], "generation": 0}
+        progress = {"fingerprint": fp, "done": {}, "pca_done": [], "generation": 0, "gen_done": {}, "gen_rows": {}}
         if state is not None:
             if o.resume and state.exists():
                 progress = state.load_progress(fp)
                 state.restore(progress, self.accs)
-                log.info("resuming from %s: %s", state.dir, progress["done"])
+                for (j, k) in ((j, k) for j in range(len(self.tuned)) for k in range(len(self.tasks))):
+                    n = progress.get("gen_rows", {}).get(f"m{j}.t{k}", 0)
+                    if n:
+                        self.gen_rows[(j, k)] = state.load_rows(f"m{j}.t{k}", n)
+                log.info("resuming from %s: %s", state.dir, progress["done"] or progress.get("gen_done"))
             else:
                 state.reset()
                 state.save(progress, self.accs)  # the fingerprint is on disk before any batch: resume can check it
         telemetry = GpuTelemetry(self.device)
         telemetry.sample()
-        total = sum(t.n_tokens(i) for t in self.tasks for i in range(len(t)))
-        done_tokens = sum(t.n_tokens(i) for t in self.tasks for i in range(progress["done"].get(t.name, 0)))
-        bar = Progress(total, "drift", enabled=o.progress)
-        bar.advance(done_tokens)
+        if o.generate:  # progress in sequences: every prompt once per tuned model
+            total = sum(len(t.prompts) for t in self.tasks) * len(self.tuned)
+            done_units = sum(min(progress["gen_done"].get(f"m{j}.t{k}", 0) * o.generate_chunk, len(t.prompts))
+                             for j in range(len(self.tuned)) for k, t in enumerate(self.tasks))
+        else:
+            total = sum(t.n_tokens(i) for t in self.tasks for i in range(len(t)))
+            done_units = sum(t.n_tokens(i) for t in self.tasks for i in range(progress["done"].get(t.name, 0)))
+        bar = Progress(total, "drift", enabled=o.progress, unit="seq" if o.generate else "tok")
+        bar.advance(done_units)
         last_save, save_cost = time.monotonic(), 0.0
         t0 = time.perf_counter()
         # True while the accumulators may hold part of a batch that progress does not count: an interrupt then
         # must not save them (the resumed run would add that batch again); the last checkpoint stays valid.
         in_batch = False
+
+        def maybe_save() -> None:
+            # at most every checkpoint_every s, and never more than ~10% of the time in saving (a d=5120
+            # streaming-PCA state is GBs); checkpoint_every=0 means after every batch, as asked
+            nonlocal last_save, save_cost
+            gap = max(o.checkpoint_every, 9 * save_cost) if o.checkpoint_every > 0 else 0.0
+            if state is not None and time.monotonic() - last_save >= gap:
+                t_save = time.monotonic()
+                state.save(progress, self.accs)
+                last_save = time.monotonic()
+                save_cost = last_save - t_save
+
         try:
             for k, task in enumerate(self.tasks):
+                for j in range(len(self.tuned)) if o.generate else ():
+                    key = f"m{j}.t{k}"
+                    for c in range(progress["gen_done"].get(key, 0), task.n_chunks(o.generate_chunk)):
+                        in_batch = True
+                        rows = gen_drift.generate_chunk(self, j, k, task, c)
+                        self.gen_rows.setdefault((j, k), []).extend(rows)
+                        if state is not None:
+                            state.append_rows(key, rows)
+                        progress["gen_done"][key] = c + 1
+                        progress["gen_rows"][key] = len(self.gen_rows[(j, k)])
+                        in_batch = False
+                        bar.advance(len(rows))
+                        maybe_save()
                 start = progress["done"].get(task.name, 0)
                 for bi in range(start, len(task)):
                     in_batch = True
@@ -270,14 +334,7 @@ class _Run:
                     progress["done"][task.name] = bi + 1
                     in_batch = False
                     bar.advance(batch.n_tokens)
-                    # at most every checkpoint_every s, and never more than ~10% of the time in saving (a d=5120
-                    # streaming-PCA state is GBs); checkpoint_every=0 means after every batch, as asked
-                    gap = max(o.checkpoint_every, 9 * save_cost) if o.checkpoint_every > 0 else 0.0
-                    if state is not None and time.monotonic() - last_save >= gap:
-                        t_save = time.monotonic()
-                        state.save(progress, self.accs)
-                        last_save = time.monotonic()
-                        save_cost = last_save - t_save
+                    maybe_save()
                 if o.pca == "paper" and task.name not in progress["pca_done"]:
                     paper_pca(self, k, task)
                     progress["pca_done"].append(task.name)
@@ -297,13 +354,17 @@ class _Run:
             bar.close()
         telemetry.sample()
         seconds = time.perf_counter() - t0
-        return self.summarize(seconds, total - done_tokens, telemetry)
+        tokens_run = self.tokens_generated if o.generate else total - done_units
+        return self.summarize(seconds, tokens_run, telemetry)
 
     def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry) -> dict:
         models = {}
         pcas: dict[tuple[int, int], dict | None] = {}
         for k in range(len(self.tasks)):
-            if self.opts.pca == "streaming":
+            if self.opts.pca == "streaming" and self.opts.generate:  # each tuned model with its own base moments
+                pcas.update({(j, k): shared_streaming_finalize(self.acc(j, k, "pca"), [])[0]
+                             for j in range(len(self.tuned))})
+            elif self.opts.pca == "streaming":
                 others = [self.acc(j, k, "pca") for j in range(1, len(self.tuned))]
                 pcas.update({(j, k): r for j, r in enumerate(shared_streaming_finalize(self.acc(0, k, "pca"), others))})
             else:
@@ -319,6 +380,8 @@ class _Run:
                     shifted=self.acc(j, k, "shifted").finalize(decode=self._decode, top_k=self.opts.top_tokens),
                     pca=pca, problems=task.problems,
                 )
+                if self.opts.generate:
+                    tasks[task.name]["generation"] = generation_summary(self.gen_rows.get((j, k), []))
             models[name] = model_summary(str(self.tuned_dirs[name]), tasks)
         return _finite({
             "driftscope_version": versions()["driftscope"],
@@ -333,6 +396,19 @@ class _Run:
             "timing": {"seconds": seconds, "tokens": tokens_run, "tokens_per_s": tokens_run / seconds if seconds else None},
             "models": models,
         })
+
+    def responses(self) -> dict[str, dict[str, list[dict]]]:
+        """Generate mode: model -> task -> response records in the paper's format (input = the rendered prompt)."""
+        out: dict[str, dict[str, list[dict]]] = {}
+        for j, name in enumerate(self.tuned_dirs):
+            for k, task in enumerate(self.tasks):
+                text = {p.index: p for p in task.prompts}
+                rows = []
+                for r in sorted(self.gen_rows.get((j, k), []), key=lambda r: r["index"]):
+                    p = text[r["index"]]
+                    rows.append({"input": p.text if p.text is not None else self.tok.decode(p.ids), **r})
+                out.setdefault(name, {})[task.name] = rows
+        return out
 
     def _decode(self, token_id: int) -> str:
         return self.tok.decode([token_id])
@@ -373,10 +449,12 @@ def drift(
         out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(base_dir, tuned_map, data_map, out_dir, opts)
     summary = run.run()
-    report = DriftReport(summary=summary, out=out_dir)
+    report = DriftReport(summary=summary, out=out_dir, responses=run.responses() if opts.generate else {})
     if out_dir is not None:
-        from driftscope.analysis.outputs import write_outputs
+        from driftscope.analysis.outputs import write_outputs, write_responses
 
         report.files = write_outputs(out_dir, summary, run.shifted_rows())
+        if opts.generate:
+            report.files.update(write_responses(out_dir, report.responses))
         RunState(out_dir).remove()
     return report

@@ -55,3 +55,13 @@ def model_summary(path: str, tasks: dict[str, dict]) -> dict:
         "rank_shift_mean_of_task_sample_means": json_float(mean_of_task_means(per_task, "rank_shift", "sample_mean")),
         "tasks": tasks,
     }
+
+
+def generation_summary(rows: list[dict]) -> dict:
+    """Drift while generating: how the tuned model's responses ended and how long they were."""
+    reasons: dict[str, int] = {}
+    for r in rows:
+        reasons[r["finish_reason"]] = reasons.get(r["finish_reason"], 0) + 1
+    n = [len(r["output_token_ids"]) for r in rows]
+    return {"responses": len(rows), "finish_reasons": reasons, "generated_tokens": sum(n),
+            "mean_tokens": sum(n) / len(n) if n else None, "max_tokens": max(n, default=None)}

@@ -49,6 +49,7 @@ class ModelConfig:
     sliding_window: int | None = None  # active window, None when disabled; the forward refuses longer sequences
     hidden_act: str = "silu"
     torch_dtype: str = "float32"  # dtype the checkpoint says it was saved in (informational)
+    eos_token_ids: tuple[int, ...] = ()  # config.json's eos_token_id (an int or a list): ends generation
     source: str = "<dict>"  # where this config came from, for error messages
     # derived
     n_kv_groups: int = field(init=False)
@@ -136,6 +137,10 @@ class ModelConfig:
         if head_dim is None:
             head_dim = flags["head_dim"]
         dtype = d.get("dtype", d.get("torch_dtype")) or "float32"
+        eos = d.get("eos_token_id")
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+            raise ValueError(f"{source}: eos_token_id={d.get('eos_token_id')!r} must be a token id or a list of ids")
         return cls(
             arch=arch,
             vocab_size=need("vocab_size"),
@@ -158,6 +163,7 @@ class ModelConfig:
             sliding_window=sliding,
             hidden_act=d.get("hidden_act", "silu"),
             torch_dtype=str(dtype).removeprefix("torch."),
+            eos_token_ids=tuple(eos),
             source=source,
         )
 

@@ -42,6 +42,8 @@ class Record:
     messages: tuple | None
     where: str   # "path:line" (JSONL) or "path[i]" (JSON list / parquet row)
     index: int   # 0-based ordinal of the record in its file, bad records included (stable sample ids)
+    prompt_ids: tuple[int, ...] | None = None    # "input_token_ids": used instead of encoding the prompt
+    response_ids: tuple[int, ...] | None = None  # "output_token_ids" (driftscope generate): the ids to score
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,15 +102,26 @@ def _parse(obj: Any, where: str, index: int) -> Record:
         prompt, response = "", obj["text"]
     else:
         prompt, response = obj[keys[0]], obj[keys[1]]
-    if not response:
+    prompt_ids, response_ids = _ids_field(obj, "input_token_ids"), _ids_field(obj, "output_token_ids")
+    if not response and not response_ids:
         raise ValueError(f"field {keys[-1]!r} is empty: nothing to score")
-    if fmt == "input_output" and not prompt:
+    if fmt == "input_output" and not prompt and not prompt_ids:
         raise ValueError("field 'input' is empty (the paper's script skips such records too)")
-    return Record(fmt, prompt, response, None, where, index)
+    return Record(fmt, prompt, response, None, where, index, prompt_ids, response_ids)
 
 
-def _raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
-    """Yield (where, object or None, parse error or None) for each record slot of the file."""
+def _ids_field(obj: Mapping, name: str) -> tuple[int, ...] | None:
+    """An optional list of token ids (what `driftscope generate` writes beside the text)."""
+    if name not in obj or obj[name] is None:
+        return None
+    v = obj[name]
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
+        raise ValueError(f"field {name!r} must be a list of token ids (integers >= 0)")
+    return tuple(v)
+
+
+def raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
+    """Yield (where, object or None, parse error or None) for each record slot of a JSONL, JSON-list or parquet file."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -119,6 +132,7 @@ def _raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
             yield f"{path}[{i}]", row, None
         return
     data = path.read_bytes()
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first record
     if data.lstrip().startswith(b"["):  # a JSON list; one bad item cannot be skipped without the others
         try:
             items = json.loads(data.decode("utf-8"))
@@ -151,7 +165,7 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} does not exist")
     records, problems = [], []
-    for index, (where, obj, err) in enumerate(_raw_objects(path)):
+    for index, (where, obj, err) in enumerate(raw_objects(path)):
         if err is None:
             try:
                 records.append(_parse(obj, where, index))
@@ -180,7 +194,9 @@ def record_texts(record: Record, tokenizer: Any = None, chat_template_kwargs: Ma
 def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max_seq_len: int | None = None,
                      id_offset: int = 0, chat_template_kwargs: Mapping | None = None,
                      problems: list[str] | None = None) -> list[Sample]:
-    """Tokenize prompt and response separately (`encode(text, add_special_tokens=False)`) and concatenate.
+    """Tokenize prompt and response separately (`encode(text, add_special_tokens=False)`) and concatenate; a record's
+    `input_token_ids` / `output_token_ids` (written by `driftscope generate`: the ids the model saw and emitted,
+    EOS included) are used as they are instead.
 
     Why separately: the response tokens are then the encoding of the response alone (the closest we get to the
     ids the tuned model emitted), and the prompt/response boundary is a token boundary by construction. The paper (vLLM) tokenized
@@ -206,8 +222,20 @@ def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max
             problems.append(f"{rec.where}: {e}; record skipped")
             log.warning("%s", problems[-1])
             continue
-        p_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
-        r_ids = tokenizer.encode(response, add_special_tokens=False)
+        if rec.prompt_ids is not None:
+            p_ids = list(rec.prompt_ids)
+        else:
+            p_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        if rec.response_ids is not None:
+            r_ids = list(rec.response_ids)
+            decode = getattr(tokenizer, "decode", None)
+            if decode is not None and not decode(r_ids).startswith(response):
+                problems.append(f"{rec.where}: output_token_ids do not decode to a text that starts with 'output' "
+                                "(edited by hand? drop output_token_ids to score the text); record skipped")
+                log.warning("%s", problems[-1])
+                continue
+        else:
+            r_ids = tokenizer.encode(response, add_special_tokens=False)
         ids = list(p_ids) + list(r_ids)
         truncated = max_seq_len is not None and len(ids) > max_seq_len
         if truncated:

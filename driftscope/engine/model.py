@@ -2,6 +2,7 @@
 
 Input: `input_ids [T]` int64 + `cu_seqlens [B+1]` int32 (causal within each sequence, no padding); q/k/v and
 gate/up are fused into one GEMM each. Everything runs under torch.inference_mode(). Weights come from `loader.py`.
+A `LayerBatch` with `kv` set runs a generation step against a paged KV cache (see `engine/kv_cache.py`).
 """
 from __future__ import annotations
 
@@ -13,17 +14,37 @@ from torch import nn
 
 from driftscope.engine.config import ModelConfig
 from driftscope.kernels.attention import varlen_attention
+from driftscope.kernels.paged_attention import paged_decode_attention
 
 
 @dataclass
-class PackedBatch:
+class KVStep:
+    """One generation step's view of a model's paged KV cache (shared metadata from the scheduler, this model's cache).
+
+    The step's T tokens are `n_decode` decode tokens (one per running sequence, attending to its cached context)
+    followed by whole prefill sequences (`LayerBatch.cu_seqlens` covers those, causal among themselves).
+    """
+
+    k: torch.Tensor  # [L, S, Hkv, D] this model's key cache, S = num_blocks · block_size slots
+    v: torch.Tensor  # [L, S, Hkv, D]
+    slot_mapping: torch.Tensor  # [T] int64 slot where each new token's k/v is written
+    n_decode: int
+    gather: torch.Tensor  # [n_decode, Lmax] int64 slots of each decode sequence's context
+    key_mask: torch.Tensor  # [n_decode, Lmax] bool
+    block_tables: torch.Tensor  # [n_decode, M] int32
+    context_lens: torch.Tensor  # [n_decode] int32, including the new token
+    block_size: int
+
+
+@dataclass
+class LayerBatch:
     """Per-batch data shared by all layers (and by both models of a lockstep pair when their configs agree)."""
 
-    cu_seqlens: torch.Tensor  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T
+    cu_seqlens: torch.Tensor  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T (prefill part when kv is set)
     max_seqlen: int
-    positions: torch.Tensor  # [T] int64, position of each token inside its own sequence
     cos: torch.Tensor  # [T, 1, D/2] model dtype
     sin: torch.Tensor  # [T, 1, D/2] model dtype
+    kv: KVStep | None = None
 
 
 @dataclass
@@ -94,8 +115,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ModelConfig, device=None, dtype=None):
+    def __init__(self, c: ModelConfig, layer_idx: int = 0, device=None, dtype=None):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.head_dim**-0.5
         self.eps = c.rms_norm_eps
@@ -105,7 +127,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch) -> torch.Tensor:  # [T, d] -> [T, d]
+    def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
         T = x.shape[0]
         hq, hkv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
@@ -113,10 +135,31 @@ class Attention(nn.Module):
             rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
             rms_norm_(qkv[:, hq : hq + hkv], self.k_norm.weight, self.eps)
         apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)  # q and k in one pass
-        o = varlen_attention(
-            qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :], batch.cu_seqlens, batch.max_seqlen, self.scale
-        )  # [T, Hq, D]
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+        kv = batch.kv
+        if kv is None:
+            o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)  # [T, Hq, D]
+        else:
+            o = self._cached_attention(q, k, v, batch, kv)
         return self.wo(o.reshape(T, hq * self.head_dim))
+
+    def _cached_attention(self, q, k, v, batch: LayerBatch, kv: KVStep) -> torch.Tensor:  # -> [T, Hq, D]
+        """Write the step's keys/values into the cache; decode tokens attend to their cached context, prefill
+        sequences (all their tokens new) to themselves through the varlen kernel."""
+        kc, vc = kv.k[self.layer_idx], kv.v[self.layer_idx]  # [S, Hkv, D]
+        kc.index_copy_(0, kv.slot_mapping, k)
+        vc.index_copy_(0, kv.slot_mapping, v)
+        nd, T = kv.n_decode, q.shape[0]
+        if nd == 0:
+            return varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)
+        dec = paged_decode_attention(q[:nd], kc, vc, kv.gather, kv.key_mask, kv.block_tables, kv.context_lens,
+                                     kv.block_size, self.scale)  # [nd, Hq, D]
+        if nd == T:
+            return dec
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out[:nd] = dec
+        out[nd:] = varlen_attention(q[nd:], k[nd:], v[nd:], batch.cu_seqlens, batch.max_seqlen, self.scale)
+        return out
 
 
 class MLP(nn.Module):
@@ -136,15 +179,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: ModelConfig, device=None, dtype=None):
+    def __init__(self, c: ModelConfig, layer_idx: int = 0, device=None, dtype=None):
         super().__init__()
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
-        self.attn = Attention(c, device=device, dtype=dtype)
+        self.attn = Attention(c, layer_idx, device=device, dtype=dtype)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(c, device=device, dtype=dtype)
 
     @torch.inference_mode()
-    def forward(self, h: torch.Tensor, batch: PackedBatch) -> torch.Tensor:  # [T, d] -> new [T, d]; h is not modified
+    def forward(self, h: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> new [T, d]; h is not modified
         r = h + self.attn(self.attn_norm(h), batch)
         r += self.mlp(self.mlp_norm(r))
         return r
@@ -156,7 +199,7 @@ class Transformer(nn.Module):
         c = self.config = config
         kw = {"device": device, "dtype": dtype}
         self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, **kw)
-        self.layers = nn.ModuleList(Block(c, **kw) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(Block(c, i, **kw) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.output = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
         self.inv_freq = rope_inv_freq(c)  # [D/2] float32 on CPU; not a parameter (never in a checkpoint)
@@ -175,7 +218,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     @torch.inference_mode()
-    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> PackedBatch:
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D/2] in the model dtype for int64 positions [T], computed in fp32 as transformers does."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, D/2] fp32
+        return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
+
+    @torch.inference_mode()
+    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> LayerBatch:
         """Check the packing and compute positions and rope tables once per batch."""
         if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
             raise ValueError(f"input_ids must be a 1-D int64 tensor [T], got {input_ids.dtype} {tuple(input_ids.shape)}")
@@ -202,14 +251,8 @@ class Transformer(nn.Module):
         lengths_t = torch.tensor(lengths, device=dev)
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths_t, output_size=T)  # [T]
         positions = torch.arange(T, device=dev) - starts  # [T]
-        freqs = positions.float()[:, None] * self.inv_freq.to(dev)[None, :]  # [T, D/2] fp32, as transformers
-        return PackedBatch(
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            positions=positions,
-            cos=freqs.cos().to(self.dtype)[:, None, :],  # [T, 1, D/2]
-            sin=freqs.sin().to(self.dtype)[:, None, :],
-        )
+        cos, sin = self.rope_tables(positions)
+        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cos=cos, sin=sin)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]

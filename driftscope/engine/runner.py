@@ -67,17 +67,27 @@ class LockstepRunner:
         prepared: dict = {}  # rope tables once per distinct (dtype, theta/scaling, window), not once per model
         batches = [prepared[k] if k in prepared else prepared.setdefault(k, m.prepare(ids, cu))
                    for m, k in zip(models, self._prep_keys)]
-        hs = [m.embed(ids) for m in models]  # [T, d] each
-        last = self.n_states - 1
-        if on_layer is not None:
-            on_layer(0, hs[0], hs[1:])
-        for i in range(last):
-            hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]
-            if i == last - 1:  # transformers reports the final *normed* state at index L
-                hs = [m.final_norm(h) for m, h in zip(models, hs)]
-            if on_layer is not None:
-                on_layer(i + 1, hs[0], hs[1:])
+        hs = run_layers(models, ids, batches, on_layer)
         return hs[0], hs[1:]
+
+
+@torch.inference_mode()
+def run_layers(models: Sequence[Transformer], ids: torch.Tensor, batches: Sequence, on_layer: LayerCallback | None = None
+               ) -> list[torch.Tensor]:
+    """Every model over the same tokens, layer i of all models before layer i+1; `batches[j]` is model j's
+    LayerBatch. Calls on_layer(index, h_models[0], [h_models[1:]]) at every hidden-state index; returns the
+    final normed hidden states [T, d] of each model."""
+    hs = [m.embed(ids) for m in models]  # [T, d] each
+    last = models[0].config.num_layers
+    if on_layer is not None:
+        on_layer(0, hs[0], hs[1:])
+    for i in range(last):
+        hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]
+        if i == last - 1:  # transformers reports the final *normed* state at index L
+            hs = [m.final_norm(h) for m, h in zip(models, hs)]
+        if on_layer is not None:
+            on_layer(i + 1, hs[0], hs[1:])
+    return hs
 
 
 @torch.inference_mode()

@@ -6,7 +6,7 @@ import torch
 from engine_helpers import assert_close
 
 from driftscope.engine.loader import load_model
-from driftscope.engine.model import ForwardOutput, PackedBatch
+from driftscope.engine.model import ForwardOutput, LayerBatch
 from driftscope.engine.synth import random_checkpoint
 
 
@@ -28,8 +28,9 @@ def _batch():
 def test_manual_layer_loop_equals_forward_and_leaves_inputs_alone(model):
     ids, cu = _batch()
     batch = model.prepare(ids, cu)
-    assert isinstance(batch, PackedBatch) and batch.max_seqlen == 8
-    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert isinstance(batch, LayerBatch) and batch.max_seqlen == 8
+    cos, sin = model.rope_tables(torch.tensor([0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7]))  # positions restart per sequence
+    assert torch.equal(batch.cos, cos) and torch.equal(batch.sin, sin)
     assert batch.cos.shape == (14, 1, 12) and batch.sin.shape == (14, 1, 12)
     h = model.embed(ids)  # [T, d]
     states = [h]

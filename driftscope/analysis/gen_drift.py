@@ -1,0 +1,91 @@
+"""Drift while generating (`drift(..., generate=True)`): each tuned model generates from the records' prompts and
+the base model consumes the same tokens in lockstep, with its own KV cache; the probes run in the generation pass.
+
+At every step the newest position of each sequence is scored: its target is the token just sampled from the tuned
+model (the first generated token's position is the prompt's last). These are exactly the positions a teacher-forced
+run scores on the generated `output_token_ids`, so `drift --generate` equals `generate` then `drift`. Per-token
+probe results are kept per chunk of prompts and folded in when the chunk is done (TokenMetrics takes a sample whole);
+the per-layer probes see each step's states at once. A chunk is the unit of resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from driftscope.engine.decoding import GenerationEngine, GenRequest, StepOutput
+from driftscope.engine.prompts import read_prompts, render_prompt
+from driftscope.kernels.vocab_probe import vocab_probe
+
+if TYPE_CHECKING:
+    from driftscope.analysis.run import _Run, _Task
+
+_FIELDS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned",
+           "rank_shift_top", "entropy_base", "entropy_tuned")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    index: int  # the record's ordinal in its file: the sample id and the random stream's prompt key
+    ids: list[int]
+    where: str
+    text: str | None  # the rendered prompt
+
+
+def read_prompt_items(run: "_Run", path) -> tuple[list[PromptItem], list[str]]:
+    o = run.opts
+    records, problems = read_prompts(path, o.prompt_field)
+    items = []
+    for r in records:
+        text, ids = render_prompt(r.prompt, run.tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
+                                  chat_template_kwargs=o.chat_template_kwargs, rendered=r.rendered)
+        items.append(PromptItem(r.index, ids, r.where, text))
+    return items, problems
+
+
+def engine_for(run: "_Run", j: int) -> GenerationEngine:
+    o = run.opts
+    return GenerationEngine([run.base, run.tuned[j]], run.tok, sample_from=1, cache_memory=o.cache_memory,
+                            max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_batch_tokens)
+
+
+def generate_chunk(run: "_Run", j: int, k: int, task: "_Task", chunk: int) -> list[dict]:
+    """Generate chunk `chunk` of task k's prompts with tuned model j, the base in lockstep; feed acc(j, k, ·).
+    Returns the responses as records {index, output, output_token_ids, finish_reason, stop_reason}, by index."""
+    o = run.opts
+    size = o.generate_chunk
+    items = task.prompts[chunk * size:(chunk + 1) * size]
+    params = o.sampling()
+    engine = engine_for(run, j)
+    for it in items:
+        engine.check_request(GenRequest(it.ids, params, it.index, 0, it.where), it.where)
+    hidden = run.acc(j, k, "hidden")
+    pca = run.acc(j, k, "pca") if o.pca == "streaming" else None
+    base_w, tuned_w = run.base.lm_head_weight, run.tuned[j].lm_head_weight
+    buf: dict[str, list[torch.Tensor]] = {f: [] for f in (*_FIELDS, "sample_ids", "first", "targets")}
+
+    def on_layer(i: int, hb: torch.Tensor, hts: list[torch.Tensor]) -> None:
+        hidden.update(i, hb, hts[0])
+        if pca is not None:
+            pca.update(i, hb, hts[0])
+
+    def on_step(st: StepOutput) -> None:
+        r = vocab_probe(st.hidden[0], base_w, st.hidden[1], tuned_w, st.tokens, valid_vocab=run.valid_vocab[j])
+        for f in _FIELDS:
+            buf[f].append(getattr(r, f).detach().cpu())
+        buf["sample_ids"].append(torch.tensor([s.prompt_index for s in st.seqs], dtype=torch.int64))
+        buf["first"].append(st.first.cpu())
+        buf["targets"].append(st.tokens.cpu())
+
+    reqs = [GenRequest(it.ids, params, it.index, 0, it.where) for it in items]
+    rows = [{"index": g.index, "output": g.text, "output_token_ids": g.token_ids, "finish_reason": g.finish_reason,
+             "stop_reason": g.stop_reason} for g in engine.run(reqs, on_layer=on_layer, on_step=on_step)]
+    if buf["sample_ids"]:
+        cat = {f: torch.cat(v) for f, v in buf.items()}
+        order = torch.argsort(cat["sample_ids"], stable=True)  # sample by sample, each in generation order
+        cat = {f: v[order] for f, v in cat.items()}
+        run.acc(j, k, "tokens").update({f: cat[f] for f in _FIELDS}, cat["sample_ids"], cat["first"])
+        run.acc(j, k, "shifted").update(cat["targets"], cat["rank_base"], cat["rank_tuned"])
+    run.tokens_generated += sum(len(r["output_token_ids"]) for r in rows)
+    return sorted(rows, key=lambda r: r["index"])

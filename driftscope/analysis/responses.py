@@ -1,0 +1,195 @@
+"""`driftscope generate`: a prompts file -> a responses file in the paper's {"input", "output"} record format, resumable.
+
+Each finished sequence is appended to `OUT.partial` at once (the first line is the run's fingerprint); an interrupted
+run given the same command continues from it, and a run with other inputs or options is refused, naming what differs.
+At the end the responses are written to OUT in prompt order and the partial file is removed. Random draws are
+addressed by (seed, record index, sample, step), so a continued run gives what an uninterrupted one would have.
+
+Records written: `input` (the full rendered prompt), `output` (the text, EOS left out, cut before a stop string),
+`output_token_ids` (every generated id, EOS included: what `driftscope drift` scores), `finish_reason`,
+`stop_reason`, `index` (the record's ordinal in the prompts file), `sample`, and `input_token_ids` when the prompt
+ids are not what `input` encodes to (token-id prompts).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from driftscope.analysis.options import checkpoint_identity, file_digest
+from driftscope.engine.decoding import GenerationEngine, Generation
+from driftscope.engine.generate import load_for_generation, make_requests, progress_bar
+from driftscope.engine.prompts import read_prompts, render_prompt
+from driftscope.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+PARTIAL_FORMAT = 1
+
+
+@dataclass
+class GenerateOptions:
+    limit: int | None = None  # the first N usable records
+    prompt_field: str | None = None  # record field holding the prompt (default: see engine/prompts.py)
+    chat: bool = False
+    system: str | None = None
+    thinking: bool | None = None
+    chat_template_kwargs: dict = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "float32"
+    cache_memory: int | None = None
+    block_size: int | None = None
+    max_num_seqs: int = 256
+    max_step_tokens: int = 8192
+    progress: bool | None = None
+    restart: bool = False  # discard a partial run with other inputs or options instead of refusing
+    overwrite: bool = False  # replace an existing finished OUT
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"limit={self.limit} is invalid: expected a positive number of records")
+
+
+@dataclass
+class ResponsesReport:
+    out: Path
+    records: int  # response records written
+    resumed: int  # of which were read back from an interrupted run
+    problems: list[str]
+    stats: dict
+
+
+def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: GenerateOptions) -> dict:
+    p = asdict(params)
+    p.pop("extra")
+    return {
+        "format": PARTIAL_FORMAT, "model": str(model_dir.resolve()), "checkpoint": checkpoint_identity(model_dir),
+        "data": str(data.resolve()), "data_sha256": file_digest(data), "field": o.prompt_field, "sampling": json.loads(json.dumps(p)),
+        "chat": o.chat, "system": o.system, "thinking": o.thinking, "chat_template_kwargs": o.chat_template_kwargs,
+        "dtype": o.dtype,
+    }
+
+
+def _diff(old: Mapping, new: Mapping) -> str:
+    keys = [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
+
+
+def _read_partial(path: Path, fp: dict, restart: bool) -> dict[tuple[int, int], dict]:
+    """Finished rows of an interrupted run, keyed by (index, sample); {} when there is none (or restart)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_bytes().split(b"\n")
+    try:
+        head = json.loads(lines[0])
+        old = head["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        if restart:
+            return {}
+        raise ValueError(f"{path}: not a driftscope partial responses file (first line is no fingerprint); "
+                         "remove it or pass --restart") from None
+    if old != fp:
+        if restart:
+            log.warning("%s: discarding an interrupted run with other inputs or options (--restart)", path)
+            return {}
+        raise ValueError(f"{path}: an interrupted run with other inputs or options is there ({_diff(old, fp)}); "
+                         "rerun it with its own options to finish it, or pass --restart to discard it")
+    done = {}
+    for n, raw in enumerate(lines[1:], start=2):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            done[(row["index"], row["sample"])] = row
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines) or (n == len(lines) - 1 and not lines[-1].strip()):
+                break  # the line being written when the run was killed
+            raise ValueError(f"{path}:{n}: damaged line in the partial responses file; remove it or pass --restart") from None
+    return done
+
+
+def _row(g: Generation) -> dict:
+    return {"index": g.index, "sample": g.sample, "output": g.text, "output_token_ids": g.token_ids,
+            "finish_reason": g.finish_reason, "stop_reason": g.stop_reason}
+
+
+def generate_responses(model: str | Path, data: str | Path, out: str | Path, params: SamplingParams,
+                       options: GenerateOptions | None = None) -> ResponsesReport:
+    o = options or GenerateOptions()
+    model_dir, data, out = Path(model), Path(data), Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the responses file (e.g. {out / 'responses.jsonl'})")
+    if out.exists() and not o.overwrite:
+        raise ValueError(f"--out {out} exists (a finished run); pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
+    records, problems = read_prompts(data, o.prompt_field)
+    for p in problems:
+        log.warning("%s", p)
+    if not records:
+        raise ValueError(f"{data}: no usable prompt record ({len(problems)} problems"
+                         + (f"; first: {problems[0]}" if problems else "") + ")")
+    if o.limit is not None:
+        records = records[: o.limit]
+    if model_dir.is_file():
+        raise ValueError(f"--model {model_dir} is a file; pass the checkpoint folder (config.json + safetensors)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: checkpoint folder does not exist")
+    fp = _fingerprint(model_dir, data, params, o)
+    partial = out.with_name(out.name + ".partial")
+    done = _read_partial(partial, fp, o.restart)
+    m, tok = load_for_generation(model_dir, device=o.device, dtype=o.dtype)
+    rendered, texts = [], {}
+    for r in records:
+        text, ids = render_prompt(r.prompt, tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
+                                  chat_template_kwargs=o.chat_template_kwargs, rendered=r.rendered)
+        texts[r.index] = (text, ids)
+        rendered.append((r.index, ids, r.where))
+    engine = GenerationEngine(m, tok, cache_memory=o.cache_memory, block_size=o.block_size,
+                              max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_step_tokens)
+    requests = [q for q in make_requests(rendered, params) if (q.prompt_index, q.sample_index) not in done]
+    for q in requests:  # every bad prompt is refused before the first token is generated
+        engine.check_request(q, q.where)
+    resumed = sum(1 for key in done if key[0] in texts)
+    if resumed:
+        log.warning("continuing %s: %d of %d responses were done", partial, resumed, resumed + len(requests))
+    # rewritten whole (fingerprint, then the rows read back), so a line cut by a kill never gets appended to
+    tmp = partial.with_name(partial.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"fingerprint": fp}) + "\n")
+        for row in done.values():
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, partial)
+    with open(partial, "a", encoding="utf-8") as f:
+        bar = progress_bar(len(requests), o.progress, "generate")
+        try:
+            for g in engine.run(requests, progress=bar):
+                row = _row(g)
+                done[(g.index, g.sample)] = row
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+        finally:
+            bar.close()
+    rows = []
+    for index, ids_text in sorted(texts.items()):
+        text, ids = ids_text
+        for s in range(params.n):
+            row = dict(done[(index, s)])
+            inp = text if text is not None else (tok.decode(ids) if tok is not None else None)
+            rec = {"input": inp, **{k: row[k] for k in ("output", "output_token_ids", "finish_reason", "stop_reason")},
+                   "index": index, "sample": s}
+            if inp is None or tok is None or tok.encode(inp, add_special_tokens=False) != ids:
+                rec["input_token_ids"] = ids
+            rows.append(rec)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in rows:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    partial.unlink()
+    st = engine.stats
+    stats = {"steps": st.steps, "decode_tokens": st.decode_tokens, "prefill_tokens": st.prefill_tokens,
+             "preemptions": st.preemptions, "max_running": st.max_running, "cache_tokens": engine.cache_tokens}
+    return ResponsesReport(out, len(rows), resumed, problems, stats)

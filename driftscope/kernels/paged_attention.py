@@ -1,0 +1,94 @@
+"""Decode attention over a paged KV cache: one query token per sequence against its cached context.
+
+`paged_decode_attention(q [B, Hq, D], k_cache/v_cache [S, Hkv, D], gather [B, Lmax], key_mask [B, Lmax], block_tables,
+context_lens, block_size, scale) -> [B, Hq, D]`. The cache is `S = num_blocks · block_size` slots; sequence b's context
+is slots `block_tables[b, p // block_size] · block_size + p % block_size` for positions p < context_lens[b] (the last
+one is the query token's own key, already written). flash-attn's `flash_attn_with_kvcache` (paged, block_table) on
+CUDA when installed and the block size is a multiple of 256; otherwise the keys are gathered into [B, Lmax] and
+torch SDPA runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
+
+No Triton kernel here (STYLE.md rule 4): flash-attn and SDPA are the fast kernels; this file holds the launcher and the
+reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache, 4·Σ_b context_b·Hq·D FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from driftscope.kernels._dispatch import flash_attn_status
+
+FLASH_PAGE_MULTIPLE = 256  # flash-attn 2 accepts paged caches whose block size is a multiple of 256
+
+
+def _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens) -> None:
+    assert q.dim() == 3 and k_cache.dim() == 3, f"q must be [B, Hq, D], caches [S, Hkv, D]; got {q.shape}, {k_cache.shape}"
+    assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+    assert q.shape[2] == k_cache.shape[2] and q.shape[1] % k_cache.shape[1] == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"
+    B = q.shape[0]
+    assert gather.shape[0] == B and key_mask.shape == gather.shape, f"gather {tuple(gather.shape)}, key_mask {tuple(key_mask.shape)}"
+    assert block_tables.shape[0] == B and context_lens.shape == (B,), f"block_tables {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+
+
+def use_flash_paged(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
+    """Whether `paged_decode_attention` takes flash-attn's paged kernel for these caches."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and block_size % FLASH_PAGE_MULTIPLE == 0 and flash_attn_status())
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] the query of each sequence's newest token
+    k_cache: torch.Tensor,  # [S, Hkv, D] all slots of this layer
+    v_cache: torch.Tensor,  # [S, Hkv, D]
+    gather: torch.Tensor,  # [B, Lmax] int64 slot of each context position; beyond the context, any written slot
+    key_mask: torch.Tensor,  # [B, Lmax] bool, True for p < context_lens[b]
+    block_tables: torch.Tensor,  # [B, M] int32 block ids (flash-attn path)
+    context_lens: torch.Tensor,  # [B] int32, context length including the query token
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D], q.dtype
+    _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens)
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if use_flash_paged(q.device, q.dtype, block_size):
+        from flash_attn import flash_attn_with_kvcache
+
+        nb = k_cache.shape[0] // block_size
+        o = flash_attn_with_kvcache(
+            q[:, None], k_cache.view(nb, block_size, Hkv, D), v_cache.view(nb, block_size, Hkv, D),
+            cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
+        )  # [B, 1, Hq, D]
+        return o[:, 0]
+    k = k_cache[gather].transpose(1, 2)  # [B, Hkv, Lmax, D]
+    v = v_cache[gather].transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q[:, :, None], k, v, attn_mask=key_mask[:, None, None, :], scale=scale, enable_gqa=Hkv != Hq,
+    )  # [B, Hq, 1, D]
+    return o[:, :, 0]
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [S, Hkv, D]
+    v_cache: torch.Tensor,  # [S, Hkv, D]
+    gather: torch.Tensor,  # [B, Lmax] (unused: the reference walks the block table itself)
+    key_mask: torch.Tensor,  # [B, Lmax]
+    block_tables: torch.Tensor,  # [B, M] int32
+    context_lens: torch.Tensor,  # [B] int32
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, D], q.dtype
+    """Reference: per sequence, the slots of positions 0..context-1 from the block table, fp32 softmax(q·kᵀ)·v."""
+    _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens)
+    B, Hq, D = q.shape
+    groups = Hq // k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(context_lens[b])
+        pos = torch.arange(n, device=q.device)
+        slots = block_tables[b].long()[pos // block_size] * block_size + pos % block_size  # [n]
+        k = k_cache[slots].float().repeat_interleave(groups, dim=1)  # [n, Hq, D]; query head h uses kv head h // groups
+        v = v_cache[slots].float().repeat_interleave(groups, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[b].float(), k) * scale  # [Hq, n]
+        out[b] = torch.einsum("hn,nhd->hd", torch.softmax(scores, dim=-1), v).to(q.dtype)
+    return out
