@@ -1,6 +1,8 @@
 """Peak extra resident memory of one workload, measured in a fresh process.
 
 Usage: python bench/peak_rss.py WORKLOAD CKPT_DIR SEQ_LEN N_SEQS  -> prints {"peak_extra_mb": ...}
+(the generate workloads, `generate`, `transformers-generate-batched`, `transformers-generate-sequential`, take their
+prompts from bench/generate_workload.py and ignore SEQ_LEN and N_SEQS)
 The process loads the model, runs the workload once (warm-up), resets the kernel's high-water mark
 (/proc/self/clear_refs = 5), runs it again and reports VmHWM - VmRSS(before): the memory the
 forward itself needs on top of the weights, comparable across implementations.
@@ -50,8 +52,22 @@ def main() -> None:
             with torch.inference_mode():
                 return hf.model(input_ids=ids).last_hidden_state
 
+    elif workload.startswith(("generate", "transformers-generate")):
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))  # bench/ is no package
+        import generate_workload as w
+
+        if workload == "generate":
+            from driftscope import load_model
+
+            run = w.driftscope_run(load_model(ckpt))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+            run = w.transformers_batched_run(hf) if workload.endswith("batched") else w.transformers_sequential_run(hf)
     else:
-        raise SystemExit(f"unknown workload {workload!r}; expected engine or transformers")
+        raise SystemExit(f"unknown workload {workload!r}; expected engine, transformers, generate, "
+                         "transformers-generate-batched or transformers-generate-sequential")
     print(json.dumps({"peak_extra_mb": measure(run)}))
 
 

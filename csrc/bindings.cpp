@@ -5,6 +5,8 @@
 
 #include "common.h"
 #include "cov_update.h"
+#include "paged_attention.h"
+#include "small_gemm.h"
 #include "vocab_probe.h"
 
 namespace py = pybind11;
@@ -36,4 +38,10 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("cov_update", &driftscope::cov_update, py::arg("sum_x"), py::arg("sum_xxT"), py::arg("xT"), py::arg("d"),
         py::arg("n"), py::call_guard<py::gil_scoped_release>());
+  m.def("small_gemm", &driftscope::small_gemm, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"),
+        py::arg("M"), py::arg("N"), py::arg("K"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_attention", &driftscope::paged_decode_attention, py::arg("out"), py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("B"),
+        py::arg("M"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("block_size"), py::arg("num_slots"),
+        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

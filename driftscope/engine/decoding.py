@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from driftscope.engine.kv_cache import BlockAllocator, KVCache, bytes_per_block, default_cache_bytes
 from driftscope.engine.model import KVStep, LayerBatch, Transformer
@@ -19,6 +18,7 @@ from driftscope.engine.runner import run_layers
 from driftscope.engine.sampling import SamplingParams, sample, uniforms_for
 from driftscope.engine.scheduler import Scheduler, SchedulerStats, Seq
 from driftscope.engine.stopping import StopChecker, final_text
+from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import FLASH_PAGE_MULTIPLE, use_flash_paged
 
 # on_layer(index, h_models[0] [B, d], [h_models[1:] [B, d]]) over the step's newest positions (B = sequences)
@@ -239,7 +239,7 @@ class GenerationEngine:
                 on_layer(i, h0.index_select(0, last), [h.index_select(0, last) for h in hs])
         finals = run_layers(self.models, ids_t, batches, hook)
         hidden = [h.index_select(0, last) for h in finals]  # [B, d] each
-        logits = F.linear(hidden[self.sample_from], self.driver.lm_head_weight).float()  # [B, V]
+        logits = linear(hidden[self.sample_from], self.driver.lm_head_weight).float()  # [B, V]
         prm = [s.params for s in seqs]
         tokens = sample(
             logits,

@@ -14,6 +14,7 @@ from torch import nn
 
 from driftscope.engine.config import ModelConfig
 from driftscope.kernels.attention import varlen_attention
+from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
 
 
@@ -130,7 +131,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
         T = x.shape[0]
         hq, hkv = self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
+        qkv = linear(x, self.wqkv.weight, self.wqkv.bias).view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
         if self.q_norm is not None:
             rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
             rms_norm_(qkv[:, hq : hq + hkv], self.k_norm.weight, self.eps)
@@ -141,7 +142,7 @@ class Attention(nn.Module):
             o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)  # [T, Hq, D]
         else:
             o = self._cached_attention(q, k, v, batch, kv)
-        return self.wo(o.reshape(T, hq * self.head_dim))
+        return linear(o.reshape(T, hq * self.head_dim), self.wo.weight, self.wo.bias)
 
     def _cached_attention(self, q, k, v, batch: LayerBatch, kv: KVStep) -> torch.Tensor:  # -> [T, Hq, D]
         """Write the step's keys/values into the cache; decode tokens attend to their cached context, prefill
@@ -171,11 +172,11 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
-        gu = self.w_gate_up(x)  # [T, 2I]
+        gu = linear(x, self.w_gate_up.weight, self.w_gate_up.bias)  # [T, 2I]
         g = gu[:, : self.inter]  # [T, I] view with row stride 2I: BLAS takes it without a copy
         F.silu(g, inplace=True)
         g.mul_(gu[:, self.inter :])
-        return self.w_down(g)
+        return linear(g, self.w_down.weight, self.w_down.bias)
 
 
 class Block(nn.Module):

@@ -5,6 +5,7 @@ does (trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now); touchin
 """
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -68,7 +69,9 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+@functools.lru_cache(maxsize=32)
 def compile_template(source: str) -> jinja2.Template:
+    """The sandboxed template for `source`, compiled once per source (rendering is what a prompt costs)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

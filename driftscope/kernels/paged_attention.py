@@ -3,19 +3,20 @@
 `paged_decode_attention(q [B, Hq, D], k_cache/v_cache [S, Hkv, D], gather [B, Lmax], key_mask [B, Lmax], block_tables,
 context_lens, block_size, scale) -> [B, Hq, D]`. The cache is `S = num_blocks · block_size` slots; sequence b's context
 is slots `block_tables[b, p // block_size] · block_size + p % block_size` for positions p < context_lens[b] (the last
-one is the query token's own key, already written). flash-attn's `flash_attn_with_kvcache` (paged, block_table) on
-CUDA when installed and the block size is a multiple of 256; otherwise the keys are gathered into [B, Lmax] and
-torch SDPA runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
+one is the query token's own key, already written). Backends: flash-attn's `flash_attn_with_kvcache` (paged,
+block_table) on CUDA when installed and the block size is a multiple of 256; `driftscope._C.paged_decode_attention`
+for float32 CPU tensors (reads the blocks in place); otherwise the keys are gathered into [B, Lmax] and torch SDPA
+runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
 
-No Triton kernel here (STYLE.md rule 4): flash-attn and SDPA are the fast kernels; this file holds the launcher and the
-reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache, 4·Σ_b context_b·Hq·D FLOPs.
+No Triton kernel here (STYLE.md rule 4): flash-attn, the cpp kernel and SDPA are the fast paths; this file holds the
+launcher and the reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache, 4·Σ_b context_b·Hq·D FLOPs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from driftscope.kernels._dispatch import flash_attn_status
+from driftscope.kernels._dispatch import cpp_status, flash_attn_status, forced_backend
 
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2 accepts paged caches whose block size is a multiple of 256
 
@@ -59,6 +60,15 @@ def paged_decode_attention(
             cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
         )  # [B, 1, Hq, D]
         return o[:, 0]
+    if q.device.type == "cpu" and q.dtype == torch.float32 and forced_backend() in (None, "cpp") and cpp_status("cpu"):
+        from driftscope import _C
+
+        out = torch.empty(B, Hq, D, dtype=torch.float32)
+        qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+        bt, ctx = block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
+        _C.paged_decode_attention(out.data_ptr(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(),
+                                  ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale)
+        return out
     k = k_cache[gather].transpose(1, 2)  # [B, Hkv, Lmax, D]
     v = v_cache[gather].transpose(1, 2)
     o = F.scaled_dot_product_attention(

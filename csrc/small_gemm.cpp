@@ -1,0 +1,103 @@
+// Skinny GEMM (see small_gemm.h). Dot-product form on the weight's own [N, K] layout, so weights are read row
+// by row, once, and need no repacking: OpenMP splits N into blocks of NR weight rows; for each block every MR
+// rows of x are dotted with the NR weight rows at once (MR·NR vector accumulators, 8 floats wide with AVX2),
+// each loaded x vector feeding NR FMAs and each weight vector MR. K tails and M/N remainders use narrower blocks
+// of the same template. Accumulation is float32 in 8 lanes, summed at the end (as BLAS does, in another order).
+#include "small_gemm.h"
+
+#include <algorithm>
+#include <string>
+
+#include "common.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DRIFTSCOPE_AVX2 1
+#endif
+
+namespace driftscope {
+namespace {
+
+constexpr int kMR = 3;  // rows of x per block
+constexpr int kNR = 4;  // rows of w per block: 12 accumulators + 3 x + 1 w = 16 ymm registers
+
+#ifdef DRIFTSCOPE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out[m0..m0+MR, n0..n0+NR] for MR <= kMR, NR <= kNR rows
+template <int MR, int NR>
+inline void block(float* out, const float* x, const float* w, const float* bias, int64_t m0, int64_t n0, int64_t N,
+                  int64_t K) {
+  const float* xs[MR];
+  const float* ws[NR];
+  for (int i = 0; i < MR; ++i) xs[i] = x + (m0 + i) * K;
+  for (int j = 0; j < NR; ++j) ws[j] = w + (n0 + j) * K;
+  float acc[MR][NR];
+  int64_t k = 0;
+#ifdef DRIFTSCOPE_AVX2
+  __m256 v[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) v[i][j] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xs[i] + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m256 wv = _mm256_loadu_ps(ws[j] + k);
+      for (int i = 0; i < MR; ++i) v[i][j] = _mm256_fmadd_ps(xv[i], wv, v[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = hsum(v[i][j]);
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = 0.0f;
+#endif
+  for (; k < K; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += xs[i][k] * ws[j][k];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) out[(m0 + i) * N + n0 + j] = acc[i][j] + (bias ? bias[n0 + j] : 0.0f);
+}
+
+template <int NR>
+inline void column_block(float* out, const float* x, const float* w, const float* bias, int64_t n0, int64_t M,
+                         int64_t N, int64_t K) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR) block<kMR, NR>(out, x, w, bias, m, n0, N, K);
+  switch (M - m) {
+    case 2: block<2, NR>(out, x, w, bias, m, n0, N, K); break;
+    case 1: block<1, NR>(out, x, w, bias, m, n0, N, K); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void small_gemm(uintptr_t out_p, uintptr_t x_p, uintptr_t w_p, uintptr_t bias_p, int64_t M, int64_t N, int64_t K) {
+  check(M >= 0 && N >= 0 && K >= 0, "small_gemm: M, N, K must be >= 0, got " + std::to_string(M) + ", " +
+                                        std::to_string(N) + ", " + std::to_string(K));
+  if (M == 0 || N == 0) return;
+  check(out_p != 0 && x_p != 0 && w_p != 0, "small_gemm: out, x and w must be non-null");
+  float* out = reinterpret_cast<float*>(out_p);
+  const float* x = reinterpret_cast<const float*>(x_p);
+  const float* w = reinterpret_cast<const float*>(w_p);
+  const float* bias = reinterpret_cast<const float*>(bias_p);
+  const int64_t full = N / kNR;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < full; ++b) column_block<kNR>(out, x, w, bias, b * kNR, M, N, K);
+  const int64_t n0 = full * kNR;
+  switch (N - n0) {
+    case 3: column_block<3>(out, x, w, bias, n0, M, N, K); break;
+    case 2: column_block<2>(out, x, w, bias, n0, M, N, K); break;
+    case 1: column_block<1>(out, x, w, bias, n0, M, N, K); break;
+    default: break;
+  }
+}
+
+}  // namespace driftscope

@@ -1,0 +1,53 @@
+"""linear: the small-M cpp kernel (driftscope._C.small_gemm) against the float64 reference over a shape table with
+odd sizes and every block remainder, NaN-filled outputs, strided inputs and bias; the dispatch rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from driftscope.kernels._dispatch import cpp_status, use_backend
+from driftscope.kernels.linear import SMALL_M, linear, linear_torch
+from kernel_helpers import assert_close_verbose
+
+pytestmark = pytest.mark.skipif(not cpp_status("cpu"), reason="driftscope._C is not built")
+
+# (M, N, K): M and N remainders 0..3 of the 3 x 4 blocks, K tails 0..7 of the 8-wide vectors, the decode shapes
+SHAPES = [(1, 1, 1), (1, 4, 8), (2, 5, 9), (3, 7, 15), (4, 6, 16), (5, 3, 7), (16, 2304, 768), (17, 1001, 64),
+          (SMALL_M, 96, 40), (7, 4096, 768)]
+# max |Δ| / (|x|·|w| summed): float32 accumulation of K products, measured ≤ 2e-7 here
+TOL = 2e-6
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("M,N,K", SHAPES, ids=[f"M{m}-N{n}-K{k}" for m, n, k in SHAPES])
+def test_small_gemm_matches_float64(M, N, K, bias):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    out = torch.full((M, N), float("nan"))
+    got = linear(x, w, b, out=out)
+    assert got.data_ptr() == out.data_ptr(), "the small-M kernel must have run (and written into out)"
+    scale = (x.abs().double() @ w.abs().double().T) + (b.abs().double() if bias else 0)  # Σ|x||w|: the rounding scale
+    ref = linear_torch(x, w, b)
+    err = (got.double() - (x.double() @ w.double().T + (b.double() if bias else 0))).abs() / scale.clamp_min(1e-30)
+    assert not got.isnan().any(), "an output element was not written"
+    assert float(err.max()) <= TOL, f"max error {float(err.max()):.2e} relative to Σ|x·w|"
+    assert_close_verbose(got, ref, atol=1e-4, rtol=1e-4, what=f"M{M}-N{N}-K{K}")
+
+
+def test_strided_rows_like_the_mlp_gate_view():
+    x = torch.randn(6, 64)[:, :32]  # row stride 64, as gu[:, :I] in the MLP
+    w = torch.randn(40, 32)
+    assert_close_verbose(linear(x, w), linear_torch(x, w), atol=1e-5, rtol=1e-5, what="strided x")
+
+
+def test_dispatch_falls_back_to_blas_where_the_kernel_does_not_apply():
+    w = torch.randn(8, 16)
+    big = torch.randn(SMALL_M + 1, 16)
+    assert torch.equal(linear(big, w), F.linear(big, w))  # more rows than SMALL_M: BLAS
+    x64 = torch.randn(3, 16, dtype=torch.float64)
+    assert torch.equal(linear(x64, w.double()), F.linear(x64, w.double()))  # not float32
+    x = torch.randn(3, 16)
+    with use_backend("torch"):
+        assert torch.equal(linear(x, w), F.linear(x, w))
