@@ -183,3 +183,21 @@ def test_drift_skips_records_whose_ids_do_not_match_their_text(models, tmp_path)
     t = rep.summary["models"]["tuned"]["tasks"]["r"]
     assert t["samples"] == len(rows) - 1
     assert any(":2: output_token_ids do not decode" in p for p in t["problems"])
+
+
+def test_the_commands_agree_drift_generate_vs_generate_then_drift(models, tmp_path):
+    """The acceptance check as a user types it: `driftscope drift --generate` vs `driftscope generate` then
+    `driftscope drift` on its output, compared through summary.json."""
+    data = _prompts(tmp_path / "asks.jsonl", n=4)
+    resp = tmp_path / "resp.jsonl"
+    common = ["--max-new-tokens", "7", "--no-progress"]
+    assert main(["generate", "--model", str(models["tuned"]), "--data", str(data), "--out", str(resp), *common]) == 0
+    assert main(["drift", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--data", str(resp),
+                 "--out", str(tmp_path / "two"), "--no-progress"]) == 0
+    assert main(["drift", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--data", str(data),
+                 "--out", str(tmp_path / "one"), "--generate", *common]) == 0
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["models"]["tuned"]["tasks"]["asks"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["models"]["tuned"]["tasks"]["resp"]
+    _assert_same_task(one, two, "CLI")
+    assert [json.loads(x)["output_token_ids"] for x in resp.read_text().splitlines()] == \
+        [json.loads(x)["output_token_ids"] for x in (tmp_path / "one" / "responses" / "tuned" / "asks.jsonl").read_text().splitlines()]
