@@ -9,6 +9,8 @@ from __future__ import annotations
 import platform
 import subprocess
 
+import pytest
+
 
 def machine_line() -> str:
     cpu = platform.processor() or platform.machine()
@@ -51,3 +53,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             if m and m0:
                 line += f", peak extra {m:.0f} MB (x{m0 / m:.1f} less)"
             tr.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def qwen3_100m(tmp_path_factory):
+    """A random Qwen3 config of ≈100M parameters (hidden 768, 12 layers, vocab 32,000, tied head), saved as
+    safetensors by transformers: the checkpoint of the engine and generation benchmarks."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    cfg = transformers.Qwen3Config(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=True, rope_theta=1e6,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("qwen3-100m")
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -23,18 +23,8 @@ GROUP = "generate-16-mixed-f32"
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """The ≈100M-parameter random Qwen3 of bench/test_bench_engine.py (tied head, vocab 32,000)."""
-    cfg = transformers.Qwen3Config(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
-        tie_word_embeddings=True, rope_theta=1e6,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    path = tmp_path_factory.mktemp("qwen3-100m-gen")
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+def ckpt(qwen3_100m) -> Path:
+    return qwen3_100m
 
 
 def _peak_mb(workload: str, ckpt: Path) -> float:

@@ -7,7 +7,6 @@ With `generate=True` the records give only prompts: each tuned model generates, 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 import time

@@ -233,11 +233,10 @@ class GenerationEngine:
             batches.append(LayerBatch(cu_seqlens=cu_t, max_seqlen=max_seqlen, cos=cos, sin=sin, kv=kv))
         last = torch.tensor(list(range(nd)) + [nd + e - 1 for e in cu[1:]], device=dev)  # newest position per sequence
 
-        hook = None
-        if on_layer is not None:
-            def hook(i, h0, hs):
-                on_layer(i, h0.index_select(0, last), [h.index_select(0, last) for h in hs])
-        finals = run_layers(self.models, ids_t, batches, hook)
+        def hook(i, h0, hs):  # the layer probes see only the positions that predict a new token
+            on_layer(i, h0.index_select(0, last), [h.index_select(0, last) for h in hs])
+
+        finals = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None)
         hidden = [h.index_select(0, last) for h in finals]  # [B, d] each
         logits = linear(hidden[self.sample_from], self.driver.lm_head_weight).float()  # [B, V]
         prm = [s.params for s in seqs]
