@@ -216,3 +216,29 @@ def test_next_fit_groups_in_order_within_budget():
         assert sum(lengths[i] for i in g) <= 8 or len(g) == 1, g  # only a lone oversize item exceeds
     for a, b in zip(groups, groups[1:]):  # next-fit: the next group's first item did not fit
         assert sum(lengths[i] for i in a) + lengths[b[0]] > 8
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path):
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECORDS[:2]).encode())
+    records, problems = read_records(p)
+    assert problems == [] and [r.fmt for r in records] == ["input_output", "prompt_response"]
+
+
+def test_token_id_fields_are_scored_as_given(tmp_path):
+    p = tmp_path / "ids.jsonl"
+    rows = [{"input": "Q", "output": "ab", "output_token_ids": [97, 98, 0]},  # an EOS-like 0 after the text
+            {"input": "Q", "output": "", "input_token_ids": [5, 6], "output_token_ids": [7]},
+            {"input": "Q", "output": "zz", "output_token_ids": [97]},  # does not decode to the output
+            {"input": "Q", "output": "x", "output_token_ids": [1, -2]}]
+
+    class Decoding(ByteTokenizer):
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, problems = load_samples(p, Decoding())
+    assert [s.input_ids.tolist() for s in samples] == [[ord("Q"), 97, 98, 0], [5, 6, 7]]
+    assert [s.n_prompt for s in samples] == [1, 2]
+    assert any(":3: output_token_ids do not decode" in x for x in problems)
+    assert any(":4: field 'output_token_ids' must be a list of token ids" in x for x in problems)
