@@ -201,3 +201,15 @@ def test_the_commands_agree_drift_generate_vs_generate_then_drift(models, tmp_pa
     _assert_same_task(one, two, "CLI")
     assert [json.loads(x)["output_token_ids"] for x in resp.read_text().splitlines()] == \
         [json.loads(x)["output_token_ids"] for x in (tmp_path / "one" / "responses" / "tuned" / "asks.jsonl").read_text().splitlines()]
+
+
+def test_generate_cli_limit_takes_the_first_usable_records(models, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl")
+    with open(data, "a") as f:
+        f.write("{broken\n")
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[-1], *lines[:-1]]) + "\n")  # the bad line first: it is skipped, not counted
+    out = tmp_path / "o.jsonl"
+    assert _cli_generate(models["tuned"], data, out, "--limit", "3") == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [1, 2, 3]
