@@ -21,6 +21,9 @@ _EXPORTS = {
     "drift": "driftscope.analysis.run",
     "DriftReport": "driftscope.analysis.run",
     "DriftOptions": "driftscope.analysis.options",
+    "transferability_index": "driftscope.eval.ti",
+    "transferability_indices": "driftscope.eval.ti",
+    "TIResult": "driftscope.eval.ti",
     "backend_status": "driftscope.kernels._dispatch",
     "use_backend": "driftscope.kernels._dispatch",
 }

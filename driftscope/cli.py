@@ -194,10 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_generate)
+
+    from driftscope.eval import eval_cli, ti_cli
+
+    eval_cli.add_parser(sub)
+    ti_cli.add_parser(sub)
+    sub.add_parser("lm-eval", help="lm-eval's own CLI with the 'driftscope' model registered and driftscope's tasks "
+                   "(ds_*) on the include path; every argument goes to lm-eval", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "lm-eval":  # a passthrough: lm-eval parses its own arguments
+        from driftscope.eval.eval_cli import run_lm_eval
+
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,60 @@
+"""Log-likelihood throughput (CPU, float32): the `driftscope` lm-eval model vs lm-eval's own `hf` model
+(transformers) on the same ~100M-parameter Qwen3 checkpoint and the same 256 token-level requests (64 contexts of
+100-300 tokens × 4 continuations of 1-6 tokens, a multiple-choice workload), both through lm-eval's
+`_loglikelihood_tokens` so tokenization is out of the timing. Baseline: lm-eval hf with batch_size=16.
+driftscope packs sequences without padding and runs the LM head only on the scored rows.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")
+GROUP = "loglikelihood-256-mc-f32"
+
+
+@pytest.fixture(scope="module")
+def ckpt(qwen3_100m, tmp_path_factory):
+    from driftscope.engine.synth import write_tokenizer
+
+    d = tmp_path_factory.mktemp("loglik-bench")
+    for f in os.listdir(qwen3_100m):
+        os.symlink(qwen3_100m / f, d / f)
+    write_tokenizer(d, ["a small corpus for a tokenizer the benchmark never uses for its token requests"] * 4)
+    return d
+
+
+@pytest.fixture(scope="module")
+def requests():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(64):
+        ctx = torch.randint(0, 32000, (int(torch.randint(100, 301, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(4):
+            cont = torch.randint(0, 32000, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+            out.append(((None, None), ctx, cont))
+    return out
+
+
+def test_loglik_hf(benchmark, ckpt, requests):
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=str(ckpt), dtype="float32", device="cpu", batch_size=16)
+    benchmark.group, benchmark.extra_info["role"] = GROUP, "baseline"
+    res = benchmark.pedantic(lambda: lm._loglikelihood_tokens(requests, disable_tqdm=True), rounds=2, iterations=1)
+    test_loglik_hf.result = res
+
+
+def test_loglik_driftscope(benchmark, ckpt, requests):
+    from driftscope.eval.lm_model import DriftscopeLM
+
+    lm = DriftscopeLM(pretrained=str(ckpt), dtype="float32", device="cpu")
+    benchmark.group = GROUP
+    res = benchmark.pedantic(lambda: lm._loglikelihood_tokens(requests, disable_tqdm=True), rounds=2, iterations=1)
+    ref = getattr(test_loglik_hf, "result", None)
+    if ref is not None:  # same answers as the baseline (run both in one session)
+        for (a, ga), (b, gb) in zip(res, ref):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-3) and ga == gb

@@ -1,0 +1,360 @@
+"""The paper's 12 benchmarks: where each one's data lives, its prompt, its decoding and how it is graded.
+
+One `Benchmark` per name of `eval.ti.GROUPS`. The same definitions drive the lm-eval tasks shipped in
+`eval/tasks/` (through `eval/tasks/utils.py`) and `driftscope eval --responses` (grading existing responses
+without a model), so a score means the same thing on both paths.
+
+Data comes from a local folder laid out like `../shared/data/benchmarks/` (file names in `FILES`), or, when no
+folder is given, from the usual Hugging Face dataset (`HF`) through `datasets` (online only).
+
+Prompts and decoding follow the paper (research summary in issue [5]; the MATH500, GPQA and IFEval prompts are
+checked against the inputs of the paper's own response files):
+- math (MATH500, AIME24/25, OlympiadBench): MATH_PROMPT; temperature 0.6 / top-p 0.95 with k samples
+  (AIME 10, MATH500 3) except OlympiadBench (greedy, exact match of the last box); graded by math-verify.
+- GPQA-Diamond: options [incorrect 1-3, correct] preprocessed as lm-eval does and shuffled by one
+  random.Random(0) in file order (this reproduces all 198 option orders of the paper's response file; the
+  paper's text says Random(42), which does not), boxed letter, k=3 sampled.
+- LiveCodeBench: LCB's prompt, k=3 sampled, graded in the sandbox (eval/sandbox.py).
+- ACPBench: the 7 MCQ tasks, 2-shot chain of thought (lm-eval's acp_*_mcq prompts), greedy, letter extraction.
+- HeadQA, MC-TACO: log-likelihood multiple choice (lm-eval's headqa_en and mc_taco prompts), accuracy.
+- CoQA: the last question of each story, greedy, EM (F1 in details), thinking removed.
+- IFEval: instruction-level strict accuracy, thinking removed.
+- HaluEval: qa + dialogue + summarization, each item judged once with its right or hallucinated answer (chosen
+  by random.Random(0)), the first line must hold exactly one of Yes/No.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "load_docs"]
+
+MATH_PROMPT = ("Solve the following math problem. Present the final answer in the format: Final Answer: "
+               "\\boxed{{your_answer}}.\nProblem: {problem}\nAnswer:")
+GPQA_PROMPT = ("What is the correct answer to this question:{question}\n\nChoices:\n{choices}\nFinish your answer with "
+               "the format: Final Answer: \\boxed{{X}}, where X is the correct letter choice.\nLet's think step by step: ")
+SAMPLED = {"temperature": 0.6, "top_p": 0.95}
+GREEDY = {"temperature": 0.0}
+ACP_TASKS = ("act_reach", "app", "just", "land", "prog", "reach", "val")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    group: str
+    kind: str  # "generate" | "loglikelihood"
+    load: Callable[[Path | None], list[dict]]
+    prompt: Callable[[dict], str]
+    gold: Callable[[dict], Any]
+    grade: Callable[[str, dict], float | list[float]] | None = None  # generate: response -> score(s) in [0, 1]
+    choices: Callable[[dict], list[str]] | None = None  # loglikelihood: " " + choice is scored; gold is its index
+    k: int = 1
+    sampling: dict = field(default_factory=lambda: dict(GREEDY))
+    until: tuple[str, ...] = ()
+    metric: str = "accuracy"
+
+
+# ------------------------------------------------------------------------------------------------ data files
+FILES = {
+    "math500": "math500.jsonl", "aime24": "aime24.jsonl", "aime25": "aime25.jsonl",
+    "olympiadbench": "olympiadbench.jsonl", "gpqa_diamond": "gpqa_diamond.csv",
+    "livecodebench": "livecodebench_sample.jsonl", "acpbench": "acpbench/", "headqa": "headqa_en_test.jsonl",
+    "coqa": "coqa-dev-v1.0.json", "ifeval": "ifeval_input_data.jsonl", "mctaco": "mctaco_test.jsonl",
+    "halueval": "halueval_{qa,dialogue,summarization}.jsonl[.gz]",
+}
+HF = {  # used only without a data folder
+    "math500": ("HuggingFaceH4/MATH-500", None, "test"), "aime24": ("Maxwell-Jia/AIME_2024", None, "train"),
+    "aime25": ("math-ai/aime25", None, "test"), "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+    "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train"), "ifeval": ("google/IFEval", None, "train"),
+    "headqa": ("EleutherAI/headqa", "en", "test"), "mctaco": ("CogComp/mc_taco", None, "test"),
+    "livecodebench": ("livecodebench/code_generation_lite", None, "test"),
+}
+
+
+def _path(data_dir: Path, name: str) -> Path:
+    p = Path(data_dir) / FILES[name]
+    if not p.exists():
+        raise FileNotFoundError(f"{name}: {p} not found in the data folder {data_dir} (expected {FILES[name]})")
+    return p
+
+
+def _jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    return out
+
+
+def _hf(name: str) -> list[dict]:
+    if name not in HF:
+        raise FileNotFoundError(f"{name}: no public Hugging Face copy is wired in; pass --data-dir with {FILES[name]}")
+    import datasets
+
+    path, config, split = HF[name]
+    return [dict(r) for r in datasets.load_dataset(path, config, split=split)]
+
+
+def _loader(name: str, read: Callable[[Path], list[dict]], from_hf: Callable[[list[dict]], list[dict]] | None = None):
+    def load(data_dir: Path | None) -> list[dict]:
+        if data_dir is None:
+            rows = _hf(name)
+            return from_hf(rows) if from_hf else rows
+        return read(Path(data_dir) if "{" in FILES[name] else _path(data_dir, name))
+    return load
+
+
+# ------------------------------------------------------------------------------------------------ graders
+def _math(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.math import grade_math
+
+    return grade_math(response, str(doc["answer"]))
+
+
+def _olympiad(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.math import grade_boxed_exact
+
+    golds = doc["final_answer"]
+    gold = ", ".join(golds) if doc.get("is_multiple_answer") and len(golds) > 1 else golds[0]
+    return grade_boxed_exact(response, gold)
+
+
+def _boxed_letter(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.choice import grade_choice
+
+    return grade_choice(response, doc["gold_letter"])
+
+
+def _acp(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.choice import grade_choice
+
+    return grade_choice(response, str(doc["answer"]).strip())
+
+
+def _ifeval(response: str, doc: dict) -> list[float]:
+    from driftscope.eval.graders.ifeval import grade_ifeval
+
+    return [float(x) for x in grade_ifeval(doc, response)["inst_level_strict"]]
+
+
+def _halueval(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.halueval import grade_halueval
+
+    return grade_halueval(response, doc["gold"])
+
+
+def _coqa(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.coqa import coqa_scores
+
+    return coqa_scores(response, doc["golds"])["em"]
+
+
+def _lcb(response: str, doc: dict) -> float:
+    from driftscope.eval.graders.livecodebench import grade
+
+    return float(grade(response, doc)["pass"])
+
+
+# ------------------------------------------------------------------------------------------------ GPQA
+def _gpqa_pre(text: str) -> str:  # lm-eval's gpqa preprocess
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _gpqa_docs(rows: list[dict]) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for row in rows:
+        options = [_gpqa_pre(row[k]) for k in ("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3",
+                                               "Correct Answer")]
+        rng.shuffle(options)
+        correct = _gpqa_pre(row["Correct Answer"])
+        out.append({"question": row["Question"], "options": options, "gold_letter": "ABCD"[options.index(correct)],
+                    "id": row.get("Record ID", "")})
+    return out
+
+
+def _gpqa_read(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return _gpqa_docs(list(csv.DictReader(f)))
+
+
+def _gpqa_prompt(doc: dict) -> str:
+    listed = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", doc["options"]))
+    return GPQA_PROMPT.format(question=doc["question"], choices=listed)
+
+
+# ------------------------------------------------------------------------------------------------ others
+def _acp_read(folder: Path) -> list[dict]:
+    out = []
+    for task in ACP_TASKS:
+        p = folder / f"{task}.json"
+        if not p.is_file():
+            raise FileNotFoundError(f"acpbench: {p} not found (expected one JSON file per task: {', '.join(ACP_TASKS)})")
+        out += [dict(d, acp_task=task) for d in json.loads(p.read_text(encoding="utf-8"))]
+    return out
+
+
+def _acp_prompt(doc: dict) -> str:
+    from driftscope.eval.acp_fewshot import FEWSHOT
+
+    shots = "".join(f"**Question**: {s['context']}  {s['question']} **Thoughts**: {s['answer']}\n\n"
+                    for s in FEWSHOT[doc["acp_task"]]["samples"])
+    return shots + f"**Question**: {doc['context']}  {doc['question']} **Thoughts**:"
+
+
+HALU_INSTRUCTIONS = {
+    "qa": ("I want you act as an answer judge. Given a question and an answer, your objective is to determine if the "
+           "provided answer contains non-factual or hallucinated information. The answer you give MUST be \"Yes\" or "
+           "\"No\".\n\n#Knowledge#: {knowledge}\n#Question#: {question}\n#Answer#: {answer}\n#Your Judgement#:"),
+    "dialogue": ("I want you act as a response judge. Given a dialogue history and a response, your objective is to "
+                 "determine if the provided response contains non-factual or hallucinated information. The answer you "
+                 "give MUST be \"Yes\" or \"No\".\n\n#Knowledge#: {knowledge}\n#Dialogue History#: {dialogue_history}\n"
+                 "#Response#: {response}\n#Your Judgement#:"),
+    "summarization": ("I want you act as a summary judge. Given a document and a summary, your objective is to "
+                      "determine if the provided summary contains non-factual or hallucinated information. The answer "
+                      "you give MUST be \"Yes\" or \"No\".\n\n#Document#: {document}\n#Summary#: {summary}\n"
+                      "#Your Judgement#:"),
+}
+_HALU_FIELDS = {"qa": ("right_answer", "hallucinated_answer", "answer"),
+                "dialogue": ("right_response", "hallucinated_response", "response"),
+                "summarization": ("right_summary", "hallucinated_summary", "summary")}
+
+
+def _halu_read(folder: Path) -> list[dict]:
+    out = []
+    for part in ("qa", "dialogue", "summarization"):
+        p = folder / f"halueval_{part}.jsonl"
+        if not p.is_file():
+            p = p.with_suffix(".jsonl.gz")
+        if not p.is_file():
+            raise FileNotFoundError(f"halueval: {folder}/halueval_{part}.jsonl(.gz) not found")
+        rng = random.Random(0)
+        right, wrong, key = _HALU_FIELDS[part]
+        for i, row in enumerate(_jsonl(p)):
+            hallucinated = rng.random() < 0.5
+            doc = {k: v for k, v in row.items() if k not in (right, wrong)}
+            doc.update({key: row[wrong] if hallucinated else row[right], "gold": "Yes" if hallucinated else "No",
+                        "part": part, "id": f"{part}-{i}"})
+            out.append(doc)
+    return out
+
+
+def _halu_prompt(doc: dict) -> str:
+    return HALU_INSTRUCTIONS[doc["part"]].format(**doc)
+
+
+def _coqa_read(path: Path) -> list[dict]:
+    """The official CoQA JSON (`coqa-dev-v1.0.json`): one doc per story, its last question."""
+    data = json.loads(path.read_text(encoding="utf-8")).get("data")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected the CoQA layout {{\"data\": [stories]}}")
+    out = []
+    for s, story in enumerate(data):
+        qs, ans = story["questions"], story["answers"]
+        if not qs or len(qs) != len(ans):
+            raise ValueError(f"{path}: data[{s}] has {len(qs)} questions and {len(ans)} answers")
+        golds = [ans[-1]["input_text"]]
+        for extra in (story.get("additional_answers") or {}).values():
+            if len(extra) == len(qs):
+                golds.append(extra[-1]["input_text"])
+        turns = [(q["input_text"], a["input_text"]) for q, a in zip(qs, ans)]
+        out.append({"id": story.get("id", str(s)), "story": story["story"], "turns": turns, "golds": golds})
+    return out
+
+
+def _coqa_prompt(doc: dict) -> str:  # lm-eval's coqa doc_to_text, stopped before the gold last answer
+    text = doc["story"] + "\n\n"
+    for q, a in doc["turns"][:-1]:
+        text += f"Q: {q}\n\nA: {a}\n\n"
+    return text + f"Q: {doc['turns'][-1][0]}\n\nA:"
+
+
+def _lcb_prompt(doc: dict) -> str:
+    head = ("You will be given a question (problem specification) and will generate a correct Python program that "
+            "matches the specification and passes all tests.\n\nQuestion: " + doc["question_content"] + "\n\n")
+    if doc.get("starter_code"):
+        return head + ("You will use the following starter code to write the solution to the problem and enclose your "
+                       f"code within delimiters.\n```python\n{doc['starter_code']}\n```\n\n")
+    return head + ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on "
+                   "the sample inputs). Enclose your code within delimiters as follows. Ensure that when the python "
+                   "program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.\n"
+                   "```python\n# YOUR CODE HERE\n```\n\n")
+
+
+def _mctaco_read(path: Path) -> list[dict]:
+    return [dict(r, label=1 if r["label"] == "yes" else 0) for r in _jsonl(path)]
+
+
+def _hf_mctaco(rows):
+    return rows  # the HF layout already has label 0/1
+
+
+def _hf_math(rows):
+    return [dict(r, problem=r.get("problem", r.get("Problem")), answer=r.get("answer", r.get("Answer"))) for r in rows]
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    Benchmark("aime24", "math", "generate", _loader("aime24", _jsonl, _hf_math),
+              lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=10,
+              sampling=dict(SAMPLED)),
+    Benchmark("aime25", "math", "generate", _loader("aime25", _jsonl, _hf_math),
+              lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=10,
+              sampling=dict(SAMPLED)),
+    Benchmark("math500", "math", "generate", _loader("math500", _jsonl),
+              lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=3,
+              sampling=dict(SAMPLED)),
+    Benchmark("olympiadbench", "math", "generate", _loader("olympiadbench", _jsonl),
+              lambda d: MATH_PROMPT.format(problem=d["question"]), lambda d: d["final_answer"], _olympiad),
+    Benchmark("gpqa_diamond", "other", "generate", _loader("gpqa_diamond", _gpqa_read, _gpqa_docs), _gpqa_prompt,
+              lambda d: d["gold_letter"], _boxed_letter, k=3, sampling=dict(SAMPLED)),
+    Benchmark("livecodebench", "other", "generate", _loader("livecodebench", _jsonl), _lcb_prompt,
+              lambda d: None, _lcb, k=3, sampling=dict(SAMPLED), metric="pass@1"),
+    Benchmark("acpbench", "other", "generate", _loader("acpbench", _acp_read), _acp_prompt,
+              lambda d: d["answer"], _acp, until=("\n\n\n\n", "**Question**:", "**Question:**", "Q:")),
+    Benchmark("headqa", "other", "loglikelihood", _loader("headqa", _jsonl),
+              lambda d: f"Question: {d['qtext']}\nAnswer:", lambda d: int(d["ra"]) - 1,
+              choices=lambda d: [a["atext"] for a in d["answers"]]),
+    Benchmark("coqa", "non", "generate", _loader("coqa", _coqa_read), _coqa_prompt, lambda d: d["golds"], _coqa,
+              until=("\nQ:",), metric="exact match"),
+    Benchmark("ifeval", "non", "generate", _loader("ifeval", _jsonl), lambda d: d["prompt"],
+              lambda d: d["instruction_id_list"], _ifeval, metric="instruction-level strict accuracy"),
+    Benchmark("halueval", "non", "generate", _loader("halueval", _halu_read), _halu_prompt, lambda d: d["gold"],
+              _halueval),
+    Benchmark("mctaco", "non", "loglikelihood", _loader("mctaco", _mctaco_read, _hf_mctaco),
+              lambda d: f"{d['sentence']}\nQuestion: {d['question']}\nAnswer: {d['answer']}\nPlausible:",
+              lambda d: int(d["label"]), choices=lambda d: ["no", "yes"]),
+]}
+
+
+def get(name: str) -> Benchmark:
+    from driftscope.eval.ti import canonical_name
+
+    key = canonical_name(name) or name
+    if key not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[key]
+
+
+def load_docs(name: str, data_dir: str | Path | None, limit: int | None = None) -> list[dict]:
+    docs = get(name).load(Path(data_dir) if data_dir is not None else None)
+    return docs[:limit] if limit is not None else docs
+
+
+def score_of(values: Sequence[float | list[float]]) -> float:
+    """Percent: the mean over docs, each doc's list (IFEval's instructions) flattened into the mean."""
+    flat = [float(x) for v in values for x in (v if isinstance(v, list) else [v])]
+    return 100.0 * sum(flat) / len(flat) if flat else float("nan")

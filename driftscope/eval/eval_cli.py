@@ -1,0 +1,106 @@
+"""`driftscope eval` (a model through lm-eval, or existing responses) and `driftscope lm-eval` (lm-eval's own CLI
+with the `driftscope` model registered and driftscope's tasks on the include path)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "run_lm_eval"]
+
+_PROG = "driftscope eval"
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "true", "1", "yes"):
+        return True
+    if text.lower() in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from driftscope.eval.benchmarks import BENCHMARKS
+
+    names = ", ".join(BENCHMARKS)
+    p = subparsers.add_parser(
+        "eval", help="score a model on the paper's benchmarks (lm-eval on the engine), or grade existing responses",
+        description=f"Benchmarks: {names}. With --model: generation and log-likelihood through lm-eval; with "
+                    "--responses: grade a file of {input, output} records (no model).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer)")
+    src.add_argument("--responses", help="JSONL of responses to grade, in the benchmark's order or with an id field")
+    p.add_argument("--tasks", default=None, help=f"comma-separated benchmarks for --model, or 'all' ({names})")
+    p.add_argument("--benchmark", default=None, help="the benchmark the --responses belong to")
+    p.add_argument("--out", required=True, help="output folder (scores.json, samples/, lm_eval/)")
+    p.add_argument("--data-dir", default=None, help="folder with the benchmark files (like ../shared/data/benchmarks); "
+                   "default: the Hugging Face datasets (online)")
+    p.add_argument("--limit", type=int, default=None, help="--model: the first N docs of each benchmark")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="--model: cap on generated tokens (the paper: 32768)")
+    p.add_argument("--thinking", type=_on_off, default=None, help="--model: the chat template's enable_thinking")
+    p.add_argument("--no-chat", action="store_true", help="--model: do not apply the chat template")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from driftscope.eval.benchmarks import BENCHMARKS
+
+    try:
+        if args.responses is not None:
+            if not args.benchmark:
+                raise ValueError("--responses needs --benchmark NAME")
+            from driftscope.eval.grade_responses import grade_responses
+
+            result = grade_responses(args.benchmark, args.responses, args.out, data_dir=args.data_dir)
+        else:
+            if not args.tasks:
+                raise ValueError("--model needs --tasks (comma-separated benchmarks, or 'all')")
+            names = list(BENCHMARKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+            from driftscope.eval.run import evaluate
+
+            result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
+                              max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
+                              device=args.device, dtype=args.dtype, seed=args.seed,
+                              max_batch_tokens=args.max_batch_tokens)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue (state in {args.out})", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    for name, score in result["scores"].items():
+        d = result.get("details", {}).get(name, {})
+        shown = "—" if score is None else f"{score:.2f}"
+        print(f"{name}: {shown} ({d.get('metric', '')}, {d.get('docs', '?')} docs)")
+    print(f"scores: {Path(args.out) / 'scores.json'}")
+    return 0
+
+
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's CLI on `argv` with the driftscope model registered and our tasks included."""
+    try:
+        import driftscope.eval.lm_model  # noqa: F401  -- registers "driftscope"
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as exc:
+        print(f"driftscope lm-eval: error: {exc}; install the eval extra: pip install 'driftscope[eval]'", file=sys.stderr)
+        return 2
+    from driftscope.eval.run import TASKS_DIR
+
+    argv = list(argv)
+    if argv and argv[0] in ("run", "ls", "validate") or not argv or argv[0].startswith("-"):
+        if "--include_path" not in argv and (not argv or argv[0] in ("run", "ls", "validate") or "--tasks" in argv):
+            argv += ["--include_path", str(TASKS_DIR)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    finally:
+        sys.argv = saved
+    return 0

@@ -1,0 +1,270 @@
+"""lm-evaluation-harness model `driftscope`: lm-eval's tasks run on the driftscope engine.
+
+    import driftscope.eval.lm_model  # registers "driftscope" with lm-eval (needs `pip install 'driftscope[eval]'`)
+    lm_eval.simple_evaluate(model="driftscope", model_args="pretrained=DIR,dtype=float32", tasks=[...])
+
+lm-eval 0.4.13 has no plugin entry points and fills its registry lazily on first use, so this module imports
+`lm_eval.models` before registering (registering into an empty registry would hide the built-in models); the
+`lm_eval.models` entry point in pyproject.toml is there for releases that read it. `driftscope lm-eval ...`
+runs lm-eval's own CLI with the model registered and driftscope's tasks on the include path.
+
+- `loglikelihood` / `loglikelihood_rolling`: packed varlen forwards, LM head only on scored rows (eval.loglik).
+- `generate_until`: every request goes to one GenerationEngine run (continuous batching, paged KV cache);
+  each keeps its own `until`, `max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`. Requests are numbered
+  in order, and sampling draws from a counter-based stream keyed by (seed, request number, step), so
+  `repeats` give distinct samples and a rerun gives the same ones.
+- Chat templates: the checkpoint's (sandboxed), `enable_thinking=True|False` passed to it.
+
+Model arguments: pretrained (folder), dtype (auto|float32|bfloat16|float16), device, max_length,
+max_batch_tokens, cache_memory (bytes), max_num_seqs, seed, enable_thinking, allow_pickle, gen_cache (a JSONL
+file where every finished generation is appended and from which a rerun takes them: resume). lm-eval's
+`batch_size` is accepted and ignored: batches are sized in tokens.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  -- fills lm-eval's registry with its own models first (see the docstring)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from driftscope.eval.loglik import score_continuations
+
+__all__ = ["DriftscopeLM"]
+
+log = logging.getLogger("driftscope.eval")
+_GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
+
+
+def _flag(value: Any, name: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"model argument {name}={value!r}: expected true or false")
+
+
+def _resolve_dtype(dtype: str, device: str, config_dtype: str | None) -> str:
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return config_dtype if config_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+    return "float32"  # CPU: bf16 GEMMs are slow there and fp32 is the exact reference
+
+
+@register_model("driftscope")
+class DriftscopeLM(TemplateLM):
+    def __init__(
+        self,
+        pretrained: str,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_length: int | None = None,
+        max_batch_tokens: int = 8192,
+        cache_memory: int | None = None,
+        max_num_seqs: int = 256,
+        seed: int = 0,
+        enable_thinking: bool | str | None = None,
+        allow_pickle: bool | str = False,
+        gen_cache: str | None = None,
+        batch_size: Any = None,
+        max_batch_size: Any = None,
+        **unused: Any,
+    ):
+        super().__init__()
+        from driftscope.engine.decoding import GenerationEngine
+        from driftscope.engine.generate import load_for_generation
+
+        if unused:
+            raise ValueError(f"unknown model argument(s) {sorted(unused)} for model 'driftscope'; see "
+                             "driftscope.eval.lm_model's docstring for the accepted ones")
+        folder = Path(pretrained)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"pretrained={pretrained}: no tokenizer.json in that folder")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config_dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") \
+            if (folder / "config.json").is_file() else None
+        self._dtype = _resolve_dtype(str(dtype), str(device), config_dtype)
+        self.model, self.tokenizer = load_for_generation(folder, device=str(device), dtype=self._dtype,
+                                                         allow_pickle=bool(_flag(allow_pickle, "allow_pickle")))
+        self.pretrained = str(folder)
+        self._device = torch.device(device)
+        self._max_length = int(max_length) if max_length else int(self.model.config.max_position_embeddings)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.seed = int(seed)
+        self.enable_thinking = _flag(enable_thinking, "enable_thinking")
+        self.gen_cache = Path(gen_cache) if gen_cache else None
+        self.engine = GenerationEngine(self.model, self.tokenizer,
+                                       cache_memory=int(float(cache_memory)) if cache_memory else None,
+                                       max_num_seqs=int(max_num_seqs), max_step_tokens=self.max_batch_tokens)
+        if batch_size not in (None, "auto", 1, "1") or max_batch_size is not None:
+            log.info("driftscope batches by tokens (max_batch_tokens=%d); batch_size=%s is ignored",
+                     self.max_batch_tokens, batch_size)
+
+    # ------------------------------------------------------------------ what lm-eval asks of a model
+    @property
+    def eot_token_id(self) -> int:
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            eos = next(iter(self.model.config.eos_token_ids), None)
+        if eos is None:
+            raise ValueError(f"{self.pretrained}: neither the tokenizer nor config.json names an EOS token")
+        return int(eos)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        if chat_template is False or chat_template is None:
+            return None
+        name = chat_template if isinstance(chat_template, str) else None
+        return self.tokenizer._template_source(name)
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                                  enable_thinking=self.enable_thinking, tokenize=False)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        bar = tqdm(total=len(requests), desc="driftscope loglikelihood", disable=disable_tqdm or self.rank != 0)
+        try:
+            scores = score_continuations(self.model, [(ctx, cont) for _, ctx, cont in requests],
+                                         max_length=self.max_length, max_batch_tokens=self.max_batch_tokens,
+                                         progress=bar)
+        finally:
+            bar.close()
+        for (key, _, _), answer in zip(requests, scores):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return scores
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (logp, _) in zip(owner, scores):
+            totals[i] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+    def _sampling(self, gen_kwargs: dict, where: str):
+        from driftscope.engine.sampling import SamplingParams
+
+        kw = copy.deepcopy(dict(gen_kwargs))
+        unknown = set(kw) - _GEN_KEYS
+        if unknown:
+            log.warning("%s: generation kwargs %s are not supported by driftscope and are ignored", where, sorted(unknown))
+        until = kw.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        if eos_text and eos_text not in until:
+            until.append(eos_text)  # as lm-eval's hf model does
+        do_sample = _flag(kw.get("do_sample", None), "do_sample")
+        temperature = float(kw.get("temperature", 0.0) or 0.0)
+        if do_sample is False:
+            temperature = 0.0
+        elif do_sample and temperature == 0.0:
+            temperature = 1.0  # transformers' default when sampling is asked for without a temperature
+        return SamplingParams(
+            max_new_tokens=int(kw.get("max_gen_toks", 256)), temperature=temperature,
+            top_p=float(kw.get("top_p", 1.0) or 1.0) if temperature > 0 else 1.0,
+            top_k=int(kw.get("top_k", 0) or 0) if temperature > 0 else 0,
+            seed=int(kw.get("seed", self.seed)), stop=tuple(s for s in until if s),
+        )
+
+    def _cached(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """Generations already finished (gen_cache): {(request key, occurrence): text}; a torn last line is skipped."""
+        if self.gen_cache is None or not self.gen_cache.is_file():
+            return {}
+        wanted, done = set(keys), {}
+        for line in self.gen_cache.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            key = (row["key"], row["n"])
+            if key in wanted:
+                done[key] = row["text"]
+        return done
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from driftscope.engine.decoding import GenRequest
+
+        keys, seen = [], {}
+        for req in requests:  # repeats share their arguments: the occurrence number tells them apart
+            digest = hashlib.sha256(json.dumps(req.args, sort_keys=True, default=str).encode()).hexdigest()[:32]
+            seen[digest] = seen.get(digest, -1) + 1
+            keys.append((digest, seen[digest]))
+        texts: list[str | None] = [None] * len(requests)
+        done = self._cached(keys)
+        gen_requests = []
+        for i, req in enumerate(requests):
+            if keys[i] in done:
+                texts[i] = done[keys[i]]
+                continue
+            context, gen_kwargs = req.args
+            params = self._sampling(gen_kwargs, f"request {i}")
+            ids = self.tok_encode(context)
+            keep = max(1, self.max_length - params.max_new_tokens)
+            if len(ids) > keep:  # lm-eval's hf model cuts the context from the left the same way
+                ids = ids[-keep:]
+            gen_requests.append(GenRequest(ids, params, prompt_index=i, sample_index=0, where=f"request {i}"))
+        bar = tqdm(total=len(requests), initial=len(requests) - len(gen_requests), desc="driftscope generate_until",
+                   disable=disable_tqdm or self.rank != 0)
+        sink = None
+        if self.gen_cache is not None and gen_requests:
+            self.gen_cache.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(self.gen_cache, "a", encoding="utf-8")
+        try:
+            for g in self.engine.run(gen_requests, progress=bar) if gen_requests else ():
+                texts[g.index] = g.text or ""
+                if sink is not None:
+                    key, n = keys[g.index]
+                    sink.write(json.dumps({"key": key, "n": n, "text": texts[g.index]}, ensure_ascii=False) + "\n")
+                    sink.flush()
+        finally:
+            bar.close()
+            if sink is not None:
+                sink.close()
+        for req, text in zip(requests, texts):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return texts  # type: ignore[return-value]

@@ -1,0 +1,96 @@
+"""`driftscope eval --model DIR --tasks LIST --out DIR`: the paper's benchmarks through lm-eval on the engine.
+
+One lm-eval run per benchmark, in the order given, each written as soon as it ends:
+`OUT/lm_eval/<task>.json` (lm-eval's results JSON), `OUT/samples/<benchmark>.jsonl` (lm-eval's per-sample log)
+and `OUT/scores.json` (all benchmarks so far, percent). Resumable at two levels: a finished benchmark is skipped
+when the run is repeated with the same options (OUT/eval_run.json holds them; other options are refused, naming
+the first that differs), and inside a benchmark every finished generation is kept in OUT/generations/<task>.jsonl
+and not redone.
+
+IFEval's NLTK data is put in place (offline) before any model is loaded, so a run cannot die at scoring time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from driftscope.eval import benchmarks as B
+from driftscope.eval.outputs import write_json, write_jsonl, write_scores
+
+__all__ = ["evaluate", "TASKS_DIR", "task_name"]
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+log = logging.getLogger("driftscope.eval")
+
+
+def task_name(benchmark: str) -> str:
+    return f"ds_{B.get(benchmark).name}"
+
+
+def _check_options(out: Path, options: dict) -> None:
+    path = out / "eval_run.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in sorted(set(old) | set(options)):
+            if key != "benchmarks" and old.get(key) != options.get(key):
+                raise ValueError(f"{out} holds an eval run with {key}={old.get(key)!r}, not {options.get(key)!r}; "
+                                 "use another --out, or the same options to continue it")
+        options = {**options, "benchmarks": list(dict.fromkeys(old.get("benchmarks", []) + options["benchmarks"]))}
+    write_json(path, options)
+
+
+def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, data_dir: str | Path | None = None,
+             limit: int | None = None, max_gen_toks: int | None = None, thinking: bool | None = None,
+             chat: bool = True, device: str | None = None, dtype: str = "auto", seed: int = 0,
+             max_batch_tokens: int = 8192, cache_memory: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one model; returns the scores.json content."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from driftscope.eval.lm_model import DriftscopeLM
+
+    out = Path(out)
+    names = [B.get(b).name for b in benchmarks]
+    if not names:
+        raise ValueError("no benchmarks given; expected some of " + ", ".join(B.BENCHMARKS))
+    if "ifeval" in names:
+        from driftscope.eval.graders.ifeval import check_ifeval_ready
+
+        check_ifeval_ready()
+    for name in names:  # every data file is read before any model is loaded
+        B.load_docs(name, data_dir, limit=1)
+    options = {"model": str(Path(model).resolve()), "data_dir": str(data_dir) if data_dir else None, "limit": limit,
+               "max_gen_toks": max_gen_toks, "thinking": thinking, "chat": chat, "seed": seed, "dtype": dtype,
+               "benchmarks": names}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_options(out, options)
+    lm = DriftscopeLM(pretrained=str(model), dtype=dtype, device=device, seed=seed, enable_thinking=thinking,
+                      max_batch_tokens=max_batch_tokens, cache_memory=cache_memory)
+    metadata = {"data_dir": str(data_dir)} if data_dir else {}
+    manager = TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    result: dict[str, Any] = {"scores": {}, "details": {}}
+    for name in names:
+        task = task_name(name)
+        done = out / "lm_eval" / f"{task}.json"
+        if done.is_file():
+            log.warning("%s: already evaluated in %s; kept", name, done)
+            continue
+        lm.gen_cache = out / "generations" / f"{task}.jsonl"
+        gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
+        res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
+                                      apply_chat_template=chat, gen_kwargs=gen_kwargs, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        samples = res.pop("samples", {}).get(task, [])
+        metrics = res["results"][task]
+        key = next(k for k in metrics if k.split(",")[0] in ("score", "acc") and "stderr" not in k)
+        score = 100.0 * float(metrics[key])
+        write_jsonl(out / "samples" / f"{name}.jsonl", samples)
+        write_json(done, res)
+        details = {"metric": B.get(name).metric, "lm_eval_metric": key, "docs": len(samples), "k": B.get(name).k,
+                   "task": task, "limit": limit}
+        write_scores(out, {"scores": {name: score}, "details": {name: details}}, model=str(model))
+        result["scores"][name], result["details"][name] = score, details
+    return json.loads((out / "scores.json").read_text(encoding="utf-8"))

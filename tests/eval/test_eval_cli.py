@@ -1,0 +1,79 @@
+"""End to end, offline, on tiny checkpoints: `driftscope eval` on three benchmarks with --limit for a base and a
+tuned model, a resumed rerun, then `driftscope ti` on the two scores.json files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+from eval_helpers import write_model  # noqa: E402
+
+from driftscope.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-cli")
+    return write_model(root / "base", seed=3), write_model(root / "tuned", seed=4)
+
+
+def _eval(model, out, bench_dir, tasks="math500,headqa,ifeval"):
+    return main(["eval", "--model", str(model), "--tasks", tasks, "--limit", "2", "--max-gen-toks", "8",
+                 "--data-dir", str(bench_dir), "--out", str(out)])
+
+
+def test_eval_then_ti(pair, shared_data, tmp_path, capsys):
+    bench_dir = shared_data / "benchmarks"
+    base, tuned = pair
+    assert _eval(base, tmp_path / "base", bench_dir) == 0
+    assert _eval(tuned, tmp_path / "tuned", bench_dir) == 0
+    for side in ("base", "tuned"):
+        scores = json.loads((tmp_path / side / "scores.json").read_text())
+        assert set(scores["scores"]) == {"math500", "headqa", "ifeval"}
+        assert all(0 <= v <= 100 for v in scores["scores"].values())
+        assert (tmp_path / side / "lm_eval" / "ds_math500.json").is_file()
+        samples = [json.loads(line) for line in open(tmp_path / side / "samples" / "math500.jsonl")]
+        assert len(samples) == 2 and all(len(s["resps"][0]) == len(s["filtered_resps"][0]) == 3 for s in samples)  # k=3
+        gens = (tmp_path / side / "generations" / "ds_math500.jsonl").read_text().splitlines()
+        assert len(gens) == 6
+    capsys.readouterr()
+    # a rerun with the same options keeps what is done
+    assert _eval(base, tmp_path / "base", bench_dir) == 0
+    # another option is refused, naming it
+    assert main(["eval", "--model", str(base), "--tasks", "math500", "--limit", "3", "--data-dir", str(bench_dir),
+                 "--out", str(tmp_path / "base")]) == 2
+    assert "limit=2, not 3" in capsys.readouterr().err
+    rc = main(["ti", "--base", str(tmp_path / "base" / "scores.json"), "--tuned",
+               f"tiny={tmp_path / 'tuned' / 'scores.json'}", "--out", str(tmp_path / "ti")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tiny" in out
+    ti = json.loads((tmp_path / "ti" / "ti.json").read_text())
+    assert "tiny" in json.dumps(ti)
+    assert (tmp_path / "ti" / "ti.html").is_file()
+
+
+def test_resumed_generations_are_not_redone(pair, shared_data, tmp_path):
+    from driftscope.eval.run import evaluate
+
+    bench_dir = shared_data / "benchmarks"
+    base, _ = pair
+    first = evaluate(base, ["math500"], tmp_path / "a", data_dir=bench_dir, limit=2, max_gen_toks=8)
+    # drop the finished benchmark but keep its generations: the rerun must reuse them, byte for byte
+    (tmp_path / "a" / "lm_eval" / "ds_math500.json").unlink()
+    cache = tmp_path / "a" / "generations" / "ds_math500.jsonl"
+    lines = cache.read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    rows[0]["text"] = "Final Answer: \\boxed{(3,\\frac{\\pi}{2})}"  # a planted answer shows the cache is read
+    cache.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"key": "torn')  # and a torn last line
+    second = evaluate(base, ["math500"], tmp_path / "a", data_dir=bench_dir, limit=2, max_gen_toks=8)
+    assert second["scores"]["math500"] > first["scores"]["math500"] or first["scores"]["math500"] > 0
+    samples = [json.loads(line) for line in open(tmp_path / "a" / "samples" / "math500.jsonl")]
+    assert rows[0]["text"] in [r for s in samples for r in s["filtered_resps"][0]]
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "nosuch", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown benchmark 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "--responses", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "--responses needs --benchmark" in capsys.readouterr().err
