@@ -1,6 +1,6 @@
 """Log-likelihood throughput (CPU, float32): the `driftscope` lm-eval model vs lm-eval's own `hf` model
-(transformers) on the same ~100M-parameter Qwen3 checkpoint and the same 256 token-level requests (64 contexts of
-100-300 tokens × 4 continuations of 1-6 tokens, a multiple-choice workload), both through lm-eval's
+(transformers) on the same ~100M-parameter Qwen3 checkpoint and the same 128 token-level requests (32 contexts of
+64-192 tokens × 4 continuations of 1-6 tokens, a multiple-choice workload), both through lm-eval's
 `_loglikelihood_tokens` so tokenization is out of the timing. Baseline: lm-eval hf with batch_size=16.
 driftscope packs sequences without padding and runs the LM head only on the scored rows.
 """
@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
-GROUP = "loglikelihood-256-mc-f32"
+GROUP = "loglikelihood-128-mc-f32"
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,8 @@ def ckpt(qwen3_100m, tmp_path_factory):
 def requests():
     g = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(64):
-        ctx = torch.randint(0, 32000, (int(torch.randint(100, 301, (1,), generator=g)),), generator=g).tolist()
+    for _ in range(32):
+        ctx = torch.randint(0, 32000, (int(torch.randint(64, 193, (1,), generator=g)),), generator=g).tolist()
         for _ in range(4):
             cont = torch.randint(0, 32000, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
             out.append(((None, None), ctx, cont))

@@ -104,7 +104,12 @@ def _hf(name: str) -> list[dict]:
     import datasets
 
     path, config, split = HF[name]
-    return [dict(r) for r in datasets.load_dataset(path, config, split=split)]
+    try:
+        return [dict(r) for r in datasets.load_dataset(path, config, split=split)]
+    except Exception as e:  # offline, gated, renamed: one line naming the dataset and the way out
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FileNotFoundError(f"{name}: could not load the Hugging Face dataset {path} ({type(e).__name__}: "
+                                f"{first[:160]}); pass --data-dir with {FILES[name]}") from None
 
 
 def _loader(name: str, read: Callable[[Path], list[dict]], from_hf: Callable[[list[dict]], list[dict]] | None = None):

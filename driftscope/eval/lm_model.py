@@ -92,7 +92,10 @@ class DriftscopeLM(TemplateLM):
         folder = Path(pretrained)
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"pretrained={pretrained}: no tokenizer.json in that folder")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            if device is not None:  # lm-eval's CLI asks for cuda by default; its hf model falls back the same way
+                log.warning("device=%s is not available here; using cpu", device)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         config_dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") \
             if (folder / "config.json").is_file() else None
         self._dtype = _resolve_dtype(str(dtype), str(device), config_dtype)
@@ -244,8 +247,10 @@ class DriftscopeLM(TemplateLM):
             context, gen_kwargs = req.args
             params = self._sampling(gen_kwargs, f"request {i}")
             ids = self.tok_encode(context)
-            keep = max(1, self.max_length - params.max_new_tokens)
-            if len(ids) > keep:  # lm-eval's hf model cuts the context from the left the same way
+            # lm-eval's hf model cuts the context from the left to leave max_gen_toks of room; here never below half
+            # the context (a 32k max_gen_toks must not cut a prompt to nothing): generation then ends at "context"
+            keep = max(self.max_length - params.max_new_tokens, self.max_length // 2)
+            if len(ids) > keep:
                 ids = ids[-keep:]
             gen_requests.append(GenRequest(ids, params, prompt_index=i, sample_index=0, where=f"request {i}"))
         bar = tqdm(total=len(requests), initial=len(requests) - len(gen_requests), desc="driftscope generate_until",

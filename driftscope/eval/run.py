@@ -70,7 +70,7 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
     lm = DriftscopeLM(pretrained=str(model), dtype=dtype, device=device, seed=seed, enable_thinking=thinking,
                       max_batch_tokens=max_batch_tokens, cache_memory=cache_memory)
     metadata = {"data_dir": str(data_dir)} if data_dir else {}
-    manager = TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}
     for name in names:
         task = task_name(name)

@@ -18,7 +18,7 @@ def _evaluate(model: str, args: str, tasks_dir, tasks, **kw):
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, log_samples=True,
-                                   task_manager=TaskManager(include_path=str(tasks_dir)), **kw)
+                                   task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False), **kw)
 
 
 def test_registration_keeps_the_builtin_models():
