@@ -39,6 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=None, help="--model: cap on generated tokens (the paper: 32768)")
     p.add_argument("--thinking", type=_on_off, default=None, help="--model: the chat template's enable_thinking")
     p.add_argument("--no-chat", action="store_true", help="--model: do not apply the chat template")
+    p.add_argument("--upstream", action="store_true", help="--model: lm-eval's own tasks (ifeval, mc_taco, headqa_en, "
+                   "hendrycks_math500, aime25, gpqa_diamond_cot_zeroshot, acp_*_mcq) on the local files, not the ds_* tasks")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
                               max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
                               device=args.device, dtype=args.dtype, seed=args.seed,
-                              max_batch_tokens=args.max_batch_tokens)
+                              max_batch_tokens=args.max_batch_tokens, upstream=args.upstream)
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to continue (state in {args.out})", file=sys.stderr)
         return 130

@@ -45,8 +45,11 @@ def _check_options(out: Path, options: dict) -> None:
 def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, data_dir: str | Path | None = None,
              limit: int | None = None, max_gen_toks: int | None = None, thinking: bool | None = None,
              chat: bool = True, device: str | None = None, dtype: str = "auto", seed: int = 0,
-             max_batch_tokens: int = 8192, cache_memory: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one model; returns the scores.json content."""
+             max_batch_tokens: int = 8192, cache_memory: int | None = None, upstream: bool = False,
+             bootstrap_iters: int = 1000, progress: bool = True) -> dict[str, Any]:
+    """Evaluate one model; returns the scores.json content. `upstream`: lm-eval's own tasks (eval.upstream)
+    instead of the ds_* tasks, for the benchmarks lm-eval ships. `bootstrap_iters`: lm-eval's bootstrap for the
+    stderr of non-mean metrics (its default, 100,000, takes minutes per F1 on a CPU; 0 skips it)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -62,9 +65,15 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
         check_ifeval_ready()
     for name in names:  # every data file is read before any model is loaded
         B.load_docs(name, data_dir, limit=1)
+        if upstream:
+            from driftscope.eval.upstream import upstream_configs
+
+            if data_dir is None:
+                raise ValueError("--upstream runs lm-eval's tasks on local files: pass --data-dir")
+            upstream_configs(name, data_dir)
     options = {"model": str(Path(model).resolve()), "data_dir": str(data_dir) if data_dir else None, "limit": limit,
                "max_gen_toks": max_gen_toks, "thinking": thinking, "chat": chat, "seed": seed, "dtype": dtype,
-               "benchmarks": names}
+               "upstream": upstream, "benchmarks": names}
     out.mkdir(parents=True, exist_ok=True)
     _check_options(out, options)
     lm = DriftscopeLM(pretrained=str(model), dtype=dtype, device=device, seed=seed, enable_thinking=thinking,
@@ -73,24 +82,38 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}
     for name in names:
-        task = task_name(name)
-        done = out / "lm_eval" / f"{task}.json"
+        if upstream:
+            from driftscope.eval.upstream import upstream_configs
+
+            tasks: list = upstream_configs(name, data_dir)
+            label = f"{name}.upstream"
+        else:
+            tasks, label = [task_name(name)], task_name(name)
+        done = out / "lm_eval" / f"{label}.json"
         if done.is_file():
             log.warning("%s: already evaluated in %s; kept", name, done)
             continue
-        lm.gen_cache = out / "generations" / f"{task}.jsonl"
+        lm.gen_cache = out / "generations" / f"{label}.jsonl"
         gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
-        res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit, log_samples=True,
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
                                       apply_chat_template=chat, gen_kwargs=gen_kwargs, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        samples = res.pop("samples", {}).get(task, [])
-        metrics = res["results"][task]
-        key = next(k for k in metrics if k.split(",")[0] in ("score", "acc") and "stderr" not in k)
-        score = 100.0 * float(metrics[key])
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                      bootstrap_iters=bootstrap_iters)
+        samples = [dict(s, task=t) for t, rows in res.pop("samples", {}).items() for s in rows]
         write_jsonl(out / "samples" / f"{name}.jsonl", samples)
         write_json(done, res)
-        details = {"metric": B.get(name).metric, "lm_eval_metric": key, "docs": len(samples), "k": B.get(name).k,
-                   "task": task, "limit": limit}
+        if upstream:  # lm-eval's own metrics: the primary one per benchmark, as `driftscope ti` reads them
+            from driftscope.eval.scores import load_scores
+
+            read = load_scores(done)
+            score, key = read.scores.get(name), read.sources.get(name)
+        else:
+            metrics = res["results"][label]
+            key = next(k for k in metrics if k.split(",")[0] in ("score", "acc") and "stderr" not in k)
+            score = 100.0 * float(metrics[key])
+        details = {"metric": B.get(name).metric if not upstream else f"lm-eval {key}", "lm_eval_metric": key,
+                   "docs": len(samples), "k": B.get(name).k if not upstream else 1, "tasks": sorted(res["results"]),
+                   "limit": limit, "upstream": upstream}
         write_scores(out, {"scores": {name: score}, "details": {name: details}}, model=str(model))
         result["scores"][name], result["details"][name] = score, details
     return json.loads((out / "scores.json").read_text(encoding="utf-8"))

@@ -68,3 +68,36 @@ def test_driftscope_lm_eval_runs_lm_evals_cli(shared_data, tmp_path):
     from driftscope.eval.scores import read_scores
 
     assert set(read_scores(results[0])) == {"mctaco"}
+
+
+@pytest.mark.parametrize("name", ["ifeval", "mctaco", "headqa", "math500", "aime25", "gpqa_diamond", "acpbench"])
+def test_upstream_tasks_run_on_the_local_files(shared_data, name):
+    from driftscope.eval.upstream import upstream_configs
+
+    data_dir = shared_data / "benchmarks"
+    tasks = _manager(data_dir).load(upstream_configs(name, data_dir))["tasks"]
+    ours = B.load_docs(name, data_dir)
+    docs = [d for t in tasks.values() for d in (t.test_docs() if t.has_test_docs() else t.validation_docs())]
+    assert len(docs) == len(ours)
+    # where the ds_* task copies lm-eval's prompt, the two agree on every doc (ACPBench: after the two shots)
+    task = next(iter(tasks.values()))
+    first = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+    for d, mine in list(zip(first, ours))[:50]:
+        theirs = task.doc_to_text(d)
+        if name in ("ifeval", "mctaco", "headqa"):
+            assert theirs == B.get(name).prompt(mine)
+        elif name == "acpbench":
+            assert B.get(name).prompt(mine).endswith(theirs) and B.get(name).prompt(mine).count("**Question**:") == 3
+
+
+def test_upstream_eval_end_to_end(shared_data, tmp_path):
+    from driftscope.eval.run import evaluate
+
+    model = write_model(tmp_path / "m")
+    res = evaluate(model, ["mctaco"], tmp_path / "out", data_dir=shared_data / "benchmarks", limit=4, upstream=True)
+    assert 0 <= res["scores"]["mctaco"] <= 100
+    assert res["details"]["mctaco"]["tasks"] == ["mc_taco"] and res["details"]["mctaco"]["upstream"] is True
+    with pytest.raises(ValueError, match="upstream=True, not False"):
+        evaluate(model, ["mctaco"], tmp_path / "out", data_dir=shared_data / "benchmarks", limit=4)
+    with pytest.raises(ValueError, match="olympiadbench has no upstream lm-eval task"):
+        evaluate(model, ["olympiadbench"], tmp_path / "o2", data_dir=shared_data / "benchmarks", upstream=True)
