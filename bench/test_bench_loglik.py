@@ -2,7 +2,8 @@
 (transformers) on the same ~100M-parameter Qwen3 checkpoint and the same 128 token-level requests (32 contexts of
 64-192 tokens × 4 continuations of 1-6 tokens, a multiple-choice workload), both through lm-eval's
 `_loglikelihood_tokens` so tokenization is out of the timing. Baseline: lm-eval hf with batch_size=16.
-driftscope packs sequences without padding and runs the LM head only on the scored rows.
+driftscope packs sequences without padding, runs the LM head only on the scored rows, and runs each shared
+context once (shared-prefix trees); the third variant turns the sharing off to show what each part is worth.
 """
 from __future__ import annotations
 
@@ -58,3 +59,14 @@ def test_loglik_driftscope(benchmark, ckpt, requests):
     if ref is not None:  # same answers as the baseline (run both in one session)
         for (a, ga), (b, gb) in zip(res, ref):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-3) and ga == gb
+
+
+def test_loglik_driftscope_no_prefix_sharing(benchmark, ckpt, requests):
+    """Packing and the scored-rows-only LM head alone: each continuation carries its own copy of the context."""
+    from driftscope.engine.loader import load_model
+    from driftscope.eval.loglik import score_continuations
+
+    model = load_model(ckpt)
+    pairs = [(ctx, cont) for _, ctx, cont in requests]
+    benchmark.group = GROUP
+    benchmark.pedantic(lambda: score_continuations(model, pairs, share_prefix=False), rounds=2, iterations=1)

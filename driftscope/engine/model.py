@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftscope.engine.config import ModelConfig
-from driftscope.kernels.attention import varlen_attention
+from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
 
@@ -46,6 +46,7 @@ class LayerBatch:
     cos: torch.Tensor  # [T, 1, D/2] model dtype
     sin: torch.Tensor  # [T, 1, D/2] model dtype
     kv: KVStep | None = None
+    masks: tuple | None = None  # per sequence: bool [L, L] attention mask or None (causal); see tree_attention
 
 
 @dataclass
@@ -138,7 +139,9 @@ class Attention(nn.Module):
         apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)  # q and k in one pass
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
         kv = batch.kv
-        if kv is None:
+        if batch.masks is not None:
+            o = tree_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, batch.masks)
+        elif kv is None:
             o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)  # [T, Hq, D]
         else:
             o = self._cached_attention(q, k, v, batch, kv)
@@ -256,6 +259,20 @@ class Transformer(nn.Module):
         return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cos=cos, sin=sin)
 
     @torch.inference_mode()
+    def prepare_tree(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
+                     masks: tuple) -> LayerBatch:
+        """A batch of sequences with explicit positions [T] and per-sequence attention masks (None = causal):
+        shared-prefix trees, where each branch continues the prefix's positions (eval.loglik)."""
+        batch = self.prepare(input_ids, cu_seqlens)
+        if positions.shape != input_ids.shape:
+            raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
+        window = self.config.sliding_window
+        if window is not None and int(positions.max()) >= window:
+            raise ValueError(f"position {int(positions.max())} exceeds sliding_window={window} of {self.config.source}")
+        cos, sin = self.rope_tables(positions.to(input_ids.device))
+        return LayerBatch(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, cos=cos, sin=sin, masks=tuple(masks))
+
+    @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]
         return F.embedding(input_ids, self.tok_embeddings.weight)
 
@@ -265,9 +282,10 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool = False
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool = False,
+        batch: LayerBatch | None = None,
     ) -> ForwardOutput:
-        batch = self.prepare(input_ids, cu_seqlens)
+        batch = self.prepare(input_ids, cu_seqlens) if batch is None else batch
         h = self.embed(input_ids)  # [T, d]
         states = [h] if output_hidden_states else None
         n = len(self.layers)

@@ -5,6 +5,9 @@ the continuation's log-probabilities and whether every continuation token is the
 `(logprob, is_greedy)`). Sequences are sorted by length and packed next-fit into batches of at most
 `max_batch_tokens` tokens (no padding, one varlen forward per batch); the LM head runs only on the rows that
 predict a continuation token, in chunks of `head_rows` rows, so memory is O(head_rows × V), never O(tokens × V).
+Pairs that share their context (multiple choice: one question, k answers) are packed as one shared-prefix tree:
+the context once, then each continuation, which attends to the context and to itself only and keeps the
+positions it would have alone (`kernels.attention.tree_attention`), so the context is computed once, not k times.
 Log-softmax is taken in float32 whatever the model dtype.
 
 Like lm-eval's `hf` model, a pair longer than `max_length + 1` tokens keeps its last `max_length + 1` tokens, and
@@ -14,6 +17,7 @@ reference: one sequence at a time, full float64 logits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,53 @@ def window(context: Sequence[int], continuation: Sequence[int], max_length: int)
     return full[:-1], min(len(continuation), len(full) - 1)
 
 
+@dataclass
+class _Tree:
+    """One packed sequence: a shared prefix, then one branch per member (its fed continuation tokens)."""
+
+    ids: list[int]
+    positions: list[int]
+    mask: torch.Tensor | None  # None: a single member, plain causal attention
+    members: list[tuple[int, list[int], list[int]]]  # (pair index, rows scored within the tree, targets)
+
+
+def _trees(items, max_tree: int) -> list[_Tree]:
+    """Group pairs whose fed context is the same (multiple choice: one context, k continuations) into trees of at
+    most `max_tree` tokens; the context's last position predicts every member's first continuation token."""
+    by_prefix: dict[tuple[int, ...], list] = {}
+    for item in items:
+        i, ids, n, targets = item
+        p = len(ids) - n + 1  # the fed context: its last token predicts the first continuation token
+        by_prefix.setdefault(tuple(ids[:p]), []).append((i, ids[p:], targets))
+    trees = []
+    for prefix, members in by_prefix.items():
+        P, chunk = len(prefix), []
+        for m in members + [None]:
+            size = P + sum(len(t) for _, t, _ in chunk)
+            if m is not None and (not chunk or size + len(m[1]) <= max_tree):
+                chunk.append(m)
+                continue
+            ids, positions, out = list(prefix), list(range(P)), []
+            spans = []
+            for i, tail, targets in chunk:
+                start = len(ids)
+                ids += tail
+                positions += range(P, P + len(tail))
+                out.append((i, [P - 1] + list(range(start, start + len(tail))), targets))
+                spans.append((start, len(ids)))
+            mask = None
+            if len(chunk) > 1:
+                L = len(ids)
+                mask = torch.zeros(L, L, dtype=torch.bool)
+                mask[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+                for s, e in spans:
+                    mask[s:e, :P] = True
+                    mask[s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+            trees.append(_Tree(ids, positions, mask, out))
+            chunk = [m] if m is not None else []
+    return trees
+
+
 @torch.inference_mode()
 def score_continuations(
     model: Transformer,
@@ -42,47 +93,62 @@ def score_continuations(
     max_length: int | None = None,
     max_batch_tokens: int = 8192,
     head_rows: int = 512,
+    share_prefix: bool = True,
+    max_tree: int = 2048,
     progress=None,
 ) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), all-greedy) per pair, in the order given."""
+    """(sum of log p(continuation | context), all-greedy) per pair, in the order given. With `share_prefix`, pairs
+    with the same context run it once (a tree of at most `max_tree` tokens: the context, then each continuation
+    attending to the context and to itself only, at the positions it would have had alone)."""
     max_length = max_length or model.config.max_position_embeddings
-    if max_batch_tokens < 1 or head_rows < 1:
-        raise ValueError(f"max_batch_tokens={max_batch_tokens} and head_rows={head_rows} must be positive")
+    if max_batch_tokens < 1 or head_rows < 1 or max_tree < 1:
+        raise ValueError(f"max_batch_tokens={max_batch_tokens}, head_rows={head_rows} and max_tree={max_tree} "
+                         "must be positive")
     items = []
     for i, (ctx, cont) in enumerate(pairs):
         ids, n_scored = window(ctx, cont, max_length)
         items.append((i, ids, n_scored, list(cont)[-n_scored:]))
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
-    lengths = [len(items[i][1]) for i in order]
+    if share_prefix:
+        trees = _trees(items, max_tree)
+    else:
+        trees = [_Tree(ids, list(range(len(ids))), None, [(i, list(range(len(ids) - n, len(ids))), t)])
+                 for i, ids, n, t in items]
+    trees.sort(key=lambda t: -len(t.ids))
     out: list[tuple[float, bool] | None] = [None] * len(items)
     dev = model.device
     w = model.lm_head_weight
-    for group in next_fit(lengths, max_batch_tokens):
-        batch = [items[order[g]] for g in group]
-        ids = torch.tensor([t for _, seq, _, _ in batch for t in seq], dtype=torch.int64, device=dev)
+    for group in next_fit([len(t.ids) for t in trees], max_batch_tokens):
+        batch = [trees[g] for g in group]
+        ids = torch.tensor([t for tree in batch for t in tree.ids], dtype=torch.int64, device=dev)
         bounds = [0]
-        for _, seq, _, _ in batch:
-            bounds.append(bounds[-1] + len(seq))
+        for tree in batch:
+            bounds.append(bounds[-1] + len(tree.ids))
         cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
-        hidden = model.forward(ids, cu).hidden  # [T, d]
-        rows = torch.tensor([e - n + k for (_, _, n, _), e in zip(batch, bounds[1:]) for k in range(n)], device=dev)
-        targets = torch.tensor([t for _, _, _, cont in batch for t in cont], dtype=torch.int64, device=dev)
+        if any(tree.mask is not None for tree in batch):
+            positions = torch.tensor([p for tree in batch for p in tree.positions], dtype=torch.int64, device=dev)
+            layer_batch = model.prepare_tree(ids, cu, positions, tuple(tree.mask for tree in batch))
+            hidden = model.forward(ids, batch=layer_batch).hidden  # [T, d]
+        else:
+            hidden = model.forward(ids, cu).hidden
+        members = [(m, start) for tree, start in zip(batch, bounds) for m in tree.members]
+        rows = torch.tensor([start + r for (_, rs, _), start in members for r in rs], device=dev)
+        targets = torch.tensor([t for (_, _, ts), _ in members for t in ts], dtype=torch.int64, device=dev)
         logp = torch.empty(len(rows), dtype=torch.float64, device=dev)
         greedy = torch.empty(len(rows), dtype=torch.bool, device=dev)
         for s in range(0, len(rows), head_rows):
             h = hidden.index_select(0, rows[s:s + head_rows])
             logits = F.linear(h, w).float()  # [r, V]
             y = targets[s:s + head_rows]
-            lsm = logits.log_softmax(-1)
-            logp[s:s + head_rows] = lsm.gather(1, y[:, None])[:, 0].double()
+            logp[s:s + head_rows] = logits.log_softmax(-1).gather(1, y[:, None])[:, 0].double()
             greedy[s:s + head_rows] = logits.argmax(-1) == y
         logp_l, greedy_l = logp.tolist(), greedy.tolist()
         at = 0
-        for i, _, n, _ in batch:
+        for (i, rs, _), _ in members:
+            n = len(rs)
             out[i] = (float(sum(logp_l[at:at + n])), bool(all(greedy_l[at:at + n])))
             at += n
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(len(members))
     return out  # type: ignore[return-value]
 
 

@@ -62,7 +62,10 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
     if "ifeval" in names:
         from driftscope.eval.graders.ifeval import check_ifeval_ready
 
-        check_ifeval_ready()
+        try:
+            check_ifeval_ready()
+        except RuntimeError as e:  # an environment problem the user can fix: one line, before any model loads
+            raise ValueError(f"ifeval cannot be graded here: {e}") from None
     for name in names:  # every data file is read before any model is loaded
         B.load_docs(name, data_dir, limit=1)
         if upstream:

@@ -2,6 +2,9 @@
 
 `varlen_attention` uses flash-attn's varlen kernel on CUDA when available, torch SDPA per sequence otherwise;
 `varlen_attention_torch` is the obviously-correct fp32 reference (explicit masked softmax), same signature.
+`tree_attention` is the same with an explicit boolean mask for some sequences (a shared prefix followed by
+branches that see the prefix and themselves only: several continuations of one context in one sequence);
+`tree_attention_torch` is its reference.
 
 There is no Triton kernel in this file (STYLE.md rule 4 lists three parts): flash-attn and SDPA already are the
 fast kernels, so the file holds the launcher (dispatch + checks) and the reference.
@@ -88,3 +91,50 @@ def varlen_attention_torch(
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # every query sees at least itself: no all -inf rows
     return (probs @ vf).transpose(0, 1).to(q.dtype)  # [T, Hq, D]
+
+
+def tree_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    cu_seqlens: torch.Tensor,  # [B+1] int32
+    max_seqlen: int,
+    scale: float,
+    masks: tuple,  # B × (bool [L_b, L_b], True = the query row may attend to the key column; or None = causal)
+) -> torch.Tensor:  # [T, Hq, D], q.dtype
+    """Per-sequence attention with an explicit mask where one is given, causal elsewhere (SDPA; GQA)."""
+    _check(q, k, v, cu_seqlens)
+    bounds = cu_seqlens.tolist()
+    assert len(masks) == len(bounds) - 1, f"{len(masks)} masks for {len(bounds) - 1} sequences"
+    gqa = k.shape[1] != q.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for (s, e), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
+        if e == s:
+            continue
+        assert mask is None or tuple(mask.shape) == (e - s, e - s), f"mask {tuple(mask.shape)} for a sequence of {e - s}"
+        o = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
+            attn_mask=None if mask is None else mask.to(q.device), is_causal=mask is None, scale=scale, enable_gqa=gqa,
+        )  # [1, Hq, L, D]
+        out[s:e].copy_(o[0].transpose(0, 1))
+    return out
+
+
+def tree_attention_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+    masks: tuple,
+) -> torch.Tensor:
+    """Reference: fp32 scores over all T×T pairs, masked to (same sequence) ∧ (the sequence's mask, or causal)."""
+    _check(q, k, v, cu_seqlens)
+    T, Hq, D = q.shape
+    groups = Hq // k.shape[1]
+    allowed = torch.zeros(T, T, dtype=torch.bool, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for (s, e), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
+        n = e - s
+        allowed[s:e, s:e] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if mask is None else mask
+    qf = q.float().transpose(0, 1)
+    kf = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)
+    scores = ((qf @ kf.transpose(1, 2)) * scale).masked_fill(~allowed, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ vf).transpose(0, 1).to(q.dtype)

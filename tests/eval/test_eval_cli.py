@@ -77,3 +77,16 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "unknown benchmark 'nosuch'" in capsys.readouterr().err
     assert main(["eval", "--responses", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "--responses needs --benchmark" in capsys.readouterr().err
+
+
+def test_ifeval_readiness_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import driftscope.eval.graders.ifeval as ifeval
+
+    def broken(*a, **k):
+        raise RuntimeError("NLTK cannot load the punkt_tab written under /nowhere (LookupError)")
+
+    monkeypatch.setattr(ifeval, "check_ifeval_ready", broken)
+    # the model folder does not even exist: the punkt check must come first
+    assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "ifeval", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ifeval cannot be graded here: NLTK cannot load the punkt_tab" in err

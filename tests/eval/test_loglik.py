@@ -81,3 +81,46 @@ def test_bad_pairs_are_refused(ckpt):
         score_continuations(model, [([1], [])])
     with pytest.raises(ValueError, match="context is empty"):
         score_continuations(model, [([], [1])])
+
+
+def _mc_pairs(vocab: int, seed: int = 2):
+    """Multiple-choice shape: contexts with several continuations (1-token ones, a duplicate, a long one)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for ctx_len, cont_lens in [(12, [1, 3, 1, 5]), (3, [2, 2]), (25, [7]), (1, [1, 4, 2]), (9, [3, 3, 3, 3, 3])]:
+        ctx = r(ctx_len)
+        conts = [r(n) for n in cont_lens]
+        pairs += [(ctx, c) for c in conts]
+    pairs.append(pairs[1])  # an exact duplicate
+    return pairs
+
+
+@pytest.mark.parametrize("max_tree,max_batch_tokens", [(2048, 8192), (16, 8192), (1, 20), (40, 1)])
+def test_shared_prefix_trees_equal_the_reference(ckpt, max_tree, max_batch_tokens):
+    model = load_model(ckpt)
+    pairs = _mc_pairs(model.config.vocab_size)
+    ours = score_continuations(model, pairs, max_tree=max_tree, max_batch_tokens=max_batch_tokens, head_rows=5)
+    ref = score_continuations_torch(model, pairs)
+    flat = score_continuations(model, pairs, share_prefix=False)
+    for (a, ga), (b, gb), (c, gc) in zip(ours, ref, flat):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and a == pytest.approx(c, rel=1e-5, abs=1e-5)
+        assert ga == gb == gc
+
+
+def test_tree_attention_equals_its_reference():
+    from driftscope.kernels.attention import tree_attention, tree_attention_torch
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 1, 7]
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 5, 14, 15, 22], dtype=torch.int32)
+    m9 = torch.ones(9, 9, dtype=torch.bool).tril()
+    m9[6:, 3:6] = False  # a second branch that does not see the first
+    m7 = torch.rand(7, 7, generator=g) < 0.5
+    m7 |= torch.eye(7, dtype=torch.bool)  # every query sees at least itself
+    masks = (None, m9, None, m7)
+    out = tree_attention(q, k, v, cu, 9, 0.25, masks)
+    ref = tree_attention_torch(q, k, v, cu, 9, 0.25, masks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,10 @@ from driftscope.eval import benchmarks as B
 def _load(name: str, **kwargs):
     import datasets
 
+    if name == "ifeval":  # NLTK's punkt data in place now, while the data loads, not at scoring after generation
+        from driftscope.eval.graders.ifeval import check_ifeval_ready
+
+        check_ifeval_ready()
     data_dir = kwargs.get("data_dir") or os.environ.get("DRIFTSCOPE_DATA_DIR") or None
     docs = B.load_docs(name, data_dir)
     for i, d in enumerate(docs):
