@@ -122,3 +122,26 @@ def test_matching_by_id_by_k_samples_and_refusing_another_order(bench_dir, tmp_p
         grade_responses("headqa", tmp_path / "k2.jsonl", None, data_dir=bench_dir)
     with pytest.raises(FileNotFoundError, match="aime24: .*nowhere/aime24.jsonl not found"):
         grade_responses("aime24", tmp_path / "k2.jsonl", None, data_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", ["acpbench", "gpqa_diamond", "halueval", "olympiadbench", "aime25"])
+def test_gold_scores_one_and_a_wrong_answer_zero_on_every_real_item(bench_dir, name):
+    b = B.get(name)
+    docs = B.load_docs(name, bench_dir)
+    docs = docs[::50] if name == "halueval" else docs[::7] if name == "olympiadbench" else docs
+    for d in docs:
+        if name in ("acpbench", "gpqa_diamond"):
+            gold = str(b.gold(d)).strip()
+            wrong = next(x for x in "ABCD" if x != gold)
+            right_text, wrong_text = (f"Step 1: ... **Final Answer**: {gold}.", f"**Final Answer**: {wrong}.") \
+                if name == "acpbench" else (f"Final Answer: \\boxed{{{gold}}}", f"Final Answer: \\boxed{{{wrong}}}")
+        elif name == "halueval":
+            gold = b.gold(d)
+            right_text, wrong_text = f"<think>hmm</think>{gold}", ("No" if gold == "Yes" else "Yes")
+        else:
+            gold = d["final_answer"][0] if name == "olympiadbench" else str(d["answer"])
+            if name == "olympiadbench" and d.get("is_multiple_answer") and len(d["final_answer"]) > 1:
+                gold = ", ".join(d["final_answer"])
+            right_text, wrong_text = f"Final Answer: \\boxed{{{gold.strip('$')}}}", "Final Answer: \\boxed{\\pi^{17}+3}"
+        assert b.grade(right_text, d) == 1.0, (name, d.get("id"), right_text)
+        assert b.grade(wrong_text, d) == 0.0, (name, d.get("id"), wrong_text)

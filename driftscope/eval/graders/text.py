@@ -84,7 +84,9 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     2. an anchored phrase: the word ``answer``, ``option`` or ``choice`` (singular: ``Options: A. ...`` lists
        options, it does not answer), then ``is``, ``:`` or ``=``, then optionally markdown ``**``, the word
        ``option``/``choice`` and an opening bracket: ``Answer: C``, ``the answer is (C)``,
-       ``Final Answer: **B**``, ``the correct choice is **Choice A**``; anchor words are case-insensitive;
+       ``Final Answer: **B**``, ``**Final Answer**: D.`` (ACPBench's few-shot format: markdown may also sit
+       between the word and the separator), ``the correct choice is **Choice A**``; anchor words are
+       case-insensitive;
     3. a letter in brackets: ``(C)`` or ``[C]``;
     4. a last line that is only the letter: ``C`` or ``C.``.
 
@@ -97,7 +99,7 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
         if letter is not None:
             return letter
     anchored = re.findall(
-        rf"\b(?i:answer|option|choice)\s*(?:(?i:is)|:|=)\s*:?\s*[*_]*\s*(?:(?i:option|choice)\s*)?[*_]*\s*[(\[]?\s*"
+        rf"\b(?i:answer|option|choice)[*_]*\s*(?:(?i:is)|:|=)\s*:?\s*[*_]*\s*(?:(?i:option|choice)\s*)?[*_]*\s*[(\[]?\s*"
         rf"({cls})(?![A-Za-z0-9'\-])", text)
     if anchored:
         return anchored[-1]
