@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driftscope.util import read_json
+
 __all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "load_docs"]
 
 MATH_PROMPT = ("Solve the following math problem. Present the final answer in the format: Final Answer: "
@@ -209,7 +211,8 @@ def _acp_read(folder: Path) -> list[dict]:
         p = folder / f"{task}.json"
         if not p.is_file():
             raise FileNotFoundError(f"acpbench: {p} not found (expected one JSON file per task: {', '.join(ACP_TASKS)})")
-        out += [dict(d, acp_task=task) for d in json.loads(p.read_text(encoding="utf-8"))]
+        rows = read_json(p, "acpbench file", list)
+        out += [dict(d, acp_task=task) for d in rows]
     return out
 
 
@@ -264,7 +267,7 @@ def _halu_prompt(doc: dict) -> str:
 
 def _coqa_read(path: Path) -> list[dict]:
     """The official CoQA JSON (`coqa-dev-v1.0.json`): one doc per story, its last question."""
-    data = json.loads(path.read_text(encoding="utf-8")).get("data")
+    data = read_json(path, "CoQA file", dict).get("data")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected the CoQA layout {{\"data\": [stories]}}")
     out = []

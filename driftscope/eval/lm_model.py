@@ -37,6 +37,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from driftscope.eval.loglik import score_continuations
+from driftscope.util import read_json
 
 __all__ = ["DriftscopeLM"]
 
@@ -96,7 +97,7 @@ class DriftscopeLM(TemplateLM):
             if device is not None:  # lm-eval's CLI asks for cuda by default; its hf model falls back the same way
                 log.warning("device=%s is not available here; using cpu", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        config_dtype = json.loads((folder / "config.json").read_text()).get("torch_dtype") \
+        config_dtype = read_json(folder / "config.json", "config", dict).get("torch_dtype") \
             if (folder / "config.json").is_file() else None
         self._dtype = _resolve_dtype(str(dtype), str(device), config_dtype)
         self.model, self.tokenizer = load_for_generation(folder, device=str(device), dtype=self._dtype,

@@ -11,7 +11,6 @@ IFEval's NLTK data is put in place (offline) before any model is loaded, so a ru
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from driftscope.eval import benchmarks as B
 from driftscope.eval.outputs import write_json, write_jsonl, write_scores
+from driftscope.util import read_json
 
 __all__ = ["evaluate", "TASKS_DIR", "task_name"]
 
@@ -33,7 +33,7 @@ def task_name(benchmark: str) -> str:
 def _check_options(out: Path, options: dict) -> None:
     path = out / "eval_run.json"
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_json(path, "eval run state", dict)
         for key in sorted(set(old) | set(options)):
             if key != "benchmarks" and old.get(key) != options.get(key):
                 raise ValueError(f"{out} holds an eval run with {key}={old.get(key)!r}, not {options.get(key)!r}; "
@@ -119,4 +119,4 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
                    "limit": limit, "upstream": upstream}
         write_scores(out, {"scores": {name: score}, "details": {name: details}}, model=str(model))
         result["scores"][name], result["details"][name] = score, details
-    return json.loads((out / "scores.json").read_text(encoding="utf-8"))
+    return read_json(out / "scores.json", "scores file", dict)

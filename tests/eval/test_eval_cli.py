@@ -90,3 +90,35 @@ def test_ifeval_readiness_is_checked_before_the_model_loads(tmp_path, monkeypatc
     assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "ifeval", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ifeval cannot be graded here: NLTK cannot load the punkt_tab" in err
+
+
+def test_damaged_state_files_are_named(shared_data, tmp_path, capsys):
+    bench_dir = shared_data / "benchmarks"
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "eval_run.json").write_text('{"model": "x",\n  "limit": ')
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "aime24", "--data-dir", str(bench_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out / 'eval_run.json'}:2:" in err and "eval run state is not valid JSON" in err
+    resp = tmp_path / "r.jsonl"
+    resp.write_text("".join(json.dumps({"output": "\\boxed{1}"}) + "\n" for _ in range(30)))
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "scores.json").write_text("[1, 2]")
+    assert main(["eval", "--benchmark", "aime24", "--responses", str(resp), "--data-dir", str(bench_dir),
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "scores file must hold a JSON object, got list" in capsys.readouterr().err
+
+
+def test_util_json_helpers(tmp_path):
+    from driftscope.util import read_json, write_json
+
+    p = write_json(tmp_path / "a" / "x.json", {"nan": float("nan"), "inf": [float("inf"), 1.5]})
+    assert read_json(p) == {"nan": None, "inf": [None, 1.5]}
+    assert not list((tmp_path / "a").glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="state file .*nope.json does not exist"):
+        read_json(tmp_path / "nope.json", "state file")
+    with pytest.raises(ValueError, match="is a directory"):
+        read_json(tmp_path / "a")
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_json(tmp_path / "bad.json")
