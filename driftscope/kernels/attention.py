@@ -77,13 +77,18 @@ def varlen_attention_torch(
 ) -> torch.Tensor:  # [T, Hq, D], q.dtype
     """Reference: fp32 scores over all T×T pairs, masked to (same sequence) ∧ (key ≤ query), softmax, PV."""
     _check(q, k, v, cu_seqlens)
-    T, Hq, D = q.shape
-    groups = Hq // k.shape[1]
+    T = q.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     assert int(lengths.max()) <= max_seqlen if T else True, "max_seqlen is smaller than the longest sequence"
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # [T] sequence id
     pos = torch.arange(T, device=q.device)
     allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])  # [T(query), T(key)]
+    return _masked_attention(q, k, v, allowed, scale)
+
+
+def _masked_attention(q, k, v, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 softmax(q·kᵀ·scale) over the `allowed` [T(query), T(key)] pairs, times v (GQA by repetition)."""
+    groups = q.shape[1] // k.shape[1]
     qf = q.float().transpose(0, 1)  # [Hq, T, D]
     kf = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [Hq, T, D]; query head h uses kv head h // groups
     vf = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)  # [Hq, T, D]
@@ -126,15 +131,10 @@ def tree_attention_torch(
 ) -> torch.Tensor:
     """Reference: fp32 scores over all T×T pairs, masked to (same sequence) ∧ (the sequence's mask, or causal)."""
     _check(q, k, v, cu_seqlens)
-    T, Hq, D = q.shape
-    groups = Hq // k.shape[1]
+    T = q.shape[0]
     allowed = torch.zeros(T, T, dtype=torch.bool, device=q.device)
     bounds = cu_seqlens.tolist()
     for (s, e), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
         n = e - s
         allowed[s:e, s:e] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril() if mask is None else mask
-    qf = q.float().transpose(0, 1)
-    kf = k.float().repeat_interleave(groups, dim=1).transpose(0, 1)
-    vf = v.float().repeat_interleave(groups, dim=1).transpose(0, 1)
-    scores = ((qf @ kf.transpose(1, 2)) * scale).masked_fill(~allowed, float("-inf"))
-    return (torch.softmax(scores, dim=-1) @ vf).transpose(0, 1).to(q.dtype)
+    return _masked_attention(q, k, v, allowed, scale)
