@@ -15,7 +15,9 @@ import sys
 import pytest
 import torch
 
-_KERNEL_MODULES = ("driftscope.kernels.vocab_probe", "driftscope.kernels.cov_update")
+# the module that defines the kernels first, then the package that re-exports its launcher
+_KERNEL_MODULES = ("driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe",
+                  "driftscope.kernels.cov_update")
 
 
 def _triton_defined_for_interpreter() -> bool:
@@ -30,7 +32,8 @@ def _triton_defined_for_interpreter() -> bool:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     if not _triton_defined_for_interpreter():
-        for _name in [m for m in sys.modules if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]:
+        for _name in [m for m in sys.modules
+                      if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]:
             del sys.modules[_name]
         for _name in _KERNEL_MODULES:
             if _name in sys.modules:

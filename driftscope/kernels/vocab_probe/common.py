@@ -1,0 +1,147 @@
+"""The vocab_probe contract: the result type, input validation, the dispatching `vocab_probe()` entry and the
+recount merge that the fused backends (triton, cpp) share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class VocabProbeResult:
+    """Per-token vocabulary metrics, all [N]; float32 except ranks/ids (int64). Target metrics (logp_*,
+    rank_*) are None when `targets` was None.
+
+    With z_b = h_base·w_baseᵀ, z_t = h_tuned·w_tunedᵀ (fp32 logits from fp32 accumulation; DESIGN.md §3),
+    q = softmax(z_b), p = softmax(z_t), y = target:
+        kl_tb = Σ_v p_v (log p_v − log q_v)      kl_bt = Σ_v q_v (log q_v − log p_v)
+        lse_* = log Σ_v e^{z_v}                  entropy_* = lse − Σ_v softmax(z)_v z_v
+        logp_* = z_y − lse                       rank_* = 1 + #{v : z_v > z_y}   (ties favour y)
+        top_* = lowest id among the maxima       rank_shift_top = 1 + #{v : z_b,v > z_b,top_tuned}
+    Ranks are exact with respect to the logits the backend computes: the count is strict, so an entry
+    equal to the target's logit (a duplicate LM-head row) never counts."""
+
+    kl_tb: torch.Tensor
+    kl_bt: torch.Tensor
+    logp_base: torch.Tensor | None
+    logp_tuned: torch.Tensor | None
+    rank_base: torch.Tensor | None
+    rank_tuned: torch.Tensor | None
+    top_base: torch.Tensor
+    top_tuned: torch.Tensor
+    rank_shift_top: torch.Tensor
+    entropy_base: torch.Tensor
+    entropy_tuned: torch.Tensor
+    lse_base: torch.Tensor
+    lse_tuned: torch.Tensor
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab):
+    """Validate user inputs (ValueError naming the argument); return the heads cut to the vocabulary."""
+    named = {"h_base": h_base, "w_base": w_base, "h_tuned": h_tuned, "w_tuned": w_tuned}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D ([N, d] or [V, d]), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    device = h_base.device
+    for name, t in named.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but h_base is on {device}; all inputs must share a device")
+    if h_base.shape[0] != h_tuned.shape[0]:
+        raise ValueError(f"h_base has {h_base.shape[0]} tokens but h_tuned has {h_tuned.shape[0]}")
+    for model, h, w in (("base", h_base, w_base), ("tuned", h_tuned, w_tuned)):
+        if h.shape[1] != w.shape[1]:
+            raise ValueError(f"h_{model} has d={h.shape[1]} but w_{model} rows have d={w.shape[1]}")
+        if h.shape[1] == 0:
+            raise ValueError(f"h_{model} has d=0")
+    vb, vt = w_base.shape[0], w_tuned.shape[0]
+    if valid_vocab is None:
+        if vb != vt:
+            raise ValueError(
+                f"vocabulary sizes differ: w_base has {vb} rows, w_tuned has {vt}; pass valid_vocab=<tokenizer "
+                f"vocab size> (<= {min(vb, vt)}) if the extra rows are ids the tokenizer never produces"
+            )
+        vocab = vb
+    else:
+        vocab = int(valid_vocab)
+        if not 1 <= vocab <= min(vb, vt):
+            raise ValueError(
+                f"valid_vocab={valid_vocab} is not covered by both heads (w_base has {vb} rows, w_tuned has {vt}); "
+                f"expected 1 <= valid_vocab <= {min(vb, vt)}"
+            )
+    if vocab == 0:
+        raise ValueError("w_base and w_tuned have 0 rows (empty vocabulary)")
+    if targets is not None:
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError(f"targets must be a torch.Tensor or None, got {type(targets).__name__}")
+        if targets.dim() != 1 or targets.shape[0] != h_base.shape[0]:
+            raise ValueError(f"targets must have shape [{h_base.shape[0]}], got {tuple(targets.shape)}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"targets must be int64 or int32, got {targets.dtype}")
+        if targets.device != device:
+            raise ValueError(f"targets is on {targets.device} but h_base is on {device}")
+        if targets.numel():
+            bad = (targets < 0) | (targets >= vocab)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"targets[{i}]={int(targets[i])} is outside the vocabulary [0, {vocab})")
+        targets = targets.to(torch.int64).contiguous()
+    return w_base[:vocab], w_tuned[:vocab], targets, vocab
+
+
+def _empty_result(n: int, device, has_targets: bool) -> VocabProbeResult:
+    f = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
+    i = lambda: torch.empty(n, dtype=torch.int64, device=device)  # noqa: E731
+    return VocabProbeResult(
+        kl_tb=f(), kl_bt=f(), logp_base=f() if has_targets else None, logp_tuned=f() if has_targets else None,
+        rank_base=i() if has_targets else None, rank_tuned=i() if has_targets else None, top_base=i(), top_tuned=i(),
+        rank_shift_top=i(), entropy_base=f(), entropy_tuned=f(), lse_base=f(), lse_tuned=f(),
+    )
+
+
+Counts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _merge_recount(
+    recount: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Counts],
+    shift: torch.Tensor,
+    gt_b: torch.Tensor | None,
+    gt_t: torch.Tensor | None,
+    zpre_b: torch.Tensor | None,
+    zpre_t: torch.Tensor | None,
+    zy_b: torch.Tensor | None,
+    zy_t: torch.Tensor | None,
+    *,
+    force: bool = False,
+    **metrics: torch.Tensor | None,
+) -> VocabProbeResult:
+    """The ranks of a fused scan, with the rows the scan cannot decide recounted exactly.
+
+    shift: [N] rank_shift_top from the top-k (-1 where it cannot decide); gt_*: [N] strict counts against the
+    prologue target logits zpre_*; zy_*: the scanned target logits (all None without targets). A row needs
+    the second pass when shift < 0 or zpre != zy (or always, with `force`). `recount(need_s, need_b, need_t)`
+    runs that pass and returns the exact counts (cnt_s, cnt_b, cnt_t), read only where the masks are set; it is
+    called only when some row needs it. `metrics` are the other VocabProbeResult fields, passed through."""
+    has_t = gt_b is not None
+    need_s = (shift < 0) | force  # the top-k cannot decide: count the base rank exactly
+    need_b = (zpre_b != zy_b) | force if has_t else torch.zeros_like(need_s)
+    need_t = (zpre_t != zy_t) | force if has_t else torch.zeros_like(need_s)
+    rank_b = gt_b + 1 if has_t else None
+    rank_t = gt_t + 1 if has_t else None
+    if bool((need_s | need_b | need_t).any()):
+        cnt_s, cnt_b, cnt_t = recount(need_s, need_b, need_t)
+        shift = torch.where(need_s, cnt_s + 1, shift)
+        if has_t:
+            rank_b = torch.where(need_b, cnt_b + 1, rank_b)
+            rank_t = torch.where(need_t, cnt_t + 1, rank_t)
+    return VocabProbeResult(rank_base=rank_b, rank_tuned=rank_t, rank_shift_top=shift, **metrics)

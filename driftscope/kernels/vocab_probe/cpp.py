@@ -1,0 +1,105 @@
+"""cpp backend (CPU): torch GEMM per (vocab chunk, token tile) into fp32 buffers, folded by driftscope._C;
+`_cpp_tile_sizes` picks the tile and chunk."""
+from __future__ import annotations
+
+import torch
+
+from driftscope.kernels.vocab_probe.common import _merge_recount
+
+
+def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
+    """Token tile × vocab chunk: each fp32 [tile, chunk] logits tile is 1 MiB, so with the fold's rows
+    split over two threads each core folds 1 MiB of (base + tuned) logits = its L2 (Zen: 1 MiB/core).
+    Larger than strictly L2-optimal for the fold on purpose: every GEMM call ends in a thread barrier,
+    and fewer, bigger calls keep that overhead small (measured: 256×512 tiles cost ~2× the CPU time
+    of the GEMM floor on a loaded 2-core machine; the fold itself is ~3% of the GEMM time)."""
+    return min(n, 256), min(vocab, 1024)
+
+
+def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
+                     topk: int = 32, _perturb_prologue: bool = False):
+    """CPU backend: torch GEMM per (chunk, tile) into fp32 buffers, fused fold in driftscope._C.
+    `_perturb_prologue` (tests only) nudges the pre-known target logits by one ulp to exercise the
+    exact recount of rows whose prologue logit is not the scanned one."""
+    from driftscope import _C
+
+    n, vocab = h_base.shape[0], w_base.shape[0]
+    dt_tile, dt_chunk = _cpp_tile_sizes(n, vocab)
+    tile, chunk = tile or dt_tile, min(chunk or dt_chunk, vocab)
+    assert tile >= 1 and chunk >= 1
+    hb = h_base.float().contiguous()  # [N, d_b]; input-sized copy (no copy for contiguous fp32)
+    ht = h_tuned.float().contiguous()
+    has_t = targets is not None
+    zbuf = torch.empty(tile * chunk, dtype=torch.float32)
+    tbuf = torch.empty(tile * chunk, dtype=torch.float32)
+    tiles = [(r0, min(n, r0 + tile)) for r0 in range(0, n, tile)]
+    chunks = [(c0, min(vocab, c0 + chunk)) for c0 in range(0, vocab, chunk)]
+
+    def head_chunk(w, c0, c1):  # [c1-c0, d] fp32 (a view when w is fp32 with unit column stride)
+        return w[c0:c1].to(torch.float32)
+
+    def gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): same bits in pass 2
+        out = buf[: (r1 - r0) * w_c.shape[0]].view(r1 - r0, w_c.shape[0])
+        torch.matmul(h[r0:r1], w_c.T, out=out)
+        return out
+
+    zpre_b = zpre_t = None
+    if has_t:
+        zpre_b = torch.empty(n, dtype=torch.float32)
+        zpre_t = torch.empty(n, dtype=torch.float32)
+        for r0, r1 in tiles:  # prologue: target logits by the same BLAS, [tile, tile] -> diagonal
+            y = targets[r0:r1]
+            zpre_b[r0:r1] = torch.matmul(hb[r0:r1], w_base[y].to(torch.float32).T).diagonal()
+            zpre_t[r0:r1] = torch.matmul(ht[r0:r1], w_tuned[y].to(torch.float32).T).diagonal()
+        if _perturb_prologue:
+            zpre_b = torch.nextafter(zpre_b, torch.full_like(zpre_b, float("inf")))
+            zpre_t = torch.nextafter(zpre_t, torch.full_like(zpre_t, float("-inf")))
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+
+    fold = _C.VocabFold(n, topk)
+    for c0, c1 in chunks:
+        wb_c, wt_c = head_chunk(w_base, c0, c1), head_chunk(w_tuned, c0, c1)
+        for r0, r1 in tiles:
+            zb = gemm(hb, wb_c, r0, r1, zbuf)
+            zt = gemm(ht, wt_c, r0, r1, tbuf)
+            fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
+                      ptr(targets), ptr(zpre_b), ptr(zpre_t))
+
+    f = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
+    i = lambda: torch.full((n,), -7, dtype=torch.int64)  # noqa: E731
+    lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top = (f() for _ in range(7))
+    top_b, top_t, shift = i(), i(), i()
+    zy_b, zy_t, gt_b, gt_t, logp_b, logp_t = (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6
+    fold.finalize(*(t.data_ptr() for t in (lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, top_b, top_t, zb_top, shift)),
+                  *(ptr(t) for t in (zy_b, zy_t, gt_b, gt_t, logp_b, logp_t)))
+
+    def recount(need_s, need_b, need_t):  # pass 2: identical GEMM calls, exact counts against scanned values
+        cnt_s, cnt_b, cnt_t = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
+        no_excl = torch.full((n,), -1, dtype=torch.int64)
+        act = [m.to(torch.uint8) for m in (need_s, need_b, need_t)]
+        need = need_s | need_b | need_t
+        todo = [(r0, r1) for r0, r1 in tiles if bool(need[r0:r1].any())]
+        for c0, c1 in chunks:
+            wb_c = head_chunk(w_base, c0, c1)
+            wt_c = head_chunk(w_tuned, c0, c1) if bool(need_t.any()) else None
+            for r0, r1 in todo:
+                rows, cols = r1 - r0, c1 - c0
+                if bool(need_s[r0:r1].any() or need_b[r0:r1].any()):
+                    zb = gemm(hb, wb_c, r0, r1, zbuf)
+                    if bool(need_s[r0:r1].any()):
+                        _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zb_top[r0:].data_ptr(),
+                                         no_excl[r0:].data_ptr(), act[0][r0:].data_ptr(), cnt_s[r0:].data_ptr())
+                    if bool(need_b[r0:r1].any()):
+                        _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zy_b[r0:].data_ptr(),
+                                         targets[r0:].data_ptr(), act[1][r0:].data_ptr(), cnt_b[r0:].data_ptr())
+                if wt_c is not None and bool(need_t[r0:r1].any()):
+                    zt = gemm(ht, wt_c, r0, r1, tbuf)
+                    _C.count_greater(zt.data_ptr(), cols, rows, cols, c0, zy_t[r0:].data_ptr(),
+                                     targets[r0:].data_ptr(), act[2][r0:].data_ptr(), cnt_t[r0:].data_ptr())
+        return cnt_s, cnt_b, cnt_t
+
+    return _merge_recount(
+        recount, shift, gt_b, gt_t, zpre_b, zpre_t, zy_b, zy_t,
+        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b, logp_tuned=logp_t, top_base=top_b, top_tuned=top_t,
+        entropy_base=ent_b, entropy_tuned=ent_t, lse_base=lse_b, lse_tuned=lse_t,
+    )

@@ -1,0 +1,51 @@
+"""torch backend: `vocab_probe_torch`, the fp32 reference (full [N, V] logits), same signature as vocab_probe."""
+from __future__ import annotations
+
+import torch
+
+from driftscope.kernels.vocab_probe.common import VocabProbeResult, _check_inputs
+
+
+def vocab_probe_torch(
+    h_base: torch.Tensor,
+    w_base: torch.Tensor,
+    h_tuned: torch.Tensor,
+    w_tuned: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    valid_vocab: int | None = None,
+) -> VocabProbeResult:
+    """fp32 reference, written to be obviously right: full [N, V] logits for both models.
+
+    Roofline (per call, both models, N tokens, V vocab, d hidden): 4·N·V·d FLOPs for the two GEMMs
+    (the floor every backend pays); bytes ≈ 2·V·d·sizeof(w) + 2·N·d·sizeof(h) for the fused kernels,
+    plus ≈ 2·N·V·4 · (1 write + ~6 reads) here, because every step below materializes [N, V] fp32.
+    Peak extra memory here is ≈ 6·N·V·4 bytes; the fused backends need O(tile·chunk + N·k).
+    """
+    w_base, w_tuned, targets, _ = _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab)
+    zb = h_base.float() @ w_base.float().T  # [N, V] base logits
+    zt = h_tuned.float() @ w_tuned.float().T  # [N, V] tuned logits
+    lq = torch.log_softmax(zb, dim=-1)  # log q
+    lp = torch.log_softmax(zt, dim=-1)  # log p
+    q, p = lq.exp(), lp.exp()
+    top_b = zb.argmax(-1)  # first maximal index = lowest id on ties
+    top_t = zt.argmax(-1)
+    zb_at_top_t = zb.gather(1, top_t[:, None])
+    res = VocabProbeResult(
+        kl_tb=(p * (lp - lq)).sum(-1),
+        kl_bt=(q * (lq - lp)).sum(-1),
+        logp_base=None, logp_tuned=None, rank_base=None, rank_tuned=None,
+        top_base=top_b, top_tuned=top_t,
+        rank_shift_top=1 + (zb > zb_at_top_t).sum(-1),
+        entropy_base=-(q * lq).sum(-1),
+        entropy_tuned=-(p * lp).sum(-1),
+        lse_base=torch.logsumexp(zb, -1),
+        lse_tuned=torch.logsumexp(zt, -1),
+    )
+    if targets is not None:
+        y = targets[:, None]
+        res.logp_base = lq.gather(1, y)[:, 0]
+        res.logp_tuned = lp.gather(1, y)[:, 0]
+        res.rank_base = 1 + (zb > zb.gather(1, y)).sum(-1)
+        res.rank_tuned = 1 + (zt > zt.gather(1, y)).sum(-1)
+    return res
