@@ -1,24 +1,62 @@
 """Small helpers used across the package: atomic file writes, strict JSON (NaN -> null), JSON files read with an
-error that names the file and the position."""
+error that names the file and the position, and the dtype names models load and run in."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["atomic_write_text", "read_json", "strict_json", "write_json"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DTYPE_NAMES", "atomic_write", "atomic_write_text", "dtype_name", "json_float", "read_json",
+           "read_jsonl", "strict_json", "torch_dtype", "write_json", "write_jsonl"]
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the floating dtypes a model is loaded and run in
+
+
+def dtype_name(dtype: Any) -> str:
+    """"bfloat16" for "bfloat16", "torch.bfloat16" or torch.bfloat16; ValueError naming the value otherwise."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {', '.join(DTYPE_NAMES)}")
+    return name
+
+
+def torch_dtype(dtype: Any) -> torch.dtype:
+    """The torch.dtype of a name or dtype accepted by `dtype_name`."""
+    import torch
+
+    return getattr(torch, dtype_name(dtype))
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a new hidden path beside `path`, then os.replace it onto `path`: readers never see
+    half a file, and a failed write leaves nothing behind. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a sibling temporary file and os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def json_float(x: float) -> float | None:
+    """Python float for JSON; NaN/inf become None (strict JSON has no NaN)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 def strict_json(obj: Any) -> Any:
@@ -35,6 +73,13 @@ def strict_json(obj: Any) -> Any:
 def write_json(path: str | Path, obj: Any) -> Path:
     """Strict, indented UTF-8 JSON, written atomically; values JSON cannot hold are written as their str()."""
     text = json.dumps(strict_json(obj), indent=2, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+    return atomic_write_text(path, text)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any], *, ensure_ascii: bool = False) -> Path:
+    """One strict JSON value per line (NaN -> null, others as their str()), written atomically."""
+    text = "".join(json.dumps(strict_json(r), ensure_ascii=ensure_ascii, allow_nan=False, default=str) + "\n"
+                   for r in rows)
     return atomic_write_text(path, text)
 
 
@@ -55,3 +100,25 @@ def read_json(path: str | Path, what: str = "JSON file", kind: type | None = Non
         raise ValueError(f"{path}: {what} must hold a JSON {'object' if kind is dict else kind.__name__}, "
                          f"got {type(data).__name__}")
     return data
+
+
+def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON Lines file of objects; FileNotFoundError, or a
+    ValueError naming path:line of the first line that is not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    out = []
+    with open(path, encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            if isinstance(obj, dict):
+                out.append((line_no, obj))
+            else:
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    return out

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from driftscope.util import atomic_write_text, write_jsonl
 
 
 def _write_json(path: Path, obj) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    """Indented UTF-8 JSON without a final newline; ValueError on NaN (the summary is strict already)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def pca_shift_entries(summary: dict) -> list[dict]:
@@ -38,16 +37,5 @@ def write_outputs(out: Path, summary: dict, token_rows: list[dict]) -> dict[str,
 
 def write_responses(out: Path, responses: dict[str, dict[str, list[dict]]]) -> dict[str, Path]:
     """Generate mode: responses/<model>/<task>.jsonl, one record per prompt ({input, output, output_token_ids, ...})."""
-    files = {}
-    for model, tasks in responses.items():
-        folder = out / "responses" / model
-        folder.mkdir(parents=True, exist_ok=True)
-        for task, rows in tasks.items():
-            path = folder / f"{task}.jsonl"
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-            files[f"responses/{model}/{task}"] = path
-    return files
+    return {f"responses/{model}/{task}": write_jsonl(out / "responses" / model / f"{task}.jsonl", rows)
+            for model, tasks in responses.items() for task, rows in tasks.items()}

@@ -1,8 +1,8 @@
 """Shapes the probes' finalize() dicts into summary.json's per-task and per-model blocks (the report's contract)."""
 from __future__ import annotations
 
-from driftscope.probes.base import json_float
 from driftscope.probes.token_metrics import mean_of_task_means
+from driftscope.util import json_float
 
 
 def _means(tokens: dict, metric: str) -> dict:

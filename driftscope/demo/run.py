@@ -6,7 +6,6 @@ so the demo needs no downloads.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 
 from driftscope.demo.corpus import corpus_texts, general_records, math_records
 from driftscope.engine.synth import random_checkpoint, write_checkpoint, write_tokenizer
+from driftscope.util import write_jsonl
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -43,13 +43,9 @@ def build_pair(root: Path, *, seed: int = 0, changed_from: int = 2, noise: float
 
 
 def write_datasets(root: Path, seed: int = 0) -> list[Path]:
-    root.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, rows in (("math", math_records(seed=seed)), ("general", general_records(seed=seed + 1))):
-        p = root / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(p)
-    return paths
+    """root/math.jsonl and root/general.jsonl (ASCII JSON lines of {"prompt", "response"})."""
+    return [write_jsonl(root / "math.jsonl", math_records(seed=seed), ensure_ascii=True),
+            write_jsonl(root / "general.jsonl", general_records(seed=seed + 1), ensure_ascii=True)]
 
 
 def run_demo(out: str | Path = "demo-out", *, seed: int = 0, changed_from: int = 2, progress: bool = False):

@@ -5,10 +5,11 @@ torch_dtype and dtype); unsupported architectures or rope types raise ValueError
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from driftscope.util import DTYPE_NAMES, read_json
 
 # model_type -> per-family flags. `qkv_bias`: None means "read attention_bias from the config".
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -20,7 +21,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 _CLASS_TO_TYPE = {v["class"]: k for k, v in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -39,7 +39,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_type: str = "default"  # "default" | "llama3"
-    rope_scaling: dict[str, float] = field(default_factory=dict)  # llama3: factor, low/high_freq_factor, original_max_position_embeddings
+    # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    rope_scaling: dict[str, float] = field(default_factory=dict)
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
@@ -74,7 +75,8 @@ class ModelConfig:
             self._fail("num_key_value_heads", self.num_kv_heads, f"must divide num_attention_heads={self.num_heads}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads != 0:
-                self._fail("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_heads} when head_dim is absent")
+                self._fail("hidden_size", self.hidden_size,
+                           f"must be divisible by num_attention_heads={self.num_heads} when head_dim is absent")
             self.head_dim = self.hidden_size // self.num_heads
         if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2 != 0:
             self._fail("head_dim", self.head_dim, "expected a positive even integer (rope rotates pairs)")
@@ -94,8 +96,8 @@ class ModelConfig:
             self._fail("hidden_act", self.hidden_act, "only silu (SwiGLU) MLPs are supported")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             self._fail("sliding_window", self.sliding_window, "expected a positive integer or null")
-        if self.torch_dtype not in DTYPES:
-            self._fail("dtype", self.torch_dtype, f"supported dtypes are {', '.join(DTYPES)}")
+        if self.torch_dtype not in DTYPE_NAMES:
+            self._fail("dtype", self.torch_dtype, f"supported dtypes are {', '.join(DTYPE_NAMES)}")
         self.n_kv_groups = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -109,13 +111,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected an HF checkpoint folder)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "model config", dict), source=str(path))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> ModelConfig:
@@ -199,7 +195,8 @@ def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, floa
         params = dict(params)
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; supported rope types: {', '.join(ROPE_TYPES)}")
+        raise ValueError(f"{source}: rope type {rope_type!r} is not supported; "
+                         f"supported rope types: {', '.join(ROPE_TYPES)}")
     theta = params.pop("rope_theta", None)
     if theta is None:
         theta = d.get("rope_theta", 10000.0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Auto-detection order: the first field set a record has wins.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -87,7 +88,7 @@ def _parse(obj: Any, where: str, index: int) -> Record:
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("field 'messages' must be a non-empty list")
         for i, m in enumerate(msgs):
-            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not (isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content'")
         if msgs[-1]["role"] != "assistant":
             raise ValueError(f"the last message must be the assistant response, got role {msgs[-1]['role']!r}")
@@ -164,17 +165,25 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} does not exist")
-    records, problems = [], []
+    records, problems = parse_objects(path, _parse)
+    for p in problems:
+        log.warning("%s", p)
+    return records, problems
+
+
+def parse_objects(path: Path, parse: Callable[[Any, str, int], T]) -> tuple[list[T], list[str]]:
+    """`parse(obj, where, index)` of every record slot of `path` (see `raw_objects`), and the problems
+    "where: why; record skipped" of the slots that are not valid JSON or whose parse raised ValueError."""
+    items, problems = [], []
     for index, (where, obj, err) in enumerate(raw_objects(path)):
         if err is None:
             try:
-                records.append(_parse(obj, where, index))
+                items.append(parse(obj, where, index))
                 continue
             except ValueError as e:
-                err = str(e)
+                err = str(e).removeprefix(f"{where}: ")
         problems.append(f"{where}: {err}; record skipped")
-        log.warning("%s", problems[-1])
-    return records, problems
+    return items, problems
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------------------
@@ -194,22 +203,17 @@ def record_texts(record: Record, tokenizer: Any = None, chat_template_kwargs: Ma
 def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max_seq_len: int | None = None,
                      id_offset: int = 0, chat_template_kwargs: Mapping | None = None,
                      problems: list[str] | None = None) -> list[Sample]:
-    """Tokenize prompt and response separately (`encode(text, add_special_tokens=False)`) and concatenate; a record's
-    `input_token_ids` / `output_token_ids` (written by `driftscope generate`: the ids the model saw and emitted,
-    EOS included) are used as they are instead.
+    """Tokenize prompt and response separately (`encode(text, add_special_tokens=False)`) and concatenate; a
+    record's `input_token_ids` / `output_token_ids` (what `driftscope generate` writes: the ids the model saw and
+    emitted, EOS included) are used as they are.
 
-    Why separately: the response tokens are then the encoding of the response alone (the closest we get to the
-    ids the tuned model emitted), and the prompt/response boundary is a token boundary by construction. The paper (vLLM) tokenized
-    `input + output` as one string and took n_prompt = len(encode(input)); that is the same sequence whenever
-    the tokenizer does not merge across the boundary -- for Qwen's byte-level BPE the pre-tokenizer splits
-    there when the input ends in "\\n\\n" and the output starts with a non-space character. That holds for 2936
-    of the 2937 lines of the paper's response files (tests check the pre-tokenizer split on every line); the
-    exception, UniReason-RL_ifeval.jsonl line 15, has an output starting with newlines, which the paper's
-    joint tokenization merged with the prompt's trailing "\\n\\n" (so its response tokens differ there).
+    Separately, so the response tokens are the response's own encoding and the prompt/response boundary is a
+    token boundary. The paper tokenized `input + output` jointly: the same ids unless the tokenizer merges across
+    the boundary (1 of the paper's 2937 lines, UniReason-RL_ifeval.jsonl:15, whose output starts with newlines).
 
     sample_id = id_offset + record.index (stable under bad records). max_seq_len keeps the first max_seq_len
-    tokens (the scored tokens keep their full left context; the response tail is dropped, `truncated=True`);
-    a sample left with no scored token is reported in `problems` (and logged) and skipped.
+    tokens (scored tokens keep their full left context; the response tail is dropped, `truncated=True`); a sample
+    left with no scored token is reported in `problems` (and logged) and skipped.
     """
     if max_seq_len is not None and max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
@@ -262,19 +266,16 @@ def load_samples(path: str | Path, tokenizer: TextTokenizer, **kwargs: Any) -> t
 class PackedBatch:
     """B whole samples concatenated into T tokens (varlen / flash-attn layout, no padding).
 
-    input_ids [T] int64; position_ids [T] int64 (restart at 0 per sample); cu_seqlens [B+1] int32;
-    max_seqlen; score_mask [T] bool (positions predicting a response token); targets [T] int64 (next token
-    where scored, −1 elsewhere); first_scored [T] bool (the first scored position of each sample);
-    sample_ids [B] int64; token_sample_ids [T] int64.
+    input_ids [T] int64; cu_seqlens [B+1] int32; max_seqlen; score_mask [T] bool (positions predicting a
+    response token); targets [T] int64 (next token where scored, −1 elsewhere); first_scored [T] bool (the
+    first scored position of each sample); token_sample_ids [T] int64.
     """
     input_ids: torch.Tensor
-    position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
     score_mask: torch.Tensor
     targets: torch.Tensor
     first_scored: torch.Tensor
-    sample_ids: torch.Tensor
     token_sample_ids: torch.Tensor
 
     @property
@@ -300,7 +301,6 @@ def _build(samples: Sequence[Sample]) -> PackedBatch:
     ids = torch.cat([s.input_ids for s in samples])
     cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
-    pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens])
     mask = torch.zeros(ids.shape[0], dtype=torch.bool)
     first = torch.zeros(ids.shape[0], dtype=torch.bool)
     targets = torch.full_like(ids, -1)
@@ -310,8 +310,7 @@ def _build(samples: Sequence[Sample]) -> PackedBatch:
         first[a] = True
         targets[a:b] = ids[a + 1:b + 1]
     sids = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
-    return PackedBatch(ids, pos, cu, max(lens), mask, targets, first, sids,
-                       torch.repeat_interleave(sids, torch.tensor(lens)))
+    return PackedBatch(ids, cu, max(lens), mask, targets, first, torch.repeat_interleave(sids, torch.tensor(lens)))
 
 
 def next_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -84,7 +84,8 @@ class GenerationEngine:
         dev = self.driver.device
         for m in self.models:
             if m.device != dev:
-                raise ValueError(f"models must be on one device: {self.driver.config.source} on {dev}, {m.config.source} on {m.device}")
+                raise ValueError(f"models must be on one device: {self.driver.config.source} on {dev}, "
+                                 f"{m.config.source} on {m.device}")
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs={max_num_seqs} is invalid: expected a positive integer")
         if max_step_tokens <= 0:
@@ -124,7 +125,8 @@ class GenerationEngine:
             w = m.config.sliding_window
             if w is not None and self.max_len(n, r.params) > w:
                 raise ValueError(f"{where}: prompt ({n} tokens) + max_new_tokens ({r.params.max_new_tokens}) exceeds "
-                                 f"sliding_window={w} of {m.config.source}; sliding-window attention is not implemented")
+                                 f"sliding_window={w} of {m.config.source}; "
+                                 "sliding-window attention is not implemented")
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, requests: Sequence[GenRequest], *, on_layer: LayerHook | None = None,
@@ -172,7 +174,8 @@ class GenerationEngine:
                 f"cache_memory={budget} bytes holds {fit * bs} tokens ({fit} blocks of {bs}, {per_block} bytes each "
                 f"across {len(self.models)} model(s)), but one request needs {longest} tokens; raise cache_memory"
             )
-        wanted = sum(-(-n // bs) for n in sorted(lens, reverse=True)[:self.max_num_seqs])  # never more than can run at once
+        # never more than can run at once
+        wanted = sum(-(-n // bs) for n in sorted(lens, reverse=True)[:self.max_num_seqs])
         num_blocks = max(min(fit, wanted), 1)
         self.cache_tokens = num_blocks * bs
         return BlockAllocator(num_blocks, bs), [KVCache(m, num_blocks, bs) for m in self.models]

@@ -20,7 +20,8 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"a KV cache needs at least one block of at least one token, got {num_blocks} × {block_size}")
+            raise ValueError(f"a KV cache needs at least one block of at least one token, "
+                             f"got {num_blocks} × {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free: deque[int] = deque(range(num_blocks))
 

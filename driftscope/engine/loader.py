@@ -5,7 +5,6 @@ Loads tensor by tensor into preallocated (fused) parameters; pickle checkpoints 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from driftscope.engine.config import DTYPES, ModelConfig
+from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
+from driftscope.util import read_json, torch_dtype
 
 # ------------------------------------------------------------------ the weight-name table (data, not code)
 # HF name -> (our parameter name, fused part or None, condition on the config or None).
@@ -62,7 +62,8 @@ def _condition(name: str | None, c: ModelConfig) -> bool:
 def _part_rows(c: ModelConfig, part: str) -> tuple[int, int]:
     """Row range [start, stop) of a fused part inside its fused parameter."""
     q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
-    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}[part]
+    rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}
+    return rows[part]
 
 
 @dataclass(frozen=True)
@@ -172,11 +173,9 @@ def _scan_pickle(paths: list[Path]) -> _Source:
     return _Source(files, shapes, dtypes, opener)
 
 
-def _index_files(index: Path, suffix: str) -> list[Path]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{index}: not valid JSON: {exc}") from exc
+def _index_files(index: Path, suffix: str) -> tuple[list[Path], dict[str, str]]:
+    """(the shard files an index lists, its weight_map); errors name the index file."""
+    data = read_json(index, "weight index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: expected a non-empty 'weight_map' object")
@@ -186,7 +185,7 @@ def _index_files(index: Path, suffix: str) -> list[Path]:
             raise ValueError(f"{index}: shard name {s!r} must be a plain file name ending in {suffix}")
         if not (index.parent / s).is_file():
             raise FileNotFoundError(f"{index.parent / s}: shard listed in {index.name} is missing")
-    return [index.parent / s for s in shards]
+    return [index.parent / s for s in shards], weight_map
 
 
 def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str] | None, Path | None]:
@@ -194,8 +193,8 @@ def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str
     index = root / "model.safetensors.index.json"
     single = root / "model.safetensors"
     if index.is_file():
-        src = _scan_safetensors(_index_files(index, ".safetensors"))
-        return src, json.loads(index.read_text(encoding="utf-8"))["weight_map"], index
+        paths, weight_map = _index_files(index, ".safetensors")
+        return _scan_safetensors(paths), weight_map, index
     if single.is_file():
         return _scan_safetensors([single]), None, None
     pickles = [root / n for n in PICKLE_NAMES if (root / n).is_file()] + sorted(root.glob("*.pt"))
@@ -206,26 +205,17 @@ def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str
                 "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
             )
         pindex = root / "pytorch_model.bin.index.json"
-        paths = _index_files(pindex, ".bin") if pindex.is_file() else [pickles[0]]
+        paths = _index_files(pindex, ".bin")[0] if pindex.is_file() else [pickles[0]]
         return _scan_pickle(paths), None, None
     raise FileNotFoundError(
         f"{root}: no model.safetensors or model.safetensors.index.json (nor a pickle checkpoint) found"
     )
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        name = str(dtype).removeprefix("torch.")
-    else:
-        name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
 # ------------------------------------------------------------------ the entry point
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *, allow_pickle: bool = False
+    path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
+    allow_pickle: bool = False,
 ) -> Transformer:
     """Load an HF-layout checkpoint folder into a Transformer on `device` in `dtype` (stored weights are cast).
 
@@ -234,12 +224,12 @@ def load_model(
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint folder not found")
-    torch_dtype = _resolve_dtype(dtype)
+    dtype = torch_dtype(dtype)
     device = torch.device(device)
     config = ModelConfig.from_file(root / "config.json")
     source, weight_map, index = _find_source(root, allow_pickle)
 
-    model = Transformer(config, device="meta", dtype=torch_dtype)
+    model = Transformer(config, device="meta", dtype=dtype)
     expected = expected_weights(config, model)
 
     # --- names: everything expected is stored (where the index says), nothing else is
@@ -253,7 +243,8 @@ def load_model(
         if name not in expected and not _ignored(name, config):
             raise ValueError(
                 f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} "
-                f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm})"
+                f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, "
+                f"qk_norm={config.qk_norm})"
             )
     for name in expected:
         if name not in source.files:
@@ -265,11 +256,13 @@ def load_model(
         got = source.shapes[name]
         if got != target.shape:
             raise ValueError(
-                f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(target.shape)} from {config.source}"
+                f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(target.shape)} "
+                f"from {config.source}"
             )
         if source.dtypes[name] not in STORED_DTYPES:
             raise ValueError(
-                f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; supported: {', '.join(STORED_DTYPES)}"
+                f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; "
+                f"supported: {', '.join(STORED_DTYPES)}"
             )
 
     # --- data: allocate once, copy tensor by tensor (peak = model + one stored tensor)

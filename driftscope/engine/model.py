@@ -227,11 +227,11 @@ class Transformer(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, D/2] fp32
         return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
 
-    @torch.inference_mode()
-    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> LayerBatch:
-        """Check the packing and compute positions and rope tables once per batch."""
+    def _packing(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """(cu_seqlens on the ids' device, sequence lengths), after checking the packing; ValueError otherwise."""
         if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
-            raise ValueError(f"input_ids must be a 1-D int64 tensor [T], got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids must be a 1-D int64 tensor [T], got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
         T = input_ids.shape[0]
         if T == 0:
             raise ValueError("input_ids is empty")
@@ -239,38 +239,42 @@ class Transformer(nn.Module):
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=dev)
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
         bounds = cu_seqlens.tolist()
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         if bounds[0] != 0 or bounds[-1] != T or min(lengths) < 0:
             raise ValueError(f"cu_seqlens={bounds} must start at 0, be non-decreasing and end at T={T}")
-        max_seqlen = max(lengths)
         window = self.config.sliding_window
-        if window is not None and max_seqlen > window:
+        if window is not None and max(lengths) > window:
             raise ValueError(
-                f"a sequence of {max_seqlen} tokens exceeds sliding_window={window} of {self.config.source}; "
+                f"a sequence of {max(lengths)} tokens exceeds sliding_window={window} of {self.config.source}; "
                 "sliding-window attention is not implemented (shorter sequences are exact)"
             )
-        cu_seqlens = cu_seqlens.to(dev)
-        lengths_t = torch.tensor(lengths, device=dev)
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths_t, output_size=T)  # [T]
-        positions = torch.arange(T, device=dev) - starts  # [T]
-        cos, sin = self.rope_tables(positions)
-        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cos=cos, sin=sin)
+        return cu_seqlens.to(dev), lengths
+
+    @torch.inference_mode()
+    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> LayerBatch:
+        """Check the packing and compute positions and rope tables once per batch."""
+        cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
+        T, dev = input_ids.shape[0], input_ids.device
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.tensor(lengths, device=dev), output_size=T)
+        cos, sin = self.rope_tables(torch.arange(T, device=dev) - starts)  # positions restart at 0 per sequence
+        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin)
 
     @torch.inference_mode()
     def prepare_tree(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,
                      masks: tuple) -> LayerBatch:
         """A batch of sequences with explicit positions [T] and per-sequence attention masks (None = causal):
         shared-prefix trees, where each branch continues the prefix's positions (eval.loglik)."""
-        batch = self.prepare(input_ids, cu_seqlens)
+        cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
         window = self.config.sliding_window
         if window is not None and int(positions.max()) >= window:
             raise ValueError(f"position {int(positions.max())} exceeds sliding_window={window} of {self.config.source}")
         cos, sin = self.rope_tables(positions.to(input_ids.device))
-        return LayerBatch(cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, cos=cos, sin=sin, masks=tuple(masks))
+        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin, masks=tuple(masks))
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]

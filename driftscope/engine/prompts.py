@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from driftscope.engine.data import raw_objects
+from driftscope.engine.data import parse_objects
 
 Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]]]
 PROMPT_FIELDS = ("messages", "input", "prompt", "question", "problem", "text")
@@ -95,15 +95,9 @@ def read_prompts(path: str | Path, field: str | None = None) -> tuple[list[Promp
         raise ValueError(f"prompts file {path} is a directory; pass the JSONL/JSON/parquet file in it")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
-    out, problems = [], []
-    for index, (where, obj, err) in enumerate(raw_objects(path)):
-        if err is None:
-            try:
-                value, rendered = _record_prompt(obj, field)
-                prompt_kind(value, where)
-                out.append(PromptRecord(where, index, value, rendered))
-                continue
-            except ValueError as e:
-                err = str(e).removeprefix(f"{where}: ")
-        problems.append(f"{where}: {err}; record skipped")
-    return out, problems
+
+    def parse(obj: Any, where: str, index: int) -> PromptRecord:
+        value, rendered = _record_prompt(obj, field)
+        prompt_kind(value, where)
+        return PromptRecord(where, index, value, rendered)
+    return parse_objects(path, parse)

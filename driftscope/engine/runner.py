@@ -72,8 +72,8 @@ class LockstepRunner:
 
 
 @torch.inference_mode()
-def run_layers(models: Sequence[Transformer], ids: torch.Tensor, batches: Sequence, on_layer: LayerCallback | None = None
-               ) -> list[torch.Tensor]:
+def run_layers(models: Sequence[Transformer], ids: torch.Tensor, batches: Sequence,
+               on_layer: LayerCallback | None = None) -> list[torch.Tensor]:
     """Every model over the same tokens, layer i of all models before layer i+1; `batches[j]` is model j's
     LayerBatch. Calls on_layer(index, h_models[0], [h_models[1:]]) at every hidden-state index; returns the
     final normed hidden states [T, d] of each model."""

@@ -41,8 +41,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens,
-                 "a positive integer")
+        _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens",
+                 self.max_new_tokens, "a positive integer")
         _require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
                  "a finite number >= 0 (0 = greedy)")
         _require(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
@@ -119,7 +119,7 @@ def sample(
 def sampling_probs_torch(
     logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:  # [V] float64
-    """Reference: the distribution `sample` draws from for one row of logits [V], written out step by step in float64."""
+    """Reference: the distribution `sample` draws from for one row of logits [V], step by step in float64."""
     z = logits.double()
     V = z.shape[0]
     if temperature == 0:

@@ -42,7 +42,7 @@ class IncrementalText:
 
 
 class StopChecker:
-    """Per-sequence stopping state. `check(token_id, n_generated, total_len)` -> (finish_reason, stop_reason) or None."""
+    """Per-sequence stopping state: `check(token_id, n_generated, total_len)` -> (finish_reason, stop_reason) | None."""
 
     def __init__(self, eos_ids: Sequence[int], stop_token_ids: Sequence[int], stop: Sequence[str], max_new_tokens: int,
                  max_len: int, tokenizer: Decoder | None):

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from driftscope.engine.config import ARCHITECTURES, DTYPES, ModelConfig
+from driftscope.engine.config import ARCHITECTURES, ModelConfig
+from driftscope.util import torch_dtype
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -27,12 +29,6 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported; expected one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
 def write_checkpoint(
     path: str | Path, config: dict, state_dict: dict[str, torch.Tensor], *, shards: int = 1, dtype: str = "float32"
 ) -> Path:
@@ -41,7 +37,7 @@ def write_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     if shards < 1 or shards > max(1, len(state_dict)):
         raise ValueError(f"shards={shards} must be between 1 and the number of tensors ({len(state_dict)})")
-    tdtype = _dtype(dtype)
+    tdtype = torch_dtype(dtype)
     config = dict(config)
     if "torch_dtype" in config and "dtype" not in config:
         config["torch_dtype"] = dtype
@@ -121,7 +117,8 @@ def hf_config(
 
 
 def random_state_dict(config: ModelConfig, *, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
-    """Deterministic random float32 weights under HF names: matrices ~ N(0, std), norms ~ 1 + N(0, 0.1), biases ~ N(0, std)."""
+    """Deterministic random float32 weights under HF names: matrices ~ N(0, std), norms ~ 1 + N(0, 0.1),
+    biases ~ N(0, std)."""
     from driftscope.engine.loader import expected_weights  # the weight-name table is the one source of names/shapes
 
     gen = torch.Generator().manual_seed(seed)
@@ -132,31 +129,12 @@ def random_state_dict(config: ModelConfig, *, seed: int = 0, std: float = 0.02) 
     return out
 
 
-def random_checkpoint(
-    path: str | Path,
-    arch: str = "qwen3",
-    *,
-    vocab_size: int,
-    hidden_size: int,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int | None = None,
-    intermediate_size: int,
-    tie: bool = False,
-    seed: int = 0,
-    dtype: str = "float32",
-    config_style: str = "rope_parameters",
-    shards: int = 1,
-) -> dict:
-    """Write a deterministic random checkpoint that both driftscope and transformers can load; returns config.json's dict."""
-    cfg = hf_config(
-        arch, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size, tie=tie, dtype=dtype,
-        config_style=config_style,
-    )
+def random_checkpoint(path: str | Path, arch: str = "qwen3", *, seed: int = 0, shards: int = 1, **config: Any) -> dict:
+    """Write a deterministic random checkpoint that both driftscope and transformers can load; returns config.json's
+    dict. `config`: `hf_config`'s keywords (vocab_size, hidden_size, ..., dtype, config_style)."""
+    cfg = hf_config(arch, **config)
     sd = random_state_dict(ModelConfig.from_dict(cfg, source=f"random_checkpoint({arch})"), seed=seed)
-    write_checkpoint(path, cfg, sd, shards=shards, dtype=dtype)
+    write_checkpoint(path, cfg, sd, shards=shards, dtype=config.get("dtype", "float32"))
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""load_tokenizer(path) -> Tokenizer: HF `tokenizer.json` via the `tokenizers` library, plus special tokens and chat template.
+"""load_tokenizer(path) -> Tokenizer: HF `tokenizer.json` via the `tokenizers` library, plus special tokens and the
+chat template.
 
 Chat templates are untrusted code from the Hub: they render in jinja2's ImmutableSandboxedEnvironment, as transformers
 does (trim_blocks/lstrip_blocks, raise_exception, tojson, strftime_now); touching Python internals raises SecurityError.
@@ -16,6 +17,8 @@ import jinja2.ext
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from driftscope.util import read_json
+
 __all__ = ["Tokenizer", "load_tokenizer", "SecurityError", "TemplateError"]
 
 
@@ -23,7 +26,8 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
     # jinja's own tojson escapes HTML characters; chat templates expect plain json.dumps
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -100,8 +104,8 @@ class Tokenizer:
         root = tjson.parent
         self.path = root
         self._tok = _HFTokenizer.from_file(str(tjson))
-        self._config = self._read_json(root / "tokenizer_config.json")
-        gen = self._read_json(root / "generation_config.json")
+        self._config = self._read_json(root / "tokenizer_config.json", "tokenizer config")
+        gen = self._read_json(root / "generation_config.json", "generation config")
 
         self.bos_token = _token_str(self._config.get("bos_token"))
         self.eos_token = _token_str(self._config.get("eos_token"))
@@ -119,20 +123,14 @@ class Tokenizer:
         if self.pad_token_id is None and isinstance(gen.get("pad_token_id"), int):
             self.pad_token_id = gen["pad_token_id"]
         # every id that ends generation: the tokenizer's eos plus generation_config's list
-        self.eos_token_ids = tuple(dict.fromkeys(([self.eos_token_id] if self.eos_token_id is not None else []) + gen_eos))
+        own_eos = [self.eos_token_id] if self.eos_token_id is not None else []
+        self.eos_token_ids = tuple(dict.fromkeys(own_eos + gen_eos))
         self.chat_template, self.chat_template_source = self._find_templates(root)
 
     @staticmethod
-    def _read_json(path: Path) -> dict:
-        if not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return data
+    def _read_json(path: Path, what: str) -> dict:
+        """The JSON object in `path`, {} when the (optional) file is absent."""
+        return read_json(path, what, dict) if path.is_file() else {}
 
     def _id_of(self, token: str | None, what: str) -> int | None:
         if token is None:
@@ -165,9 +163,6 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -202,11 +197,9 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
-        context: dict[str, Any] = {
-            k: v
-            for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token), ("unk_token", self.unk_token))
-            if v is not None
-        }
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "unk_token": self.unk_token}
+        context: dict[str, Any] = {k: v for k, v in specials.items() if v is not None}
         context.update(_plain(kwargs))
         if enable_thinking is not None:
             context["enable_thinking"] = bool(enable_thinking)
@@ -225,16 +218,19 @@ class Tokenizer:
         if chat_template is not None and ("{%" in chat_template or "{{" in chat_template):
             return chat_template
         if chat_template is not None:
-            raise ValueError(f"chat_template={chat_template!r} is neither a template nor one of {sorted(self.chat_template)}")
+            raise ValueError(f"chat_template={chat_template!r} is neither a template nor one of "
+                             f"{sorted(self.chat_template)}")
         if not self.chat_template:
             raise ValueError(
-                f"{self.path}: no chat template (looked for chat_template.jinja and 'chat_template' in tokenizer_config.json)"
+                f"{self.path}: no chat template (looked for chat_template.jinja and 'chat_template' in "
+                "tokenizer_config.json)"
             )
         if "default" in self.chat_template:
             return self.chat_template["default"]
         if len(self.chat_template) == 1:
             return next(iter(self.chat_template.values()))
-        raise ValueError(f"{self.chat_template_source}: several chat templates {sorted(self.chat_template)} and none is 'default'; pass chat_template=NAME")
+        raise ValueError(f"{self.chat_template_source}: several chat templates {sorted(self.chat_template)} and none "
+                         "is 'default'; pass chat_template=NAME")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

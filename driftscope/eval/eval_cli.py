@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from driftscope.util import DTYPE_NAMES
+
 __all__ = ["add_parser", "run", "run_lm_eval"]
 
 _PROG = "driftscope eval"
@@ -40,9 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--thinking", type=_on_off, default=None, help="--model: the chat template's enable_thinking")
     p.add_argument("--no-chat", action="store_true", help="--model: do not apply the chat template")
     p.add_argument("--upstream", action="store_true", help="--model: lm-eval's own tasks (ifeval, mc_taco, headqa_en, "
-                   "hendrycks_math500, aime25, gpqa_diamond_cot_zeroshot, acp_*_mcq) on the local files, not the ds_* tasks")
+                   "hendrycks_math500, aime25, gpqa_diamond_cot_zeroshot, acp_*_mcq) on the local files, "
+                   "not the ds_* tasks")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.set_defaults(func=run)
@@ -89,7 +92,8 @@ def run_lm_eval(argv: list[str]) -> int:
         import driftscope.eval.lm_model  # noqa: F401  -- registers "driftscope"
         from lm_eval.__main__ import cli_evaluate
     except ImportError as exc:
-        print(f"driftscope lm-eval: error: {exc}; install the eval extra: pip install 'driftscope[eval]'", file=sys.stderr)
+        print(f"driftscope lm-eval: error: {exc}; install the eval extra: pip install 'driftscope[eval]'",
+              file=sys.stderr)
         return 2
     from driftscope.eval.run import TASKS_DIR
 

@@ -37,7 +37,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from driftscope.eval.loglik import score_continuations
-from driftscope.util import read_json
+from driftscope.util import DTYPE_NAMES, read_json
 
 __all__ = ["DriftscopeLM"]
 
@@ -60,7 +60,7 @@ def _resolve_dtype(dtype: str, device: str, config_dtype: str | None) -> str:
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
-        return config_dtype if config_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+        return config_dtype if config_dtype in DTYPE_NAMES else "bfloat16"
     return "float32"  # CPU: bf16 GEMMs are slow there and fp32 is the exact reference
 
 
@@ -196,7 +196,8 @@ class DriftscopeLM(TemplateLM):
         kw = copy.deepcopy(dict(gen_kwargs))
         unknown = set(kw) - _GEN_KEYS
         if unknown:
-            log.warning("%s: generation kwargs %s are not supported by driftscope and are ignored", where, sorted(unknown))
+            log.warning("%s: generation kwargs %s are not supported by driftscope and are ignored",
+                        where, sorted(unknown))
         until = kw.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)

@@ -1,19 +1,13 @@
 """Writes an eval run's files: scores.json (the `driftscope.scores/1` layout of eval.scores), per-sample logs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from driftscope.util import atomic_write_text, read_json, strict_json, write_json
+from driftscope.util import read_json, write_json, write_jsonl
 
 __all__ = ["FORMAT", "write_json", "write_jsonl", "write_scores"]
 
 FORMAT = "driftscope.scores/1"
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    text = "".join(json.dumps(strict_json(r), ensure_ascii=False, default=str) + "\n" for r in rows)
-    return atomic_write_text(path, text)
 
 
 def write_scores(out: Path, result: dict, rows: dict[str, list[dict]] | None = None, model: str | None = None) -> Path:

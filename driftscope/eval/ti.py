@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from driftscope.util import json_float
+
 __all__ = ["GROUPS", "BENCHMARKS", "DISPLAY_NAMES", "ALIASES", "METHODS", "canonical_name", "acp_subtask",
            "TIResult", "transferability_index", "transferability_indices", "pooled_sigma", "resolve_sigma"]
 
@@ -83,11 +85,9 @@ class TIResult:
 
     def to_dict(self) -> dict:
         """JSON-safe: every NaN becomes None and its reason is under "reasons"."""
-        def num(v: float) -> float | None:
-            return None if math.isnan(v) else v
-        return {"method": self.method, "ti_other": num(self.ti_other), "ti_non": num(self.ti_non),
-                "gains": {k: num(v) for k, v in self.gains.items()},
-                "deltas": {k: num(v) for k, v in self.deltas.items()},
+        return {"method": self.method, "ti_other": json_float(self.ti_other), "ti_non": json_float(self.ti_non),
+                "gains": {k: json_float(v) for k, v in self.gains.items()},
+                "deltas": {k: json_float(v) for k, v in self.deltas.items()},
                 "sigma": self.sigma, "sigma_source": self.sigma_source, "reasons": dict(self.reasons)}
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from driftscope.eval.ti import DISPLAY_NAMES, GROUPS, TIResult
 from driftscope.report import plots
 from driftscope.report.html import _CSS, _img, _table, esc
-from driftscope.report.tables import _atomic_write
+from driftscope.util import atomic_write
 
 __all__ = ["table_cells", "format_table", "ti_json", "write_json", "scatter_png", "render_html", "write_scatter"]
 
@@ -104,7 +104,7 @@ def write_json(path: str | Path, base_name: str, base_scores: Scores, tuned: Map
     """Write `ti_json(...)` to `path` atomically (strict JSON: no NaN) and return the path."""
     text = json.dumps(ti_json(base_name, base_scores, tuned, results, sources), indent=2, ensure_ascii=False,
                       allow_nan=False) + "\n"
-    return _atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # ---- Figure 2 ----------------------------------------------------------------------------------------------------
@@ -184,10 +184,10 @@ def write_scatter(out_dir: str | Path, base_name: str, base_scores: Scores, tune
     png = None
     if note is None:
         png = scatter_png(results, title)
-        files["png"] = _atomic_write(out / "ti.png", lambda tmp: tmp.write_bytes(png))
+        files["png"] = atomic_write(out / "ti.png", lambda tmp: tmp.write_bytes(png))
     else:
         note = f"no ti.png: {note}"
         files["note"] = note
     text = render_html(base_name, base_scores, tuned, results, png, note)
-    files["html"] = _atomic_write(out / "ti.html", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files["html"] = atomic_write(out / "ti.html", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return files

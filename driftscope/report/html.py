@@ -1,5 +1,6 @@
 """`write_report(out_dir, summary)` writes out_dir/report.html: one self-contained file (inline CSS, PNG plots as
-base64 data URIs, no script, no external resource) from a drift-run summary dict; every data string is escaped.
+base64 data URIs, no script, no external resource); every data string is escaped. `summary` is summary.json's
+schema: per model `analysis.summary.model_summary`, per task `analysis.summary.task_summary`.
 
 Without matplotlib the report still has every table, and says how to get the plots. Missing optional parts
 (no PCA, CKA None, NaN written as None) show as "—" or are left out with a note; they never fail the report.
@@ -9,8 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from driftscope.report import plots
 from driftscope.report.tables import visible_text
+from driftscope.util import atomic_write_text
 
 __all__ = ["write_report", "render_report"]
 
@@ -76,12 +76,6 @@ def _get(d: Mapping | None, *path: str) -> Any:
     return d
 
 
-def _sampled_kl(task: Mapping) -> Any:
-    """The summary's sampled_kl is a float; TokenMetrics.finalize writes {"value": ...}: accept both."""
-    v = task.get("sampled_kl")
-    return _get(v, "value") if isinstance(v, Mapping) else v
-
-
 # ---- small HTML builders ---------------------------------------------------------------------------------------
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
     """A table of already-escaped cells; columns from `numeric_from` on are right-aligned."""
@@ -124,7 +118,8 @@ class _Figures:
             return _img(draw(*args, **kwargs), alt)
         except Exception as e:  # noqa: BLE001 — shown in the report and warned, not hidden
             warnings.warn(f"report figure {alt!r} failed: {type(e).__name__}: {e}", stacklevel=2)
-            return f'<p class="error">figure “{esc(alt)}” could not be drawn: {esc(type(e).__name__)}: {esc(e)}</p>\n'
+            return (f'<p class="error">figure “{esc(alt)}” could not be drawn: '
+                    f'{esc(type(e).__name__)}: {esc(e)}</p>\n')
 
 
 # ---- header -----------------------------------------------------------------------------------------------------
@@ -191,7 +186,7 @@ _OVERVIEW_HEADER = ["task", "tokens", "samples", "KL(t‖b) token mean", "KL(t�
 def _overview_row(task_name: str, sid: str, t: Mapping) -> list[str]:
     return [f'<a href="#{sid}">{esc(task_name)}</a>', fmt(t.get("tokens")), fmt(t.get("samples")),
             fmt(_get(t, "kl_tb", "token_mean")), fmt(_get(t, "kl_tb", "sample_mean")),
-            fmt(_get(t, "kl_bt", "token_mean")), fmt(_get(t, "kl_bt", "sample_mean")), fmt(_sampled_kl(t)),
+            fmt(_get(t, "kl_bt", "token_mean")), fmt(_get(t, "kl_bt", "sample_mean")), fmt(t.get("sampled_kl")),
             fmt(_get(t, "rank_shift", "token_mean")), fmt(_get(t, "rank_shift", "sample_mean")),
             fmt(t.get("top1_agreement"))]
 
@@ -219,7 +214,8 @@ _MEAN_METRICS = (("KL(tuned ‖ base)", "kl_tb"), ("KL(base ‖ tuned)", "kl_bt"
 def _metrics_table(t: Mapping) -> str:
     rows = [[label, fmt(_get(t, key, "token_mean")), fmt(_get(t, key, "sample_mean"))]
             for label, key in _MEAN_METRICS if key in t]
-    scalars = [["sampled KL (paper estimator)", fmt(_sampled_kl(t))], ["top-1 agreement", fmt(t.get("top1_agreement"))],
+    scalars = [["sampled KL (paper estimator)", fmt(t.get("sampled_kl"))],
+               ["top-1 agreement", fmt(t.get("top1_agreement"))],
                ["tokens", fmt(t.get("tokens"))], ["samples", fmt(t.get("samples"))]]
     if t.get("cka_mode"):
         scalars.append(["CKA mode", esc(t["cka_mode"])])
@@ -304,7 +300,8 @@ def render_report(summary: Mapping) -> str:
     """The report as one HTML string (see the module docstring)."""
     figures = _Figures()
     models = summary.get("models") or {}
-    ids = {(m, t): f"s{i}" for i, (m, t) in enumerate((m, t) for m, mv in models.items() for t in mv.get("tasks") or {})}
+    pairs = [(m, t) for m, mv in models.items() for t in mv.get("tasks") or {}]
+    ids = {pair: f"s{i}" for i, pair in enumerate(pairs)}
     body = [_header(summary, figures), _toc([(sid, m, t) for (m, t), sid in ids.items()]), _overview(models, ids)]
     for (m, t), sid in ids.items():
         body.append(_section(sid, m, t, models[m]["tasks"][t], figures))
@@ -318,16 +315,4 @@ def render_report(summary: Mapping) -> str:
 
 def write_report(out_dir: Path, summary: dict) -> Path:
     """Write `out_dir/report.html` (creating out_dir) atomically and return its path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.html"
-    text = render_report(summary)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.", suffix=".html.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(Path(out_dir) / "report.html", render_report(summary))

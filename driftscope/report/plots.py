@@ -23,9 +23,8 @@ _EDGE_BIN = dict(color="#bbbbbb", hatch="//", edgecolor="#555555")
 
 def unavailable() -> str | None:
     """None when matplotlib imports, else the reason and the fix, for the report to show."""
-    try:
-        import matplotlib  # noqa: F401
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    try:  # an import probe (through builtins.__import__, as `import` is): the figures import what they draw with
+        __import__("matplotlib.backends.backend_agg")
     except ImportError as e:
         return f"plots need matplotlib, which did not import ({e}); pip install matplotlib"
     return None
@@ -146,20 +145,21 @@ def _centroid(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 # ---- (b) per-layer hidden-state drift --------------------------------------------------------------------------
-def _layer_series(layers: Sequence[Mapping], *keys: str) -> list[float]:
-    """Values of the first key present in each row (the runner's and HiddenSimilarity's names differ)."""
-    return [_num(next((row[k] for k in keys if k in row), None)) for row in layers]
+def _layer_series(layers: Sequence[Mapping], key: str) -> list[float]:
+    """row[key] of each row (nan where missing or None)."""
+    return [_num(row.get(key)) for row in layers]
 
 
 def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
-    """Per layer: cosine and linear CKA (similarity, 1 = unchanged) on the left, relative L2 (0 = unchanged) on
-    the right. A metric that is None for every layer (e.g. CKA not computed) is left out and named in the legend."""
+    """Per layer (summary.json's `layers` rows): cosine and linear CKA (similarity, 1 = unchanged) on the left,
+    relative L2 (0 = unchanged) on the right. A metric that is None for every layer (e.g. CKA not computed) is left
+    out and named in the legend."""
     if not layers:
         raise ValueError("layer drift plot: no layers")
     x = [int(row["layer"]) for row in layers]
     fig, (ax_sim, ax_l2) = _figure(9.0, 3.6, ncols=2)
-    for label, keys, style in (("cosine", ("cosine", "cos_mean"), "o-"), ("linear CKA", ("cka",), "s-")):
-        y = _layer_series(layers, *keys)
+    for label, key, style in (("cosine", "cosine", "o-"), ("linear CKA", "cka", "s-")):
+        y = _layer_series(layers, key)
         if all(math.isnan(v) for v in y):
             ax_sim.plot([], [], " ", label=f"{label}: not computed")
         else:
@@ -167,7 +167,7 @@ def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
     ax_sim.set_title("similarity base vs tuned", fontsize=10)
     ax_sim.set_ylabel("similarity")
     ax_sim.legend(fontsize=8)
-    y = _layer_series(layers, "rel_l2", "rel_l2_mean")
+    y = _layer_series(layers, "rel_l2")
     ax_l2.plot(x, y, "o-", ms=3, color="C3", label="‖h_t − h_b‖ / ‖h_b‖")
     ax_l2.set_title("relative L2 distance", fontsize=10)
     ax_l2.set_ylim(bottom=0)

@@ -1,19 +1,17 @@
 """Per-token-id table of a drift run on disk: `write_token_table` writes parquet when pyarrow imports, else JSONL;
 `read_token_table` reads either back to the same rows. `visible_text` is how token text is shown to a reader.
 
-NaN floats are written as null (None), like everywhere in a summary. Column order: TOKEN_COLUMNS, then extra keys.
+NaN and inf are written as null (None), as everywhere in a summary. Column order: TOKEN_COLUMNS, then extra keys.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 import unicodedata
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+from driftscope.util import atomic_write, read_jsonl, strict_json, write_jsonl
+
 
 __all__ = ["TOKEN_COLUMNS", "write_token_table", "read_token_table", "visible_text", "escape_code_point"]
 
@@ -59,7 +57,7 @@ def write_token_table(path_without_suffix: Path, rows: list[dict]) -> Path:
     """
     path_without_suffix = Path(path_without_suffix)
     columns = _columns(rows)
-    clean = [{c: _json_value(row.get(c)) for c in columns} for row in rows]
+    clean = [{c: strict_json(row.get(c)) for c in columns} for row in rows]
     pa = _pyarrow()
     bad = _first_non_utf8(clean)
     if pa is not None and bad is not None:
@@ -67,7 +65,8 @@ def write_token_table(path_without_suffix: Path, rows: list[dict]) -> Path:
                       f"(lone surrogate), which parquet cannot store; writing JSONL instead", stacklevel=2)
     if pa is not None and bad is None:
         return _write_parquet(path_without_suffix.with_name(path_without_suffix.name + ".parquet"), clean, columns, pa)
-    return _write_jsonl(path_without_suffix.with_name(path_without_suffix.name + ".jsonl"), clean)
+    # ensure_ascii: every string (even a lone surrogate) round-trips, and the file is plain ASCII
+    return write_jsonl(path_without_suffix.with_name(path_without_suffix.name + ".jsonl"), clean, ensure_ascii=True)
 
 
 def _columns(rows: Sequence[dict]) -> list[str]:
@@ -80,11 +79,6 @@ def _columns(rows: Sequence[dict]) -> list[str]:
                              f"expected keys {list(TOKEN_COLUMNS)}")
     extra = list(dict.fromkeys(k for row in rows for k in row if k not in TOKEN_COLUMNS))
     return list(TOKEN_COLUMNS) + extra
-
-
-def _json_value(v: Any) -> Any:
-    """NaN → None (the summary convention); everything else unchanged."""
-    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def _first_non_utf8(rows: Sequence[dict]) -> tuple[int, str] | None:
@@ -108,29 +102,6 @@ def _pyarrow():
     return pyarrow
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call `write(tmp_path)` on a temp file beside `path`, then rename it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
-    # ensure_ascii=True: every string (even a lone surrogate) round-trips, and the file is plain ASCII
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="ascii") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=True, allow_nan=False) + "\n")
-    return _atomic_write(path, write)
-
-
 def _write_parquet(path: Path, rows: list[dict], columns: list[str], pa) -> Path:
     arrays = {}
     for c in columns:
@@ -141,7 +112,7 @@ def _write_parquet(path: Path, rows: list[dict], columns: list[str], pa) -> Path
     def write(tmp: Path) -> None:
         import pyarrow.parquet as pq
         pq.write_table(table, tmp)
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 # ---- reading --------------------------------------------------------------------------------------------------
@@ -151,8 +122,7 @@ def read_token_table(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"token table {path} does not exist")
     if path.suffix == ".jsonl":
-        with path.open(encoding="ascii") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return [row for _, row in read_jsonl(path, "token table")]
     if path.suffix == ".parquet":
         if _pyarrow() is None:
             raise ValueError(f"reading {path} needs pyarrow (pip install pyarrow)")

@@ -59,7 +59,8 @@ def assert_same_greedy(ours: list[int], ref: list[int], prompt: list[int], oracl
     if gap > TIE_TOL * max(scale, 1.0):
         raise AssertionError(
             f"{what}: token {t} differs ({ours[t]} vs reference {ref[t]}) and it is no near-tie: float64 logits "
-            f"differ by {gap:.3e} (tolerance {TIE_TOL * max(scale, 1.0):.1e}); ours {ours[:t + 3]}..., reference {ref[:t + 3]}..."
+            f"differ by {gap:.3e} (tolerance {TIE_TOL * max(scale, 1.0):.1e}); "
+            f"ours {ours[:t + 3]}..., reference {ref[:t + 3]}..."
         )
     oracle.ties.append((what, t, gap))
     return False

@@ -65,7 +65,8 @@ def test_generate_cli_writes_the_paper_inputs(qwen_dir, shared_data, tmp_path):
     rows = [json.loads(line) for line in
             (shared_data / "responses" / "UniReason-RL_ifeval.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": _user_message(r["input"])}) + "\n" for r in rows), encoding="utf-8")
+    prompts.write_text("".join(json.dumps({"prompt": _user_message(r["input"])}) + "\n" for r in rows),
+                       encoding="utf-8")
     out = tmp_path / "responses.jsonl"
     rc = main(["generate", "--model", str(model), "--data", str(prompts), "--out", str(out), "--chat",
                "--thinking", "off", "--max-new-tokens", "2", "--no-progress"])

@@ -44,7 +44,8 @@ def test_flags_per_architecture():
 
 
 def test_qwen3_without_head_dim_follows_transformers_default():
-    d = synth_config("qwen3", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=8)
+    d = synth_config("qwen3", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     intermediate_size=8)
     del d["head_dim"]
     assert ModelConfig.from_dict(d).head_dim == 128  # Qwen3Config's default, not hidden // heads
 
@@ -81,7 +82,8 @@ ERRORS = [
     ("unknown-architecture", dict(model_type=None, architectures=["FalconForCausalLM"]), "FalconForCausalLM"),
     ("arch-type-mismatch", dict(architectures=["Qwen2ForCausalLM"]), "disagrees"),
     ("unknown-rope", dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}), "'dynamic'"),
-    ("llama3-incomplete", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 2.0}), "low_freq_factor"),
+    ("llama3-incomplete", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 2.0}),
+     "low_freq_factor"),
     ("bad-dtype", dict(dtype="float64"), "float64"),
     ("gelu", dict(hidden_act="gelu"), "hidden_act"),
     ("missing-key", dict(vocab_size=None), "vocab_size"),
@@ -90,7 +92,8 @@ ERRORS = [
 
 @pytest.mark.parametrize("edit,needle", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_invalid_configs_name_the_field_and_file(tmp_path, edit, needle):
-    d = synth_config("llama", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=8)
+    d = synth_config("llama", vocab_size=10, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     intermediate_size=8)
     d["head_dim"] = 8
     for k, v in edit.items():
         if v is None:
@@ -113,10 +116,12 @@ def test_unsupported_lists_what_is_supported():
 def test_sliding_window_ignored_when_disabled_refused_when_exceeded():
     """Choice: use_sliding_window=false -> no window. An active window (Mistral v0.1) is exact for sequences that fit
     in it; a longer sequence raises ValueError instead of silently attending beyond the window."""
-    d = synth_config("qwen2", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=8)
+    d = synth_config("qwen2", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     intermediate_size=8)
     d.update(use_sliding_window=False, sliding_window=4)
     assert ModelConfig.from_dict(d).sliding_window is None
-    m = synth_config("mistral", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=8)
+    m = synth_config("mistral", vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                     intermediate_size=8)
     m["sliding_window"] = 8
     c = ModelConfig.from_dict(m, source="mistral/config.json")
     assert c.sliding_window == 8

@@ -142,16 +142,18 @@ def test_packing(budget):
     again = pack_batches(shuffled, budget)
     assert len(again) == len(batches)
     for a, b in zip(batches, again):  # independent of input order
-        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("input_ids", "cu_seqlens", "score_mask", "targets"))
+        fields = ("input_ids", "cu_seqlens", "score_mask", "targets", "first_scored", "token_sample_ids")
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in fields)
     by_id = {s.sample_id: s for s in samples}
     seen = []
     for b in batches:
         assert b.cu_seqlens.dtype == torch.int32 and b.cu_seqlens[0] == 0 and b.cu_seqlens[-1] == b.n_tokens
-        assert b.n_tokens <= budget or len(b.sample_ids) == 1, "only a lone over-long sample may exceed the budget"
+        assert b.n_tokens <= budget or len(b.cu_seqlens) == 2, "only a lone over-long sample may exceed the budget"
         assert b.max_seqlen == int((b.cu_seqlens[1:] - b.cu_seqlens[:-1]).max())
-        for j, sid in enumerate(b.sample_ids.tolist()):
+        sample_ids = b.token_sample_ids[b.cu_seqlens[:-1].long()].tolist()  # each sequence's first token
+        for j, sid in enumerate(sample_ids):
             s, (lo, hi) = by_id[sid], b.cu_seqlens[j:j + 2].tolist()
-            assert torch.equal(b.input_ids[lo:hi], s.input_ids) and torch.equal(b.position_ids[lo:hi], torch.arange(hi - lo))
+            assert torch.equal(b.input_ids[lo:hi], s.input_ids)  # sequence j is exactly that sample, whole
             assert int(b.score_mask[lo:hi].sum()) == s.n_scored and (b.token_sample_ids[lo:hi] == sid).all()
             assert b.targets[lo:hi][b.score_mask[lo:hi]].tolist() == s.input_ids[s.first_scored + 1:].tolist()
             seen.append(sid)
@@ -163,7 +165,8 @@ def test_packing(budget):
 
 
 # ---- real data -------------------------------------------------------------------------------------------------
-QWEN_PRETOKENIZE = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
 def test_real_response_files(shared_data, tmp_path):
@@ -203,7 +206,8 @@ def test_messages_with_the_engine_tokenizer(tmp_path):
     (s,), problems = load_samples(f, tok, chat_template_kwargs={"enable_thinking": False})
     prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, enable_thinking=False, tokenize=False)
     assert problems == [] and "how are you?" in prompt and "fine thanks" not in prompt, prompt
-    assert s.input_ids.tolist() == tok.encode(prompt) + tok.encode("fine thanks") and s.n_prompt == len(tok.encode(prompt))
+    assert s.input_ids.tolist() == tok.encode(prompt) + tok.encode("fine thanks")
+    assert s.n_prompt == len(tok.encode(prompt))
 
 
 def test_next_fit_groups_in_order_within_budget():

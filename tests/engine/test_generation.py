@@ -34,7 +34,8 @@ def test_greedy_matches_transformers_generate(checkpoints, oracles, case):
     oracle = _oracle(oracles, checkpoints, case)
     for g, p in zip(outs, ps):
         ref = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                          max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(p):].tolist()
         assert len(g.token_ids) == MAX_NEW and g.finish_reason == "length"
         assert_same_greedy(g.token_ids, ref, p, oracle, f"{case.id} prompt {g.index} (len {len(p)})")
     assert len(oracle.ties) <= 1, f"more near-ties than float32 rounding explains: {oracle.ties}"

@@ -29,7 +29,8 @@ def test_manual_layer_loop_equals_forward_and_leaves_inputs_alone(model):
     ids, cu = _batch()
     batch = model.prepare(ids, cu)
     assert isinstance(batch, LayerBatch) and batch.max_seqlen == 8
-    cos, sin = model.rope_tables(torch.tensor([0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7]))  # positions restart per sequence
+    # positions restart per sequence
+    cos, sin = model.rope_tables(torch.tensor([0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 6, 7]))
     assert torch.equal(batch.cos, cos) and torch.equal(batch.sin, sin)
     assert batch.cos.shape == (14, 1, 12) and batch.sin.shape == (14, 1, 12)
     h = model.embed(ids)  # [T, d]

@@ -36,12 +36,14 @@ def test_sampler_draws_from_the_reference_distribution(t, k, p):
     ref = sampling_probs_torch(z, t, k, p)
     counts = torch.bincount(_draw(z, t, k, p), minlength=V).double()
     support = ref > 0
-    assert counts[~support].sum() == 0, f"drew filtered-out tokens {torch.nonzero(counts * ~support).flatten().tolist()}"
+    assert counts[~support].sum() == 0, (
+        f"drew filtered-out tokens {torch.nonzero(counts * ~support).flatten().tolist()}")
     if int(support.sum()) == 1:  # a single kept token (top_p below the top probability): every draw is it
         assert counts[support].item() == DRAWS
         return
     chi2, pvalue = stats.chisquare(counts[support].numpy(), (ref[support] * DRAWS).numpy())
-    assert pvalue > 1e-4, f"chi2={chi2:.1f}, p={pvalue:.2e}; counts {counts[support].tolist()} vs expected {(ref[support] * DRAWS).tolist()}"
+    assert pvalue > 1e-4, (f"chi2={chi2:.1f}, p={pvalue:.2e}; counts {counts[support].tolist()} "
+                           f"vs expected {(ref[support] * DRAWS).tolist()}")
 
 
 def test_reference_distribution_follows_the_definitions():
@@ -64,7 +66,8 @@ def test_reference_distribution_follows_the_definitions():
 def test_greedy_takes_the_lowest_id_among_tied_maxima():
     z = _logits()
     rows = z[None].repeat(3, 1)
-    out = sample(rows, torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), torch.rand(3, dtype=torch.float64))
+    out = sample(rows, torch.zeros(3), torch.zeros(3, dtype=torch.int64), torch.ones(3),
+                 torch.rand(3, dtype=torch.float64))
     assert out.tolist() == [3, 3, 3]
 
 

@@ -60,7 +60,8 @@ def test_stop_checks_in_order_eos_first_then_length_then_context(tok_dir):
     assert c.check(7, 3, 10) == ("length", None)
     assert c.check(7, 2, 10) == ("context", None)
     assert c.check(7, 2, 9) is None
-    assert final_text(tok, tok.encode("hi") + [tok.token_to_id("<|im_end|>")], "eos", tok.token_to_id("<|im_end|>"), []) == "hi"
+    assert final_text(tok, tok.encode("hi") + [tok.token_to_id("<|im_end|>")], "eos",
+                      tok.token_to_id("<|im_end|>"), []) == "hi"
     with pytest.raises(ValueError, match="need a tokenizer"):
         StopChecker(eos_ids=[], stop_token_ids=[], stop=["x"], max_new_tokens=3, max_len=10, tokenizer=None)
 

@@ -16,7 +16,8 @@ SYNTH = {
     "llama-tied-rope_theta": dict(arch="llama", num_kv_heads=2, tie=True, config_style="rope_theta"),
     "mistral-mqa-2shards": dict(arch="mistral", num_kv_heads=1, shards=2),
     "qwen2-bf16": dict(arch="qwen2", num_kv_heads=2, dtype="bfloat16"),
-    "qwen3-hd24-3shards-rope_theta": dict(arch="qwen3", num_kv_heads=2, head_dim=24, shards=3, config_style="rope_theta"),
+    "qwen3-hd24-3shards-rope_theta": dict(arch="qwen3", num_kv_heads=2, head_dim=24, shards=3,
+                                          config_style="rope_theta"),
 }
 COMMON = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96)
 
