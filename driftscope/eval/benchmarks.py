@@ -41,7 +41,8 @@ __all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "load_docs"
 MATH_PROMPT = ("Solve the following math problem. Present the final answer in the format: Final Answer: "
                "\\boxed{{your_answer}}.\nProblem: {problem}\nAnswer:")
 GPQA_PROMPT = ("What is the correct answer to this question:{question}\n\nChoices:\n{choices}\nFinish your answer with "
-               "the format: Final Answer: \\boxed{{X}}, where X is the correct letter choice.\nLet's think step by step: ")
+               "the format: Final Answer: \\boxed{{X}}, where X is the correct letter choice.\n"
+               "Let's think step by step: ")
 SAMPLED = {"temperature": 0.6, "top_p": 0.95}
 GREEDY = {"temperature": 0.0}
 ACP_TASKS = ("act_reach", "app", "just", "land", "prog", "reach", "val")
@@ -73,7 +74,8 @@ FILES = {
 }
 HF = {  # used only without a data folder
     "math500": ("HuggingFaceH4/MATH-500", None, "test"), "aime24": ("Maxwell-Jia/AIME_2024", None, "train"),
-    "aime25": ("math-ai/aime25", None, "test"), "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
+    "aime25": ("math-ai/aime25", None, "test"),
+    "olympiadbench": ("Hothan/OlympiadBench", "OE_TO_maths_en_COMP", "train"),
     "gpqa_diamond": ("Idavidrein/gpqa", "gpqa_diamond", "train"), "ifeval": ("google/IFEval", None, "train"),
     "headqa": ("EleutherAI/headqa", "en", "test"), "mctaco": ("CogComp/mc_taco", None, "test"),
     "livecodebench": ("livecodebench/code_generation_lite", None, "test"),
@@ -210,7 +212,8 @@ def _acp_read(folder: Path) -> list[dict]:
     for task in ACP_TASKS:
         p = folder / f"{task}.json"
         if not p.is_file():
-            raise FileNotFoundError(f"acpbench: {p} not found (expected one JSON file per task: {', '.join(ACP_TASKS)})")
+            raise FileNotFoundError(f"acpbench: {p} not found "
+                                    f"(expected one JSON file per task: {', '.join(ACP_TASKS)})")
         rows = read_json(p, "acpbench file", list)
         out += [dict(d, acp_task=task) for d in rows]
     return out
@@ -297,9 +300,9 @@ def _lcb_prompt(doc: dict) -> str:
     if doc.get("starter_code"):
         return head + ("You will use the following starter code to write the solution to the problem and enclose your "
                        f"code within delimiters.\n```python\n{doc['starter_code']}\n```\n\n")
-    return head + ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on "
-                   "the sample inputs). Enclose your code within delimiters as follows. Ensure that when the python "
-                   "program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.\n"
+    return head + ("Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test "
+                   "on the sample inputs). Enclose your code within delimiters as follows. Ensure that when the "
+                   "python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.\n"
                    "```python\n# YOUR CODE HERE\n```\n\n")
 
 

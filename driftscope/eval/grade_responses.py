@@ -8,12 +8,12 @@ another order is refused at its first wrong line instead of being graded against
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from driftscope.eval import benchmarks as B
+from driftscope.util import read_jsonl
 
 __all__ = ["grade_responses", "match_records"]
 
@@ -22,20 +22,7 @@ ID_FIELDS = ("doc_index", "doc_id", "id", "key", "question_id")
 
 
 def _read(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"responses file {path} does not exist")
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
-            out.append((line_no, obj))
+    out = read_jsonl(path, "responses file")
     if not out:
         raise ValueError(f"{path}: no records")
     return out
