@@ -8,47 +8,72 @@ from pathlib import Path
 
 import torch
 
+from driftscope.cli_options import cli, json_object, on_off, size
+from driftscope.util import DTYPE_NAMES, dtype_name
+
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-DTYPES = ("float32", "bfloat16", "float16")
-STATE_FORMAT = 2  # layout of the resumable state's accumulators (2: streaming PCA base moments once per task)
+STATE_FORMAT = 3  # layout of the resumable state (3: one probe bundle per task, tuned models' sums keyed by index)
 
 
 @dataclass
 class DriftOptions:
-    max_batch_tokens: int = 8192  # token budget of one packed batch: bounds activation memory
-    max_seq_len: int | None = None  # keep the first max_seq_len tokens of each sample
-    device: str = "cpu"
-    dtype: str = "float32"
-    pca: str = "streaming"  # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
-    pca_queries: int = 30  # paper mode: k query texts
-    pca_seed: int = 42  # paper mode: random.seed(42) before shuffling the texts
-    pca_max_length: int = 128  # paper mode: truncation length
-    pca_texts: str | None = None  # paper mode: plain-text file, one query per line (default: the records' prompts)
-    cka: str = "auto"  # auto: full when hidden_size <= 1024, else projected to cka_proj_dim
-    cka_proj_dim: int = 256
-    top_tokens: int = 200  # rows of the shifted-token table in summary.json (the token table file has all)
-    checkpoint_every: float = 30.0  # min seconds between checkpoints, stretched to keep saving <= ~10% (0: every batch)
-    resume: bool = False
-    progress: bool = True
-    allow_pickle: bool = False
-    chat_template_kwargs: dict = field(default_factory=dict)
+    """Every option of a drift run; each field's cli() metadata makes its `driftscope drift` flag."""
+
+    max_batch_tokens: int = field(default=8192, metadata=cli(
+        "token budget of one packed batch: bounds activation memory"))
+    max_seq_len: int | None = field(default=None, metadata=cli("keep the first N tokens of each sample (default: all)"))
+    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
+    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
+    # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
+    pca: str = field(default="streaming", metadata=cli(
+        "hidden-state PCA: streaming (moments of the scored tokens), paper (the paper's k-query procedure) or none",
+        choices=PCA_MODES))
+    pca_queries: int = field(default=30, metadata=cli("paper mode: number of query texts (k)"))
+    pca_seed: int = field(default=42, metadata=cli("paper mode: random.seed(N) before shuffling the query texts"))
+    pca_max_length: int = field(default=128, metadata=cli("paper mode: query texts truncated to N tokens"))
+    pca_texts: str | None = field(default=None, metadata=cli(
+        "paper mode: plain-text file of queries, one per line (default: the records' prompts)"))
+    cka: str = field(default="auto", metadata=cli(
+        "hidden-state CKA: auto (full when hidden_size <= 1024, else projected), full, projected or none",
+        choices=CKA_MODES))
+    cka_proj_dim: int = field(default=256, metadata=cli("projected CKA: dimension of the random projection"))
+    top_tokens: int = field(default=200, metadata=cli(
+        "rows of the shifted-token table in summary.json (the token table file has all)"))
+    checkpoint_every: float = field(default=30.0, metadata=cli(
+        "min seconds between resumable checkpoints, stretched to keep saving <= ~10% of the time (0: every batch)"))
+    resume: bool = field(default=False, metadata=cli("continue an interrupted run in --out"))
+    progress: bool = field(default=True, metadata=cli("progress bars on stderr"))
+    allow_pickle: bool = field(default=False, metadata=cli(
+        "also load pickle checkpoints (.bin/.pt), with torch.load(weights_only=True)"))
+    chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
+        'JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\'', type=json_object,
+        metavar="JSON"))
     # drift while generating: each tuned model generates from the records' prompts, the base follows in lockstep
-    generate: bool = False
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple = ()
-    ignore_eos: bool = False
-    chat: bool = False  # render plain 'prompt' fields with the chat template (as one user message)
-    system: str | None = None
-    thinking: bool | None = None
-    prompt_field: str | None = None
-    generate_chunk: int = 256  # prompts per unit of resume
-    cache_memory: int | None = None  # KV cache bytes for base + tuned (default: see engine/kv_cache.py)
-    max_num_seqs: int = 256
+    generate: bool = field(default=False, metadata=cli(
+        "each tuned model generates from the records' prompts and the base follows in lockstep: drift measured in "
+        "the generation pass (no response files needed)"))
+    max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding"))
+    temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding"))
+    top_p: float = field(default=1.0, metadata=cli("nucleus sampling mass in (0, 1]", group="decoding"))
+    top_k: int = field(default=0, metadata=cli("keep the k most likely tokens; 0 = off", group="decoding"))
+    seed: int = field(default=0, metadata=cli("seed of the per-sequence random streams", group="decoding"))
+    stop: tuple = field(default=(), metadata=cli("stop string (repeatable); trimmed from the output", group="decoding"))
+    ignore_eos: bool = field(default=False, metadata=cli("do not stop at EOS (fixed-length benchmarks)",
+                                                         group="decoding"))
+    chat: bool = field(default=False, metadata=cli(
+        "render 'prompt' fields as a user message with the chat template", group="decoding"))
+    system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
+    thinking: bool | None = field(default=None, metadata=cli(
+        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
+    prompt_field: str | None = field(default=None, metadata=cli(
+        "--generate: record field holding the prompt", flag="--field", metavar="FIELD"))
+    generate_chunk: int = field(default=256, metadata=cli("--generate: prompts per resumable unit"))
+    # KV cache bytes for base + tuned (default: see engine/kv_cache.py)
+    cache_memory: int | None = field(default=None, metadata=cli(
+        "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
+        group="decoding"))
+    max_num_seqs: int = field(default=256, metadata=cli("sequences decoded together at most", group="decoding"))
 
     def sampling(self):
         from driftscope.engine.sampling import SamplingParams
@@ -70,18 +95,17 @@ class DriftOptions:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
-        if isinstance(self.dtype, torch.dtype) or str(self.dtype).startswith("torch."):
-            self.dtype = str(self.dtype).removeprefix("torch.")  # a JSON-able name in the config and fingerprint
+        self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         if isinstance(self.device, torch.device):
             self.device = str(self.device)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device {self.device!r} is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+            raise ValueError(f"device {self.device!r} is not a torch device string "
+                             "(e.g. 'cpu', 'cuda', 'cuda:1')") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: CUDA is not available here (torch {torch.__version__}); use device='cpu'")
+            raise ValueError(f"device {self.device!r}: CUDA is not available here (torch {torch.__version__}); "
+                             "use device='cpu'")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         if self.pca not in PCA_MODES:

@@ -1,4 +1,5 @@
-"""`driftscope generate`: a prompts file -> a responses file in the paper's {"input", "output"} record format, resumable.
+"""`driftscope generate`: a prompts file -> a responses file in the paper's {"input", "output"} record format,
+resumable.
 
 Each finished sequence is appended to `OUT.partial` at once (the first line is the run's fingerprint); an interrupted
 run given the same command continues from it, and a run with other inputs or options is refused, naming what differs.
@@ -20,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from driftscope.analysis.options import checkpoint_identity, file_digest
+from driftscope.cli_options import cli, json_object, on_off, size
 from driftscope.engine.decoding import GenerationEngine, Generation
 from driftscope.engine.generate import load_for_generation, make_requests, progress_bar
 from driftscope.engine.prompts import read_prompts, render_prompt
 from driftscope.engine.sampling import SamplingParams
+from driftscope.util import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 PARTIAL_FORMAT = 1
@@ -31,21 +34,31 @@ PARTIAL_FORMAT = 1
 
 @dataclass
 class GenerateOptions:
-    limit: int | None = None  # the first N usable records
-    prompt_field: str | None = None  # record field holding the prompt (default: see engine/prompts.py)
-    chat: bool = False
-    system: str | None = None
-    thinking: bool | None = None
-    chat_template_kwargs: dict = field(default_factory=dict)
-    device: str = "cpu"
-    dtype: str = "float32"
-    cache_memory: int | None = None
-    block_size: int | None = None
-    max_num_seqs: int = 256
-    max_step_tokens: int = 8192
-    progress: bool | None = None
-    restart: bool = False  # discard a partial run with other inputs or options instead of refusing
-    overwrite: bool = False  # replace an existing finished OUT
+    """Options of `generate_responses` besides the sampling; each field's cli() metadata makes its flag."""
+
+    limit: int | None = field(default=None, metadata=cli("the first N usable records only"))
+    prompt_field: str | None = field(default=None, metadata=cli(  # default: see engine/prompts.py
+        "record field holding the prompt (default: messages, input, prompt, question, problem or text, the first "
+        "present)", flag="--field", metavar="FIELD"))
+    chat: bool = field(default=False, metadata=cli(
+        "render 'prompt' fields as a user message with the chat template", group="decoding"))
+    system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
+    thinking: bool | None = field(default=None, metadata=cli(
+        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
+    chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
+        "JSON object passed to the template", type=json_object, metavar="JSON"))
+    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
+    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
+    cache_memory: int | None = field(default=None, metadata=cli(
+        "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
+        group="decoding"))
+    block_size: int | None = field(default=None, metadata=cli("tokens per KV cache block (default: the engine's)"))
+    max_num_seqs: int = field(default=256, metadata=cli("sequences decoded together at most", group="decoding"))
+    max_step_tokens: int = field(default=8192, metadata=cli("tokens computed in one engine step at most"))
+    progress: bool | None = field(default=None, metadata=cli("progress bar on stderr (default: when it is a terminal)"))
+    restart: bool = field(default=False, metadata=cli(  # instead of refusing
+        "discard an interrupted run with other inputs or options in OUT.partial"))
+    overwrite: bool = field(default=False, metadata=cli("replace an existing (finished) OUT"))
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
@@ -66,9 +79,9 @@ def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: Generat
     p.pop("extra")
     return {
         "format": PARTIAL_FORMAT, "model": str(model_dir.resolve()), "checkpoint": checkpoint_identity(model_dir),
-        "data": str(data.resolve()), "data_sha256": file_digest(data), "field": o.prompt_field, "sampling": json.loads(json.dumps(p)),
-        "chat": o.chat, "system": o.system, "thinking": o.thinking, "chat_template_kwargs": o.chat_template_kwargs,
-        "dtype": o.dtype,
+        "data": str(data.resolve()), "data_sha256": file_digest(data), "field": o.prompt_field,
+        "sampling": json.loads(json.dumps(p)), "chat": o.chat, "system": o.system, "thinking": o.thinking,
+        "chat_template_kwargs": o.chat_template_kwargs, "dtype": o.dtype,
     }
 
 
@@ -106,7 +119,8 @@ def _read_partial(path: Path, fp: dict, restart: bool) -> dict[tuple[int, int], 
         except (ValueError, KeyError, TypeError):
             if n == len(lines) or (n == len(lines) - 1 and not lines[-1].strip()):
                 break  # the line being written when the run was killed
-            raise ValueError(f"{path}:{n}: damaged line in the partial responses file; remove it or pass --restart") from None
+            raise ValueError(f"{path}:{n}: damaged line in the partial responses file; "
+                             "remove it or pass --restart") from None
     return done
 
 

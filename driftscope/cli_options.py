@@ -1,0 +1,116 @@
+"""Command-line flags built from an options dataclass: each field's `metadata=cli(help, ...)` says how.
+
+Stdlib only, so the options modules can use it without importing the CLI. A field becomes `--its-name` (dest: the
+field name, default: the field's default); bools are `store_true` when they default to False, else `--x/--no-x`;
+int, float and str take that type; a tuple is a repeatable flag. Anything else needs a `type=` in its metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+from collections.abc import Collection
+from dataclasses import MISSING, Field, fields
+
+__all__ = ["cli", "add_options", "options_from", "size", "json_object", "on_off"]
+
+
+def cli(help: str, *, flag: str | None = None, group: str | None = None, **argparse_kw) -> dict:
+    """A field's metadata: its help text, and where the defaults don't fit the flag name, the argparse group and
+    add_argument keywords (type, choices, action, metavar)."""
+    return {"cli": {"help": help, "flag": flag, "group": group, **argparse_kw}}
+
+
+def size(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for u, mult in units.items():
+        if t.endswith(u):
+            t, scale = t[: -len(u)], mult
+            break
+    else:
+        scale = 1
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2GiB, 512MiB, 1e9)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be positive")
+    return int(value)
+
+
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
+    return value
+
+
+def on_off(text: str) -> bool:
+    """'on' -> True, 'off' -> False."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
+    return text == "on"
+
+
+class _AppendTuple(argparse.Action):
+    """A repeatable flag collected into a tuple (the dataclass default, e.g. (), is the parsed default as is)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, (*getattr(namespace, self.dest), values))
+
+
+def _default(f: Field):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def _inferred(f: Field, hint, default) -> dict:
+    """add_argument keywords that follow from the field's type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1
+    tp = args[0] if optional else hint  # X | None parses as X
+    if tp is bool:
+        return {"action": "store_true" if default is False else argparse.BooleanOptionalAction}
+    if tp in (int, float, str):
+        return {"type": tp}
+    if tp is tuple or typing.get_origin(tp) is tuple:
+        return {"action": _AppendTuple}
+    raise TypeError(f"option {f.name}: no command-line parsing for {hint!r}; give its cli() metadata a type=")
+
+
+def _group(parser: argparse.ArgumentParser, title: str | None):
+    if title is None:
+        return parser
+    found = [g for g in parser._action_groups if g.title == title]
+    return found[0] if found else parser.add_argument_group(title)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[str] | None = None) -> None:
+    """Add a flag for each field of the dataclass `cls` (only `names` when given), from its cli() metadata."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta = dict(f.metadata.get("cli") or {})
+        if not meta.get("help"):
+            raise TypeError(f"option {cls.__name__}.{f.name} has no cli(help) metadata")
+        flag, group, default = meta.pop("flag"), meta.pop("group"), _default(f)
+        if "type" not in meta and "action" not in meta:
+            meta.update(_inferred(f, hints[f.name], default))
+        meta["help"] = meta["help"].replace("%", "%%")
+        action = _group(parser, group).add_argument(flag or "--" + f.name.replace("_", "-"), dest=f.name,
+                                                    default=default, **meta)
+        shown = default is not None and default is not False and default != () and default != {}
+        if shown and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
+
+
+def options_from(args: argparse.Namespace, cls: type, names: Collection[str] | None = None) -> dict:
+    """The keyword arguments of `cls` (only `names` when given) from arguments parsed by add_options."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if names is None or f.name in names}
