@@ -9,6 +9,7 @@ the per-layer probes see each step's states at once. A chunk is the unit of resu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,10 @@ from driftscope.engine.decoding import GenerationEngine, GenRequest, StepOutput
 from driftscope.engine.prompts import read_prompts, render_prompt
 from driftscope.kernels.vocab_probe import vocab_probe
 
-if TYPE_CHECKING:
-    from driftscope.analysis.run import _Run, _Task
+if TYPE_CHECKING:  # annotations only
+    from driftscope.analysis.bundle import TaskProbes
+    from driftscope.engine.model import Transformer
+    from driftscope.engine.tokenizer import Tokenizer
 
 _FIELDS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned",
            "rank_shift_top", "entropy_base", "entropy_tuned")
@@ -33,45 +36,33 @@ class PromptItem:
     text: str | None  # the rendered prompt
 
 
-def read_prompt_items(run: "_Run", path) -> tuple[list[PromptItem], list[str]]:
-    o = run.opts
+def read_prompt_items(o, tok: "Tokenizer", path) -> tuple[list[PromptItem], list[str]]:
     records, problems = read_prompts(path, o.prompt_field)
     items = []
     for r in records:
-        text, ids = render_prompt(r.prompt, run.tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
+        text, ids = render_prompt(r.prompt, tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
                                   chat_template_kwargs=o.chat_template_kwargs, rendered=r.rendered)
         items.append(PromptItem(r.index, ids, r.where, text))
     return items, problems
 
 
-def engine_for(run: "_Run", j: int) -> GenerationEngine:
-    o = run.opts
-    return GenerationEngine([run.base, run.tuned[j]], run.tok, sample_from=1, cache_memory=o.cache_memory,
-                            max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_batch_tokens)
-
-
-def generate_chunk(run: "_Run", j: int, k: int, task: "_Task", chunk: int) -> list[dict]:
-    """Generate chunk `chunk` of task k's prompts with tuned model j, the base in lockstep; feed acc(j, k, ·).
+def generate_chunk(o, base: "Transformer", tuned: "Transformer", j: int, tok: "Tokenizer",
+                   items: Sequence[PromptItem], probes: "TaskProbes", valid_vocab: int | None) -> list[dict]:
+    """Generate `items` with tuned model j (`tuned`), the base in lockstep; feed `probes` (tuned model j's part).
     Returns the responses as records {index, output, output_token_ids, finish_reason, stop_reason}, by index."""
-    o = run.opts
-    size = o.generate_chunk
-    items = task.prompts[chunk * size:(chunk + 1) * size]
     params = o.sampling()
-    engine = engine_for(run, j)
+    engine = GenerationEngine([base, tuned], tok, sample_from=1, cache_memory=o.cache_memory,
+                              max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_batch_tokens)
     for it in items:
         engine.check_request(GenRequest(it.ids, params, it.index, 0, it.where), it.where)
-    hidden = run.acc(j, k, "hidden")
-    pca = run.acc(j, k, "pca") if o.pca == "streaming" else None
-    base_w, tuned_w = run.base.lm_head_weight, run.tuned[j].lm_head_weight
     buf: dict[str, list[torch.Tensor]] = {f: [] for f in (*_FIELDS, "sample_ids", "first", "targets")}
 
     def on_layer(i: int, hb: torch.Tensor, hts: list[torch.Tensor]) -> None:
-        hidden.update(i, hb, hts[0])
-        if pca is not None:
-            pca.update(i, hb, hts[0])
+        probes.on_layer(i, hb, hts, j=j)
 
     def on_step(st: StepOutput) -> None:
-        r = vocab_probe(st.hidden[0], base_w, st.hidden[1], tuned_w, st.tokens, valid_vocab=run.valid_vocab[j])
+        r = vocab_probe(st.hidden[0], base.lm_head_weight, st.hidden[1], tuned.lm_head_weight, st.tokens,
+                        valid_vocab=valid_vocab)
         for f in _FIELDS:
             buf[f].append(getattr(r, f).detach().cpu())
         buf["sample_ids"].append(torch.tensor([s.prompt_index for s in st.seqs], dtype=torch.int64))
@@ -85,7 +76,5 @@ def generate_chunk(run: "_Run", j: int, k: int, task: "_Task", chunk: int) -> li
         cat = {f: torch.cat(v) for f, v in buf.items()}
         order = torch.argsort(cat["sample_ids"], stable=True)  # sample by sample, each in generation order
         cat = {f: v[order] for f, v in cat.items()}
-        run.acc(j, k, "tokens").update({f: cat[f] for f in _FIELDS}, cat["sample_ids"], cat["first"])
-        run.acc(j, k, "shifted").update(cat["targets"], cat["rank_base"], cat["rank_tuned"])
-    run.tokens_generated += sum(len(r["output_token_ids"]) for r in rows)
+        probes.on_vocab(j, {f: cat[f] for f in _FIELDS}, cat["targets"], cat["sample_ids"], cat["first"])
     return sorted(rows, key=lambda r: r["index"])

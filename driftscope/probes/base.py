@@ -1,19 +1,21 @@
 """Accumulator contract: `update` per batch, `merge` = exact float64 add, `finalize` -> JSON-able dict.
 
-State is a flat `dict[str, Tensor]` (no pickle) so a run checkpoints with `save_state` (safetensors) and resumes exactly.
+State is a flat `dict[str, Tensor]` (no pickle) so a run checkpoints with `save_state` (safetensors) and resumes
+exactly.
 """
 from __future__ import annotations
 
 import abc
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Accumulator", "field", "save_state", "load_state", "json_float"]
+from driftscope.util import json_float
+
+__all__ = ["Accumulator", "LayerSums", "field", "save_state", "load_state", "json_float"]
 
 
 class Accumulator(abc.ABC):
@@ -49,6 +51,42 @@ class Accumulator(abc.ABC):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
 
 
+class LayerSums:
+    """Named float64 tensors per layer, allocated as zeros on the device of the first `get`; merge = add.
+
+    State keys are `{prefix}{name}.{layer}` (CPU copies); layers never touched are absent from the state."""
+
+    def __init__(self, n_layers: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.t: dict[str, list[torch.Tensor | None]] = {k: [None] * int(n_layers) for k in self.shapes}
+
+    def get(self, name: str, layer: int, device: torch.device | str) -> torch.Tensor:
+        """The tensor, moved to `device` (kept there) or created there as zeros."""
+        v = self.t[name][layer]
+        self.t[name][layer] = (torch.zeros(self.shapes[name], dtype=torch.float64, device=device) if v is None
+                               else v.to(device))
+        return self.t[name][layer]
+
+    def __getitem__(self, name: str) -> list[torch.Tensor | None]:
+        return self.t[name]
+
+    def merge(self, other: "LayerSums") -> None:
+        for name, per_layer in other.t.items():
+            for layer, v in enumerate(per_layer):
+                if v is not None:
+                    self.get(name, layer, v.device).add_(v)
+
+    def state(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {f"{prefix}{name}.{layer}": v.detach().cpu().clone()
+                for name, per_layer in self.t.items() for layer, v in enumerate(per_layer) if v is not None}
+
+    def load(self, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+        for key, v in state.items():
+            name, _, layer = key.removeprefix(prefix).rpartition(".")
+            if key.startswith(prefix) and name in self.t:
+                self.t[name][int(layer)] = v.to(torch.float64).clone()
+
+
 def field(obj: Any, name: str) -> torch.Tensor:
     """`obj[name]` for mappings, `obj.name` otherwise (duck-typed probe results); ValueError naming the field."""
     if isinstance(obj, Mapping):
@@ -62,12 +100,6 @@ def field(obj: Any, name: str) -> torch.Tensor:
     if value is None:
         raise ValueError(f"probe result field {name!r} is None (was vocab_probe called without targets?)")
     return value
-
-
-def json_float(x: float) -> float | None:
-    """Python float for JSON; NaN/inf become None (strict JSON has no NaN)."""
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def save_state(acc: Accumulator, path: str | Path) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from driftscope.probes.base import Accumulator, json_float
+from driftscope.probes.base import Accumulator, LayerSums, json_float
 
 __all__ = ["HiddenSimilarity", "linear_cka_from_sums", "projection_matrix"]
 
@@ -58,19 +58,11 @@ class HiddenSimilarity(Accumulator):
         self.k = {"full": self.hidden_size, "projected": self.proj_dim, "none": 0}[cka]
         self._proj: torch.Tensor | None = None
         self.s: dict[str, torch.Tensor] = {name: torch.zeros(self.n_layers, dtype=torch.float64) for name in _SCALARS}
-        self.m: dict[str, list[torch.Tensor | None]] = {name: [None] * self.n_layers for name in _CKA_SUMS}
-
-    def cka_bytes_per_layer(self) -> int:
-        return 3 * self.k * self.k * 8 + 2 * self.k * 8
+        k = self.k
+        self.m = LayerSums(self.n_layers, {name: (k,) if name.startswith("sum") else (k, k) for name in _CKA_SUMS})
 
     def _sums(self, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
-        if self.m["sum_x"][layer] is None:
-            for name in _CKA_SUMS:
-                shape = (self.k,) if name.startswith("sum") else (self.k, self.k)
-                self.m[name][layer] = torch.zeros(shape, dtype=torch.float64, device=device)
-        for name in _CKA_SUMS:
-            self.m[name][layer] = self.m[name][layer].to(device)
-        return {name: self.m[name][layer] for name in _CKA_SUMS}
+        return {name: self.m.get(name, layer, device) for name in _CKA_SUMS}
 
     def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor) -> None:
         """h_base, h_tuned: [N, d] states of the N scored tokens at `layer` (any float dtype, same device)."""
@@ -114,22 +106,14 @@ class HiddenSimilarity(Accumulator):
                              "(n_layers, hidden_size, cka, proj_dim, seed)")
         for name in _SCALARS:
             self.s[name] += other.s[name]
-        for layer in range(self.n_layers):
-            if other.m["sum_x"][layer] is None:
-                continue
-            mine = self._sums(layer, other.m["sum_x"][layer].device)
-            for name in _CKA_SUMS:
-                mine[name] += other.m[name][layer]
+        self.m.merge(other.m)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"config": torch.tensor([self.n_layers, self.hidden_size, _CKA_MODES.index(self.cka),
                                       self.proj_dim, self.seed], dtype=torch.int64)}
         sd.update({f"s.{name}": v.clone() for name, v in self.s.items()})
-        for name in _CKA_SUMS:
-            for layer, v in enumerate(self.m[name]):
-                if v is not None:
-                    sd[f"m.{name}.{layer}"] = v.detach().cpu().clone()
+        sd.update(self.m.state("m."))
         return sd
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -137,10 +121,7 @@ class HiddenSimilarity(Accumulator):
         self.__init__(n_layers, d, _CKA_MODES[mode], proj_dim or 256, seed)
         for name in _SCALARS:
             self.s[name] = state[f"s.{name}"].to(torch.float64).clone()
-        for key, v in state.items():
-            if key.startswith("m."):
-                _, name, layer = key.split(".")
-                self.m[name][int(layer)] = v.to(torch.float64).clone()
+        self.m.load(state, "m.")
 
     def finalize(self) -> dict:
         """{"cka_mode", "proj_dim", "layers": [{layer, tokens, cos_mean, rel_l2_mean, rel_l2_ratio_of_sums,

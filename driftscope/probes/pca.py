@@ -1,42 +1,21 @@
 """PCA shift (DESIGN.md §3): `PaperPCAShift` reproduces the paper's analyse_PCA_Shift.py from per-query vectors;
-`StreamingPCA` gives the same PCA from float64 Σx, Σxxᵀ per layer over any number of queries or tokens.
+`StreamingPCA` gives the same PCA from float64 Σx, Σxxᵀ per layer over any number of queries or tokens, for one
+base against any number of tuned models (base moments kept once, Σx per tuned model).
 
 Both fit PCA(n_components=2) on the BASE vectors of each layer and project raw (uncentred) vectors; records
 follow the paper's pca_shift.json: {"layer", "state": "Original"|"Updated", "shift", "principle"}.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from driftscope.probes.base import Accumulator, json_float
+from driftscope.kernels.cov_update import cov_update
+from driftscope.probes.base import Accumulator, LayerSums, json_float
 
-__all__ = [
-    "PaperPCAShift", "StreamingPCA", "pca_components", "pca_components_from_moments", "svd_flip_v",
-    "paper_pad_batch", "paper_query_vectors", "paper_query_vectors_from_real", "paper_select_texts",
-    "pca_shift_records", "pca_shift_entry", "centroid_distance", "cov_update",
-]
-
-
-# ---- covariance update: one swappable call -----------------------------------------------------------------
-def _cov_update_f64(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> None:
-    """In place: sum_x [d] += Σ_rows x, sum_xxT [d, d] += xᵀx, in float64 (x: [n, d], any float dtype)."""
-    x64 = x.detach().to(sum_x.device, torch.float64)
-    sum_x += x64.sum(0)
-    sum_xxT += x64.T @ x64
-
-
-def _resolve_cov_update():
-    try:  # the fast kernel (same signature, in place) when it exists
-        from driftscope.kernels.cov_update import cov_update as kernel
-    except ImportError:
-        return _cov_update_f64
-    return kernel
-
-
-cov_update = _resolve_cov_update()
+__all__ = ["PaperPCAShift", "StreamingPCA", "pca_components", "pca_components_from_moments", "svd_flip_v",
+           "pca_shift_records", "centroid_distance"]
 
 
 # ---- PCA with sklearn's conventions ---------------------------------------------------------------------------
@@ -53,7 +32,8 @@ def svd_flip_v(components: torch.Tensor) -> torch.Tensor:
 
 
 def pca_components(x: torch.Tensor, n_components: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact PCA of rows of x [n, d] in float64, sklearn semantics: (mean [d], components [k, d], explained_variance [k])."""
+    """Exact PCA of rows of x [n, d] in float64, sklearn semantics: (mean [d], components [k, d],
+    explained_variance [k])."""
     x = x.to(torch.float64)
     mean = x.mean(0)
     _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
@@ -62,7 +42,8 @@ def pca_components(x: torch.Tensor, n_components: int = 2) -> tuple[torch.Tensor
 
 
 def pca_components_from_moments(n: int, sum_x: torch.Tensor, sum_xxT: torch.Tensor, n_components: int = 2):
-    """PCA from n, Σx [d], Σxxᵀ [d, d] (float64) via eigh of the covariance; same return and signs as `pca_components`."""
+    """PCA from n, Σx [d], Σxxᵀ [d, d] (float64) via eigh of the covariance; same return and signs as
+    `pca_components`."""
     if n < 2:
         raise ValueError(f"PCA needs at least 2 vectors, got {n}")
     mean = sum_x / n
@@ -73,72 +54,10 @@ def pca_components_from_moments(n: int, sum_x: torch.Tensor, sum_xxT: torch.Tens
     return mean, svd_flip_v(top.T.contiguous()), evals[-n_components:].flip(0)
 
 
-# ---- the paper's query vectors ---------------------------------------------------------------------------------
-def paper_select_texts(texts: Sequence[str], k: int = 30, seed: int = 42, method: str = "shuffle") -> list[str]:
-    """The paper's query choice: `random.seed(42)` then `random.shuffle(texts)[:k]` ("shuffle", HF datasets) or
-    `random.sample(data, k)` ("sample", its OlympiadBench path). The caller builds `texts` like the paper (columns
-    joined by two spaces)."""
-    rng = random.Random(seed)
-    if method == "shuffle":
-        out = list(texts)
-        rng.shuffle(out)
-        return out[:k]
-    if method == "sample":
-        return rng.sample(list(texts), k)
-    raise ValueError(f"method must be 'shuffle' or 'sample', got {method!r}")
-
-
-def paper_pad_batch(token_ids: Sequence[Sequence[int]], pad_id: int, max_length: int = 128,
-                    pad_to: str = "longest") -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's `tokenizer(texts, padding=True, truncation=True, max_length=128)` with padding_side="left":
-    keep each text's first `max_length` tokens, left-pad with `pad_id` to the batch width W.
-
-    pad_to="longest" (the paper's code, padding=True): W = longest truncated text, so W = 128 only when some
-    text reaches 128 tokens. pad_to="max_length" (DESIGN.md's wording "all 128 positions"): W = max_length.
-    Returns (input_ids [B, W] int64, attention_mask [B, W] int64).
-    """
-    if pad_to not in ("longest", "max_length"):
-        raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
-    seqs = [list(t)[:max_length] for t in token_ids]
-    width = max_length if pad_to == "max_length" else max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(seqs), width), dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.int64)
-            mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def paper_query_vectors(hidden_states_per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[L+1] x [B, W, d] padded states -> [L+1, B, d] float32: `hs.to(float32).mean(dim=1)`, padding included.
-
-    The states are transformers' `output_hidden_states` for the left-padded batch of `paper_pad_batch`: layer 0
-    is the embedding output, the last one is after the final norm. Pad positions carry real (nonzero) states:
-    in the paper's run (flash_attention_2) attention at a pad position outputs zero, so a pad state is the pad
-    token's embedding pushed through the residual + MLP path only; position_ids are arange(W), so real tokens
-    sit at positions n_pad.. (RoPE is relative, so only rounding differs from an unpadded run).
-    """
-    return torch.stack([hs.to(torch.float32).mean(dim=1) for hs in hidden_states_per_layer])
-
-
-def paper_query_vectors_from_real(real_states_per_layer: Sequence[torch.Tensor],
-                                  pad_state_per_layer: Sequence[torch.Tensor], width: int) -> torch.Tensor:
-    """Same vector for one query from its T real-token states [L+1] x [T, d] and the per-layer pad state [L+1] x [d]
-    (what a packed runner has): (Σ_t h_t + (W − T)·h_pad) / W per layer, in float64, returned float32 [L+1, d]."""
-    out = []
-    for h, pad in zip(real_states_per_layer, pad_state_per_layer, strict=True):
-        t = h.shape[0]
-        if t > width:
-            raise ValueError(f"query has {t} tokens, more than the padded width {width}")
-        v = h.to(torch.float64).sum(0) + (width - t) * pad.to(torch.float64)
-        out.append((v / width).to(torch.float32))
-    return torch.stack(out)
-
-
 # ---- records ----------------------------------------------------------------------------------------------------
 def pca_shift_records(m1_base, m2_base, m1_tuned, m2_tuned) -> list[dict]:
-    """The paper's per-layer records: Original (shift 0.0, principle m2_base), Updated (m1_tuned − m1_base, m2_tuned)."""
+    """The paper's per-layer records: Original (shift 0.0, principle m2_base),
+    Updated (m1_tuned − m1_base, m2_tuned)."""
     recs = []
     for layer, (a, b, c, d) in enumerate(zip(m1_base, m2_base, m1_tuned, m2_tuned, strict=True)):
         recs.append({"layer": layer, "state": "Original", "shift": 0.0, "principle": float(b)})
@@ -153,11 +72,6 @@ def centroid_distance(records: Sequence[Mapping]) -> float:
         return (sum(r["shift"] for r in rows) / len(rows), sum(r["principle"] for r in rows) / len(rows))
     (s_u, p_u), (s_o, p_o) = centroid("Updated"), centroid("Original")
     return ((s_u - s_o) ** 2 + (p_u - p_o) ** 2) ** 0.5
-
-
-def pca_shift_entry(benchmark: str, records: list[dict]) -> dict:
-    """One entry of the paper's `<model>_pca_shift.json` list."""
-    return {"benchmark": f"{benchmark}_PCA_Shift", "data": records}
 
 
 def _project(means_base, means_tuned, comps) -> list[dict]:
@@ -240,87 +154,83 @@ class PaperPCAShift(Accumulator):
 
 
 class StreamingPCA(Accumulator):
-    """Per layer: n, Σx, Σxxᵀ of the base vectors and n, Σx of the tuned ones (float64, on the first update's
-    device); `tuned_cov=True` also keeps Σxxᵀ of the tuned vectors. Memory d²·8 bytes per layer and covariance
-    (d=5120: 210 MB per layer). Rows may be per-query vectors (same PCA as the paper) or per-token states."""
+    """Per layer: n, Σx, Σxxᵀ of the base rows and Σx of each of `n_tuned` tuned models' rows for the same inputs
+    (float64, on the first update's device). Memory d²·8 bytes per layer once, whatever n_tuned (d=5120: 210 MB
+    per layer). Rows may be per-query vectors (same PCA as the paper) or per-token states."""
 
-    def __init__(self, n_layers: int, hidden_size: int, tuned_cov: bool = False) -> None:
-        self.n_layers, self.hidden_size, self.tuned_cov = int(n_layers), int(hidden_size), bool(tuned_cov)
+    def __init__(self, n_layers: int, hidden_size: int, n_tuned: int = 1) -> None:
+        if n_tuned < 1:
+            raise ValueError(f"n_tuned must be >= 1, got {n_tuned}")
+        self.n_layers, self.hidden_size, self.n_tuned = int(n_layers), int(hidden_size), int(n_tuned)
         self.n = torch.zeros(self.n_layers, dtype=torch.int64)
-        self.sums: dict[str, list[torch.Tensor | None]] = {
-            k: [None] * self.n_layers for k in ("base_x", "base_xxT", "tuned_x", "tuned_xxT")}
+        d = self.hidden_size
+        self.sums = LayerSums(self.n_layers, {"base_x": (d,), "base_xxT": (d, d),
+                                              **{f"tuned{j}_x": (d,) for j in range(self.n_tuned)}})
+        self._fit: list | None = None  # per layer (mean, components, explained variance), cached by finalize
 
-    def _get(self, key: str, layer: int, device) -> torch.Tensor:
-        if self.sums[key][layer] is None:
-            shape = (self.hidden_size,) * (2 if key.endswith("xxT") else 1)
-            self.sums[key][layer] = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.sums[key][layer] = self.sums[key][layer].to(device)
-        return self.sums[key][layer]
-
-    def update(self, layer: int, x_base: torch.Tensor, x_tuned: torch.Tensor) -> None:
-        """x_base, x_tuned: [n, d] rows (query vectors or token states) of the same inputs under each model."""
+    def update(self, layer: int, x_base: torch.Tensor, x_tuned: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """x_base [n, d] and one [n, d] per tuned model (a tensor when n_tuned is 1): rows of the same inputs."""
+        xs = [x_tuned] if torch.is_tensor(x_tuned) else list(x_tuned)
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.n_layers})")
-        if x_base.shape != x_tuned.shape or x_base.ndim != 2 or x_base.shape[1] != self.hidden_size:
-            raise ValueError(f"expected x_base, x_tuned [n, {self.hidden_size}], got {tuple(x_base.shape)}, "
-                             f"{tuple(x_tuned.shape)}")
+        if len(xs) != self.n_tuned:
+            raise ValueError(f"expected states of {self.n_tuned} tuned model(s), got {len(xs)}")
+        for x in (x_base, *xs):
+            if x.shape != x_base.shape or x.ndim != 2 or x.shape[1] != self.hidden_size:
+                raise ValueError(f"expected x_base and every x_tuned [n, {self.hidden_size}], got "
+                                 f"{[tuple(t.shape) for t in (x_base, *xs)]}")
         dev = x_base.device
-        cov_update(self._get("base_x", layer, dev), self._get("base_xxT", layer, dev), x_base)
-        if self.tuned_cov:
-            cov_update(self._get("tuned_x", layer, dev), self._get("tuned_xxT", layer, dev), x_tuned)
-        else:
-            self._get("tuned_x", layer, dev).add_(x_tuned.detach().to(torch.float64).sum(0))
+        cov_update(self.sums.get("base_x", layer, dev), self.sums.get("base_xxT", layer, dev), x_base)
+        for j, x in enumerate(xs):
+            self.sums.get(f"tuned{j}_x", layer, dev).add_(x.detach().to(torch.float64).sum(0))
         self.n[layer] += x_base.shape[0]
+        self._fit = None
+
+    def _config(self) -> tuple[int, int, int]:
+        return (self.n_layers, self.hidden_size, self.n_tuned)
 
     def merge(self, other: "StreamingPCA") -> "StreamingPCA":
         self._check_mergeable(other)
-        if (other.n_layers, other.hidden_size, other.tuned_cov) != (self.n_layers, self.hidden_size, self.tuned_cov):
-            raise ValueError("cannot merge StreamingPCA of different n_layers/hidden_size/tuned_cov")
+        if other._config() != self._config():
+            raise ValueError(f"cannot merge StreamingPCA {other._config()} into {self._config()} "
+                             "(n_layers, hidden_size, n_tuned)")
         self.n += other.n
-        for key, per_layer in other.sums.items():
-            for layer, v in enumerate(per_layer):
-                if v is not None:
-                    self._get(key, layer, v.device).add_(v)
+        self.sums.merge(other.sums)
+        self._fit = None
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {"config": torch.tensor([self.n_layers, self.hidden_size, int(self.tuned_cov)], dtype=torch.int64),
-              "n": self.n.clone()}
-        for key, per_layer in self.sums.items():
-            for layer, v in enumerate(per_layer):
-                if v is not None:
-                    sd[f"{key}.{layer}"] = v.detach().cpu().clone()
-        return sd
+        return {"config": torch.tensor(self._config(), dtype=torch.int64), "n": self.n.clone(), **self.sums.state()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        n_layers, d, tc = state["config"].tolist()
-        self.__init__(n_layers, d, bool(tc))
+        self.__init__(*state["config"].tolist())
         self.n = state["n"].to(torch.int64).clone()
-        for name, v in state.items():
-            if "." in name:
-                key, layer = name.rsplit(".", 1)
-                self.sums[key][int(layer)] = v.to(torch.float64).clone()
+        self.sums.load(state)
 
-    def components(self, layer: int, n_components: int = 2, model: str = "base"):
-        """(mean, components [k, d], explained_variance [k]) of `model` ("base", or "tuned" with tuned_cov)."""
-        if model == "tuned" and not self.tuned_cov:
-            raise ValueError("tuned PCA needs StreamingPCA(tuned_cov=True)")
-        sx, sxx = self.sums[f"{model}_x"][layer], self.sums[f"{model}_xxT"][layer]
+    def components(self, layer: int, n_components: int = 2):
+        """(mean, components [k, d], explained_variance [k]) of the base rows of `layer`."""
+        sx, sxx = self.sums["base_x"][layer], self.sums["base_xxT"][layer]
         if sx is None:
             raise ValueError(f"layer {layer} has no data")
         # on the sums' device: a float64 eigh of 5120 x 5120 takes seconds on a GPU, minutes on 2 CPU cores
         return pca_components_from_moments(int(self.n[layer]), sx, sxx, n_components)
 
-    def finalize(self) -> dict:
-        """{"mode": "streaming", "rows", "records", "centroid_distance", "explained_variance": [[ev1, ev2] per layer]}."""
-        means_b, means_t, comps, evs = [], [], [], []
-        for layer in range(self.n_layers):
-            mean, c, ev = self.components(layer)
-            n = int(self.n[layer])
-            means_b.append(mean)
-            means_t.append(self.sums["tuned_x"][layer].to(mean.device) / n)
-            comps.append(c)
-            evs.append([json_float(e) for e in ev])
-        records = _project(means_b, means_t, comps)
+    def finalize(self, j: int = 0) -> dict:
+        """Tuned model j against the base: {"mode": "streaming", "rows", "records", "centroid_distance",
+        "explained_variance": [[ev1, ev2] per layer]}, or "undefined" with the reason when a layer has < 2 rows.
+        One eigh per layer, shared by every j."""
+        if not 0 <= j < self.n_tuned:
+            raise ValueError(f"tuned model {j} out of range [0, {self.n_tuned})")
+        if int(self.n.min()) < 2:
+            why = f"PCA needs at least 2 rows (scored tokens) per layer, got {int(self.n.min())}"
+            return {"mode": "streaming", "rows": self.n.tolist(), "records": [], "centroid_distance": None,
+                    "explained_variance": None, "undefined": why}
+        if self._fit is None:
+            self._fit = [self.components(layer) for layer in range(self.n_layers)]
+        means_b = [mean for mean, _, _ in self._fit]
+        means_t = [self.sums[f"tuned{j}_x"][layer].to(mean.device) / int(self.n[layer])
+                   for layer, mean in enumerate(means_b)]
+        records = _project(means_b, means_t, [c for _, c, _ in self._fit])
         return {"mode": "streaming", "rows": self.n.tolist(), "records": records,
-                "centroid_distance": json_float(centroid_distance(records)), "explained_variance": evs}
+                "centroid_distance": json_float(centroid_distance(records)),
+                "explained_variance": [[json_float(e) for e in ev] for _, _, ev in self._fit]}

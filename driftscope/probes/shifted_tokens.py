@@ -93,7 +93,8 @@ class ShiftedTokens(Accumulator):
             rows.append({
                 "id": i, "text": decode(i) if decode is not None else None, "count": c,
                 "count_shifted": int(self.count_shifted[i]), "frac_shifted": int(self.count_shifted[i]) / c,
-                "mean_shift": json_float(self.sum_shift[i] / c), "mean_abs_shift": json_float(self.sum_abs_shift[i] / c),
+                "mean_shift": json_float(self.sum_shift[i] / c),
+                "mean_abs_shift": json_float(self.sum_abs_shift[i] / c),
             })
         return {"tokens": int(self.count.sum()), "shifted": int(self.count_shifted.sum()),
                 "distinct_shifted": int((self.count_shifted > 0).sum()), "sort_by": sort_by, "top": rows}

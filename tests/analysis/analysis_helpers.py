@@ -60,7 +60,8 @@ def write_base(root: Path, *, layers: int = 3, vocab: int | None = None, seed: i
     return root
 
 
-def write_tuned(base: Path, out: Path, *, from_layer: int, noise: float = 0.3, seed: int = 1, head: bool = True) -> Path:
+def write_tuned(base: Path, out: Path, *, from_layer: int, noise: float = 0.3, seed: int = 1,
+                head: bool = True) -> Path:
     """Copy of `base` whose layers >= from_layer (and the LM head when `head`) get relative Gaussian noise."""
     cfg = json.loads((base / "config.json").read_text())
     state = load_file(str(base / "model.safetensors"))
@@ -98,7 +99,8 @@ def write_records(path: Path, n: int | None = None, *, shuffle_seed: int | None 
 
 @torch.no_grad()
 def reference_tokens(base: Path, tuned: Path, samples) -> dict[str, torch.Tensor]:
-    """Per scored token, float64 transformers logits: kl_tb, kl_bt, logp_*, rank_*, top_*, rank_shift_top, sample ids."""
+    """Per scored token, float64 transformers logits: kl_tb, kl_bt, logp_*, rank_*, top_*, rank_shift_top,
+    sample ids."""
     import transformers
 
     mb = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64, attn_implementation="eager")

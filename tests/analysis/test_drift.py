@@ -17,7 +17,8 @@ def _close(a, b, tol, what):
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     err = (a - b).abs()
     bad = err > tol
-    assert not bad.any(), f"{what}: {int(bad.sum())} of {a.numel()} off, max |Δ| {err.max():.3e}; first {bad.nonzero()[:3].flatten().tolist()}"
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {a.numel()} off, max |Δ| {err.max():.3e}; "
+                           f"first {bad.nonzero()[:3].flatten().tolist()}")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def test_per_token_values_match_float64_transformers(models, records, reference)
         hb, (ht,) = LockstepRunner(base, [tuned]).forward(b.input_ids, b.cu_seqlens)
         m = b.score_mask
         res = vocab_probe(hb[m], base.lm_head_weight, ht[m], tuned.lm_head_weight, b.scored_targets)
-        for k in ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned", "rank_shift_top"):
+        for k in ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned",
+                  "rank_shift_top"):
             cols.setdefault(k, []).append(getattr(res, k))
     got = {k: torch.cat(v) for k, v in cols.items()}
     for k in ("kl_tb", "kl_bt"):
@@ -97,7 +99,8 @@ def test_drift_starts_at_the_changed_layer(models, records):
 
 def _numbers(summary: dict) -> dict:
     t = summary["models"]
-    return json.loads(json.dumps({m: {k: v for k, v in x["tasks"]["mixed"].items() if k != "problems"} for m, x in t.items()}))
+    return json.loads(json.dumps({m: {k: v for k, v in x["tasks"]["mixed"].items() if k != "problems"}
+                                  for m, x in t.items()}))
 
 
 def _assert_same(a, b, rel=1e-9, path=""):

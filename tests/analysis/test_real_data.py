@@ -44,7 +44,8 @@ def test_real_response_files_score_exactly_the_response_tokens(qwen_pair, shared
     for f in files:
         lines = f.read_text(encoding="utf-8").splitlines()
         lengths = [len(tok.encode(json.loads(line)["output"])) for line in lines]
-        lines = [lines[i] for i in sorted(range(len(lines)), key=lambda i: (lengths[i] == 0, lengths[i], i))[:N_RECORDS]]
+        lines = [lines[i]
+                 for i in sorted(range(len(lines)), key=lambda i: (lengths[i] == 0, lengths[i], i))[:N_RECORDS]]
         p = tmp_path / f.name
         p.write_text("\n".join(lines) + "\n", encoding="utf-8")
         subsets.append(p)
@@ -58,7 +59,8 @@ def test_real_response_files_score_exactly_the_response_tokens(qwen_pair, shared
     for name, t in tasks.items():
         assert t["samples"] == N_RECORDS and not t["problems"], (name, t["problems"])
         assert t["kl_tb"]["token_mean"] > 0 and t["sampled_kl"] is not None
-    assert report.summary["config"]["valid_vocab"] == {"tuned": None}  # both heads are 151,936 rows: exact over all of them
+    # both heads are 151,936 rows: exact over all of them
+    assert report.summary["config"]["valid_vocab"] == {"tuned": None}
     assert (tmp_path / "out" / "report.html").is_file()
 
 
@@ -71,7 +73,8 @@ def test_sampled_kl_token_set_matches_the_papers_count(qwen_pair, shared_data):
     from driftscope.engine.data import load_samples
 
     paper = _json.loads((shared_data / "paper" / "kl_ifeval_UniReason-RL.json").read_text())[0]
-    samples, problems = load_samples(shared_data / "responses" / "UniReason-RL_ifeval.jsonl", load_tokenizer(qwen_pair["base"]))
+    samples, problems = load_samples(shared_data / "responses" / "UniReason-RL_ifeval.jsonl",
+                                     load_tokenizer(qwen_pair["base"]))
     first100 = sorted(samples, key=lambda s: s.sample_id)[: paper["num_data_points"]]
     assert not problems and [s.sample_id for s in first100] == list(range(100))
     ours = sum(s.n_scored - 1 for s in first100)

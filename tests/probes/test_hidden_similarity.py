@@ -26,7 +26,8 @@ def states(n, d, dtype, seed=0):
 
 def cka_direct(x, y):
     x, y = x - x.mean(0), y - y.mean(0)
-    return (torch.linalg.matrix_norm(y.T @ x) ** 2 / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
+    return (torch.linalg.matrix_norm(y.T @ x) ** 2
+            / (torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y))).item()
 
 
 @pytest.mark.parametrize("n,d,dtype,mode", CASES, ids=IDS)

@@ -10,7 +10,8 @@ import torch
 
 from driftscope.probes import pca as P
 from driftscope.probes.base import load_state, save_state
-from probe_helpers import assert_close
+from driftscope.analysis.paper_pca import paper_select_texts
+from probe_helpers import assert_close, paper_pad_batch, paper_query_vectors, paper_query_vectors_from_real
 
 sklearn_decomposition = pytest.importorskip("sklearn.decomposition", reason="scikit-learn (test extra) not installed")
 PCA = sklearn_decomposition.PCA
@@ -52,7 +53,7 @@ def paper_reference(base, tuned):
 PAPER_CASES = [(3, 30, 48), (2, 30, 640), (4, 7, 9)]
 
 
-@pytest.mark.parametrize("n_layers,q,d", PAPER_CASES, ids=[f"L{l}-Q{q}-d{d}" for l, q, d in PAPER_CASES])
+@pytest.mark.parametrize("n_layers,q,d", PAPER_CASES, ids=[f"L{layers}-Q{q}-d{d}" for layers, q, d in PAPER_CASES])
 def test_paper_mode_matches_sklearn_reimplementation(n_layers, q, d):
     base, tuned = query_vectors(n_layers, q, d)
     acc = P.PaperPCAShift(n_layers, d)
@@ -78,11 +79,11 @@ def test_streaming_matches_sklearn_pca(n, d):
     g = torch.Generator().manual_seed(n)
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, d, dtype=torch.float64)
          + torch.randn(d, generator=g, dtype=torch.float64) * 10)
-    acc = P.StreamingPCA(1, d, tuned_cov=True)
+    acc = P.StreamingPCA(1, d)
     for chunk in torch.split(x, max(7, n // 8)):  # any number of rows per update
-        acc.update(0, chunk.float() if n == 2000 else chunk, chunk)
+        acc.update(0, chunk, chunk.float() if n == 2000 else chunk)
     ref = PCA(n_components=2, svd_solver="full").fit(x.numpy())
-    mean, comps, ev = acc.components(0, model="tuned")
+    mean, comps, ev = acc.components(0)
     assert_close(mean, ref.mean_, rtol=1e-12, atol=1e-12, what="mean")
     assert_close(comps, ref.components_, rtol=0, atol=1e-8, what="components (signs included)")
     assert_close(ev, ref.explained_variance_, rtol=1e-9, what="explained variance")
@@ -104,8 +105,8 @@ def test_streaming_equals_paper_mode_on_query_vectors():
 
 def test_merge_and_state_round_trip(tmp_path):
     base, tuned = query_vectors(2, 12, 6, seed=1)
-    whole_p, whole_s = P.PaperPCAShift(2, 6), P.StreamingPCA(2, 6, tuned_cov=True)
-    parts = [(P.PaperPCAShift(2, 6), P.StreamingPCA(2, 6, tuned_cov=True)) for _ in range(2)]
+    whole_p, whole_s = P.PaperPCAShift(2, 6), P.StreamingPCA(2, 6)
+    parts = [(P.PaperPCAShift(2, 6), P.StreamingPCA(2, 6)) for _ in range(2)]
     for layer in range(2):
         whole_p.update(layer, base[layer], tuned[layer], range(12))
         whole_s.update(layer, base[layer], tuned[layer])
@@ -120,27 +121,28 @@ def test_merge_and_state_round_trip(tmp_path):
     back = load_state(P.StreamingPCA(1, 1), tmp_path / "s.safetensors").finalize()
     ref = whole_s.finalize()
     for key in ("shift", "principle"):
-        assert_close([r[key] for r in back["records"]], [r[key] for r in ref["records"]], rtol=1e-12, atol=1e-12, what=key)
+        assert_close([r[key] for r in back["records"]], [r[key] for r in ref["records"]], rtol=1e-12, atol=1e-12,
+                     what=key)
     with pytest.raises(ValueError, match="cannot load"):
         load_state(P.StreamingPCA(1, 1), tmp_path / "p.safetensors")
 
 
 def test_pad_batch_and_query_vectors():
-    ids, mask = P.paper_pad_batch([[1, 2, 3], list(range(10, 200)), []], pad_id=0, max_length=128)
+    ids, mask = paper_pad_batch([[1, 2, 3], list(range(10, 200)), []], pad_id=0, max_length=128)
     assert ids.shape == (3, 128) and mask.sum(1).tolist() == [3, 128, 0]
     assert ids[0, -3:].tolist() == [1, 2, 3] and ids[0, :-3].eq(0).all()  # left padding
     assert ids[1].tolist() == list(range(10, 138))                         # keeps the first 128 tokens
-    short, _ = P.paper_pad_batch([[1, 2, 3], [4]], pad_id=9)
+    short, _ = paper_pad_batch([[1, 2, 3], [4]], pad_id=9)
     assert short.tolist() == [[1, 2, 3], [9, 9, 4]]                        # padding=True: pad to the longest
-    assert P.paper_pad_batch([[1]], pad_id=9, max_length=4, pad_to="max_length")[0].tolist() == [[9, 9, 9, 1]]
+    assert paper_pad_batch([[1]], pad_id=9, max_length=4, pad_to="max_length")[0].tolist() == [[9, 9, 9, 1]]
     # mean over all W positions including the pad states == (Σ real + n_pad·pad)/W
     g = torch.Generator().manual_seed(0)
     n_layers, w, d, t = 3, 11, 5, 4
     pad = torch.randn(n_layers, d, generator=g)
     real = torch.randn(n_layers, t, d, generator=g).bfloat16()
     padded = torch.cat([pad[:, None, :].expand(n_layers, w - t, d).bfloat16(), real], dim=1)  # left padding
-    v1 = P.paper_query_vectors([padded[i][None] for i in range(n_layers)])  # [L+1, B=1, d]
-    v2 = P.paper_query_vectors_from_real(list(real), list(pad.bfloat16()), width=w)
+    v1 = paper_query_vectors([padded[i][None] for i in range(n_layers)])  # [L+1, B=1, d]
+    v2 = paper_query_vectors_from_real(list(real), list(pad.bfloat16()), width=w)
     assert v1.shape == (n_layers, 1, d) and v1.dtype == torch.float32
     assert_close(v2, v1[:, 0], rtol=1e-6, atol=1e-6, what="from_real vs padded mean")
 
@@ -150,9 +152,9 @@ def test_select_texts_like_the_paper():
     random.seed(42)
     expected = list(texts)
     random.shuffle(expected)
-    assert P.paper_select_texts(texts, k=30) == expected[:30]
+    assert paper_select_texts(texts, k=30) == expected[:30]
     random.seed(42)
-    assert P.paper_select_texts(texts, k=30, method="sample") == random.sample(texts, 30)
+    assert paper_select_texts(texts, k=30, method="sample") == random.sample(texts, 30)
 
 
 def test_svd_flip_matches_sklearn():
@@ -162,20 +164,38 @@ def test_svd_flip_matches_sklearn():
     assert_close(P.svd_flip_v(v), ref, rtol=0, atol=0, what="svd_flip")
 
 
-def test_cov_update_local_and_kernel():
+def test_streaming_pca_uses_the_float64_covariance_update():
     x = torch.randn(13, 6)
-    sx, sxx = torch.zeros(6, dtype=torch.float64), torch.zeros(6, 6, dtype=torch.float64)
-    P._cov_update_f64(sx, sxx, x)
-    P._cov_update_f64(sx, sxx, x)
+    acc = P.StreamingPCA(1, 6)
+    acc.update(0, x, x)
+    acc.update(0, x, x)
     x64 = x.double()
-    assert_close(sx, 2 * x64.sum(0), rtol=1e-14, what="sum_x")
-    assert_close(sxx, 2 * x64.T @ x64, rtol=1e-14, what="sum_xxT")
-    if P.cov_update is not P._cov_update_f64:  # the fast kernel is present: same results
-        kx, kxx = torch.zeros_like(sx), torch.zeros_like(sxx)
-        P.cov_update(kx, kxx, x)
-        P.cov_update(kx, kxx, x)
-        assert_close(kxx, sxx, rtol=1e-12, atol=1e-12, what="kernel cov_update")
-        assert_close(kx, sx, rtol=1e-12, atol=1e-12, what="kernel sum_x")
+    assert_close(acc.sums["base_x"][0], 2 * x64.sum(0), rtol=1e-12, atol=1e-12, what="sum_x")
+    assert_close(acc.sums["base_xxT"][0], 2 * x64.T @ x64, rtol=1e-12, atol=1e-12, what="sum_xxT")
+    assert_close(acc.sums["tuned0_x"][0], 2 * x64.sum(0), rtol=1e-14, what="tuned sum_x")
+
+
+def test_one_base_against_several_tuned_equals_separate_pairs(tmp_path):
+    base, t1 = query_vectors(3, 25, 10, seed=2)
+    _, t2 = query_vectors(3, 25, 10, seed=3)
+    multi = P.StreamingPCA(3, 10, n_tuned=2)
+    pairs = [P.StreamingPCA(3, 10), P.StreamingPCA(3, 10)]
+    for layer in range(3):
+        multi.update(layer, base[layer], [t1[layer], t2[layer]])
+        pairs[0].update(layer, base[layer], t1[layer])
+        pairs[1].update(layer, base[layer], t2[layer])
+    save_state(multi, tmp_path / "m.safetensors")
+    back = load_state(P.StreamingPCA(1, 1), tmp_path / "m.safetensors")
+    for j in range(2):
+        assert multi.finalize(j) == pairs[j].finalize() == back.finalize(j)
+    assert multi.finalize(0) != multi.finalize(1)
+    with pytest.raises(ValueError, match="2 tuned"):
+        multi.update(0, base[0], t1[0])
+    with pytest.raises(ValueError, match="out of range"):
+        multi.finalize(2)
+    few = P.StreamingPCA(1, 10)
+    few.update(0, base[0][:1], t1[0][:1])
+    assert few.finalize()["undefined"].startswith("PCA needs at least 2 rows")
 
 
 def test_bad_input():
@@ -183,12 +203,10 @@ def test_bad_input():
         P.pca_components_from_moments(1, torch.zeros(3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\[n, 4\]"):
         P.StreamingPCA(1, 4).update(0, torch.zeros(2, 4), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="tuned_cov"):
-        s = P.StreamingPCA(1, 2)
-        s.update(0, torch.randn(3, 2), torch.randn(3, 2))
-        s.components(0, model="tuned")
+    with pytest.raises(ValueError, match="no data"):
+        P.StreamingPCA(1, 2).components(0)
     with pytest.raises(ValueError, match="pad_to"):
-        P.paper_pad_batch([[1]], 0, pad_to="left")
+        paper_pad_batch([[1]], 0, pad_to="left")
 
 
 @pytest.mark.gpu

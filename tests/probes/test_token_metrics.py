@@ -56,7 +56,7 @@ def reference(probe, ids, first):
     return tok, smp, abs(np.mean(kl_per_point)) if kl_per_point else math.nan, len(kl_per_point)
 
 
-@pytest.mark.parametrize("n_samples,max_len", CASES, ids=[f"S{s}-L{l}" for s, l in CASES])
+@pytest.mark.parametrize("n_samples,max_len", CASES, ids=[f"S{s}-L{length}" for s, length in CASES])
 def test_matches_reference(n_samples, max_len):
     probe, ids, first = make_batch(n_samples, max_len, seed=n_samples)
     acc = TokenMetrics()
@@ -78,7 +78,7 @@ def test_matches_reference(n_samples, max_len):
         assert sum(h["counts"]) == len(ids), k
 
 
-@pytest.mark.parametrize("n_samples,max_len", CASES[1:], ids=[f"S{s}-L{l}" for s, l in CASES[1:]])
+@pytest.mark.parametrize("n_samples,max_len", CASES[1:], ids=[f"S{s}-L{length}" for s, length in CASES[1:]])
 def test_merge_and_batch_order_are_bitwise_exact(n_samples, max_len):
     probe, ids, first = make_batch(n_samples, max_len, seed=7)
     whole = TokenMetrics()

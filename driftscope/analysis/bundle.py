@@ -1,0 +1,129 @@
+"""The probes of one task: a `PairProbes` per tuned model (token metrics, shifted tokens, hidden similarity,
+paper-mode PCA) and, in streaming mode, the PCA over the base states (base moments once for every tuned model).
+
+A bundle owns its accumulators' updates (`on_layer`, `on_vocab`), its checkpoint (`state_dict`, flat tensors)
+and its summary (`finalize`): the run only routes batches to it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from driftscope.analysis.summary import task_summary
+from driftscope.probes import HiddenSimilarity, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
+from driftscope.probes.base import field
+
+
+@dataclass
+class PairProbes:
+    """The accumulators of one (tuned model, task)."""
+
+    tokens: TokenMetrics
+    shifted: ShiftedTokens
+    hidden: HiddenSimilarity
+    paper_pca: PaperPCAShift | None = None
+
+    def parts(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in state.items()}
+
+
+def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+class TaskProbes:
+    """Every probe of one task, for `n_tuned` tuned models.
+
+    `shared_base=True` (lockstep over the records): every tuned model sees the same inputs, so the streaming
+    PCA keeps the base moments once. `shared_base=False` (generate mode): each tuned model generates its own
+    tokens, so each has its own base moments."""
+
+    def __init__(self, n_tuned: int, n_states: int, hidden_size: int, *, vocab_rows: int, pca: str, cka: str,
+                 cka_proj_dim: int, shared_base: bool = True) -> None:
+        self.n_tuned, self.n_states, self.hidden_size, self.pca_mode = n_tuned, n_states, hidden_size, pca
+        self.shared_base = shared_base
+        self.pairs = [PairProbes(
+            tokens=TokenMetrics(), shifted=ShiftedTokens(vocab_rows),
+            hidden=HiddenSimilarity(n_states, hidden_size, cka=cka, proj_dim=cka_proj_dim),
+            paper_pca=PaperPCAShift(n_states, hidden_size) if pca == "paper" else None,
+        ) for _ in range(n_tuned)]
+        self.pcas: list[StreamingPCA] = []
+        if pca == "streaming":
+            self.pcas = ([StreamingPCA(n_states, hidden_size, n_tuned)] if shared_base
+                         else [StreamingPCA(n_states, hidden_size) for _ in range(n_tuned)])
+
+    # ---- updates ------------------------------------------------------------------------------------------------
+    def on_layer(self, layer: int, hb: torch.Tensor, hts: Sequence[torch.Tensor], j: int | None = None) -> None:
+        """States [N, d] of the scored positions: of every tuned model (j None), or of tuned model j alone."""
+        js = range(self.n_tuned) if j is None else [j]
+        if len(hts) != len(js):
+            raise ValueError(f"expected the states of {len(js)} tuned model(s), got {len(hts)}")
+        for jj, ht in zip(js, hts):
+            self.pairs[jj].hidden.update(layer, hb, ht)
+        if self.pcas and self.shared_base:
+            if j is not None:
+                raise ValueError("a shared-base PCA needs the states of every tuned model at once")
+            self.pcas[0].update(layer, hb, list(hts))
+        elif self.pcas:
+            for jj, ht in zip(js, hts):
+                self.pcas[jj].update(layer, hb, ht)
+
+    def on_vocab(self, j: int, result, targets: torch.Tensor, sample_ids: torch.Tensor,
+                 first: torch.Tensor) -> None:
+        """One vocab-probe result of tuned model j (a VocabProbeResult or a dict of its [N] fields)."""
+        pair = self.pairs[j]
+        pair.tokens.update(result, sample_ids, first)
+        pair.shifted.update(targets, field(result, "rank_base"), field(result, "rank_tuned"))
+
+    def set_paper_vectors(self, vectors: Sequence[torch.Tensor]) -> None:
+        """Paper mode: the query vectors [L+1, Q, d] of the base, then of each tuned model. Each pair's PCA is
+        built whole, then swapped in: an interrupt never leaves half of it."""
+        if len(vectors) != self.n_tuned + 1:
+            raise ValueError(f"expected vectors of {self.n_tuned + 1} models, got {len(vectors)}")
+        qids = list(range(vectors[0].shape[1]))
+        for j, pair in enumerate(self.pairs):
+            acc = PaperPCAShift(self.n_states, self.hidden_size)
+            for layer in range(self.n_states):
+                acc.update(layer, vectors[0][layer], vectors[j + 1][layer], qids)
+            pair.paper_pca = acc
+
+    # ---- results ------------------------------------------------------------------------------------------------
+    def pca(self, j: int) -> dict | None:
+        if self.pca_mode == "paper":
+            return self.pairs[j].paper_pca.finalize()
+        if self.pcas:
+            return self.pcas[0].finalize(j) if self.shared_base else self.pcas[j].finalize()
+        return None
+
+    def finalize(self, j: int, decode: Callable[[int], str], top_tokens: int, problems: list[str]) -> dict:
+        """Tuned model j's block of summary.json for this task."""
+        pair = self.pairs[j]
+        return task_summary(tokens=pair.tokens.finalize(), hidden=pair.hidden.finalize(),
+                            shifted=pair.shifted.finalize(decode=decode, top_k=top_tokens), pca=self.pca(j),
+                            problems=problems)
+
+    # ---- checkpoint ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd: dict[str, torch.Tensor] = {}
+        for j, pair in enumerate(self.pairs):
+            for kind, acc in pair.parts().items():
+                sd.update(_prefixed(f"m{j}.{kind}.", acc.state_dict()))
+        for i, acc in enumerate(self.pcas):
+            sd.update(_prefixed(f"pca{i}.", acc.state_dict()))
+        return sd
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for j, pair in enumerate(self.pairs):
+            for kind, acc in pair.parts().items():
+                part = _strip(f"m{j}.{kind}.", state)
+                if not part:
+                    raise ValueError(f"the saved state lacks tuned model {j}'s {kind}")
+                acc.load_state_dict(part)
+        for i, acc in enumerate(self.pcas):
+            acc.load_state_dict(_strip(f"pca{i}.", state))

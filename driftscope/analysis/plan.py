@@ -1,0 +1,186 @@
+"""The plan of a drift run: every check that needs no weights, run once, before any checkpoint loads.
+
+Paths exist, tokenizers agree (vocabulary, then encodings of the run's texts), configs are compatible, every
+record tokenizes and every token id has an embedding row, paper-mode PCA has its queries.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from driftscope.analysis import gen_drift
+from driftscope.analysis.options import DriftOptions
+from driftscope.analysis.paper_pca import query_texts
+from driftscope.engine.config import ModelConfig
+from driftscope.engine.data import PackedBatch, Sample, next_fit, pack_batches, read_records, tokenize_records
+from driftscope.engine.runner import check_compatible_configs
+from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
+
+PathLike = str | Path
+_TOKENIZER_CHECK_RECORDS = 64  # records per task whose texts must encode alike under base and tuned tokenizers
+
+
+@dataclass
+class Task:
+    """One records file. Only the token ids are kept: each PackedBatch (4x the ids' memory in masks, targets,
+    positions) is built when it runs."""
+    name: str
+    path: Path
+    groups: list[list[Sample]]  # the samples of each token-budget batch, in pack_batches' order
+    problems: list[str]
+    check_texts: list[str]  # a sample of the texts, for the tokenizer agreement check
+    max_batch_tokens: int
+    prompts: list[gen_drift.PromptItem] | None = None  # generate mode: the prompts (groups is empty)
+    queries: list[str] | None = None  # paper-mode PCA: the selected query texts
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def n_chunks(self, size: int) -> int:
+        return -(-len(self.prompts) // size)
+
+    def max_id(self) -> int:
+        if self.prompts is not None:
+            return max(max(p.ids) for p in self.prompts)
+        return max(int(s.input_ids.max()) for g in self.groups for s in g)
+
+    def n_tokens(self, i: int) -> int:
+        return sum(len(s.input_ids) for s in self.groups[i])
+
+    def batch(self, i: int) -> PackedBatch:
+        (b,) = pack_batches(self.groups[i], self.max_batch_tokens)
+        return b
+
+
+@dataclass
+class Plan:
+    base_dir: Path
+    tuned_dirs: dict[str, Path]
+    data: dict[str, Path]
+    opts: DriftOptions
+    tok: Tokenizer
+    configs: list[ModelConfig]  # base first
+    tasks: list[Task]
+
+
+def _batch_groups(samples: Sequence[Sample], budget: int) -> list[list[Sample]]:
+    """pack_batches' next-fit grouping (sample-id order), without building the batches."""
+    ordered = sorted(samples, key=lambda s: s.sample_id)
+    return [[ordered[i] for i in g] for g in next_fit([len(s.input_ids) for s in ordered], budget)]
+
+
+def as_list(x: PathLike | Sequence[PathLike]) -> list[Path]:
+    return [Path(x)] if isinstance(x, (str, Path)) else [Path(p) for p in x]
+
+
+def unique_names(paths: list[Path], key) -> dict[str, Path]:
+    """name -> path with names from `key(path)`, made unique with -2, -3 suffixes (in order)."""
+    out: dict[str, Path] = {}
+    for p in paths:
+        name, k = key(p), 2
+        while name in out:
+            name, k = f"{key(p)}-{k}", k + 1
+        out[name] = p
+    return out
+
+
+def check_same_vocab(tok: Tokenizer, other: Tokenizer) -> None:
+    a, b = tok.get_vocab(), other.get_vocab()
+    if a == b:
+        return
+    only_a = sorted(set(a.items()) - set(b.items()), key=lambda kv: kv[1])[:3]
+    only_b = sorted(set(b.items()) - set(a.items()), key=lambda kv: kv[1])[:3]
+    raise ValueError(
+        f"the tokenizers of {tok.path} and {other.path} differ ({len(a)} vs {len(b)} entries); first "
+        f"(token, id) only in the base: {only_a}, only in the tuned: {only_b}. Both models must share a tokenizer."
+    )
+
+
+def check_same_encoding(tok: Tokenizer, other: Tokenizer, texts: Sequence[str]) -> None:
+    """Same vocabulary is not enough (other merges give other ids for the same text): `texts` must encode alike."""
+    for t in texts:
+        ea, eb = tok.encode(t), other.encode(t)
+        if ea != eb:
+            i = next((i for i, (x, y) in enumerate(zip(ea, eb)) if x != y), min(len(ea), len(eb)))
+            raise ValueError(
+                f"the tokenizers of {tok.path} and {other.path} have the same vocabulary but encode differently "
+                f"(merges or pre-tokenizer differ): {t[:60]!r} gives {ea[i:i + 5]} vs {eb[i:i + 5]} at token {i}. "
+                "Both models must share a tokenizer."
+            )
+
+
+def _read_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions) -> Task:
+    records, problems = read_records(path)
+    samples = tokenize_records(records, tok, max_seq_len=o.max_seq_len, chat_template_kwargs=o.chat_template_kwargs,
+                               problems=problems)
+    if not samples:
+        first = problems[0] if problems else "the file has no records"
+        raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
+    texts = [x for r in records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
+    task = Task(name, path, _batch_groups(samples, o.max_batch_tokens), problems, texts, o.max_batch_tokens)
+    if o.pca == "paper":
+        task.queries = query_texts(o, tok, records=records)
+    return task
+
+
+def _read_prompt_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions) -> Task:
+    items, problems = gen_drift.read_prompt_items(o, tok, path)
+    if not items:
+        first = problems[0] if problems else "the file has no records"
+        raise ValueError(f"{path}: no usable prompt ({len(problems)} problems; first: {first})")
+    texts = [p.text for p in items[:_TOKENIZER_CHECK_RECORDS] if p.text]
+    task = Task(name, path, [], problems, texts, o.max_batch_tokens, prompts=items)
+    if o.pca == "paper":
+        task.queries = query_texts(o, tok, prompts=[p.text for p in items])
+    return task
+
+
+def _check_ids_fit(tasks: list[Task], tok: Tokenizer, configs: list[ModelConfig]) -> None:
+    """Every token id must have an embedding row in every model: else name the id, file and checkpoint."""
+    for task in tasks:
+        top = task.max_id()
+        for c in configs:
+            if top >= c.vocab_size:
+                raise ValueError(
+                    f"{task.path}: token id {top} ({tok.id_to_token(top)!r}) from the tokenizer in {tok.path} "
+                    f"has no row in {c.source} (vocab_size {c.vocab_size}); the tokenizer ({tok.vocab_size} ids) "
+                    "does not belong to that checkpoint"
+                )
+
+
+def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
+    for p in [base, *tuned]:
+        if not p.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {p} does not exist")
+    for p in data:
+        if p.is_dir():
+            raise IsADirectoryError(f"records file {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
+        if not p.is_file():
+            raise FileNotFoundError(f"records file {p} does not exist")
+
+
+def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
+         opts: DriftOptions) -> Plan:
+    """Check everything that can be checked without weights, each once; the tasks come back tokenized."""
+    base_dir = Path(base)
+    check_paths(base_dir, as_list(tuned), as_list(data))
+    tuned_dirs = unique_names(as_list(tuned), key=lambda p: p.resolve().name)
+    data_map = unique_names(as_list(data), key=lambda p: p.stem)
+    tok = load_tokenizer(base_dir)
+    others = [load_tokenizer(d) for d in tuned_dirs.values() if (d / "tokenizer.json").is_file()]
+    for other in others:  # vocabularies first: fail before the records are tokenized
+        check_same_vocab(tok, other)
+    configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned_dirs.values())]
+    check_compatible_configs(configs[0], configs[1:])
+    read = _read_prompt_task if opts.generate else _read_task
+    tasks = [read(name, path, tok, opts) for name, path in data_map.items()]
+    _check_ids_fit(tasks, tok, configs)
+    for task in tasks:
+        if task.queries is not None and len(task.queries) < 2:
+            raise ValueError(f"{opts.pca_texts or task.path}: paper-mode PCA needs at least 2 query texts, "
+                             f"found {len(task.queries)}")
+    texts = [x for t in tasks for x in t.check_texts]
+    for other in others:
+        check_same_encoding(tok, other, texts)
+    return Plan(base_dir, tuned_dirs, data_map, opts, tok, configs, tasks)
