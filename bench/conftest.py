@@ -44,7 +44,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             continue
         t0 = base[0].stats.median
         m0 = base[0].extra_info.get("peak_extra_mb")
-        tr.write_line(f"[{group}] baseline {base[0].name}: median {t0 * 1e3:.1f} ms" + (f", peak extra {m0:.0f} MB" if m0 else ""))
+        tr.write_line(f"[{group}] baseline {base[0].name}: median {t0 * 1e3:.1f} ms"
+                      + (f", peak extra {m0:.0f} MB" if m0 else ""))
         for b in items:
             if b is base[0]:
                 continue

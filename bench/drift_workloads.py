@@ -48,7 +48,8 @@ def paper(base: Path, tuned: Path, data: Path) -> int:
     kl_bt = torch.nn.functional.kl_div(lp, lq, log_target=True, reduction="none").sum(-1)
     rank_b = 1 + (zb > zb.gather(1, y[:, None])).sum(-1)
     rank_t = 1 + (zt > zt.gather(1, y[:, None])).sum(-1)
-    _ = (kl_tb.mean(), kl_bt.mean(), (rank_b - rank_t).double().mean(), lq.gather(1, y[:, None]), lp.gather(1, y[:, None]))
+    _ = (kl_tb.mean(), kl_bt.mean(), (rank_b - rank_t).double().mean(),
+         lq.gather(1, y[:, None]), lp.gather(1, y[:, None]))
     return int(y.numel())
 
 

@@ -24,7 +24,8 @@ def driftscope_run(model):
 
     ps = prompts(model.config.vocab_size)
     engine = GenerationEngine(model, eos_token_ids=(), max_num_seqs=16)
-    reqs = [GenRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True), i) for i, (p, n) in enumerate(zip(ps, OUT_LENS))]
+    reqs = [GenRequest(p, SamplingParams(max_new_tokens=n, ignore_eos=True), i)
+            for i, (p, n) in enumerate(zip(ps, OUT_LENS))]
     return lambda: list(engine.run(reqs))
 
 

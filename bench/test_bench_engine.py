@@ -40,7 +40,8 @@ def _ids(vocab: int) -> torch.Tensor:
 
 
 def test_transformers_eager_forward(benchmark, ckpt):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager").eval()
     ids = _ids(hf.config.vocab_size)
 
     def run():
@@ -69,7 +70,8 @@ def test_engine_matches_transformers_on_bench_checkpoint(ckpt):
     """Not a timing: the two timed forwards compute the same thing (guards against a fast wrong engine)."""
     from driftscope import load_model
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager").eval()
     model = load_model(ckpt)
     ids = _ids(model.config.vocab_size)[:, :64]
     with torch.inference_mode():

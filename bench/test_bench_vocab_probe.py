@@ -49,7 +49,8 @@ def materialized(hb, wb, ht, wt, y):
     rank_b = 1 + (zb > zb.gather(1, y[:, None])).sum(-1)
     rank_t = 1 + (zt > zt.gather(1, y[:, None])).sum(-1)
     shift = 1 + (zb > zb.gather(1, top_t[:, None])).sum(-1)
-    return kl_tb, kl_bt, ent_b, ent_t, lq.gather(1, y[:, None]), lp.gather(1, y[:, None]), zb.argmax(-1), rank_b, rank_t, shift
+    return (kl_tb, kl_bt, ent_b, ent_t, lq.gather(1, y[:, None]), lp.gather(1, y[:, None]), zb.argmax(-1),
+            rank_b, rank_t, shift)
 
 
 def gemm_floor(hb, wb, ht, wt, y):
@@ -76,7 +77,8 @@ def fused_cpp(hb, wb, ht, wt, y):
         return vocab_probe(hb, wb, ht, wt, y)
 
 
-WORKLOADS = {"materialized": materialized, "gemm_floor": gemm_floor, "gemm_chunked": gemm_chunked, "fused_cpp": fused_cpp}
+WORKLOADS = {"materialized": materialized, "gemm_floor": gemm_floor, "gemm_chunked": gemm_chunked,
+             "fused_cpp": fused_cpp}
 
 _CHILD = r"""
 import importlib.util, json

@@ -32,7 +32,8 @@ def test_both_generated_tasks_are_scored_and_written(report):
         assert report.files[kind].is_file(), kind
     on_disk = json.loads(report.files["summary"].read_text())
     assert on_disk["models"] == json.loads(json.dumps(report.summary["models"]))
-    assert "data:image/png;base64," in report.files["report"].read_text() or "matplotlib" in report.files["report"].read_text()
+    assert ("data:image/png;base64," in report.files["report"].read_text()
+            or "matplotlib" in report.files["report"].read_text())
 
 
 def test_identical_pair_has_zero_drift(tmp_path):

@@ -88,7 +88,8 @@ def cpp_status(device: torch.device | str | None = None) -> Availability:
         return Availability(False, f"cpp runs on CPU tensors only, got {torch.device(device)}")
     from driftscope import _C
 
-    return Availability(True, f"driftscope._C ({'OpenMP, ' + str(_C.omp_max_threads()) + ' threads' if _C.has_openmp() else 'no OpenMP'})")
+    return Availability(True, "driftscope._C ("
+                        f"{'OpenMP, ' + str(_C.omp_max_threads()) + ' threads' if _C.has_openmp() else 'no OpenMP'})")
 
 
 def flash_attn_status() -> Availability:

@@ -1,4 +1,5 @@
-"""Causal attention over packed variable-length sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1] -> [T, Hq, D].
+"""Causal attention over packed variable-length sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1]
+-> [T, Hq, D].
 
 `varlen_attention` uses flash-attn's varlen kernel on CUDA when available, torch SDPA per sequence otherwise;
 `varlen_attention_torch` is the obviously-correct fp32 reference (explicit masked softmax), same signature.
@@ -19,12 +20,14 @@ from driftscope.kernels._dispatch import flash_attn_status
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, f"q/k/v must be [T, H, D], got {q.shape}, {k.shape}, {v.shape}"
+    assert q.dim() == 3 and k.dim() == 3 and v.dim() == 3, (
+        f"q/k/v must be [T, H, D], got {q.shape}, {k.shape}, {v.shape}")
     assert k.shape == v.shape, f"k {tuple(k.shape)} != v {tuple(v.shape)}"
     assert q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], f"q {tuple(q.shape)} vs k {tuple(k.shape)}"
     assert q.shape[1] % k.shape[1] == 0, f"Hq={q.shape[1]} not a multiple of Hkv={k.shape[1]}"
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, "last dim must be contiguous"
-    assert cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32, f"cu_seqlens must be int32 [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+    assert cu_seqlens.dim() == 1 and cu_seqlens.dtype == torch.int32, (
+        f"cu_seqlens must be int32 [B+1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     assert q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
 
 
@@ -116,7 +119,8 @@ def tree_attention(
     for (s, e), mask in zip(zip(bounds[:-1], bounds[1:]), masks):
         if e == s:
             continue
-        assert mask is None or tuple(mask.shape) == (e - s, e - s), f"mask {tuple(mask.shape)} for a sequence of {e - s}"
+        assert mask is None or tuple(mask.shape) == (e - s, e - s), (
+            f"mask {tuple(mask.shape)} for a sequence of {e - s}")
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
             attn_mask=None if mask is None else mask.to(q.device), is_causal=mask is None, scale=scale, enable_gqa=gqa,

@@ -43,7 +43,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     M, K = x.shape
     N = weight.shape[0]
     assert weight.shape == (N, K), f"weight {tuple(weight.shape)} does not match x {tuple(x.shape)}"
-    assert bias is None or (bias.shape == (N,) and bias.dtype == torch.float32), f"bias {None if bias is None else bias.shape}"
+    assert bias is None or (bias.shape == (N,) and bias.dtype == torch.float32), (
+        f"bias {None if bias is None else bias.shape}")
     x = x.contiguous()
     weight = weight.contiguous()
     if out is None:

@@ -9,7 +9,8 @@ for float32 CPU tensors (reads the blocks in place); otherwise the keys are gath
 runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
 
 No Triton kernel here (STYLE.md rule 4): flash-attn, the cpp kernel and SDPA are the fast paths; this file holds the
-launcher and the reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache, 4·Σ_b context_b·Hq·D FLOPs.
+launcher and the reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache,
+4·Σ_b context_b·Hq·D FLOPs.
 """
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ FLASH_PAGE_MULTIPLE = 256  # flash-attn 2 accepts paged caches whose block size 
 
 
 def _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens) -> None:
-    assert q.dim() == 3 and k_cache.dim() == 3, f"q must be [B, Hq, D], caches [S, Hkv, D]; got {q.shape}, {k_cache.shape}"
+    assert q.dim() == 3 and k_cache.dim() == 3, (
+        f"q must be [B, Hq, D], caches [S, Hkv, D]; got {q.shape}, {k_cache.shape}")
     assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
-    assert q.shape[2] == k_cache.shape[2] and q.shape[1] % k_cache.shape[1] == 0, f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}"
+    assert q.shape[2] == k_cache.shape[2] and q.shape[1] % k_cache.shape[1] == 0, (
+        f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     B = q.shape[0]
-    assert gather.shape[0] == B and key_mask.shape == gather.shape, f"gather {tuple(gather.shape)}, key_mask {tuple(key_mask.shape)}"
-    assert block_tables.shape[0] == B and context_lens.shape == (B,), f"block_tables {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}"
+    assert gather.shape[0] == B and key_mask.shape == gather.shape, (
+        f"gather {tuple(gather.shape)}, key_mask {tuple(key_mask.shape)}")
+    assert block_tables.shape[0] == B and context_lens.shape == (B,), (
+        f"block_tables {tuple(block_tables.shape)}, context_lens {tuple(context_lens.shape)}")
     assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
 
 

@@ -39,7 +39,8 @@ def write_tasks(root: Path) -> Path:
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n", encoding="utf-8")
     (root / "tiny_gen.yaml").write_text(
         "task: tiny_gen\n" + common + "output_type: generate_until\ndoc_to_text: '{{question}}'\n"
-        "doc_to_target: '{{choices[label]}}'\ngeneration_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n  do_sample: false\n"
+        "doc_to_target: '{{choices[label]}}'\ngeneration_kwargs:\n  until: ['.']\n"
+        "  max_gen_toks: 8\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n", encoding="utf-8")
     (root / "tiny_ppl.yaml").write_text(
         "task: tiny_ppl\n" + common + "output_type: loglikelihood_rolling\ndoc_to_text: '{{question}}{{choices[0]}}'\n"

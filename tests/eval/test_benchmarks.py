@@ -56,7 +56,8 @@ def test_gpqa_option_order_and_gold_letter_match_the_paper(shared_data, bench_di
     import re
 
     docs = B.load_docs("gpqa_diamond", bench_dir)
-    rows = [json.loads(line) for line in open(shared_data / "responses" / "UniReason-RL_gpqa_diamond_cot_zeroshot.jsonl")]
+    rows = [json.loads(line)
+            for line in open(shared_data / "responses" / "UniReason-RL_gpqa_diamond_cot_zeroshot.jsonl")]
     for d, r in zip(docs, rows):
         listed = re.search(r"Choices:\n(.*)\nFinish your answer", r["input"], re.S).group(1)
         assert listed == "\n".join(f"{letter}. {o}" for letter, o in zip("ABCD", d["options"]))
@@ -111,7 +112,8 @@ def test_matching_by_id_by_k_samples_and_refusing_another_order(bench_dir, tmp_p
     k2 = []
     for d in docs:  # two samples per doc: one right, one wrong -> 50
         k2 += [{"output": f"\\boxed{{{d['answer']}}}"}, {"output": "\\boxed{-1}"}]
-    assert grade_responses("aime24", _write(tmp_path / "k2.jsonl", k2), None, data_dir=bench_dir)["scores"]["aime24"] == 50.0
+    assert grade_responses("aime24", _write(tmp_path / "k2.jsonl", k2), None,
+                           data_dir=bench_dir)["scores"]["aime24"] == 50.0
     swapped = [{"input": B.get("aime24").prompt(d), "output": "x"} for d in docs]
     swapped[3], swapped[4] = swapped[4], swapped[3]
     with pytest.raises(ValueError, match=r"swapped.jsonl:4: the record's input does not hold aime24 doc 3"):

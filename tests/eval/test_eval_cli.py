@@ -97,7 +97,8 @@ def test_damaged_state_files_are_named(shared_data, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "eval_run.json").write_text('{"model": "x",\n  "limit": ')
-    assert main(["eval", "--model", str(tmp_path), "--tasks", "aime24", "--data-dir", str(bench_dir), "--out", str(out)]) == 2
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "aime24", "--data-dir", str(bench_dir),
+                 "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{out / 'eval_run.json'}:2:" in err and "eval run state is not valid JSON" in err
     resp = tmp_path / "r.jsonl"

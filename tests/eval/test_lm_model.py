@@ -36,7 +36,8 @@ def test_loglikelihoods_equal_transformers(setup):
 
     model, tasks = setup
     ours = _evaluate("driftscope", f"pretrained={model},dtype=float32", tasks, ["tiny_mc", "tiny_ppl"])
-    ref = _evaluate("hf", f"pretrained={model},dtype=float32", tasks, ["tiny_mc", "tiny_ppl"], device="cpu", batch_size=2)
+    ref = _evaluate("hf", f"pretrained={model},dtype=float32", tasks, ["tiny_mc", "tiny_ppl"], device="cpu",
+                    batch_size=2)
     for task in ("tiny_mc", "tiny_ppl"):
         a, b = ours["samples"][task], ref["samples"][task]
         assert len(a) == len(b) == len(QUESTIONS)

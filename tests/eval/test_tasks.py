@@ -12,7 +12,8 @@ from eval_helpers import write_model  # noqa: E402
 from driftscope.eval import benchmarks as B  # noqa: E402
 from driftscope.eval.run import TASKS_DIR  # noqa: E402
 
-COQA_STORY = {"id": "s1", "story": "Cotton is a white kitten.", "questions": [{"input_text": "What color?", "turn_id": 1}],
+COQA_STORY = {"id": "s1", "story": "Cotton is a white kitten.",
+              "questions": [{"input_text": "What color?", "turn_id": 1}],
               "answers": [{"input_text": "white", "turn_id": 1}]}
 
 

@@ -100,7 +100,8 @@ def probe_float64(zb: torch.Tensor, zt: torch.Tensor, y: torch.Tensor) -> dict[s
     return {
         "kl_tb": (p * (lp - lq)).sum(-1), "kl_bt": (q * (lq - lp)).sum(-1),
         "logp_base": lq.gather(1, y[:, None])[:, 0], "logp_tuned": lp.gather(1, y[:, None])[:, 0],
-        "rank_base": 1 + (zb > zb.gather(1, y[:, None])).sum(-1), "rank_tuned": 1 + (zt > zt.gather(1, y[:, None])).sum(-1),
+        "rank_base": 1 + (zb > zb.gather(1, y[:, None])).sum(-1),
+        "rank_tuned": 1 + (zt > zt.gather(1, y[:, None])).sum(-1),
         "top_base": zb.argmax(-1), "top_tuned": top_t,
         "rank_shift_top": 1 + (zb > zb.gather(1, top_t[:, None])).sum(-1),
         "entropy_base": -(q * lq).sum(-1), "entropy_tuned": -(p * lp).sum(-1),
@@ -278,7 +279,8 @@ def test_prologue_mismatch_rows_are_recounted_exactly():
 
 
 @pytest.mark.parametrize("mode", ["forced", "topk2"])
-@pytest.mark.parametrize("case", [Case(37, 1000, 48, kind="ties"), Case(21, 700, 40, torch.bfloat16)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [Case(37, 1000, 48, kind="ties"), Case(21, 700, 40, torch.bfloat16)],
+                         ids=lambda c: c.id)
 def test_triton_recount_pass_is_exact(case, mode, triton_device):
     """Rows through the second (recount) kernel — all of them, or those a top-2 cannot decide —
     must get the exact ranks."""
