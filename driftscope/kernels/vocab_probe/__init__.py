@@ -10,6 +10,8 @@ input checks and the recount merge shared by the fused backends; README: Archite
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from driftscope.kernels._dispatch import select
@@ -36,25 +38,42 @@ __all__ = [
 def vocab_probe(
     h_base: torch.Tensor,
     w_base: torch.Tensor,
-    h_tuned: torch.Tensor,
-    w_tuned: torch.Tensor,
+    h_tuned: torch.Tensor | Sequence[torch.Tensor],
+    w_tuned: torch.Tensor | Sequence[torch.Tensor],
     targets: torch.Tensor | None = None,
     *,
     valid_vocab: int | None = None,
-) -> VocabProbeResult:
+) -> VocabProbeResult | list[VocabProbeResult]:
     """Exact per-token vocabulary metrics of a base and a tuned LM head, without [N, V] logits.
 
     h_*: [N, d_*] final normed hidden states; w_*: [V_*, d_*] LM-head rows (float32/bfloat16/float16);
     targets: [N] int64/int32 next-token ids or None (target metrics are then None). valid_vocab: the
     tokenizer's vocabulary size when the heads are padded (rows beyond it are never produced);
     required when the heads' row counts differ. The backend comes from kernels._dispatch.select.
+    h_tuned and w_tuned may be sequences of J tuned states and heads: then a list of J results, each equal
+    to its single-pair call, with the base work (its GEMM, prologue) done once (cpp, torch).
     """
-    w_base, w_tuned, targets, _ = _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab)
+    many = isinstance(h_tuned, (list, tuple)) or isinstance(w_tuned, (list, tuple))
+    if many and not (isinstance(h_tuned, (list, tuple)) and isinstance(w_tuned, (list, tuple))
+                     and len(h_tuned) == len(w_tuned) and len(h_tuned) > 0):
+        raise ValueError("h_tuned and w_tuned must both be tensors, or sequences of the same nonzero length "
+                         f"(got {type(h_tuned).__name__} and {type(w_tuned).__name__})")
+    pairs = list(zip(h_tuned, w_tuned)) if many else [(h_tuned, w_tuned)]
+    checked = []
+    for j, (h, w) in enumerate(pairs):
+        try:
+            checked.append(_check_inputs(h_base, w_base, h, w, targets, valid_vocab))
+        except ValueError as e:
+            raise ValueError(f"tuned model {j}: {e}" if many else str(e)) from None
+    w_base, targets = checked[0][0], checked[0][2]
+    hts, wts = [h for h, _ in pairs], [c[1] for c in checked]
     backend = select(h_base.device, ("triton", "cpp", "torch"))
     if h_base.shape[0] == 0:
-        return _empty_result(0, h_base.device, targets is not None)
-    if backend == "triton":
-        return _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets)
-    if backend == "cpp":
-        return _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets)
-    return vocab_probe_torch(h_base, w_base, h_tuned, w_tuned, targets)
+        out = [_empty_result(0, h_base.device, targets is not None) for _ in pairs]
+    elif backend == "triton":  # one fused launch per pair (the base work is not shared yet)
+        out = [_vocab_probe_triton(h_base, w_base, h, w, targets) for h, w in zip(hts, wts)]
+    elif backend == "cpp":
+        out = _vocab_probe_cpp(h_base, w_base, hts, wts, targets)
+    else:
+        out = vocab_probe_torch(h_base, w_base, hts, wts, targets)
+    return out if many else out[0]

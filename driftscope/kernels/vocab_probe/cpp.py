@@ -19,19 +19,25 @@ def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
 def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
                      topk: int = 32, _perturb_prologue: bool = False):
     """CPU backend: torch GEMM per (chunk, tile) into fp32 buffers, fused fold in driftscope._C.
-    `_perturb_prologue` (tests only) nudges the pre-known target logits by one ulp to exercise the
-    exact recount of rows whose prologue logit is not the scanned one."""
+
+    `h_tuned`, `w_tuned` may be sequences of J tuned states and heads (then a list of J results): the base
+    chunk, its GEMM and its prologue run once per tile for all J, and each tuned tile is folded against it;
+    every call is the one a single-pair probe makes, so each result equals its single-pair call bit for bit.
+    `_perturb_prologue` (tests only) nudges the pre-known target logits by one ulp to exercise the exact
+    recount of rows whose prologue logit is not the scanned one."""
     from driftscope import _C
 
+    many = isinstance(h_tuned, (list, tuple))
+    hts_in, wts = (list(h_tuned), list(w_tuned)) if many else ([h_tuned], [w_tuned])
     n, vocab = h_base.shape[0], w_base.shape[0]
     dt_tile, dt_chunk = _cpp_tile_sizes(n, vocab)
     tile, chunk = tile or dt_tile, min(chunk or dt_chunk, vocab)
     assert tile >= 1 and chunk >= 1
     hb = h_base.float().contiguous()  # [N, d_b]; input-sized copy (no copy for contiguous fp32)
-    ht = h_tuned.float().contiguous()
+    hts = [h.float().contiguous() for h in hts_in]
     has_t = targets is not None
     zbuf = torch.empty(tile * chunk, dtype=torch.float32)
-    tbuf = torch.empty(tile * chunk, dtype=torch.float32)
+    tbufs = [torch.empty(tile * chunk, dtype=torch.float32) for _ in hts]
     tiles = [(r0, min(n, r0 + tile)) for r0 in range(0, n, tile)]
     chunks = [(c0, min(vocab, c0 + chunk)) for c0 in range(0, vocab, chunk)]
 
@@ -43,28 +49,40 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
         torch.matmul(h[r0:r1], w_c.T, out=out)
         return out
 
-    zpre_b = zpre_t = None
+    def prologue(h, w):  # target logits by the same BLAS, [tile, tile] -> diagonal
+        z = torch.empty(n, dtype=torch.float32)
+        for r0, r1 in tiles:
+            z[r0:r1] = torch.matmul(h[r0:r1], w[targets[r0:r1]].to(torch.float32).T).diagonal()
+        return z
+
+    zpre_b, zpre_ts = None, [None] * len(hts)
     if has_t:
-        zpre_b = torch.empty(n, dtype=torch.float32)
-        zpre_t = torch.empty(n, dtype=torch.float32)
-        for r0, r1 in tiles:  # prologue: target logits by the same BLAS, [tile, tile] -> diagonal
-            y = targets[r0:r1]
-            zpre_b[r0:r1] = torch.matmul(hb[r0:r1], w_base[y].to(torch.float32).T).diagonal()
-            zpre_t[r0:r1] = torch.matmul(ht[r0:r1], w_tuned[y].to(torch.float32).T).diagonal()
+        zpre_b, zpre_ts = prologue(hb, w_base), [prologue(h, w) for h, w in zip(hts, wts)]
         if _perturb_prologue:
             zpre_b = torch.nextafter(zpre_b, torch.full_like(zpre_b, float("inf")))
-            zpre_t = torch.nextafter(zpre_t, torch.full_like(zpre_t, float("-inf")))
+            zpre_ts = [torch.nextafter(z, torch.full_like(z, float("-inf"))) for z in zpre_ts]
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
 
-    fold = _C.VocabFold(n, topk)
+    folds = [_C.VocabFold(n, topk) for _ in hts]
     for c0, c1 in chunks:
-        wb_c, wt_c = head_chunk(w_base, c0, c1), head_chunk(w_tuned, c0, c1)
+        wb_c, wt_cs = head_chunk(w_base, c0, c1), [head_chunk(w, c0, c1) for w in wts]
         for r0, r1 in tiles:
             zb = gemm(hb, wb_c, r0, r1, zbuf)
-            zt = gemm(ht, wt_c, r0, r1, tbuf)
-            fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
-                      ptr(targets), ptr(zpre_b), ptr(zpre_t))
+            for fold, ht, wt_c, tbuf, zpre_t in zip(folds, hts, wt_cs, tbufs, zpre_ts):
+                zt = gemm(ht, wt_c, r0, r1, tbuf)
+                fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
+                          ptr(targets), ptr(zpre_b), ptr(zpre_t))
+    results = [_finish(fold, n, hb, w_base, ht, wt, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, gemm,
+                       head_chunk) for fold, ht, wt, zpre_t, tbuf in zip(folds, hts, wts, zpre_ts, tbufs)]
+    return results if many else results[0]
 
+
+def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, gemm, head_chunk):
+    """One pair's result from its fold: finalize, then the exact recount of the rows the scan cannot decide."""
+    from driftscope import _C
+
+    has_t = targets is not None
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     f = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
     i = lambda: torch.full((n,), -7, dtype=torch.int64)  # noqa: E731
     lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top = (f() for _ in range(7))
@@ -72,7 +90,6 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
     zy_b, zy_t, gt_b, gt_t, logp_b, logp_t = (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6
     fold.finalize(*(t.data_ptr() for t in (lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, top_b, top_t, zb_top, shift)),
                   *(ptr(t) for t in (zy_b, zy_t, gt_b, gt_t, logp_b, logp_t)))
-
     def recount(need_s, need_b, need_t):  # pass 2: identical GEMM calls, exact counts against scanned values
         cnt_s, cnt_b, cnt_t = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
         no_excl = torch.full((n,), -1, dtype=torch.int64)

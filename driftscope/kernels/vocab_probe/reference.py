@@ -1,6 +1,8 @@
 """torch backend: `vocab_probe_torch`, the fp32 reference (full [N, V] logits), same signature as vocab_probe."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from driftscope.kernels.vocab_probe.common import VocabProbeResult, _check_inputs
@@ -9,25 +11,35 @@ from driftscope.kernels.vocab_probe.common import VocabProbeResult, _check_input
 def vocab_probe_torch(
     h_base: torch.Tensor,
     w_base: torch.Tensor,
-    h_tuned: torch.Tensor,
-    w_tuned: torch.Tensor,
+    h_tuned: torch.Tensor | Sequence[torch.Tensor],
+    w_tuned: torch.Tensor | Sequence[torch.Tensor],
     targets: torch.Tensor | None = None,
     *,
     valid_vocab: int | None = None,
-) -> VocabProbeResult:
+) -> VocabProbeResult | list[VocabProbeResult]:
     """fp32 reference, written to be obviously right: full [N, V] logits for both models.
 
-    Roofline (per call, both models, N tokens, V vocab, d hidden): 4·N·V·d FLOPs for the two GEMMs
-    (the floor every backend pays); bytes ≈ 2·V·d·sizeof(w) + 2·N·d·sizeof(h) for the fused kernels,
-    plus ≈ 2·N·V·4 · (1 write + ~6 reads) here, because every step below materializes [N, V] fp32.
-    Peak extra memory here is ≈ 6·N·V·4 bytes; the fused backends need O(tile·chunk + N·k).
+    With sequences of J tuned states and heads, a list of J results; the base logits and their softmax are
+    computed once. Roofline (per pair, N tokens, V vocab, d hidden): 4·N·V·d FLOPs for the two GEMMs (the floor
+    every backend pays); bytes ≈ 2·V·d·sizeof(w) + 2·N·d·sizeof(h) for the fused kernels, plus ≈ 2·N·V·4 ·
+    (1 write + ~6 reads) here, because every step below materializes [N, V] fp32. Peak extra memory here is
+    ≈ 6·N·V·4 bytes; the fused backends need O(tile·chunk + N·k).
     """
-    w_base, w_tuned, targets, _ = _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab)
+    many = isinstance(h_tuned, (list, tuple))
+    pairs = list(zip(h_tuned, w_tuned)) if many else [(h_tuned, w_tuned)]
+    checked = [_check_inputs(h_base, w_base, h, w, targets, valid_vocab) for h, w in pairs]
+    w_base, targets = checked[0][0], checked[0][2]
     zb = h_base.float() @ w_base.float().T  # [N, V] base logits
-    zt = h_tuned.float() @ w_tuned.float().T  # [N, V] tuned logits
     lq = torch.log_softmax(zb, dim=-1)  # log q
+    q = lq.exp()
+    out = [_pair(zb, lq, q, h.float() @ w.float().T, targets) for (h, _), (_, w, _, _) in zip(pairs, checked)]
+    return out if many else out[0]
+
+
+def _pair(zb: torch.Tensor, lq: torch.Tensor, q: torch.Tensor, zt: torch.Tensor, targets) -> VocabProbeResult:
+    """The metrics of base logits zb (log-softmax lq, softmax q) against tuned logits zt, all [N, V] fp32."""
     lp = torch.log_softmax(zt, dim=-1)  # log p
-    q, p = lq.exp(), lp.exp()
+    p = lp.exp()
     top_b = zb.argmax(-1)  # first maximal index = lowest id on ties
     top_t = zt.argmax(-1)
     zb_at_top_t = zb.gather(1, top_t[:, None])

@@ -1,0 +1,113 @@
+"""vocab_probe with J tuned heads in one call: each result equals its single-pair call (bit for bit on the cpp and
+torch backends, whose calls are the same ones) and the fp32 reference, on random and adversarial inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from driftscope.kernels import use_backend
+from test_vocab_probe import FLOAT_FIELDS, INT_FIELDS, Case, make_inputs, vp
+
+
+def _tuned_set(case: Case, j: int):
+    """Base inputs and J tuned (h, w): J-1 from other seeds plus, for j >= 3, the mirrored head w_t = -w_b (its
+    top-1 is the base's bottom-1: every rank_shift_top is the vocabulary's far end, a reference-free identity)."""
+    hb, wb, ht, wt, y = make_inputs(case, seed=0)
+    hts, wts = [ht], [wt]
+    for s in range(1, j):
+        _, _, h, w, _ = make_inputs(case, seed=s)
+        hts.append(h)
+        wts.append(w)
+    if j >= 3:
+        hts[2], wts[2] = hb.clone(), -wb
+    return hb, wb, hts, wts, y
+
+
+def _assert_equal(a, b, what: str) -> None:
+    for f in (*FLOAT_FIELDS, *INT_FIELDS):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f"{what}: {f}"
+        if x is not None:
+            assert torch.equal(x, y), f"{what}: {f} differs ({(x != y).sum()} of {x.numel()})"
+
+
+CASES = [Case(37, 1000, 64), Case(37, 1000, 48, kind="ties"), Case(21, 700, 40, torch.bfloat16),
+         Case(37, 1000, 64, kind="scale1e4")]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_j_heads_in_one_call_equal_j_single_calls_bitwise(backend, case):
+    hb, wb, hts, wts, y = _tuned_set(case, 4)
+    with use_backend(backend):
+        many = vp.vocab_probe(hb, wb, hts, wts, y)
+        singles = [vp.vocab_probe(hb, wb, h, w, y) for h, w in zip(hts, wts)]
+    assert isinstance(many, list) and len(many) == 4
+    for j, (a, b) in enumerate(zip(many, singles)):
+        _assert_equal(a, b, f"{backend} tuned {j}")
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=lambda c: c.id)
+def test_cpp_j_heads_match_the_reference_and_the_mirror_identity(case):
+    hb, wb, hts, wts, y = _tuned_set(case, 3)
+    with use_backend("cpp"):
+        got = vp.vocab_probe(hb, wb, hts, wts, y, valid_vocab=None)
+    ref = vp.vocab_probe_torch(hb, wb, hts, wts, y)
+    for j, (a, r) in enumerate(zip(got, ref)):
+        for f in INT_FIELDS:
+            assert torch.equal(getattr(a, f), getattr(r, f)), f"tuned {j}: {f}"
+        for f in FLOAT_FIELDS:
+            torch.testing.assert_close(getattr(a, f), getattr(r, f), rtol=1e-4, atol=2e-5, msg=f"tuned {j}: {f}")
+    # mirrored head: the tuned top-1 is the base's lowest logit, so its base rank counts every larger one
+    zb = hb.float() @ wb.float().T
+    bottom = zb.gather(1, got[2].top_tuned[:, None])
+    assert torch.equal(got[2].rank_shift_top, 1 + (zb > bottom).sum(-1))
+    if case.kind != "ties":  # distinct logits: the mirror's top-1 is the base's unique minimum
+        assert torch.equal(got[2].top_tuned, zb.argmin(-1))
+
+
+def test_j_heads_with_cut_vocabularies_and_forced_recount():
+    hb, wb, hts, wts, y = _tuned_set(Case(33, 900, 32), 3)
+    wts = [torch.cat([w, torch.randn(7, w.shape[1])]) for w in wts]  # padded heads: only valid_vocab ids count
+    with use_backend("cpp"):
+        many = vp._vocab_probe_cpp(hb, wb, hts, [w[:900] for w in wts], y, tile=8, chunk=128, topk=2,
+                                   _perturb_prologue=True)
+        singles = [vp._vocab_probe_cpp(hb, wb, h, w[:900], y, tile=8, chunk=128, topk=2, _perturb_prologue=True)
+                   for h, w in zip(hts, wts)]
+        via_api = vp.vocab_probe(hb, wb, hts, wts, y, valid_vocab=900)
+    for j in range(3):
+        _assert_equal(many[j], singles[j], f"forced recount, tuned {j}")
+        _assert_equal(via_api[j], vp.vocab_probe(hb, wb, hts[j], wts[j], y, valid_vocab=900), f"api, tuned {j}")
+    ref = vp.vocab_probe_torch(hb, wb, hts, [w[:900] for w in wts], y)
+    for a, r in zip(many, ref):
+        for f in INT_FIELDS:
+            assert torch.equal(getattr(a, f), getattr(r, f)), f
+
+
+def test_triton_j_heads_equal_single_calls(triton_device):
+    case = Case(9, 300, 32)
+    hb, wb, hts, wts, y = (t.to(triton_device) if torch.is_tensor(t) else [x.to(triton_device) for x in t]
+                           for t in _tuned_set(case, 3))
+    with use_backend("triton"):
+        many = vp.vocab_probe(hb, wb, hts, wts, y)
+        singles = [vp.vocab_probe(hb, wb, h, w, y) for h, w in zip(hts, wts)]
+    for j, (a, b) in enumerate(zip(many, singles)):
+        _assert_equal(a, b, f"triton tuned {j}")
+    ref = vp.vocab_probe_torch(hb.cpu(), wb.cpu(), [h.cpu() for h in hts], [w.cpu() for w in wts], y.cpu())
+    for a, r in zip(many, ref):
+        for f in INT_FIELDS:
+            assert torch.equal(getattr(a, f).cpu(), getattr(r, f)), f
+
+
+def test_bad_sequences_are_refused():
+    hb, wb, hts, wts, y = _tuned_set(Case(5, 100, 8), 2)
+    with pytest.raises(ValueError, match="same nonzero length"):
+        vp.vocab_probe(hb, wb, hts, wts[:1], y)
+    with pytest.raises(ValueError, match="same nonzero length"):
+        vp.vocab_probe(hb, wb, hts, wts[0], y)
+    with pytest.raises(ValueError, match="same nonzero length"):
+        vp.vocab_probe(hb, wb, [], [], y)
+    with pytest.raises(ValueError, match="tuned model 1: h_base has 5 tokens but h_tuned has 4"):
+        vp.vocab_probe(hb, wb, [hts[0], hts[1][:4]], wts, y)
+    empty = vp.vocab_probe(hb[:0], wb, [h[:0] for h in hts], wts, y[:0])
+    assert len(empty) == 2 and empty[0].kl_tb.shape == (0,)
