@@ -4,6 +4,7 @@ A run killed at any point resumes from its last completed checkpoint and ends wi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -98,14 +99,16 @@ class Checkpointer:
     """Saves `states` with the progress at most every `every` seconds, stretched so that saving takes at most
     ~10% of the time (a d=5120 streaming-PCA state is GBs); every=0 saves after every call. No-op without a state."""
 
-    def __init__(self, state: RunState | None, states: Mapping[str, Stateful], every: float) -> None:
+    def __init__(self, state: RunState | None, states: Mapping[str, Stateful], every: float, times=None) -> None:
         self.state, self.states, self.every = state, states, every
         self.last, self.cost = time.monotonic(), 0.0
+        self.times = times or (lambda name: contextlib.nullcontext())  # an analysis.env.StageTimes
 
     def save(self, progress: dict) -> None:
         if self.state is not None:
             t = time.monotonic()
-            self.state.save(progress, self.states)
+            with self.times("checkpoint"):
+                self.state.save(progress, self.states)
             self.last = time.monotonic()
             self.cost = self.last - t
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -35,6 +36,33 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+class StageTimes:
+    """Wall seconds per stage of a run, exclusive: a stage timed inside another is not counted in the outer one.
+    On CUDA a stage ends with a synchronize, so its time is its own work, not the queue's."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.seconds: dict[str, float] = {}
+        self._sync = torch.device(device).type == "cuda"
+        self._inner = [0.0]  # per open stage: seconds spent in stages nested in it
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        self._inner.append(0.0)
+        try:
+            yield
+        finally:
+            if self._sync:
+                torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            inner = self._inner.pop()
+            self._inner[-1] += total
+            self.seconds[name] = self.seconds.get(name, 0.0) + total - inner
+
+    def summary(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}
 
 
 class GpuTelemetry:

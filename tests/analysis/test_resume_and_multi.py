@@ -127,3 +127,28 @@ def test_several_tuned_models_and_datasets_share_the_base_forward(models, record
     for name in ("tuned", "late"):
         assert set(both["models"][name]["tasks"]) == {"mixed", "short"}
         _assert_same(json.loads(json.dumps(singles[name])), json.loads(json.dumps(both["models"][name])), rel=1e-6)
+
+
+def test_several_tuned_models_share_one_vocab_probe_call_per_batch(models, records, monkeypatch):
+    calls = {"pairs": [], "forwards": 0}
+    probe, forward = run_mod.vocab_probe, LockstepRunner.forward
+
+    def counting_probe(h_base, w_base, h_tuned, w_tuned, *a, **kw):
+        calls["pairs"].append(len(h_tuned) if isinstance(h_tuned, list) else 1)
+        return probe(h_base, w_base, h_tuned, w_tuned, *a, **kw)
+
+    def counting_forward(self, *a, **kw):
+        calls["forwards"] += 1
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(run_mod, "vocab_probe", counting_probe)
+    monkeypatch.setattr(LockstepRunner, "forward", counting_forward)
+    both = drift(models["base"], [models["tuned"], models["late"]], records, **OPTS).summary
+    assert calls["pairs"] == [2] * calls["forwards"], "one vocab_probe call per batch, with both tuned heads"
+    monkeypatch.setattr(run_mod, "vocab_probe", probe)
+    for name in ("tuned", "late"):  # the shared call gives each model exactly its single-pair numbers
+        alone = drift(models["base"], models[name], records, **OPTS).summary["models"][name]
+        _assert_same(json.loads(json.dumps(alone)), json.loads(json.dumps(both["models"][name])), rel=0)
+    stages = both["timing"]["stages"]
+    assert {"plan", "load", "forward", "layer_probes", "vocab_probe", "token_probes"} <= set(stages)
+    assert all(v >= 0 for v in stages.values())
