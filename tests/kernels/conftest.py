@@ -15,9 +15,11 @@ import sys
 import pytest
 import torch
 
-# the module that defines the kernels first, then the package that re-exports its launcher
-_KERNEL_MODULES = ("driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe",
-                  "driftscope.kernels.cov_update")
+# the modules that define the kernels first, each after the ones it imports them from (the tile helper, the
+# recount kernel, then the scan and its launcher), then the package that re-exports the launcher
+_KERNEL_MODULES = ("driftscope.kernels.vocab_probe.triton_tile", "driftscope.kernels.vocab_probe.triton_recount",
+                   "driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe",
+                   "driftscope.kernels.cov_update")
 
 
 def _triton_defined_for_interpreter() -> bool:

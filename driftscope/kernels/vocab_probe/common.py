@@ -113,7 +113,7 @@ Counts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _merge_recount(
-    recount: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Counts],
+    recount: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[Counts, Counts]],
     shift: torch.Tensor,
     gt_b: torch.Tensor | None,
     gt_t: torch.Tensor | None,
@@ -122,16 +122,24 @@ def _merge_recount(
     zy_b: torch.Tensor | None,
     zy_t: torch.Tensor | None,
     *,
+    zb_top: torch.Tensor,
+    heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    targets: torch.Tensor | None,
     force: bool = False,
     **metrics: torch.Tensor | None,
 ) -> VocabProbeResult:
     """The ranks of a fused scan, with the rows the scan cannot decide recounted exactly.
 
     shift: [N] rank_shift_top from the top-k (-1 where it cannot decide); gt_*: [N] strict counts against the
-    prologue target logits zpre_*; zy_*: the scanned target logits (all None without targets). A row needs
-    the second pass when shift < 0 or zpre != zy (or always, with `force`). `recount(need_s, need_b, need_t)`
-    runs that pass and returns the exact counts (cnt_s, cnt_b, cnt_t), read only where the masks are set; it is
-    called only when some row needs it. `metrics` are the other VocabProbeResult fields, passed through."""
+    prologue target logits zpre_*; zy_*: the scanned target logits (all None without targets); zb_top: the
+    scanned base logit at the tuned top-1 (metrics["top_tuned"]). A row needs the second pass when shift < 0 or
+    zpre != zy (or always, with `force`). `recount(need_s, need_b, need_t)` runs that pass and returns the
+    counts (cnt_s, cnt_b, cnt_t) against the scanned values, each reference column excluded, and the logits it
+    recomputed at those columns (z_b at top_tuned, z_b at y, z_t at y), all read only where the masks are set;
+    it is called only when some row needs it. The counts are exact if the recomputed logits are the scanned
+    ones bit for bit (identical deterministic GEMM calls); a recomputed reference logit that differs proves
+    they are not, and that row's count is redone by `_exact_counts_f64` from heads = (h_base, w_base, h_tuned,
+    w_tuned) instead. `metrics` are the other VocabProbeResult fields, passed through."""
     has_t = gt_b is not None
     need_s = (shift < 0) | force  # the top-k cannot decide: count the base rank exactly
     need_b = (zpre_b != zy_b) | force if has_t else torch.zeros_like(need_s)
@@ -139,9 +147,45 @@ def _merge_recount(
     rank_b = gt_b + 1 if has_t else None
     rank_t = gt_t + 1 if has_t else None
     if bool((need_s | need_b | need_t).any()):
-        cnt_s, cnt_b, cnt_t = recount(need_s, need_b, need_t)
+        (cnt_s, cnt_b, cnt_t), (re_s, re_b, re_t) = recount(need_s, need_b, need_t)
+        h_b, w_b, h_t, w_t = heads
+        cnt_s = _checked(cnt_s, need_s, re_s, zb_top, h_b, w_b, metrics["top_tuned"])
         shift = torch.where(need_s, cnt_s + 1, shift)
         if has_t:
-            rank_b = torch.where(need_b, cnt_b + 1, rank_b)
-            rank_t = torch.where(need_t, cnt_t + 1, rank_t)
+            rank_b = torch.where(need_b, _checked(cnt_b, need_b, re_b, zy_b, h_b, w_b, targets) + 1, rank_b)
+            rank_t = torch.where(need_t, _checked(cnt_t, need_t, re_t, zy_t, h_t, w_t, targets) + 1, rank_t)
     return VocabProbeResult(rank_base=rank_b, rank_tuned=rank_t, rank_shift_top=shift, **metrics)
+
+
+def _checked(cnt, need, z_again, z_scan, h, w, ref):
+    """cnt, except on the rows in need whose recomputed reference logit is not bitwise the scanned one: there
+    the second pass's logits are not the scan's, so its count is unfounded and the float64 count replaces it."""
+    bad = need & (z_again.view(torch.int32) != z_scan.view(torch.int32))
+    if not bool(bad.any()):
+        return cnt
+    rows = bad.nonzero()[:, 0]
+    return cnt.index_put((rows,), _exact_counts_f64(h, w, rows, ref[rows]))
+
+
+def _exact_counts_f64(h: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor,
+                      budget: int = 1 << 24) -> torch.Tensor:
+    """#{v : z_v > z_ref} for each row i of z = h[rows]·wᵀ (w: the valid vocabulary), z in float64 and each row
+    counted against its own float64 logit at column ref[i] (which never counts itself).
+
+    The fallback when a second pass did not reproduce the scan's logits: the threshold and the counted logits
+    come from the same float64 tensor, so no bit identity between passes is assumed. fp32 products are exact in
+    float64 and the sum of d of them is rounded at 2⁻⁵³, so the count is exact for logits that are exact in
+    float64 (integer-valued data, the tests) and otherwise exact for the true dot products up to that rounding;
+    it can differ from an fp32 count where distinct logits round to the same fp32 value. Correct and slow, and
+    only for the rare rows that need it: per row V·d float64 multiply-adds, plus float64 copies of W (in chunks
+    of `budget` elements, redone per group of budget/V rows) and a [rows, V] float64 block per group."""
+    v, d = w.shape
+    group, chunk = max(1, budget // v), max(1, budget // d)
+    out = torch.empty(rows.numel(), dtype=torch.int64, device=h.device)
+    for g0 in range(0, rows.numel(), group):
+        hg = h[rows[g0:g0 + group]].double()
+        z = torch.empty((hg.shape[0], v), dtype=torch.float64, device=h.device)
+        for c0 in range(0, v, chunk):
+            z[:, c0:c0 + chunk] = hg @ w[c0:c0 + chunk].double().T
+        out[g0:g0 + group] = (z > z.gather(1, ref[g0:g0 + group, None])).sum(1)
+    return out

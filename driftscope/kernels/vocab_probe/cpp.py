@@ -16,6 +16,22 @@ def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
     return min(n, 256), min(vocab, 1024)
 
 
+def _gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): same bits in pass 2
+    out = buf[: (r1 - r0) * w_c.shape[0]].view(r1 - r0, w_c.shape[0])
+    torch.matmul(h[r0:r1], w_c.T, out=out)
+    return out
+
+
+_recount_gemm = _gemm  # pass 2's GEMM: the same call, under its own name so that tests can make it differ
+
+
+def _take(z, ids, c0, out):
+    """out[r] = z[r, ids[r] - c0] for the rows whose id lies in this chunk [c0, c0 + z.shape[1])."""
+    j = ids - c0
+    inside = (j >= 0) & (j < z.shape[1])
+    out.copy_(torch.where(inside, z.gather(1, j.clamp(0, z.shape[1] - 1)[:, None])[:, 0], out))
+
+
 def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
                      topk: int = 32, _perturb_prologue: bool = False):
     """CPU backend: torch GEMM per (chunk, tile) into fp32 buffers, fused fold in driftscope._C.
@@ -44,11 +60,6 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
     def head_chunk(w, c0, c1):  # [c1-c0, d] fp32 (a view when w is fp32 with unit column stride)
         return w[c0:c1].to(torch.float32)
 
-    def gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): same bits in pass 2
-        out = buf[: (r1 - r0) * w_c.shape[0]].view(r1 - r0, w_c.shape[0])
-        torch.matmul(h[r0:r1], w_c.T, out=out)
-        return out
-
     def prologue(h, w):  # target logits by the same BLAS, [tile, tile] -> diagonal
         z = torch.empty(n, dtype=torch.float32)
         for r0, r1 in tiles:
@@ -67,17 +78,17 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
     for c0, c1 in chunks:
         wb_c, wt_cs = head_chunk(w_base, c0, c1), [head_chunk(w, c0, c1) for w in wts]
         for r0, r1 in tiles:
-            zb = gemm(hb, wb_c, r0, r1, zbuf)
+            zb = _gemm(hb, wb_c, r0, r1, zbuf)
             for fold, ht, wt_c, tbuf, zpre_t in zip(folds, hts, wt_cs, tbufs, zpre_ts):
-                zt = gemm(ht, wt_c, r0, r1, tbuf)
+                zt = _gemm(ht, wt_c, r0, r1, tbuf)
                 fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
                           ptr(targets), ptr(zpre_b), ptr(zpre_t))
-    results = [_finish(fold, n, hb, w_base, ht, wt, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, gemm,
-                       head_chunk) for fold, ht, wt, zpre_t, tbuf in zip(folds, hts, wts, zpre_ts, tbufs)]
+    results = [_finish(fold, n, hb, w_base, ht, wt, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, head_chunk)
+               for fold, ht, wt, zpre_t, tbuf in zip(folds, hts, wts, zpre_ts, tbufs)]
     return results if many else results[0]
 
 
-def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, gemm, head_chunk):
+def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, head_chunk):
     """One pair's result from its fold: finalize, then the exact recount of the rows the scan cannot decide."""
     from driftscope import _C
 
@@ -90,9 +101,9 @@ def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, ch
     zy_b, zy_t, gt_b, gt_t, logp_b, logp_t = (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6
     fold.finalize(*(t.data_ptr() for t in (lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, top_b, top_t, zb_top, shift)),
                   *(ptr(t) for t in (zy_b, zy_t, gt_b, gt_t, logp_b, logp_t)))
-    def recount(need_s, need_b, need_t):  # pass 2: identical GEMM calls, exact counts against scanned values
+    def recount(need_s, need_b, need_t):  # pass 2: identical GEMM calls, counts against the scanned values
         cnt_s, cnt_b, cnt_t = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
-        no_excl = torch.full((n,), -1, dtype=torch.int64)
+        re_s, re_b, re_t = f(), f(), f()  # the recomputed logits at top_tuned / y, checked by _merge_recount
         act = [m.to(torch.uint8) for m in (need_s, need_b, need_t)]
         need = need_s | need_b | need_t
         todo = [(r0, r1) for r0, r1 in tiles if bool(need[r0:r1].any())]
@@ -102,21 +113,25 @@ def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, ch
             for r0, r1 in todo:
                 rows, cols = r1 - r0, c1 - c0
                 if bool(need_s[r0:r1].any() or need_b[r0:r1].any()):
-                    zb = gemm(hb, wb_c, r0, r1, zbuf)
-                    if bool(need_s[r0:r1].any()):
+                    zb = _recount_gemm(hb, wb_c, r0, r1, zbuf)
+                    if bool(need_s[r0:r1].any()):  # the tuned top-1's own column excluded
                         _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zb_top[r0:].data_ptr(),
-                                         no_excl[r0:].data_ptr(), act[0][r0:].data_ptr(), cnt_s[r0:].data_ptr())
+                                         top_t[r0:].data_ptr(), act[0][r0:].data_ptr(), cnt_s[r0:].data_ptr())
+                        _take(zb, top_t[r0:r1], c0, re_s[r0:r1])
                     if bool(need_b[r0:r1].any()):
                         _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zy_b[r0:].data_ptr(),
                                          targets[r0:].data_ptr(), act[1][r0:].data_ptr(), cnt_b[r0:].data_ptr())
+                        _take(zb, targets[r0:r1], c0, re_b[r0:r1])
                 if wt_c is not None and bool(need_t[r0:r1].any()):
-                    zt = gemm(ht, wt_c, r0, r1, tbuf)
+                    zt = _recount_gemm(ht, wt_c, r0, r1, tbuf)
                     _C.count_greater(zt.data_ptr(), cols, rows, cols, c0, zy_t[r0:].data_ptr(),
                                      targets[r0:].data_ptr(), act[2][r0:].data_ptr(), cnt_t[r0:].data_ptr())
-        return cnt_s, cnt_b, cnt_t
+                    _take(zt, targets[r0:r1], c0, re_t[r0:r1])
+        return (cnt_s, cnt_b, cnt_t), (re_s, re_b, re_t)
 
     return _merge_recount(
-        recount, shift, gt_b, gt_t, zpre_b, zpre_t, zy_b, zy_t,
+        recount, shift, gt_b, gt_t, zpre_b, zpre_t, zy_b, zy_t, zb_top=zb_top, heads=(hb, w_base, ht, w_tuned),
+        targets=targets,
         kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b, logp_tuned=logp_t, top_base=top_b, top_tuned=top_t,
         entropy_base=ent_b, entropy_tuned=ent_t, lse_base=lse_b, lse_tuned=lse_t,
     )

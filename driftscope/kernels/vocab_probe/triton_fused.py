@@ -1,5 +1,5 @@
-"""Triton backend: one fused kernel (both GEMMs, online fold over V, in-kernel top-k), the exact recount
-kernel for the rows the scan cannot decide, and their launcher `_vocab_probe_triton`."""
+"""Triton backend: one fused kernel (both GEMMs, online fold over V, in-kernel top-k) and the launcher
+`_vocab_probe_triton`, which runs the recount kernel (`triton_recount`) for the rows the scan cannot decide."""
 from __future__ import annotations
 
 import torch
@@ -30,6 +30,9 @@ def row(name: str) -> int:
 
 
 if triton is not None:
+    from driftscope.kernels.vocab_probe.triton_recount import _vocab_probe_recount_kernel
+    from driftscope.kernels.vocab_probe.triton_tile import _logits_tile
+
     # store-side row indices (a @triton.jit function may read only constexpr globals)
     _F_LSE_B = tl.constexpr(row("lse_b"))
     _F_LSE_T = tl.constexpr(row("lse_t"))
@@ -50,39 +53,6 @@ if triton is not None:
     _I_GT_B = tl.constexpr(row("gt_b"))
     _I_GT_T = tl.constexpr(row("gt_t"))
     _I_SHIFT = tl.constexpr(row("shift"))
-
-    @triton.jit
-    def _logits_tile(
-        h_ptr,  # [N, D] row stride stride_h, unit column stride
-        w_ptr,  # [V, D] row stride stride_w, unit column stride
-        rows,  # [BLOCK_N] token ids of this block
-        cols,  # [BLOCK_V] vocabulary ids (or gathered target ids in the prologue)
-        row_mask,  # [BLOCK_N]
-        col_mask,  # [BLOCK_V]
-        D,
-        stride_h,
-        stride_w,
-        UPCAST: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        """acc[i, j] = Σ_k h[rows_i, k]·w[cols_j, k] in fp32 (ieee: no tf32 rounding of fp32 inputs).
-        The same helper makes the scan tiles, the target prologue and the recount pass, so identical
-        (rows, cols) shapes give identical bits."""
-        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-        h_row = rows.to(tl.int64)[:, None] * stride_h
-        w_col = cols.to(tl.int64)[None, :] * stride_w
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            dm = dd < D
-            h = tl.load(h_ptr + h_row + dd[None, :], mask=row_mask[:, None] & dm[None, :], other=0.0)
-            w = tl.load(w_ptr + w_col + dd[:, None], mask=col_mask[None, :] & dm[:, None], other=0.0)
-            if UPCAST:  # mixed input dtypes: multiply in fp32
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, w, acc, input_precision="ieee")
-        return acc
 
     @triton.jit
     def _vocab_probe_kernel(
@@ -110,7 +80,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         """One program = BLOCK_N tokens, the whole vocabulary in BLOCK_V chunks. Online state per row
-        and model, relative to the running max m: s = Σe^{z−m}, a = Σe^{z−m}(z−m); KL sums
+        and model (sums in float64), relative to the running max m: s = Σe^{z−m}, a = Σe^{z−m}(z−m); KL sums
         k_tb = Σe^{zt−mt}((zt−mt) − (zb−mb)), k_bt symmetric. A max move δ = m_old − m_new rescales
         s ← e^δ s, a ← e^δ(a + δs), k_tb ← e^{δt}(k_tb + (δt − δb)s_t). Final: lse = m + log s,
         H = log s − a/s, KL(p‖q) = k_tb/s_t − log s_t + log s_b. Counts are strict against the
@@ -143,14 +113,22 @@ if triton is not None:
             )
             zpre_t = tl.sum(tl.where(diag, acct, 0.0), 1)
 
+        # Row state: the running maxima in fp32 (they are logits), the sums s, a, k in float64 as in the cpp
+        # fold. Each chunk's BLOCK_V terms are summed in fp32 (tl.sum) and added to the fp64 state once per
+        # chunk, so the state's rounding does not grow with the V/BLOCK_V chunk additions (2,048 at V = 262,144,
+        # where an fp32 state drifts by up to ~1e-4 relative: more than a KL of 1e-3, the difference of O(10)
+        # terms, can afford). Cost, estimated (no GPU was available to measure it): per row and chunk two fp64
+        # exps and ~20 fp64 flops, repeated by every thread holding the row, of the order of the fold's own
+        # elementwise fp32 work where fp64 runs at half the fp32 rate (H100/H200), so a few % of a kernel the
+        # GEMMs dominate; on GPUs with 1/64-rate fp64, Kahan-compensated fp32 sums would be the cheaper choice.
         m_b = tl.full([BLOCK_N], neg_inf, tl.float32)
         m_t = tl.full([BLOCK_N], neg_inf, tl.float32)
-        s_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-        s_t = tl.zeros([BLOCK_N], dtype=tl.float32)
-        a_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-        a_t = tl.zeros([BLOCK_N], dtype=tl.float32)
-        k_tb = tl.zeros([BLOCK_N], dtype=tl.float32)
-        k_bt = tl.zeros([BLOCK_N], dtype=tl.float32)
+        s_b = tl.zeros([BLOCK_N], dtype=tl.float64)
+        s_t = tl.zeros([BLOCK_N], dtype=tl.float64)
+        a_b = tl.zeros([BLOCK_N], dtype=tl.float64)
+        a_t = tl.zeros([BLOCK_N], dtype=tl.float64)
+        k_tb = tl.zeros([BLOCK_N], dtype=tl.float64)
+        k_bt = tl.zeros([BLOCK_N], dtype=tl.float64)
         top_vb = tl.full([BLOCK_N], neg_inf, tl.float32)
         top_vt = tl.full([BLOCK_N], neg_inf, tl.float32)
         top_b = tl.zeros([BLOCK_N], dtype=tl.int64)
@@ -210,16 +188,16 @@ if triton is not None:
             eb = tl.where(cmask[None, :], tl.exp(ub), 0.0)
             et = tl.where(cmask[None, :], tl.exp(ut), 0.0)
             dv = ut - ub
-            db = tl.where(m_b == neg_inf, 0.0, m_b - mb_new)
-            dt = tl.where(m_t == neg_inf, 0.0, m_t - mt_new)
+            db = tl.where(m_b == neg_inf, 0.0, m_b.to(tl.float64) - mb_new.to(tl.float64))  # fp64 from here on
+            dt = tl.where(m_t == neg_inf, 0.0, m_t.to(tl.float64) - mt_new.to(tl.float64))
             alb = tl.exp(db)
             alt = tl.exp(dt)
-            a_b = alb * (a_b + db * s_b) + tl.sum(eb * ub, 1)
-            a_t = alt * (a_t + dt * s_t) + tl.sum(et * ut, 1)
-            k_tb = alt * (k_tb + (dt - db) * s_t) + tl.sum(et * dv, 1)
-            k_bt = alb * (k_bt + (db - dt) * s_b) - tl.sum(eb * dv, 1)
-            s_b = alb * s_b + tl.sum(eb, 1)
-            s_t = alt * s_t + tl.sum(et, 1)
+            a_b = alb * (a_b + db * s_b) + tl.sum(eb * ub, 1).to(tl.float64)
+            a_t = alt * (a_t + dt * s_t) + tl.sum(et * ut, 1).to(tl.float64)
+            k_tb = alt * (k_tb + (dt - db) * s_t) + tl.sum(et * dv, 1).to(tl.float64)
+            k_bt = alb * (k_bt + (db - dt) * s_b) - tl.sum(eb * dv, 1).to(tl.float64)
+            s_b = alb * s_b + tl.sum(eb, 1).to(tl.float64)
+            s_t = alt * s_t + tl.sum(et, 1).to(tl.float64)
             m_b = mb_new
             m_t = mt_new
 
@@ -230,22 +208,26 @@ if triton is not None:
                 zy_b += tl.sum(tl.where(isy, zb, 0.0), 1)
                 zy_t += tl.sum(tl.where(isy, zt, 0.0), 1)
 
-        lsb = tl.log(s_b)
+        lsb = tl.log(s_b)  # fp64, like the finals below (rounded to fp32 once, by the stores)
         lst = tl.log(s_t)
-        tl.store(outf_ptr + _F_LSE_B * N + rows, m_b + lsb, mask=rmask)
-        tl.store(outf_ptr + _F_LSE_T * N + rows, m_t + lst, mask=rmask)
-        tl.store(outf_ptr + _F_ENT_B * N + rows, lsb - a_b / s_b, mask=rmask)
-        tl.store(outf_ptr + _F_ENT_T * N + rows, lst - a_t / s_t, mask=rmask)
-        tl.store(outf_ptr + _F_KL_TB * N + rows, k_tb / s_t - lst + lsb, mask=rmask)
-        tl.store(outf_ptr + _F_KL_BT * N + rows, k_bt / s_b - lsb + lst, mask=rmask)
+        mb = m_b.to(tl.float64)
+        mt = m_t.to(tl.float64)
+        tl.store(outf_ptr + _F_LSE_B * N + rows, (mb + lsb).to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_LSE_T * N + rows, (mt + lst).to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_ENT_B * N + rows, (lsb - a_b / s_b).to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_ENT_T * N + rows, (lst - a_t / s_t).to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_KL_TB * N + rows, (k_tb / s_t - lst + lsb).to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_KL_BT * N + rows, (k_bt / s_b - lsb + lst).to(tl.float32), mask=rmask)
         tl.store(outf_ptr + _F_ZB_TOP * N + rows, zb_top, mask=rmask)
         tl.store(outf_ptr + _F_TOP_VB * N + rows, top_vb, mask=rmask)
         tl.store(outf_ptr + _F_ZPRE_B * N + rows, zpre_b, mask=rmask)
         tl.store(outf_ptr + _F_ZPRE_T * N + rows, zpre_t, mask=rmask)
         tl.store(outf_ptr + _F_ZY_B * N + rows, zy_b, mask=rmask)
         tl.store(outf_ptr + _F_ZY_T * N + rows, zy_t, mask=rmask)
-        tl.store(outf_ptr + _F_LOGP_B * N + rows, (zy_b - m_b) - lsb, mask=rmask)  # not zy - lse: lse ~1e4 rounds
-        tl.store(outf_ptr + _F_LOGP_T * N + rows, (zy_t - m_t) - lst, mask=rmask)
+        logp_b = (zy_b.to(tl.float64) - mb) - lsb  # not zy - lse: lse ~1e4 rounds
+        logp_t = (zy_t.to(tl.float64) - mt) - lst
+        tl.store(outf_ptr + _F_LOGP_B * N + rows, logp_b.to(tl.float32), mask=rmask)
+        tl.store(outf_ptr + _F_LOGP_T * N + rows, logp_t.to(tl.float32), mask=rmask)
         tl.store(outi_ptr + _I_TOP_B * N + rows, top_b, mask=rmask)
         tl.store(outi_ptr + _I_TOP_T * N + rows, top_t, mask=rmask)
         tl.store(outi_ptr + _I_GT_B * N + rows, gt_b, mask=rmask)
@@ -253,66 +235,6 @@ if triton is not None:
         above = tl.sum((tk > zb_top[:, None]).to(tl.int64), 1)
         shift = tl.where(zb_top >= tl.min(tk, 1), 1 + above, -1)
         tl.store(outi_ptr + _I_SHIFT * N + rows, shift, mask=rmask)
-
-    @triton.jit
-    def _vocab_probe_recount_kernel(
-        hb_ptr,  # [N, Db]
-        wb_ptr,  # [V, Db]
-        ht_ptr,  # [N, Dt]
-        wt_ptr,  # [V, Dt]
-        tgt_ptr,  # [N] int64 (unused unless HAS_TARGETS)
-        blocks_ptr,  # [n_programs] int32: which BLOCK_N token blocks to recount
-        thr_ptr,  # [3, N] fp32: base logit of the tuned top-1, scanned zy_b, scanned zy_t
-        cnt_ptr,  # [3, N] int64 out: #{z_b > thr0}, #{v≠y: z_b > thr1}, #{v≠y: z_t > thr2}
-        N,
-        V,
-        Db,
-        Dt,
-        s_hb,
-        s_wb,
-        s_ht,
-        s_wt,
-        HAS_TARGETS: tl.constexpr,
-        RECOUNT_TUNED: tl.constexpr,
-        UPCAST_B: tl.constexpr,
-        UPCAST_T: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_V: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        """Second pass: recompute the same (token block, vocab chunk) tiles as the first pass with the
-        same `_logits_tile` call, so the logits are bitwise the scanned ones, and count exactly. The
-        tuned GEMM is redone only when a tuned target logit needs a recount (RECOUNT_TUNED)."""
-        blk = tl.load(blocks_ptr + tl.program_id(0))
-        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < N
-        thr_s = tl.load(thr_ptr + rows, mask=rmask, other=0.0)
-        thr_b = tl.load(thr_ptr + N + rows, mask=rmask, other=0.0)
-        thr_t = tl.load(thr_ptr + 2 * N + rows, mask=rmask, other=0.0)
-        y = tl.zeros([BLOCK_N], dtype=tl.int64)
-        if HAS_TARGETS:
-            y = tl.load(tgt_ptr + rows, mask=rmask, other=0)
-        c_s = tl.zeros([BLOCK_N], dtype=tl.int64)
-        c_b = tl.zeros([BLOCK_N], dtype=tl.int64)
-        c_t = tl.zeros([BLOCK_N], dtype=tl.int64)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            cmask = cols < V
-            zb = _logits_tile(
-                hb_ptr, wb_ptr, rows, cols, rmask, cmask, Db, s_hb, s_wb, UPCAST_B, BLOCK_N, BLOCK_V, BLOCK_D,
-            )
-            c_s += tl.sum(((zb > thr_s[:, None]) & cmask[None, :]).to(tl.int64), 1)
-            if HAS_TARGETS:
-                keep = cmask[None, :] & (cols[None, :] != y[:, None])
-                c_b += tl.sum(((zb > thr_b[:, None]) & keep).to(tl.int64), 1)
-                if RECOUNT_TUNED:
-                    zt = _logits_tile(
-                        ht_ptr, wt_ptr, rows, cols, rmask, cmask, Dt, s_ht, s_wt, UPCAST_T, BLOCK_N, BLOCK_V, BLOCK_D,
-                    )
-                    c_t += tl.sum(((zt > thr_t[:, None]) & keep).to(tl.int64), 1)
-        tl.store(cnt_ptr + rows, c_s, mask=rmask)
-        tl.store(cnt_ptr + N + rows, c_b, mask=rmask)
-        tl.store(cnt_ptr + 2 * N + rows, c_t, mask=rmask)
 
 
 # ----------------------------------------------------------------------------------------- launcher
@@ -366,15 +288,17 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
         blocks = torch.unique(need.nonzero()[:, 0] // block_n).to(torch.int32)
         thr = torch.stack([f["zb_top"], f["zy_b"], f["zy_t"]]).contiguous()
         cnt = torch.zeros((3, n), dtype=torch.int64, device=dev)
+        ref = torch.full((3, n), float("nan"), dtype=torch.float32, device=dev)
         recount_t = has_t and bool(need_t.any())
         _vocab_probe_recount_kernel[(blocks.numel(),)](
-            hb, wb, ht, wt, tgt, blocks, thr, cnt, *sizes, RECOUNT_TUNED=recount_t, **common, **launch,
+            hb, wb, ht, wt, tgt, i["top_t"], blocks, thr, cnt, ref, *sizes, RECOUNT_TUNED=recount_t, **common,
+            **launch,
         )
-        return cnt[0], cnt[1], cnt[2]
+        return (cnt[0], cnt[1], cnt[2]), (ref[0], ref[1], ref[2])
 
     scan = (i["gt_b"], i["gt_t"], f["zpre_b"], f["zpre_t"], f["zy_b"], f["zy_t"]) if has_t else (None,) * 6
     return _merge_recount(
-        recount, i["shift"], *scan, force=_force_recount,
+        recount, i["shift"], *scan, zb_top=f["zb_top"], heads=(hb, wb, ht, wt), targets=targets, force=_force_recount,
         kl_tb=f["kl_tb"], kl_bt=f["kl_bt"], logp_base=f["logp_b"] if has_t else None,
         logp_tuned=f["logp_t"] if has_t else None, top_base=i["top_b"], top_tuned=i["top_t"],
         entropy_base=f["ent_b"], entropy_tuned=f["ent_t"], lse_base=f["lse_b"], lse_tuned=f["lse_t"],
