@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftscope.analysis import gen_drift
-from driftscope.analysis.options import DriftOptions
+from driftscope.analysis.options import DriftOptions, file_digest
 from driftscope.analysis.paper_pca import query_texts
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.data import PackedBatch, Sample, next_fit, pack_batches, read_records, tokenize_records
@@ -160,6 +160,16 @@ def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
             raise FileNotFoundError(f"records file {p} does not exist")
 
 
+def _own_tokenizer(base_dir: Path, tuned_dir: Path) -> bool:
+    """Whether tuned_dir ships a tokenizer.json of its own to check against the base's: none, or a byte-identical
+    copy (the usual case; loading and comparing a 151k-entry tokenizer costs ~1 s), needs no check."""
+    f = tuned_dir / "tokenizer.json"
+    if not f.is_file():
+        return False
+    b = base_dir / "tokenizer.json"
+    return not (b.is_file() and b.stat().st_size == f.stat().st_size and file_digest(b) == file_digest(f))
+
+
 def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
          opts: DriftOptions) -> Plan:
     """Check everything that can be checked without weights, each once; the tasks come back tokenized."""
@@ -168,7 +178,7 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     tuned_dirs = unique_names(as_list(tuned), key=lambda p: p.resolve().name)
     data_map = unique_names(as_list(data), key=lambda p: p.stem)
     tok = load_tokenizer(base_dir)
-    others = [load_tokenizer(d) for d in tuned_dirs.values() if (d / "tokenizer.json").is_file()]
+    others = [load_tokenizer(d) for d in tuned_dirs.values() if _own_tokenizer(base_dir, d)]
     for other in others:  # vocabularies first: fail before the records are tokenized
         check_same_vocab(tok, other)
     configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned_dirs.values())]

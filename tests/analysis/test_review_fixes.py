@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +218,22 @@ def test_resume_refuses_inputs_changed_in_place(models, records, tmp_path, monke
         queries.write_text("other queries now\nanother\nand a third\n")
     with pytest.raises(ValueError, match="checkpoints differ" if change == "checkpoint" else "pca_texts differ"):
         drift(models["base"], tuned, records, tmp_path / "out", resume=True, **opts)
+
+
+def test_a_byte_identical_tokenizer_copy_is_not_loaded_again(models, records, monkeypatch):
+    from driftscope.analysis import plan as plan_mod
+
+    loaded = []
+    real = plan_mod.load_tokenizer
+
+    def counting(path):
+        loaded.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(plan_mod, "load_tokenizer", counting)
+    plan_mod.plan(models["base"], [models["tuned"], models["late"]], records, plan_mod.DriftOptions(progress=False))
+    assert (models["tuned"] / "tokenizer.json").read_bytes() == (models["base"] / "tokenizer.json").read_bytes()
+    assert loaded == [Path(models["base"])], "identical copies need no second load and no comparison"
 
 
 def test_tokenizers_with_the_same_vocabulary_but_other_merges_are_refused(models, records, tmp_path):
