@@ -111,3 +111,23 @@ def test_bad_sequences_are_refused():
         vp.vocab_probe(hb, wb, [hts[0], hts[1][:4]], wts, y)
     empty = vp.vocab_probe(hb[:0], wb, [h[:0] for h in hts], wts, y[:0])
     assert len(empty) == 2 and empty[0].kl_tb.shape == (0,)
+
+
+def test_the_second_pass_recomputes_each_base_tile_once_for_all_pairs(monkeypatch):
+    cpp = __import__("driftscope.kernels.vocab_probe.cpp", fromlist=["_recount_gemm"])
+    hb, wb, hts, wts, y = _tuned_set(Case(33, 900, 32), 3)
+    wts = [-wb for _ in wts]  # mirrored: every rank_shift_top is far beyond the top-k, every row is recounted
+    calls = {"base": 0, "tuned": 0}
+    real = cpp._recount_gemm
+
+    def counting(h, *a):
+        calls["base" if h.data_ptr() == hb.data_ptr() else "tuned"] += 1
+        return real(h, *a)
+
+    monkeypatch.setattr(cpp, "_recount_gemm", counting)
+    many = cpp._vocab_probe_cpp(hb, wb, hts, wts, y, tile=8, chunk=128, topk=2)
+    tiles, chunks = -(-33 // 8), -(-900 // 128)
+    assert calls["base"] == tiles * chunks, calls  # once per (tile, chunk), not once per tuned model
+    singles = [cpp._vocab_probe_cpp(hb, wb, h, w, y, tile=8, chunk=128, topk=2) for h, w in zip(hts, wts)]
+    for j, (a, b) in enumerate(zip(many, singles)):
+        _assert_equal(a, b, f"shared second pass, tuned {j}")

@@ -83,55 +83,95 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
                 zt = _gemm(ht, wt_c, r0, r1, tbuf)
                 fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
                           ptr(targets), ptr(zpre_b), ptr(zpre_t))
-    results = [_finish(fold, n, hb, w_base, ht, wt, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, head_chunk)
-               for fold, ht, wt, zpre_t, tbuf in zip(folds, hts, wts, zpre_ts, tbufs)]
+    states = [_finalize(fold, n, has_t) for fold in folds]
+    shared = _SharedRecount(n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
+                            head_chunk)
+    results = [_merge_recount(
+        lambda ns, nb, nt, j=j: shared.counts(j), st["shift"], st["gt_b"], st["gt_t"], zpre_b, zpre_ts[j],
+        st["zy_b"], st["zy_t"], zb_top=st["zb_top"], heads=(hb, w_base, hts[j], wts[j]), targets=targets,
+        **{k: st[k] for k in _METRICS}) for j, st in enumerate(states)]
     return results if many else results[0]
 
 
-def _finish(fold, n, hb, w_base, ht, w_tuned, targets, zpre_b, zpre_t, tiles, chunks, zbuf, tbuf, head_chunk):
-    """One pair's result from its fold: finalize, then the exact recount of the rows the scan cannot decide."""
-    from driftscope import _C
+_METRICS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "top_base", "top_tuned", "entropy_base", "entropy_tuned",
+            "lse_base", "lse_tuned")
 
-    has_t = targets is not None
+
+def _finalize(fold, n: int, has_t: bool) -> dict:
+    """One pair's per-row results from its fold (names as VocabProbeResult, plus the scan's raw rank state)."""
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     f = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
     i = lambda: torch.full((n,), -7, dtype=torch.int64)  # noqa: E731
-    lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, zb_top = (f() for _ in range(7))
-    top_b, top_t, shift = i(), i(), i()
-    zy_b, zy_t, gt_b, gt_t, logp_b, logp_t = (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6
-    fold.finalize(*(t.data_ptr() for t in (lse_b, lse_t, ent_b, ent_t, kl_tb, kl_bt, top_b, top_t, zb_top, shift)),
-                  *(ptr(t) for t in (zy_b, zy_t, gt_b, gt_t, logp_b, logp_t)))
-    def recount(need_s, need_b, need_t):  # pass 2: identical GEMM calls, counts against the scanned values
-        cnt_s, cnt_b, cnt_t = (torch.zeros(n, dtype=torch.int64) for _ in range(3))
-        re_s, re_b, re_t = f(), f(), f()  # the recomputed logits at top_tuned / y, checked by _merge_recount
-        act = [m.to(torch.uint8) for m in (need_s, need_b, need_t)]
-        need = need_s | need_b | need_t
-        todo = [(r0, r1) for r0, r1 in tiles if bool(need[r0:r1].any())]
-        for c0, c1 in chunks:
-            wb_c = head_chunk(w_base, c0, c1)
-            wt_c = head_chunk(w_tuned, c0, c1) if bool(need_t.any()) else None
-            for r0, r1 in todo:
-                rows, cols = r1 - r0, c1 - c0
-                if bool(need_s[r0:r1].any() or need_b[r0:r1].any()):
-                    zb = _recount_gemm(hb, wb_c, r0, r1, zbuf)
-                    if bool(need_s[r0:r1].any()):  # the tuned top-1's own column excluded
-                        _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zb_top[r0:].data_ptr(),
-                                         top_t[r0:].data_ptr(), act[0][r0:].data_ptr(), cnt_s[r0:].data_ptr())
-                        _take(zb, top_t[r0:r1], c0, re_s[r0:r1])
-                    if bool(need_b[r0:r1].any()):
-                        _C.count_greater(zb.data_ptr(), cols, rows, cols, c0, zy_b[r0:].data_ptr(),
-                                         targets[r0:].data_ptr(), act[1][r0:].data_ptr(), cnt_b[r0:].data_ptr())
-                        _take(zb, targets[r0:r1], c0, re_b[r0:r1])
-                if wt_c is not None and bool(need_t[r0:r1].any()):
-                    zt = _recount_gemm(ht, wt_c, r0, r1, tbuf)
-                    _C.count_greater(zt.data_ptr(), cols, rows, cols, c0, zy_t[r0:].data_ptr(),
-                                     targets[r0:].data_ptr(), act[2][r0:].data_ptr(), cnt_t[r0:].data_ptr())
-                    _take(zt, targets[r0:r1], c0, re_t[r0:r1])
-        return (cnt_s, cnt_b, cnt_t), (re_s, re_b, re_t)
+    st = {k: f() for k in ("lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb", "kl_bt", "zb_top")}
+    st.update(top_base=i(), top_tuned=i(), shift=i())
+    st.update(zip(("zy_b", "zy_t", "gt_b", "gt_t", "logp_base", "logp_tuned"),
+                  (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6))
+    fold.finalize(*(st[k].data_ptr() for k in ("lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb",
+                                               "kl_bt", "top_base", "top_tuned", "zb_top", "shift")),
+                  *(ptr(st[k]) for k in ("zy_b", "zy_t", "gt_b", "gt_t", "logp_base", "logp_tuned")))
+    return st
 
-    return _merge_recount(
-        recount, shift, gt_b, gt_t, zpre_b, zpre_t, zy_b, zy_t, zb_top=zb_top, heads=(hb, w_base, ht, w_tuned),
-        targets=targets,
-        kl_tb=kl_tb, kl_bt=kl_bt, logp_base=logp_b, logp_tuned=logp_t, top_base=top_b, top_tuned=top_t,
-        entropy_base=ent_b, entropy_tuned=ent_t, lse_base=lse_b, lse_tuned=lse_t,
-    )
+
+class _SharedRecount:
+    """The second pass for every pair at once: each base tile a pair needs is recomputed once for all pairs
+    (identical GEMM calls, so the scan's bits), each tuned tile for its own pair. `counts(j)` gives pair j what
+    `_merge_recount` asks of its recount: the counts against the scanned values, each reference column
+    excluded, and the recomputed logits at those columns. The needs are `_merge_recount`'s own (shift < 0,
+    prologue logit != scanned logit)."""
+
+    def __init__(self, n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
+                 head_chunk):
+        self.args = (n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
+                     head_chunk)
+        self.out: list | None = None
+
+    def counts(self, j: int):
+        if self.out is None:
+            self.out = self._run(*self.args)
+        return self.out[j]
+
+    @staticmethod
+    def _run(n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs, head_chunk):
+        from driftscope import _C
+
+        has_t = targets is not None
+        zeros = lambda: torch.zeros(n, dtype=torch.int64)  # noqa: E731
+        nans = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
+        need_s = [st["shift"] < 0 for st in states]
+        none = torch.zeros(n, dtype=torch.bool)
+        need_b = (zpre_b != states[0]["zy_b"]) if has_t else none  # the base scan is the same for every pair
+        need_t = [(z != st["zy_t"]) if has_t else none for z, st in zip(zpre_ts, states)]
+        cnt_s, re_s = [zeros() for _ in states], [nans() for _ in states]
+        cnt_t, re_t = [zeros() for _ in states], [nans() for _ in states]
+        cnt_b, re_b = zeros(), nans()
+        act_s = [m.to(torch.uint8) for m in need_s]
+        act_b, act_t = need_b.to(torch.uint8), [m.to(torch.uint8) for m in need_t]
+        base_need = torch.stack([need_b, *need_s]).any(0)
+        todo_b = [(r0, r1) for r0, r1 in tiles if bool(base_need[r0:r1].any())]
+        todo_t = [[(r0, r1) for r0, r1 in tiles if bool(m[r0:r1].any())] for m in need_t]
+        for c0, c1 in chunks:
+            cols = c1 - c0
+            if todo_b:
+                wb_c = head_chunk(w_base, c0, c1)
+            for r0, r1 in todo_b:
+                zb = _recount_gemm(hb, wb_c, r0, r1, zbuf)
+                for j, st in enumerate(states):
+                    if bool(need_s[j][r0:r1].any()):  # the tuned top-1's own column excluded
+                        _C.count_greater(zb.data_ptr(), cols, r1 - r0, cols, c0, st["zb_top"][r0:].data_ptr(),
+                                         st["top_tuned"][r0:].data_ptr(), act_s[j][r0:].data_ptr(),
+                                         cnt_s[j][r0:].data_ptr())
+                        _take(zb, st["top_tuned"][r0:r1], c0, re_s[j][r0:r1])
+                if bool(need_b[r0:r1].any()):
+                    _C.count_greater(zb.data_ptr(), cols, r1 - r0, cols, c0, states[0]["zy_b"][r0:].data_ptr(),
+                                     targets[r0:].data_ptr(), act_b[r0:].data_ptr(), cnt_b[r0:].data_ptr())
+                    _take(zb, targets[r0:r1], c0, re_b[r0:r1])
+            for j, st in enumerate(states):
+                if not todo_t[j]:
+                    continue
+                wt_c = head_chunk(wts[j], c0, c1)
+                for r0, r1 in todo_t[j]:
+                    zt = _recount_gemm(hts[j], wt_c, r0, r1, tbufs[j])
+                    _C.count_greater(zt.data_ptr(), cols, r1 - r0, cols, c0, st["zy_t"][r0:].data_ptr(),
+                                     targets[r0:].data_ptr(), act_t[j][r0:].data_ptr(), cnt_t[j][r0:].data_ptr())
+                    _take(zt, targets[r0:r1], c0, re_t[j][r0:r1])
+        return [((cnt_s[j], cnt_b, cnt_t[j]), (re_s[j], re_b, re_t[j])) for j in range(len(states))]
