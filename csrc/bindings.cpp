@@ -31,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("ent_t"), py::arg("kl_tb"), py::arg("kl_bt"), py::arg("top_b"), py::arg("top_t"),
            py::arg("zb_at_top_t"), py::arg("shift_top"), py::arg("zy_b"), py::arg("zy_t"), py::arg("gt_b"),
            py::arg("gt_t"), py::arg("logp_b"), py::arg("logp_t"), py::call_guard<py::gil_scoped_release>())
+      .def("tuned_top", &driftscope::VocabFold::tuned_top, py::arg("row0"), py::arg("rows"), py::arg("top_t"),
+           py::arg("zb_at_top_t"), py::arg("shift_top"))
       .def_property_readonly("n_rows", &driftscope::VocabFold::n_rows)
       .def_property_readonly("topk", &driftscope::VocabFold::topk);
   m.def("count_greater", &driftscope::count_greater, py::arg("z"), py::arg("ld"), py::arg("rows"), py::arg("cols"),

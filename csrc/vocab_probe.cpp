@@ -172,9 +172,36 @@ void VocabFold::fold(uintptr_t zb, uintptr_t zt, int64_t ld, int64_t rows, int64
   }
 }
 
-// lse = m + log s; entropy = log s - a/s; KL as in the file comment. shift_top: 1 + #{top-k values >
-// base logit of the tuned top-1} when that logit is >= the k-th largest base logit (then every larger
-// logit is in the list), else -1: the launcher recounts those rows in a second pass.
+// rank_shift_top from the top-k list: 1 + #{top-k values > base logit of the tuned top-1} when that logit is >=
+// the k-th largest base logit (then every larger logit is in the list), else -1 (the caller counts it).
+int64_t VocabFold::shift_of(int64_t g) const {
+  const Row& st = rows_[g];
+  const float* tk = topk_.data() + g * k_;
+  const float thr = st.zb_at_top_t;
+  if (st.nk < k_ || thr >= tk[k_ - 1]) {
+    int64_t above = 0;
+    for (int64_t j = 0; j < st.nk; ++j) above += tk[j] > thr;
+    return 1 + above;
+  }
+  return -1;
+}
+
+void VocabFold::tuned_top(int64_t row0, int64_t rows, uintptr_t top_t, uintptr_t zb_at_top_t,
+                          uintptr_t shift_top) const {
+  check(top_t && zb_at_top_t && shift_top, "VocabFold.tuned_top: output pointers must be non-null");
+  check(row0 >= 0 && rows >= 0 && row0 + rows <= n_, "VocabFold.tuned_top: rows out of range");
+  int64_t* tt = reinterpret_cast<int64_t*>(top_t);
+  float* zt = reinterpret_cast<float*>(zb_at_top_t);
+  int64_t* sh = reinterpret_cast<int64_t*>(shift_top);
+  for (int64_t r = 0; r < rows; ++r) {
+    tt[r] = rows_[row0 + r].top_t;
+    zt[r] = rows_[row0 + r].zb_at_top_t;
+    sh[r] = shift_of(row0 + r);
+  }
+}
+
+// lse = m + log s; entropy = log s - a/s; KL as in the file comment; shift_top as shift_of (-1: the launcher
+// counts those rows, from its stored base panel or in a second pass).
 void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uintptr_t ent_t, uintptr_t kl_tb,
                          uintptr_t kl_bt, uintptr_t top_b, uintptr_t top_t, uintptr_t zb_at_top_t,
                          uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
@@ -183,7 +210,6 @@ void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uint
         "VocabFold.finalize: output pointers must be non-null");
   auto F = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
   auto I = [](uintptr_t p) { return reinterpret_cast<int64_t*>(p); };
-  const int64_t K = k_;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < n_; ++g) {
     const Row& st = rows_[g];
@@ -197,15 +223,7 @@ void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uint
     I(top_b)[g] = st.top_b;
     I(top_t)[g] = st.top_t;
     F(zb_at_top_t)[g] = st.zb_at_top_t;
-    const float* tk = topk_.data() + g * K;
-    const float thr = st.zb_at_top_t;
-    if (st.nk < K || thr >= tk[K - 1]) {
-      int64_t above = 0;
-      for (int64_t j = 0; j < st.nk; ++j) above += tk[j] > thr;
-      I(shift_top)[g] = 1 + above;
-    } else {
-      I(shift_top)[g] = -1;
-    }
+    I(shift_top)[g] = shift_of(g);
     if (zy_b) F(zy_b)[g] = st.zy_b;
     if (zy_t) F(zy_t)[g] = st.zy_t;
     // log-prob relative to the max: (z_y - m) - log s, never z_y - lse (lse ~1e4 would round it)

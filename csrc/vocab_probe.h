@@ -26,6 +26,10 @@ class VocabFold {
                 uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
                 uintptr_t gt_t, uintptr_t logp_b, uintptr_t logp_t) const;
 
+  // For rows [row0, row0+rows) once all their chunks are folded: the tuned top-1, the base logit there as
+  // scanned, and rank_shift_top from the top-k list or -1 (all [rows], pointers at the first row).
+  void tuned_top(int64_t row0, int64_t rows, uintptr_t top_t, uintptr_t zb_at_top_t, uintptr_t shift_top) const;
+
   int64_t n_rows() const { return n_; }
   int64_t topk() const { return k_; }
 
@@ -35,6 +39,7 @@ class VocabFold {
     float top_v_b, top_v_t, zb_at_top_t, zy_b, zy_t;
     int64_t top_b, top_t, gt_b, gt_t, nk;  // argmaxes, counts above the target, filled top-k slots
   };
+  int64_t shift_of(int64_t g) const;
   int64_t n_, k_;
   std::vector<Row> rows_;
   std::vector<float> topk_;  // [N, k] largest base logits per row, sorted descending

@@ -92,13 +92,15 @@ def _assert_identities(got, inputs, kind: str) -> None:
         assert torch.equal(shift, 1 + (zb > zb[:, TIED_TOP : TIED_TOP + 1]).sum(-1))
 
 
+@pytest.mark.parametrize("panel", [None, 0], ids=["panel", "no_panel"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cpp_recount_exact_on_adversarial_inputs(kind, monkeypatch):
-    """Every row through the second pass (prologue nudged one ulp, top-2): the exact ranks, no float64 fallback
-    (CPU BLAS repeats its own bits), and the other metrics as in the reference."""
+def test_cpp_recount_exact_on_adversarial_inputs(kind, panel, monkeypatch):
+    """Every row's target ranks through the second pass (prologue nudged one ulp), rank_shift_top beyond the top-2
+    counted on the stored base panel or (no panel) in the second pass: the exact ranks, no float64 fallback (CPU
+    BLAS repeats its own bits), and the other metrics as in the reference."""
     inputs = make_exact(kind)
     fell_back = _spy_fallback(monkeypatch)
-    got = _run_cpp(inputs)
+    got = _run_cpp(inputs, panel_bytes=panel)
     want = vp.vocab_probe_torch(*inputs)
     assert_result_close(got, want, f"cpp [{kind}]")
     _assert_identities(got, inputs, kind)
@@ -129,8 +131,9 @@ def _ulp_up(acc):
     return tl.where(acc > 0, bits + 1, tl.where(acc < 0, bits - 1, 1)).to(tl.float32, bitcast=True)
 
 
+@pytest.mark.parametrize("panel", [None, 0], ids=["panel", "no_panel"])
 @pytest.mark.parametrize("kind", ["ties", "tied_top"])
-def test_cpp_nondeterministic_recount_falls_back_to_float64(kind, monkeypatch):
+def test_cpp_nondeterministic_recount_falls_back_to_float64(kind, panel, monkeypatch):
     """Pass 2's GEMM one ulp up on every third row: counting those rows against the scanned values would count
     the ties (and the tuned top-1's own column); the check must catch exactly those rows and recount them."""
     cpp = importlib.import_module("driftscope.kernels.vocab_probe.cpp")
@@ -145,7 +148,7 @@ def test_cpp_nondeterministic_recount_falls_back_to_float64(kind, monkeypatch):
     monkeypatch.setattr(cpp, "_recount_gemm", off_by_one_ulp)
     inputs = make_exact(kind)
     fell_back = _spy_fallback(monkeypatch)
-    got = _run_cpp(inputs)
+    got = _run_cpp(inputs, panel_bytes=panel)
     _assert_ranks(got, vp.vocab_probe_torch(*inputs), f"cpp, one ulp off in pass 2 [{kind}]")
     _assert_identities(got, inputs, kind)
     assert set(fell_back) == _bumped(inputs[0].shape[0]), "the rows recounted in float64 are not the bumped ones"

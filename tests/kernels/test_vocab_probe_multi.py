@@ -125,9 +125,30 @@ def test_the_second_pass_recomputes_each_base_tile_once_for_all_pairs(monkeypatc
         return real(h, *a)
 
     monkeypatch.setattr(cpp, "_recount_gemm", counting)
-    many = cpp._vocab_probe_cpp(hb, wb, hts, wts, y, tile=8, chunk=128, topk=2)
+    many = cpp._vocab_probe_cpp(hb, wb, hts, wts, y, tile=8, chunk=128, topk=2, panel_bytes=0)
     tiles, chunks = -(-33 // 8), -(-900 // 128)
     assert calls["base"] == tiles * chunks, calls  # once per (tile, chunk), not once per tuned model
-    singles = [cpp._vocab_probe_cpp(hb, wb, h, w, y, tile=8, chunk=128, topk=2) for h, w in zip(hts, wts)]
+    singles = [cpp._vocab_probe_cpp(hb, wb, h, w, y, tile=8, chunk=128, topk=2, panel_bytes=0)
+               for h, w in zip(hts, wts)]
     for j, (a, b) in enumerate(zip(many, singles)):
         _assert_equal(a, b, f"shared second pass, tuned {j}")
+
+
+def test_the_base_panel_makes_the_second_pass_unneeded(monkeypatch):
+    """Mirrored heads put every rank_shift_top beyond the top-2: with the stored base panel they are counted on it
+    (no GEMM is repeated, without targets nothing else needs the second pass), equal to the second pass's counts
+    and to the reference; a budget below one [tile, V] panel falls back to the second pass."""
+    cpp = __import__("driftscope.kernels.vocab_probe.cpp", fromlist=["_recount_gemm"])
+    hb, wb, hts, _, _ = _tuned_set(Case(33, 900, 32), 2)
+    wts = [-wb, wb.flip(0)]
+    calls = []
+    real = cpp._recount_gemm
+    monkeypatch.setattr(cpp, "_recount_gemm", lambda *a: calls.append(1) or real(*a))
+    panel = cpp._vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4)
+    assert calls == []
+    second = cpp._vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4 - 1)
+    assert calls, "a budget below one panel must use the second pass"
+    for j, (a, b) in enumerate(zip(panel, second)):
+        _assert_equal(a, b, f"panel vs second pass, tuned {j}")
+        want = vp.vocab_probe_torch(hb, wb, hts[j], wts[j])
+        assert torch.equal(a.rank_shift_top, want.rank_shift_top) and torch.equal(a.top_tuned, want.top_tuned)

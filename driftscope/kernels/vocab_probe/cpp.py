@@ -2,6 +2,8 @@
 `_cpp_tile_sizes` picks the tile and chunk."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from driftscope.kernels.vocab_probe.common import _merge_recount
@@ -25,6 +27,34 @@ def _gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): s
 _recount_gemm = _gemm  # pass 2's GEMM: the same call, under its own name so that tests can make it differ
 
 
+def _panel_bytes(explicit: int | None) -> int:
+    if explicit is not None:
+        return explicit
+    raw = os.environ.get("DRIFTSCOPE_CPP_PANEL_MIB", "512")
+    try:
+        return int(float(raw) * 2**20)
+    except ValueError:
+        raise ValueError(f"DRIFTSCOPE_CPP_PANEL_MIB={raw!r}: expected a number of MiB (0: no panel)") from None
+
+
+def _panel_shift(fold, panel, tile, r0, r1, chunks, out):
+    """out[r] = rank_shift_top of rows [r0, r1) (all their chunks folded): from the top-k list, else 1 + the count
+    of the tile's stored base logits (panel block at tile·c0 per chunk) above the base logit at the tuned top-1."""
+    from driftscope import _C
+
+    rows = r1 - r0
+    top, thr = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+    fold.tuned_top(r0, rows, top.data_ptr(), thr.data_ptr(), out.data_ptr())
+    need = out < 0
+    if not bool(need.any()):
+        return
+    act, cnt = need.to(torch.uint8), torch.zeros(rows, dtype=torch.int64)
+    for c0, c1 in chunks:  # the own column is excluded; it is not above itself anyway
+        _C.count_greater(panel[tile * c0:].data_ptr(), c1 - c0, rows, c1 - c0, c0, thr.data_ptr(), top.data_ptr(),
+                         act.data_ptr(), cnt.data_ptr())
+    out.copy_(torch.where(need, 1 + cnt, out))
+
+
 def _take(z, ids, c0, out):
     """out[r] = z[r, ids[r] - c0] for the rows whose id lies in this chunk [c0, c0 + z.shape[1])."""
     j = ids - c0
@@ -33,12 +63,15 @@ def _take(z, ids, c0, out):
 
 
 def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
-                     topk: int = 32, _perturb_prologue: bool = False):
+                     topk: int = 32, panel_bytes: int | None = None, _perturb_prologue: bool = False):
     """CPU backend: torch GEMM per (chunk, tile) into fp32 buffers, fused fold in driftscope._C.
 
     `h_tuned`, `w_tuned` may be sequences of J tuned states and heads (then a list of J results): the base
     chunk, its GEMM and its prologue run once per tile for all J, and each tuned tile is folded against it;
     every call is the one a single-pair probe makes, so each result equals its single-pair call bit for bit.
+    `panel_bytes` caps the [tile, V] fp32 base panel (default: DRIFTSCOPE_CPP_PANEL_MIB, 512 MiB; 0: no panel,
+    rank_shift_top then recounted in the second pass). Peak memory is O(tile · V) with the panel, O(tile · chunk)
+    without, never O(N · V).
     `_perturb_prologue` (tests only) nudges the pre-known target logits by one ulp to exercise the exact
     recount of rows whose prologue logit is not the scanned one."""
     from driftscope import _C
@@ -74,16 +107,26 @@ def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None
             zpre_ts = [torch.nextafter(z, torch.full_like(z, float("-inf"))) for z in zpre_ts]
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
 
+    # Token tiles outermost: a tile's base logits over the whole vocabulary stay in `panel` (when it fits the
+    # budget), so each pair's rank_shift_top undecided by the top-k list is counted there, on the scanned values,
+    # before the next tile: no second base GEMM. Without the panel those rows go to the second pass.
+    panel = torch.empty(tile * vocab, dtype=torch.float32) if tile * vocab * 4 <= _panel_bytes(panel_bytes) else None
     folds = [_C.VocabFold(n, topk) for _ in hts]
-    for c0, c1 in chunks:
-        wb_c, wt_cs = head_chunk(w_base, c0, c1), [head_chunk(w, c0, c1) for w in wts]
-        for r0, r1 in tiles:
-            zb = _gemm(hb, wb_c, r0, r1, zbuf)
-            for fold, ht, wt_c, tbuf, zpre_t in zip(folds, hts, wt_cs, tbufs, zpre_ts):
-                zt = _gemm(ht, wt_c, r0, r1, tbuf)
+    shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in hts]
+    for r0, r1 in tiles:
+        for c0, c1 in chunks:
+            zb = _gemm(hb, head_chunk(w_base, c0, c1), r0, r1, zbuf if panel is None else panel[tile * c0:])
+            for fold, ht, wt, tbuf, zpre_t in zip(folds, hts, wts, tbufs, zpre_ts):
+                zt = _gemm(ht, head_chunk(wt, c0, c1), r0, r1, tbuf)
                 fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
                           ptr(targets), ptr(zpre_b), ptr(zpre_t))
+        if panel is not None:
+            for fold, shift in zip(folds, shifts):
+                _panel_shift(fold, panel, tile, r0, r1, chunks, shift[r0:r1])
     states = [_finalize(fold, n, has_t) for fold in folds]
+    if panel is not None:
+        for st, shift in zip(states, shifts):
+            st["shift"] = shift
     shared = _SharedRecount(n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
                             head_chunk)
     results = [_merge_recount(
