@@ -32,32 +32,41 @@ def vocab_probe_torch(
     zb = h_base.float() @ w_base.float().T  # [N, V] base logits
     lq = torch.log_softmax(zb, dim=-1)  # log q
     q = lq.exp()
-    out = [_pair(zb, lq, q, h.float() @ w.float().T, targets) for (h, _), (_, w, _, _) in zip(pairs, checked)]
+    base = _base(zb, lq, q, targets)  # the base-only metrics, once for every pair
+    out = [_pair(zb, lq, q, h.float() @ w.float().T, targets, base) for (h, _), (_, w, _, _) in zip(pairs, checked)]
     return out if many else out[0]
 
 
-def _pair(zb: torch.Tensor, lq: torch.Tensor, q: torch.Tensor, zt: torch.Tensor, targets) -> VocabProbeResult:
-    """The metrics of base logits zb (log-softmax lq, softmax q) against tuned logits zt, all [N, V] fp32."""
+def _base(zb: torch.Tensor, lq: torch.Tensor, q: torch.Tensor, targets) -> dict:
+    """The metrics of the base logits zb (log-softmax lq, softmax q) alone."""
+    base = dict(top_base=zb.argmax(-1),  # first maximal index = lowest id on ties
+                entropy_base=-(q * lq).sum(-1), lse_base=torch.logsumexp(zb, -1), logp_base=None, rank_base=None)
+    if targets is not None:
+        y = targets[:, None]
+        base.update(logp_base=lq.gather(1, y)[:, 0], rank_base=1 + (zb > zb.gather(1, y)).sum(-1))
+    return base
+
+
+def _pair(zb: torch.Tensor, lq: torch.Tensor, q: torch.Tensor, zt: torch.Tensor, targets, base: dict
+          ) -> VocabProbeResult:
+    """The metrics of tuned logits zt against base logits zb (log-softmax lq, softmax q, base-only metrics
+    `base`), all [N, V] fp32."""
     lp = torch.log_softmax(zt, dim=-1)  # log p
     p = lp.exp()
-    top_b = zb.argmax(-1)  # first maximal index = lowest id on ties
     top_t = zt.argmax(-1)
-    zb_at_top_t = zb.gather(1, top_t[:, None])
+    log_ratio = lp - lq  # log p/q
     res = VocabProbeResult(
-        kl_tb=(p * (lp - lq)).sum(-1),
-        kl_bt=(q * (lq - lp)).sum(-1),
-        logp_base=None, logp_tuned=None, rank_base=None, rank_tuned=None,
-        top_base=top_b, top_tuned=top_t,
-        rank_shift_top=1 + (zb > zb_at_top_t).sum(-1),
-        entropy_base=-(q * lq).sum(-1),
+        kl_tb=(p * log_ratio).sum(-1),
+        kl_bt=-(q * log_ratio).sum(-1),
+        logp_tuned=None, rank_tuned=None,
+        top_tuned=top_t,
+        rank_shift_top=1 + (zb > zb.gather(1, top_t[:, None])).sum(-1),
         entropy_tuned=-(p * lp).sum(-1),
-        lse_base=torch.logsumexp(zb, -1),
         lse_tuned=torch.logsumexp(zt, -1),
+        **base,
     )
     if targets is not None:
         y = targets[:, None]
-        res.logp_base = lq.gather(1, y)[:, 0]
         res.logp_tuned = lp.gather(1, y)[:, 0]
-        res.rank_base = 1 + (zb > zb.gather(1, y)).sum(-1)
         res.rank_tuned = 1 + (zt > zt.gather(1, y)).sum(-1)
     return res
