@@ -5,14 +5,16 @@ Contract: `cov_update(sum_x, sum_xxT, x)` adds x's column sums to sum_x [d] and 
 float64. Mean and covariance follow at finalize: μ = Σx/N, C = Σxxᵀ/N − μμᵀ (done in float64, so the
 large-mean data of real hidden states, where fp32 sums lose the covariance, stay exact enough).
 A function on two plain tensors rather than a class: the probes' accumulators own the tensors and
-merge them by addition. Backends via kernels._dispatch.select: `triton` (fp64 tl.dot, upper-triangle
-blocks mirrored), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d triangle), `torch`.
+merge them by addition. Backends via kernels._dispatch.select: `triton` (upper-triangle blocks mirrored; float32/
+float64 x: fp64 tl.dot; bfloat16/float16 x: tensor-core tl.dot with fp32 accumulation over TC_ROWS rows, folded into
+the fp64 block sums, see `_cov_update_kernel`), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d
+triangle), `torch`.
 """
 from __future__ import annotations
 
 import torch
 
-from driftscope.kernels._dispatch import select
+from driftscope.kernels._dispatch import select, triton_interpreter
 
 try:
     import triton
@@ -34,10 +36,14 @@ if triton is not None:
         stride_x,
         BLOCK_D: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        TENSOR_CORES: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
-        """Program (bi, bj), bj ≥ bi: S[I, J] += Σ_k x[k, I]ᵀ x[k, J] with float64 loads and float64
-        tl.dot; off-diagonal blocks are also written transposed to S[J, I] (symmetry: each of the
-        d²/2 block products is computed once). Diagonal programs also add Σ_k x[k, I] to sx[I]."""
+        """Program (bi, bj), bj ≥ bi: S[I, J] += Σ_k x[k, I]ᵀ x[k, J]; off-diagonal blocks are also written
+        transposed to S[J, I] (symmetry: each of the d²/2 block products is computed once). Diagonal programs
+        also add Σ_k x[k, I] to sx[I]. TENSOR_CORES (bf16/fp16 x): products of 8- or 11-bit mantissas are exact in
+        fp32, so each BLOCK_K-row tl.dot accumulates in fp32 (error ≤ BLOCK_K·2⁻²⁴·Σ|x_i x_j|) and is folded into
+        the fp64 block sum at once; otherwise float64 loads and a float64 tl.dot."""
         bi = tl.program_id(0)
         bj = tl.program_id(1)
         if bj >= bi:
@@ -51,10 +57,15 @@ if triton is not None:
                 k = k0 + tl.arange(0, BLOCK_K)
                 mk = k < n
                 row = k.to(tl.int64)[:, None] * stride_x
-                xi = tl.load(x_ptr + row + ci[None, :], mask=mk[:, None] & mi[None, :], other=0.0).to(tl.float64)
-                xj = tl.load(x_ptr + row + cj[None, :], mask=mk[:, None] & mj[None, :], other=0.0).to(tl.float64)
-                acc = tl.dot(tl.trans(xi), xj, acc, out_dtype=tl.float64)  # [BLOCK_D, BLOCK_D]
-                colsum += tl.sum(xi, 0)
+                xi = tl.load(x_ptr + row + ci[None, :], mask=mk[:, None] & mi[None, :], other=0.0)
+                xj = tl.load(x_ptr + row + cj[None, :], mask=mk[:, None] & mj[None, :], other=0.0)
+                if TENSOR_CORES:
+                    if UPCAST:  # the interpreter's numpy tl.dot gets bf16 wrong; fp32 operands: the same exact products
+                        xi, xj = xi.to(tl.float32), xj.to(tl.float32)
+                    acc += tl.dot(tl.trans(xi), xj, out_dtype=tl.float32, input_precision="ieee").to(tl.float64)
+                else:
+                    acc = tl.dot(tl.trans(xi.to(tl.float64)), xj.to(tl.float64), acc, out_dtype=tl.float64)
+                colsum += tl.sum(xi.to(tl.float64), 0)
             m = mi[:, None] & mj[None, :]
             p = s_ptr + ci.to(tl.int64)[:, None] * d + cj[None, :]
             tl.store(p, tl.load(p, mask=m, other=0.0) + acc, mask=m)
@@ -100,11 +111,17 @@ def cov_update(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> t
     return sum_x, sum_xxT
 
 
-def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = 32, block_k: int = 32) -> None:
+TC_ROWS = 64  # rows per fp32 tensor-core partial sum (bf16/fp16 x), then folded into float64
+
+
+def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = 32, block_k: int | None = None) -> None:
     xc = x if x.stride(1) == 1 else x.contiguous()
     n, d = xc.shape
     nb = triton.cdiv(d, block_d)
-    _cov_update_kernel[(nb, nb)](xc, sum_x, sum_xxT, n, d, xc.stride(0), BLOCK_D=block_d, BLOCK_K=block_k)
+    tc = xc.dtype in (torch.bfloat16, torch.float16)
+    up = tc and triton_interpreter() and xc.device.type == "cpu"
+    _cov_update_kernel[(nb, nb)](xc, sum_x, sum_xxT, n, d, xc.stride(0), BLOCK_D=block_d,
+                                 BLOCK_K=block_k or (TC_ROWS if tc else 32), TENSOR_CORES=tc, UPCAST=up)
 
 
 def _cov_update_cpp(sum_x, sum_xxT, x) -> None:

@@ -47,11 +47,40 @@ def test_cov_update_vs_float64(backend, n, d, dtype, mean, triton_device):
         cu.cov_update(*got, x[: n // 2].to(dev))
     scale = float(want[1].abs().max())
     assert_close_verbose(got[0], want[0], atol=1e-12 * max(1.0, float(want[0].abs().max())), what=f"{backend} sum_x")
-    assert_close_verbose(got[1], want[1], atol=1e-13 * scale, rtol=1e-13, what=f"{backend} sum_xxT")
-    assert torch.equal(got[1], got[1].T), "sum_xxT must be exactly symmetric"
-    # the covariance recovered from the sums (large-mean data: this is where fp32 fails)
     m = n + n // 2
-    assert_close_verbose(_cov(*got, m), _cov(*want, m), atol=1e-6, what=f"{backend} covariance")
+    if backend == "triton" and dtype in (torch.bfloat16, torch.float16):  # tensor cores: the fp32 partials' bound
+        _assert_within_tc_bound(got[1], want[1], torch.cat([x, x[: n // 2]]), f"{backend} sum_xxT")
+    else:
+        assert_close_verbose(got[1], want[1], atol=1e-13 * scale, rtol=1e-13, what=f"{backend} sum_xxT")
+        # the covariance recovered from the sums (large-mean data: this is where fp32 fails)
+        assert_close_verbose(_cov(*got, m), _cov(*want, m), atol=1e-6, what=f"{backend} covariance")
+    assert torch.equal(got[1], got[1].T), "sum_xxT must be exactly symmetric"
+
+
+def _assert_within_tc_bound(got, want, x, what):
+    """|error| ≤ TC_ROWS·2⁻²⁴·Σ_k |x_ki x_kj| elementwise (plus the fp64 folds): each TC_ROWS-row partial sum of
+    exact products is rounded in fp32 at most TC_ROWS times, relative to the sum of the magnitudes."""
+    a = x.double().abs()
+    bound = cu.TC_ROWS * 2.0**-24 * (a.T @ a) + 1e-12 * float(want.abs().max())
+    err = (got - want).abs()
+    assert bool((err <= bound).all()), f"{what}: max error/bound {float((err / bound).max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tensor_core_path_on_large_mean_data(dtype, triton_device):
+    """Hidden-state-like data (mean 40, spread 3) in bf16/fp16 through the tensor-core path, 4,000 rows: Σxxᵀ within
+    the fp32-partial bound of float64, and the covariance recovered from it within 2e-4 of its scale."""
+    n, d = 4000, 40
+    x = (3 * _data(n, d, torch.float64, 0.0) + 40).to(dtype)
+    want = _zeros(d)
+    cu.cov_update_torch(*want, x)
+    got = _zeros(d, triton_device)
+    with use_backend("triton"):
+        cu.cov_update(*got, x.to(triton_device))
+    got = (got[0].cpu(), got[1].cpu())
+    _assert_within_tc_bound(got[1], want[1], x, "tensor-core sum_xxT")
+    cov = _cov(*want, n)
+    assert_close_verbose(_cov(*got, n), cov, atol=2e-4 * float(cov.abs().max()), what="tensor-core covariance")
 
 
 def test_naive_fp32_fails_on_large_mean():
