@@ -1,5 +1,6 @@
-"""The probes of one task: a `PairProbes` per tuned model (token metrics, shifted tokens, hidden similarity,
-paper-mode PCA) and, in streaming mode, the PCA over the base states (base moments once for every tuned model).
+"""The probes of one task: a `PairProbes` per tuned model (token metrics, shifted tokens, paper-mode PCA), the
+hidden-state similarity and, in streaming mode, the PCA over the base states (both with the base's sums once for
+every tuned model when they share the base states).
 
 A bundle owns its accumulators' updates (`on_layer`, `on_vocab`), its checkpoint (`state_dict`, flat tensors)
 and its summary (`finalize`): the run only routes batches to it.
@@ -22,7 +23,6 @@ class PairProbes:
 
     tokens: TokenMetrics
     shifted: ShiftedTokens
-    hidden: HiddenSimilarity
     paper_pca: PaperPCAShift | None = None
 
     def parts(self) -> dict:
@@ -40,9 +40,9 @@ def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 class TaskProbes:
     """Every probe of one task, for `n_tuned` tuned models.
 
-    `shared_base=True` (lockstep over the records): every tuned model sees the same inputs, so the streaming
-    PCA keeps the base moments once. `shared_base=False` (generate mode): each tuned model generates its own
-    tokens, so each has its own base moments."""
+    `shared_base=True` (lockstep over the records): every tuned model sees the same inputs, so the hidden-state
+    similarity and the streaming PCA keep the base sums once and compute them once per batch. `shared_base=False`
+    (generate mode): each tuned model generates its own tokens, so each has its own."""
 
     def __init__(self, n_tuned: int, n_states: int, hidden_size: int, *, vocab_rows: int, pca: str, cka: str,
                  cka_proj_dim: int, shared_base: bool = True) -> None:
@@ -50,9 +50,10 @@ class TaskProbes:
         self.shared_base = shared_base
         self.pairs = [PairProbes(
             tokens=TokenMetrics(), shifted=ShiftedTokens(vocab_rows),
-            hidden=HiddenSimilarity(n_states, hidden_size, cka=cka, proj_dim=cka_proj_dim),
             paper_pca=PaperPCAShift(n_states, hidden_size) if pca == "paper" else None,
         ) for _ in range(n_tuned)]
+        hidden = lambda n: HiddenSimilarity(n_states, hidden_size, cka=cka, proj_dim=cka_proj_dim, n_tuned=n)
+        self.hidden = [hidden(n_tuned)] if shared_base else [hidden(1) for _ in range(n_tuned)]
         self.pcas: list[StreamingPCA] = []
         if pca == "streaming":
             self.pcas = ([StreamingPCA(n_states, hidden_size, n_tuned)] if shared_base
@@ -64,14 +65,16 @@ class TaskProbes:
         js = range(self.n_tuned) if j is None else [j]
         if len(hts) != len(js):
             raise ValueError(f"expected the states of {len(js)} tuned model(s), got {len(hts)}")
-        for jj, ht in zip(js, hts):
-            self.pairs[jj].hidden.update(layer, hb, ht)
-        if self.pcas and self.shared_base:
+        if self.shared_base:
             if j is not None:
-                raise ValueError("a shared-base PCA needs the states of every tuned model at once")
-            self.pcas[0].update(layer, hb, list(hts))
-        elif self.pcas:
-            for jj, ht in zip(js, hts):
+                raise ValueError("shared-base probes need the states of every tuned model at once")
+            self.hidden[0].update(layer, hb, list(hts))
+            if self.pcas:
+                self.pcas[0].update(layer, hb, list(hts))
+            return
+        for jj, ht in zip(js, hts):
+            self.hidden[jj].update(layer, hb, ht)
+            if self.pcas:
                 self.pcas[jj].update(layer, hb, ht)
 
     def on_vocab(self, j: int, result, targets: torch.Tensor, sample_ids: torch.Tensor,
@@ -104,7 +107,8 @@ class TaskProbes:
     def finalize(self, j: int, decode: Callable[[int], str], top_tokens: int, problems: list[str]) -> dict:
         """Tuned model j's block of summary.json for this task."""
         pair = self.pairs[j]
-        return task_summary(tokens=pair.tokens.finalize(), hidden=pair.hidden.finalize(),
+        hidden = self.hidden[0].finalize(j) if self.shared_base else self.hidden[j].finalize()
+        return task_summary(tokens=pair.tokens.finalize(), hidden=hidden,
                             shifted=pair.shifted.finalize(decode=decode, top_k=top_tokens), pca=self.pca(j),
                             problems=problems)
 
@@ -114,6 +118,8 @@ class TaskProbes:
         for j, pair in enumerate(self.pairs):
             for kind, acc in pair.parts().items():
                 sd.update(_prefixed(f"m{j}.{kind}.", acc.state_dict()))
+        for i, acc in enumerate(self.hidden):
+            sd.update(_prefixed(f"hidden{i}.", acc.state_dict()))
         for i, acc in enumerate(self.pcas):
             sd.update(_prefixed(f"pca{i}.", acc.state_dict()))
         return sd
@@ -125,5 +131,10 @@ class TaskProbes:
                 if not part:
                     raise ValueError(f"the saved state lacks tuned model {j}'s {kind}")
                 acc.load_state_dict(part)
+        for i, acc in enumerate(self.hidden):
+            part = _strip(f"hidden{i}.", state)
+            if not part:
+                raise ValueError(f"the saved state lacks the hidden-state sums {i}")
+            acc.load_state_dict(part)
         for i, acc in enumerate(self.pcas):
             acc.load_state_dict(_strip(f"pca{i}.", state))

@@ -1,12 +1,13 @@
 """Per-layer hidden-state drift between base and tuned states over scored tokens: mean cosine, relative L2,
 and linear CKA from streaming float64 sums (Σx, Σy, XᵀX, YᵀY, YᵀX), so merge is an exact add.
 
-Memory: full CKA keeps 3·d²·8 bytes per layer (d=5120: 629 MB per layer, 25.8 GB for 41 layers);
-`cka="projected"` keeps 3·k²·8 (k=256: 1.6 MB) after a fixed Gaussian projection; `cka="none"` keeps O(1).
+Memory: full CKA keeps (1 + 2J)·d²·8 bytes per layer for J tuned models (XᵀX once; d=5120, J=1: 629 MB per
+layer, 25.8 GB for 41 layers); `cka="projected"` keeps (1 + 2J)·k²·8 (k=256, J=1: 1.6 MB) after a fixed Gaussian
+projection; `cka="none"` keeps O(1).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -15,8 +16,14 @@ from driftscope.probes.base import Accumulator, LayerSums, json_float
 __all__ = ["HiddenSimilarity", "linear_cka_from_sums", "projection_matrix"]
 
 _CKA_MODES = ("full", "projected", "none")
-_SCALARS = ("tokens", "sum_cos", "sum_rel_l2", "sum_diff_norm", "sum_base_norm", "sum_diff_sq", "sum_base_sq")
-_CKA_SUMS = ("sum_x", "sum_y", "xtx", "yty", "ytx")
+_BASE_SCALARS = ("tokens", "sum_base_norm", "sum_base_sq")  # [n_layers]: once for every tuned model
+_PAIR_SCALARS = ("sum_cos", "sum_rel_l2", "sum_diff_norm", "sum_diff_sq")  # [n_tuned, n_layers]
+_SCALARS = _BASE_SCALARS + _PAIR_SCALARS
+
+
+def _cka_names(n_tuned: int) -> list[str]:
+    """The base CKA sums once (Σx, XᵀX), then Σy, YᵀY, YᵀX of each tuned model."""
+    return ["sum_x", "xtx", *(f"{name}{j}" for j in range(n_tuned) for name in ("sum_y", "yty", "ytx"))]
 _EPS = 1e-8  # norm floor for cosine / relative L2, as torch.nn.functional.cosine_similarity
 _CHUNK = 4096  # rows converted to float64 at a time (bounds the transient copy)
 
@@ -40,70 +47,85 @@ def linear_cka_from_sums(n, sum_x, sum_y, xtx, yty, ytx) -> float:
 
 
 class HiddenSimilarity(Accumulator):
-    """Per layer: n tokens, Σcos, Σ‖Δ‖/‖h_b‖, Σ‖Δ‖, Σ‖h_b‖, Σ‖Δ‖², Σ‖h_b‖² (Δ = h_t − h_b), plus CKA sums.
+    """Per layer: n tokens, Σ‖h_b‖, Σ‖h_b‖² and the base CKA sums (Σx, XᵀX) once, and per tuned model j: Σcos,
+    Σ‖Δ‖/‖h_b‖, Σ‖Δ‖, Σ‖Δ‖² (Δ = h_t − h_b) and its CKA sums (Σy, YᵀY, YᵀX).
 
-    Sums live on the device of the first `update` (float64; H100 float64 GEMM is fine) and move to the CPU
-    in `state_dict`. Cancellation in XᵀX − n·x̄x̄ᵀ is the float64 limit of the CKA: fine unless the per-feature
+    `n_tuned` tuned models against one base on the same tokens (lockstep): `update(layer, h_base, [h_t...])` does
+    the base work (float64 copy, norms, projection, XᵀX) once per batch and keeps the base sums once, not once per
+    tuned model. Sums live on the device of the first `update` (float64; H100 float64 GEMM is fine) and move to the
+    CPU in `state_dict`. Cancellation in XᵀX − n·x̄x̄ᵀ is the float64 limit of the CKA: fine unless the per-feature
     mean is ~1e6× the spread.
     """
 
     def __init__(self, n_layers: int, hidden_size: int, cka: str = "full", proj_dim: int = 256,
-                 seed: int = 0) -> None:
+                 seed: int = 0, n_tuned: int = 1) -> None:
         if cka not in _CKA_MODES:
             raise ValueError(f"cka must be one of {_CKA_MODES}, got {cka!r}")
-        if n_layers <= 0 or hidden_size <= 0 or proj_dim <= 0:
-            raise ValueError(f"n_layers, hidden_size, proj_dim must be positive: {n_layers}, {hidden_size}, {proj_dim}")
+        if min(n_layers, hidden_size, proj_dim, n_tuned) <= 0:
+            raise ValueError(f"n_layers, hidden_size, proj_dim, n_tuned must be positive: {n_layers}, {hidden_size}, "
+                             f"{proj_dim}, {n_tuned}")
         self.n_layers, self.hidden_size, self.cka, self.seed = int(n_layers), int(hidden_size), cka, int(seed)
+        self.n_tuned = int(n_tuned)
         self.proj_dim = int(proj_dim) if cka == "projected" else 0
         self.k = {"full": self.hidden_size, "projected": self.proj_dim, "none": 0}[cka]
         self._proj: torch.Tensor | None = None
-        self.s: dict[str, torch.Tensor] = {name: torch.zeros(self.n_layers, dtype=torch.float64) for name in _SCALARS}
+        self.s: dict[str, torch.Tensor] = {
+            name: torch.zeros(self.n_layers if name in _BASE_SCALARS else (self.n_tuned, self.n_layers),
+                              dtype=torch.float64) for name in _SCALARS}
         k = self.k
-        self.m = LayerSums(self.n_layers, {name: (k,) if name.startswith("sum") else (k, k) for name in _CKA_SUMS})
+        self.m = LayerSums(self.n_layers, {name: (k,) if name.startswith("sum") else (k, k) for name in _cka_names(
+            self.n_tuned)})
 
-    def _sums(self, layer: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {name: self.m.get(name, layer, device) for name in _CKA_SUMS}
-
-    def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor) -> None:
-        """h_base, h_tuned: [N, d] states of the N scored tokens at `layer` (any float dtype, same device)."""
+    def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """h_base [N, d] and h_tuned, [N, d] or a sequence of n_tuned of them: the states of the N scored tokens at
+        `layer` (any float dtype, same device)."""
+        hts = list(h_tuned) if isinstance(h_tuned, (list, tuple)) else [h_tuned]
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.n_layers})")
-        if h_base.shape != h_tuned.shape or h_base.ndim != 2 or h_base.shape[1] != self.hidden_size:
+        if len(hts) != self.n_tuned:
+            raise ValueError(f"expected the states of {self.n_tuned} tuned model(s), got {len(hts)}")
+        if h_base.ndim != 2 or h_base.shape[1] != self.hidden_size or any(h.shape != h_base.shape for h in hts):
             raise ValueError(f"expected h_base, h_tuned [N, {self.hidden_size}], got {tuple(h_base.shape)}, "
-                             f"{tuple(h_tuned.shape)}")
+                             f"{[tuple(h.shape) for h in hts]}")
         dev = h_base.device
-        acc = torch.zeros(len(_SCALARS), dtype=torch.float64, device=dev)
-        sums = self._sums(layer, dev) if self.k else None
+        acc_b = torch.zeros(len(_BASE_SCALARS), dtype=torch.float64, device=dev)
+        acc_t = torch.zeros(self.n_tuned, len(_PAIR_SCALARS), dtype=torch.float64, device=dev)
+        sums = {name: self.m.get(name, layer, dev) for name in self.m.shapes} if self.k else None
         if self.cka == "projected" and (self._proj is None or self._proj.device != dev):
             self._proj = projection_matrix(self.hidden_size, self.proj_dim, self.seed).to(dev)
         for i in range(0, h_base.shape[0], _CHUNK):
-            x = h_base[i:i + _CHUNK].detach().to(torch.float64)   # [n, d]
-            y = h_tuned[i:i + _CHUNK].detach().to(torch.float64)  # [n, d]
-            nx, ny = x.norm(dim=1), y.norm(dim=1)
-            dn = (y - x).norm(dim=1)
-            cos = (x * y).sum(1) / (nx.clamp_min(_EPS) * ny.clamp_min(_EPS))
-            acc += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), cos.sum(),
-                                (dn / nx.clamp_min(_EPS)).sum(), dn.sum(), nx.sum(), (dn * dn).sum(), (nx * nx).sum()])
+            x = h_base[i:i + _CHUNK].detach().to(torch.float64)  # [n, d], once for every tuned model
+            nx = x.norm(dim=1)
+            acc_b += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), nx.sum(),
+                                  (nx * nx).sum()])
+            xp = x @ self._proj if self._proj is not None else x  # [n, k]
             if sums is not None:
-                if self._proj is not None:
-                    x, y = x @ self._proj, y @ self._proj  # [n, k]
-                sums["sum_x"] += x.sum(0)
-                sums["sum_y"] += y.sum(0)
-                sums["xtx"] += x.T @ x
-                sums["yty"] += y.T @ y
-                sums["ytx"] += y.T @ x
-        acc = acc.cpu()
-        for j, name in enumerate(_SCALARS):
-            self.s[name][layer] += acc[j]
+                sums["sum_x"] += xp.sum(0)
+                sums["xtx"] += xp.T @ xp
+            for j, ht in enumerate(hts):
+                y = ht[i:i + _CHUNK].detach().to(torch.float64)  # [n, d]
+                ny, dn = y.norm(dim=1), (y - x).norm(dim=1)
+                cos = (x * y).sum(1) / (nx.clamp_min(_EPS) * ny.clamp_min(_EPS))
+                acc_t[j] += torch.stack([cos.sum(), (dn / nx.clamp_min(_EPS)).sum(), dn.sum(), (dn * dn).sum()])
+                if sums is not None:
+                    yp = y @ self._proj if self._proj is not None else y
+                    sums[f"sum_y{j}"] += yp.sum(0)
+                    sums[f"yty{j}"] += yp.T @ yp
+                    sums[f"ytx{j}"] += yp.T @ xp
+        acc_b, acc_t = acc_b.cpu(), acc_t.cpu()
+        for c, name in enumerate(_BASE_SCALARS):
+            self.s[name][layer] += acc_b[c]
+        for c, name in enumerate(_PAIR_SCALARS):
+            self.s[name][:, layer] += acc_t[:, c]
 
     def _config(self) -> tuple:
-        return (self.n_layers, self.hidden_size, self.cka, self.proj_dim, self.seed)
+        return (self.n_layers, self.hidden_size, self.cka, self.proj_dim, self.seed, self.n_tuned)
 
     def merge(self, other: "HiddenSimilarity") -> "HiddenSimilarity":
         self._check_mergeable(other)
         if other._config() != self._config():
             raise ValueError(f"cannot merge config {other._config()} into {self._config()} "
-                             "(n_layers, hidden_size, cka, proj_dim, seed)")
+                             "(n_layers, hidden_size, cka, proj_dim, seed, n_tuned)")
         for name in _SCALARS:
             self.s[name] += other.s[name]
         self.m.merge(other.m)
@@ -111,22 +133,23 @@ class HiddenSimilarity(Accumulator):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"config": torch.tensor([self.n_layers, self.hidden_size, _CKA_MODES.index(self.cka),
-                                      self.proj_dim, self.seed], dtype=torch.int64)}
+                                      self.proj_dim, self.seed, self.n_tuned], dtype=torch.int64)}
         sd.update({f"s.{name}": v.clone() for name, v in self.s.items()})
         sd.update(self.m.state("m."))
         return sd
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        n_layers, d, mode, proj_dim, seed = state["config"].tolist()
-        self.__init__(n_layers, d, _CKA_MODES[mode], proj_dim or 256, seed)
+        n_layers, d, mode, proj_dim, seed, n_tuned = state["config"].tolist()
+        self.__init__(n_layers, d, _CKA_MODES[mode], proj_dim or 256, seed, n_tuned)
         for name in _SCALARS:
             self.s[name] = state[f"s.{name}"].to(torch.float64).clone()
         self.m.load(state, "m.")
 
-    def finalize(self) -> dict:
-        """{"cka_mode", "proj_dim", "layers": [{layer, tokens, cos_mean, rel_l2_mean, rel_l2_ratio_of_sums,
-        rel_l2_fro, cka}]}; rel_l2_ratio_of_sums = Σ‖Δ‖/Σ‖h_b‖, rel_l2_fro = sqrt(Σ‖Δ‖²/Σ‖h_b‖²)."""
-        s = self.s
+    def finalize(self, j: int = 0) -> dict:
+        """Tuned model j's {"cka_mode", "proj_dim", "layers": [{layer, tokens, cos_mean, rel_l2_mean,
+        rel_l2_ratio_of_sums, rel_l2_fro, cka}]}; rel_l2_ratio_of_sums = Σ‖Δ‖/Σ‖h_b‖, rel_l2_fro =
+        sqrt(Σ‖Δ‖²/Σ‖h_b‖²)."""
+        s = {name: v if name in _BASE_SCALARS else v[j] for name, v in self.s.items()}
         layers = []
         for i in range(self.n_layers):
             n = float(s["tokens"][i])
@@ -140,6 +163,7 @@ class HiddenSimilarity(Accumulator):
                 "cka": None,
             }
             if self.k and n and self.m["sum_x"][i] is not None:
-                row["cka"] = json_float(linear_cka_from_sums(n, *(self.m[name][i].cpu() for name in _CKA_SUMS)))
+                names = ("sum_x", f"sum_y{j}", "xtx", f"yty{j}", f"ytx{j}")
+                row["cka"] = json_float(linear_cka_from_sums(n, *(self.m[name][i].cpu() for name in names)))
             layers.append(row)
         return {"cka_mode": self.cka, "proj_dim": self.proj_dim or None, "layers": layers}

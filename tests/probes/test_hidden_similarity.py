@@ -103,3 +103,31 @@ def test_cuda_matches_cpu():
         res[dev] = acc.finalize()["layers"][0]
     for k in ("cos_mean", "rel_l2_mean", "rel_l2_fro", "cka"):
         assert_close(res["cuda"][k], res["cpu"][k], rtol=1e-10, what=k)
+
+
+@pytest.mark.parametrize("mode", ["full", "projected", "none"])
+def test_j_tuned_models_equal_j_single_pair_accumulators(mode, tmp_path):
+    """One accumulator for 3 tuned models (the base sums once) gives each model exactly its single-pair numbers,
+    through a merge and a state round trip; the base CKA sums exist once."""
+    hb, _ = states(70, 10, torch.float32, seed=5)
+    hts = [states(70, 10, torch.float32, seed=6 + j)[1] for j in range(3)]
+    many = HiddenSimilarity(2, 10, cka=mode, proj_dim=4, n_tuned=3)
+    other = HiddenSimilarity(2, 10, cka=mode, proj_dim=4, n_tuned=3)
+    singles = [HiddenSimilarity(2, 10, cka=mode, proj_dim=4) for _ in hts]
+    for layer in range(2):
+        many.update(layer, hb[:30] * (layer + 1), [h[:30] for h in hts])
+        other.update(layer, hb[30:] * (layer + 1), [h[30:] for h in hts])
+        for acc, ht in zip(singles, hts):
+            acc.update(layer, hb[:30] * (layer + 1), ht[:30])
+            acc.update(layer, hb[30:] * (layer + 1), ht[30:])
+    save_state(many.merge(other), tmp_path / "h.safetensors")
+    back = load_state(HiddenSimilarity(1, 1), tmp_path / "h.safetensors")
+    for j, single in enumerate(singles):
+        want = single.finalize()
+        for got in (many.finalize(j), back.finalize(j)):
+            for r, e in zip(got["layers"], want["layers"]):
+                for k, v in e.items():
+                    assert v is None or r[k] == pytest.approx(v, rel=1e-12, abs=0), (j, r["layer"], k)
+    assert sum(1 for k in many.state_dict() if k.startswith("m.xtx.")) == (2 if mode != "none" else 0)
+    with pytest.raises(ValueError, match="expected the states of 3 tuned model"):
+        many.update(0, hb, hts[:2])
