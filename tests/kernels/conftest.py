@@ -18,7 +18,8 @@ import torch
 # the modules that define the kernels first, each after the ones it imports them from (the tile helper, the
 # recount kernel, then the scan and its launcher), then the package that re-exports the launcher
 _KERNEL_MODULES = ("driftscope.kernels.vocab_probe.triton_tile", "driftscope.kernels.vocab_probe.triton_recount",
-                   "driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe",
+                   "driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe.triton_fold",
+                   "driftscope.kernels.vocab_probe",
                    "driftscope.kernels.cov_update")
 
 

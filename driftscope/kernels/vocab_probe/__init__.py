@@ -4,7 +4,8 @@ the tuned top-1, entropies and log-sum-exps of a base and a tuned LM head, witho
 Contract: `vocab_probe(h_base, w_base, h_tuned, w_tuned, targets=None, *, valid_vocab=None)` returns a
 `VocabProbeResult` of [N] tensors (definitions on the class; target metrics None without targets).
 `kernels._dispatch.select` picks the backend per call (CUDA tensors -> triton, CPU -> cpp, torch last;
-DRIFTSCOPE_BACKEND or `use_backend` force one): `triton_fused` (fused Triton kernel), `cpp` (torch GEMM +
+DRIFTSCOPE_BACKEND or `use_backend` force one): triton (`_dispatch.vocab_path` picks `triton_panel`, cuBLAS
+GEMMs into fp32 panels + the `triton_fold` kernel, or `triton_fused`, one fused kernel), `cpp` (torch GEMM +
 driftscope._C fold) and `reference` (`vocab_probe_torch`, the fp32 reference). `common` holds the type, the
 input checks and the recount merge shared by the fused backends; README: Architecture.
 """
@@ -14,11 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
-from driftscope.kernels._dispatch import select
+from driftscope.kernels._dispatch import select, vocab_path
 from driftscope.kernels.vocab_probe.common import VocabProbeResult, _check_inputs, _empty_result
 from driftscope.kernels.vocab_probe.cpp import _cpp_tile_sizes, _vocab_probe_cpp
 from driftscope.kernels.vocab_probe.reference import vocab_probe_torch
 from driftscope.kernels.vocab_probe.triton_fused import PACKED_FIELDS, PACKED_INT_FIELDS, _vocab_probe_triton
+from driftscope.kernels.vocab_probe.triton_panel import _vocab_probe_panel
 
 __all__ = [
     "vocab_probe",
@@ -32,6 +34,7 @@ __all__ = [
     "_empty_result",
     "_vocab_probe_cpp",
     "_vocab_probe_triton",
+    "_vocab_probe_panel",
 ]
 
 
@@ -51,7 +54,7 @@ def vocab_probe(
     tokenizer's vocabulary size when the heads are padded (rows beyond it are never produced);
     required when the heads' row counts differ. The backend comes from kernels._dispatch.select.
     h_tuned and w_tuned may be sequences of J tuned states and heads: then a list of J results, each equal
-    to its single-pair call, with the base work (its GEMM, prologue) done once (cpp, torch).
+    to its single-pair call, with the base work (its GEMM, prologue) done once (cpp, torch, triton panel).
     """
     many = isinstance(h_tuned, (list, tuple)) or isinstance(w_tuned, (list, tuple))
     if many and not (isinstance(h_tuned, (list, tuple)) and isinstance(w_tuned, (list, tuple))
@@ -70,8 +73,12 @@ def vocab_probe(
     backend = select(h_base.device, ("triton", "cpp", "torch"))
     if h_base.shape[0] == 0:
         out = [_empty_result(0, h_base.device, targets is not None) for _ in pairs]
-    elif backend == "triton":  # one fused launch per pair (the base work is not shared yet)
-        out = [_vocab_probe_triton(h_base, w_base, h, w, targets) for h, w in zip(hts, wts)]
+    elif backend == "triton":  # panel path (all J pairs, base GEMM shared) or one fused launch per pair
+        path = vocab_path(h_base.device, h_base.shape[0], w_base.shape[0])
+        if path.path == "panel":
+            out = _vocab_probe_panel(h_base, w_base, hts, wts, targets, path.rows)
+        else:
+            out = [_vocab_probe_triton(h_base, w_base, h, w, targets) for h, w in zip(hts, wts)]
     elif backend == "cpp":
         out = _vocab_probe_cpp(h_base, w_base, hts, wts, targets)
     else:
