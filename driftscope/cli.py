@@ -1,16 +1,29 @@
-"""Command-line entry point `driftscope`: argparse wiring only."""
+"""Command-line entry point `driftscope`: argparse wiring, and the one error boundary of every command.
+
+A user error (InputError or any ValueError, OSError, ImportError, JSON or Jinja template error) prints one line
+`driftscope CMD: error: ...` and exits 2; Ctrl-C prints how to continue and exits 130; anything else is a bug: its
+traceback, then `driftscope CMD: internal error: ...`, exit 1. `driftscope --debug CMD ...` shows user errors'
+tracebacks too.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-from collections.abc import Callable
+import traceback
 from dataclasses import fields
-from typing import TypeVar
 
 from driftscope.cli_options import add_options, options_from
 
-T = TypeVar("T")
+_DEBUG_HELP = "show the traceback of user errors too; give it before the command: driftscope --debug drift ..."
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other user error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_backends(args: argparse.Namespace) -> int:
@@ -31,16 +44,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(cmd: str, interrupted: str, call: Callable[[], T]) -> tuple[T | None, int]:
-    """(call(), 0); an input error prints `driftscope CMD: error: ...` -> (None, 2), Ctrl-C `interrupted` -> 130."""
-    try:
-        return call(), 0
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return None, 130
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"driftscope {cmd}: error: {exc}", file=sys.stderr)
-        return None, 2
+def _num(value, spec: str) -> str:
+    """`value` formatted with `spec`, or n/a when it is missing or not a finite number."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return format(value, spec) if ok else "n/a"
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
@@ -50,15 +57,13 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     from driftscope.analysis.run import drift
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
-    report, rc = _guarded("drift", f"interrupted; continue with the same command plus --resume (state in {args.out})",
-                          lambda: drift(args.base, args.tuned, args.data, args.out, **options_from(args, DriftOptions)))
-    if rc:
-        return rc
+    report = drift(args.base, args.tuned, args.data, args.out, **options_from(args, DriftOptions))
     for model, m in report.summary["models"].items():
         for task, t in m["tasks"].items():
-            print(f"{model} / {task}: {t['tokens']} tokens, {t['samples']} samples, "
-                  f"KL(tuned||base) {t['kl_tb']['token_mean']:.5f}, sampled KL {t['sampled_kl']:.5f}, "
-                  f"rank shift {t['rank_shift']['token_mean']:.3f}, top-1 agreement {t['top1_agreement']:.1%}")
+            kl, rank = (t.get("kl_tb") or {}).get("token_mean"), (t.get("rank_shift") or {}).get("token_mean")
+            print(f"{model} / {task}: {t.get('tokens')} tokens, {t.get('samples')} samples, "
+                  f"KL(tuned||base) {_num(kl, '.5f')}, sampled KL {_num(t.get('sampled_kl'), '.5f')}, "
+                  f"rank shift {_num(rank, '.3f')}, top-1 agreement {_num(t.get('top1_agreement'), '.1%')}")
     for kind, path in report.files.items():
         print(f"{kind}: {path}")
     return 0
@@ -80,16 +85,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from driftscope.analysis.responses import GenerateOptions, generate_responses
     from driftscope.engine.sampling import SamplingParams
 
-    def call():
-        params = SamplingParams(n=args.n, **options_from(args, DriftOptions, _sampling_names()))
-        return generate_responses(args.model, args.data, args.out, params,
-                                  GenerateOptions(**options_from(args, GenerateOptions)))
-
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
-    report, rc = _guarded("generate", f"interrupted; rerun the same command to continue ({args.out}.partial keeps "
-                          "what was done)", call)
-    if rc:
-        return rc
+    params = SamplingParams(n=args.n, **options_from(args, DriftOptions, _sampling_names()))
+    report = generate_responses(args.model, args.data, args.out, params,
+                                GenerateOptions(**options_from(args, GenerateOptions)))
     st = report.stats
     print(f"{report.records} responses -> {report.out} ({report.resumed} from the interrupted run; "
           f"{st['decode_tokens'] + st['prefill_tokens']} tokens computed in {st['steps']} steps, "
@@ -109,7 +108,8 @@ def _add_drift(sub, with_options: bool) -> None:
         from driftscope.analysis.options import DriftOptions
 
         add_options(p, DriftOptions)
-    p.set_defaults(func=_cmd_drift)
+    p.set_defaults(func=_cmd_drift,
+                   interrupted="interrupted; continue with the same command plus --resume (state in {out})")
 
 
 def _add_generate(sub, with_options: bool) -> None:
@@ -124,13 +124,15 @@ def _add_generate(sub, with_options: bool) -> None:
 
         add_options(p, DriftOptions, _sampling_names())
         add_options(p, GenerateOptions)
-    p.set_defaults(func=_cmd_generate)
+    p.set_defaults(func=_cmd_generate,
+                   interrupted="interrupted; rerun the same command to continue ({out}.partial keeps what was done)")
 
 
 def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
     """The `driftscope` parser. drift's and generate's flags come from their options dataclasses (whose modules import
     torch); given `cmd`, the subcommand about to run, only that one gets them."""
-    parser = argparse.ArgumentParser(prog="driftscope", description="lockstep base-vs-tuned LLM drift probing")
+    parser = _Parser(prog="driftscope", description="lockstep base-vs-tuned LLM drift probing")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("backends", help="print which kernel backends are available and why")
     p.set_defaults(func=_cmd_backends)
@@ -150,14 +152,58 @@ def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Whether `exc` is something the user can fix (the rest are bugs); ImportError: an optional dependency."""
+    jinja = sys.modules.get("jinja2")  # a template error can only come from an imported jinja2
+    return isinstance(exc, (ValueError, OSError, ImportError)) or (
+        jinja is not None and isinstance(exc, jinja.TemplateError))
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line; an OSError names its path (`exc.filename`) when the message lacks it."""
+    msg = str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:  # not str(exc): "[Errno 17] File exists: 'x'"
+        what = str(exc.strerror or (exc.args[0] if exc.args else ""))
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        msg = what if str(exc.filename) in what else f"{paths}: {what}"
+    if isinstance(exc, ModuleNotFoundError):
+        msg += " (an optional dependency: install it; the eval commands need pip install 'driftscope[eval]')"
+    msg = "; ".join(line.strip() for line in msg.splitlines() if line.strip())
+    return msg or type(exc).__name__
+
+
+def _run(args: argparse.Namespace) -> int:
+    """args.func(args) inside the error boundary (see the module docstring)."""
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
+        return 130
+    except Exception as exc:
+        user = is_user_error(exc)
+        if args.debug or not user:
+            traceback.print_exc()
+        if user:
+            print(f"driftscope {args.cmd}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"driftscope {args.cmd}: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(a bug: please report it with the traceback above)", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "lm-eval":  # a passthrough: lm-eval parses its own arguments
+    rest = argv[1:] if argv[:1] == ["--debug"] else argv
+    if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its own errors
         from driftscope.eval.eval_cli import run_lm_eval
 
-        return run_lm_eval(argv[1:])
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return args.func(args)
+        return run_lm_eval(rest[1:])
+    try:
+        args = build_parser(rest[0] if rest else None).parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Command-line flags built from an options dataclass: each field's `metadata=cli(help, ...)` says how.
 
-Stdlib only, so the options modules can use it without importing the CLI. A field becomes `--its-name` (dest: the
-field name, default: the field's default); bools are `store_true` when they default to False, else `--x/--no-x`;
-int, float and str take that type; a tuple is a repeatable flag. Anything else needs a `type=` in its metadata.
+Stdlib only (and driftscope.errors), so the options modules can use it without importing the CLI. A field becomes
+`--its-name` (dest: the field name, default: the field's default); bools are `store_true` when they default to False,
+else `--x/--no-x`; int, float and str take that type; a tuple is a repeatable flag. Anything else needs a `type=` in
+its metadata.
 """
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import argparse
 import json
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, Field, fields
 
-__all__ = ["cli", "add_options", "options_from", "size", "json_object", "on_off"]
+from driftscope.errors import InputError
+
+__all__ = ["cli", "add_options", "options_from", "size", "json_object", "as_object", "on_off"]
 
 
 def cli(help: str, *, flag: str | None = None, group: str | None = None, **argparse_kw) -> dict:
@@ -41,15 +44,26 @@ def size(text: str) -> int:
     return int(value)
 
 
+def as_object(value, name: str = "") -> dict:
+    """`value` (a mapping, or a JSON object as text) as a dict; InputError naming `name` (e.g. "option=") else."""
+    example = '{"enable_thinking": false}'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{name}{value!r} is not valid JSON ({e.msg} at column {e.colno}); expected a JSON "
+                             f"object, e.g. '{example}'") from None
+    if not isinstance(value, Mapping):
+        raise InputError(f"{name}{value!r} must be a JSON object, e.g. '{example}' (got a {type(value).__name__})")
+    return dict(value)
+
+
 def json_object(text: str) -> dict:
     """A JSON object given on the command line."""
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
-    return value
+        return as_object(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def on_off(text: str) -> bool:

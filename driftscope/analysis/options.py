@@ -8,12 +8,14 @@ from pathlib import Path
 
 import torch
 
-from driftscope.cli_options import cli, json_object, on_off, size
+from driftscope.cli_options import as_object, cli, json_object, on_off, size
+from driftscope.engine.data import OVERLONG
+from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES, dtype_name
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-STATE_FORMAT = 3  # layout of the resumable state (3: one probe bundle per task, tuned models' sums keyed by index)
+STATE_FORMAT = 4  # layout of the resumable state (4: a probe bundle per task, hidden-state sums with the base once)
 
 
 @dataclass
@@ -23,6 +25,10 @@ class DriftOptions:
     max_batch_tokens: int = field(default=8192, metadata=cli(
         "token budget of one packed batch: bounds activation memory"))
     max_seq_len: int | None = field(default=None, metadata=cli("keep the first N tokens of each sample (default: all)"))
+    overlong: str = field(default="error", metadata=cli(
+        "records longer than the models' context (max_position_embeddings; with --generate: prompt + "
+        "--max-new-tokens): error refuses them, naming them; truncate scores their first tokens (with --generate: "
+        "stops generating at the context)", choices=OVERLONG))
     device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
     dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
     # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
@@ -43,6 +49,8 @@ class DriftOptions:
     checkpoint_every: float = field(default=30.0, metadata=cli(
         "min seconds between resumable checkpoints, stretched to keep saving <= ~10% of the time (0: every batch)"))
     resume: bool = field(default=False, metadata=cli("continue an interrupted run in --out"))
+    overwrite: bool = field(default=False, metadata=cli(
+        "discard the interrupted run in --out and start over (without it, such a run is never discarded)"))
     progress: bool = field(default=True, metadata=cli("progress bars on stderr"))
     allow_pickle: bool = field(default=False, metadata=cli(
         "also load pickle checkpoints (.bin/.pt), with torch.load(weights_only=True)"))
@@ -95,6 +103,12 @@ class DriftOptions:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.overlong not in OVERLONG:
+            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
+        if not self.checkpoint_every >= 0:  # NaN too
+            raise InputError(f"checkpoint_every={self.checkpoint_every} is invalid: expected seconds >= 0 "
+                             "(0: a checkpoint after every batch)")
+        self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
         self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         if isinstance(self.device, torch.device):
             self.device = str(self.device)
@@ -126,7 +140,8 @@ class DriftOptions:
         return asdict(self)
 
     # fields that do not change any number of the result
-    _COSMETIC = ("checkpoint_every", "resume", "progress", "top_tokens", "device", "cache_memory", "max_num_seqs")
+    _COSMETIC = ("checkpoint_every", "resume", "overwrite", "progress", "top_tokens", "device", "cache_memory",
+                 "max_num_seqs")
 
     def result_fields(self) -> dict:
         return {k: v for k, v in self.as_dict().items() if k not in self._COSMETIC}

@@ -1,7 +1,8 @@
 """The plan of a drift run: every check that needs no weights, run once, before any checkpoint loads.
 
-Paths exist, tokenizers agree (vocabulary, then encodings of the run's texts), configs are compatible, every
-record tokenizes and every token id has an embedding row, paper-mode PCA has its queries.
+Paths exist (and --out can be made), tokenizers agree (vocabulary, then encodings of the run's texts), configs are
+compatible, every record tokenizes and fits the models' context, every token id has an embedding row, paper-mode PCA
+has its queries.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from driftscope.analysis import gen_drift
 from driftscope.analysis.options import DriftOptions, file_digest
 from driftscope.analysis.paper_pca import query_texts
 from driftscope.engine.config import ModelConfig
-from driftscope.engine.data import PackedBatch, Sample, next_fit, pack_batches, read_records, tokenize_records
+from driftscope.engine.data import (PackedBatch, Sample, fit_context, fit_prompts, next_fit, pack_batches,
+                                    read_records, tokenize_records)
 from driftscope.engine.runner import check_compatible_configs
 from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
+from driftscope.errors import InputError
 
 PathLike = str | Path
 _TOKENIZER_CHECK_RECORDS = 64  # records per task whose texts must encode alike under base and tuned tokenizers
@@ -110,22 +113,32 @@ def check_same_encoding(tok: Tokenizer, other: Tokenizer, texts: Sequence[str]) 
             )
 
 
-def _read_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions) -> Task:
+def _context(configs: list[ModelConfig]) -> tuple[int, str]:
+    """(the context every model takes, the config.json that sets it)."""
+    c = min(configs, key=lambda c: c.max_position_embeddings)
+    return c.max_position_embeddings, c.source
+
+
+def _read_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions, context: tuple[int, str]) -> Task:
     records, problems = read_records(path)
     samples = tokenize_records(records, tok, max_seq_len=o.max_seq_len, chat_template_kwargs=o.chat_template_kwargs,
                                problems=problems)
+    samples = fit_context(samples, *context, o.overlong, problems)
     if not samples:
         first = problems[0] if problems else "the file has no records"
         raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
     texts = [x for r in records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
     task = Task(name, path, _batch_groups(samples, o.max_batch_tokens), problems, texts, o.max_batch_tokens)
     if o.pca == "paper":
-        task.queries = query_texts(o, tok, records=records)
+        kept = {s.sample_id for s in samples}  # a record skipped for its chat template is no query either
+        task.queries = query_texts(o, tok, records=[r for r in records if r.index in kept])
     return task
 
 
-def _read_prompt_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions) -> Task:
+def _read_prompt_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions, context: tuple[int, str]) -> Task:
     items, problems = gen_drift.read_prompt_items(o, tok, path)
+    skip = fit_prompts([(p.where, len(p.ids)) for p in items], o.max_new_tokens, *context, o.overlong, problems)
+    items = [p for p in items if p.where not in skip]
     if not items:
         first = problems[0] if problems else "the file has no records"
         raise ValueError(f"{path}: no usable prompt ({len(problems)} problems; first: {first})")
@@ -150,14 +163,27 @@ def _check_ids_fit(tasks: list[Task], tok: Tokenizer, configs: list[ModelConfig]
 
 
 def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
-    for p in [base, *tuned]:
+    for flag, p in [("--base", base), *(("--tuned", t) for t in tuned)]:
+        if p.is_file():
+            raise InputError(f"{flag} {p} is a file; a checkpoint folder (config.json + safetensors + tokenizer) "
+                             "is expected")
         if not p.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {p} does not exist")
+            raise FileNotFoundError(f"{flag}: checkpoint folder {p} does not exist")
     for p in data:
         if p.is_dir():
-            raise IsADirectoryError(f"records file {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
+            raise InputError(f"--data {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
         if not p.is_file():
-            raise FileNotFoundError(f"records file {p} does not exist")
+            raise FileNotFoundError(f"--data: records file {p} does not exist")
+
+
+def check_out(out: Path) -> None:
+    """The output folder `out` is a folder or can be made one: neither it nor a folder above it is a file."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; the output folder must be a folder or not exist yet")
+    below = next((p for p in out.parents if p.exists()), None)
+    if below is not None and not below.is_dir():
+        raise InputError(f"--out {out} lies below the file {below}; the output folder must be a folder or not "
+                         "exist yet")
 
 
 def _own_tokenizer(base_dir: Path, tuned_dir: Path) -> bool:
@@ -171,10 +197,12 @@ def _own_tokenizer(base_dir: Path, tuned_dir: Path) -> bool:
 
 
 def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
-         opts: DriftOptions) -> Plan:
+         opts: DriftOptions, out: PathLike | None = None) -> Plan:
     """Check everything that can be checked without weights, each once; the tasks come back tokenized."""
     base_dir = Path(base)
     check_paths(base_dir, as_list(tuned), as_list(data))
+    if out is not None:
+        check_out(Path(out))
     tuned_dirs = unique_names(as_list(tuned), key=lambda p: p.resolve().name)
     data_map = unique_names(as_list(data), key=lambda p: p.stem)
     tok = load_tokenizer(base_dir)
@@ -184,12 +212,15 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned_dirs.values())]
     check_compatible_configs(configs[0], configs[1:])
     read = _read_prompt_task if opts.generate else _read_task
-    tasks = [read(name, path, tok, opts) for name, path in data_map.items()]
+    tasks = [read(name, path, tok, opts, _context(configs)) for name, path in data_map.items()]
     _check_ids_fit(tasks, tok, configs)
-    for task in tasks:
-        if task.queries is not None and len(task.queries) < 2:
-            raise ValueError(f"{opts.pca_texts or task.path}: paper-mode PCA needs at least 2 query texts, "
-                             f"found {len(task.queries)}")
+    for task in [t for t in tasks if t.queries is not None]:
+        n, src = len(task.queries), opts.pca_texts or task.path
+        if n < 2:
+            raise InputError(f"{src}: paper-mode PCA needs at least 2 query texts, found {n}")
+        if n < opts.pca_queries:
+            raise InputError(f"pca_queries={opts.pca_queries}: {src} has only {n} query texts; pass --pca-queries "
+                             f"{n} or fewer")
     texts = [x for t in tasks for x in t.check_texts]
     for other in others:
         check_same_encoding(tok, other, texts)

@@ -21,11 +21,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from driftscope.analysis.options import checkpoint_identity, file_digest
-from driftscope.cli_options import cli, json_object, on_off, size
+from driftscope.cli_options import as_object, cli, json_object, on_off, size
+from driftscope.engine.config import ModelConfig
+from driftscope.engine.data import OVERLONG, fit_prompts
 from driftscope.engine.decoding import GenerationEngine, Generation
 from driftscope.engine.generate import load_for_generation, make_requests, progress_bar
 from driftscope.engine.prompts import read_prompts, render_prompt
 from driftscope.engine.sampling import SamplingParams
+from driftscope.engine.tokenizer import load_tokenizer
+from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -59,10 +63,16 @@ class GenerateOptions:
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
         "discard an interrupted run with other inputs or options in OUT.partial"))
     overwrite: bool = field(default=False, metadata=cli("replace an existing (finished) OUT"))
+    overlong: str = field(default="error", metadata=cli(
+        "prompts whose prompt + --max-new-tokens exceed the model's context (max_position_embeddings): error refuses "
+        "them, naming them; truncate stops generating at the context", choices=OVERLONG))
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit <= 0:
             raise ValueError(f"limit={self.limit} is invalid: expected a positive number of records")
+        if self.overlong not in OVERLONG:
+            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
+        self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
 
 
 @dataclass
@@ -137,6 +147,9 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
         raise ValueError(f"--out {out} is a directory; name the responses file (e.g. {out / 'responses.jsonl'})")
     if out.exists() and not o.overwrite:
         raise ValueError(f"--out {out} exists (a finished run); pass --overwrite to replace it")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise InputError(f"--out {out} lies below the file {above}; name a responses file in a folder")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
     records, problems = read_prompts(data, o.prompt_field)
@@ -154,13 +167,21 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
     fp = _fingerprint(model_dir, data, params, o)
     partial = out.with_name(out.name + ".partial")
     done = _read_partial(partial, fp, o.restart)
-    m, tok = load_for_generation(model_dir, device=o.device, dtype=o.dtype)
+    tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     rendered, texts = [], {}
-    for r in records:
+    for r in records:  # rendered and checked against the context before the weights load
         text, ids = render_prompt(r.prompt, tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
                                   chat_template_kwargs=o.chat_template_kwargs, rendered=r.rendered)
         texts[r.index] = (text, ids)
         rendered.append((r.index, ids, r.where))
+    config = ModelConfig.from_file(model_dir / "config.json")
+    skip = fit_prompts([(where, len(ids)) for _, ids, where in rendered], params.max_new_tokens,
+                       config.max_position_embeddings, config.source, o.overlong, problems)
+    rendered = [x for x in rendered if x[2] not in skip]
+    if not rendered:
+        raise InputError(f"{data}: no usable prompt record ({len(problems)} problems; first: {problems[0]})")
+    texts = {index: texts[index] for index, _, _ in rendered}
+    m, tok = load_for_generation(model_dir, tok, device=o.device, dtype=o.dtype)
     engine = GenerationEngine(m, tok, cache_memory=o.cache_memory, block_size=o.block_size,
                               max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_step_tokens)
     requests = [q for q in make_requests(rendered, params) if (q.prompt_index, q.sample_index) not in done]

@@ -13,13 +13,17 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
+from driftscope.engine.tokenizer import ChatTemplateError
+from driftscope.errors import InputError
+
 __all__ = [
     "Record", "Sample", "PackedBatch", "read_records", "detect_format", "record_texts",
-    "tokenize_records", "load_samples", "pack_batches", "next_fit",
+    "tokenize_records", "load_samples", "pack_batches", "next_fit", "OVERLONG", "fit_context", "fit_prompts",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+OVERLONG = ("error", "truncate")  # what to do with records longer than the models' context
 
 # Auto-detection order: the first field set a record has wins.
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -163,6 +167,8 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
     FileNotFoundError if the file is missing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"records file {path} is a directory; pass the JSONL/JSON/parquet file(s) in it")
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} does not exist")
     records, problems = parse_objects(path, _parse)
@@ -222,6 +228,8 @@ def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max
     for rec in records:
         try:
             prompt, response = record_texts(rec, tokenizer, chat_template_kwargs)
+        except ChatTemplateError:
+            raise  # the template itself is broken: every record would fail alike
         except ValueError as e:
             problems.append(f"{rec.where}: {e}; record skipped")
             log.warning("%s", problems[-1])
@@ -253,6 +261,61 @@ def tokenize_records(records: Sequence[Record], tokenizer: TextTokenizer, *, max
             continue
         out.append(sample)
     return out
+
+
+def _overlong_error(items: Sequence[tuple[str, int]], what: str, fix: str) -> InputError:
+    """The error for records that do not fit the context: the first few by place and length, and how many."""
+    shown = ", ".join(f"{where} ({n} tokens)" for where, n in items[:3])
+    more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+    return InputError(f"{len(items)} record{'s' if len(items) > 1 else ''} {what}: {shown}{more}; {fix}")
+
+
+def fit_context(samples: list[Sample], context: int, source: str, overlong: str, problems: list[str]) -> list[Sample]:
+    """`samples` that fit `context` tokens (the models' max_position_embeddings, in `source`). Longer ones: an
+    InputError naming them (overlong="error"), or cut to their first `context` tokens ("truncate", logged once; one
+    left with no scored token is skipped, in `problems`)."""
+    over = [(s.where, len(s.input_ids)) for s in samples if len(s.input_ids) > context]
+    if not over:
+        return samples
+    limit = f"the context of {context} tokens (max_position_embeddings of {source})"
+    if overlong == "error":
+        raise _overlong_error(over, f"longer than {limit}", f"pass --overlong truncate to score their first {context} "
+                              "tokens, or cut them with --max-seq-len")
+    log.warning("%d record(s) longer than %s: truncated to their first %d tokens (--overlong truncate)",
+                len(over), limit, context)
+    out = []
+    for s in samples:
+        if len(s.input_ids) > context:
+            s = Sample(s.sample_id, s.input_ids[:context], s.n_prompt, s.where, truncated=True)
+            if s.n_scored == 0:
+                problems.append(f"{s.where}: the prompt fills {limit}, which leaves no response token; record skipped")
+                log.warning("%s", problems[-1])
+                continue
+        out.append(s)
+    return out
+
+
+def fit_prompts(prompts: Sequence[tuple[str, int]], max_new_tokens: int, context: int, source: str, overlong: str,
+                problems: list[str]) -> set[str]:
+    """Prompts (where, prompt tokens) whose prompt + max_new_tokens exceed `context` (the models'
+    max_position_embeddings, in `source`): an InputError naming them (overlong="error"); with "truncate" they stop
+    generating at the context (logged once) and the places of those that fill the context alone come back, to skip
+    (in `problems`)."""
+    over = [(w, n + max_new_tokens) for w, n in prompts if n + max_new_tokens > context]
+    if not over:
+        return set()
+    limit = f"the context of {context} tokens (max_position_embeddings of {source})"
+    if overlong == "error":
+        raise _overlong_error(over, f"whose prompt + max_new_tokens {max_new_tokens} exceeds {limit}",
+                              "lower --max-new-tokens, or pass --overlong truncate to stop generating at the context")
+    full = [w for w, n in prompts if n >= context]
+    for w in full:
+        problems.append(f"{w}: the prompt fills {limit} alone, which leaves no room to generate; record skipped")
+        log.warning("%s", problems[-1])
+    if len(over) > len(full):
+        log.warning("%d prompt(s) + max_new_tokens %d exceed %s: their generation stops there (--overlong truncate)",
+                    len(over) - len(full), max_new_tokens, limit)
+    return set(full)
 
 
 def load_samples(path: str | Path, tokenizer: TextTokenizer, **kwargs: Any) -> tuple[list[Sample], list[str]]:

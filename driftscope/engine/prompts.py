@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from driftscope.engine.data import parse_objects
+from driftscope.errors import InputError
 
 Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]]]
 PROMPT_FIELDS = ("messages", "input", "prompt", "question", "problem", "text")
@@ -92,7 +93,7 @@ def read_prompts(path: str | Path, field: str | None = None) -> tuple[list[Promp
     """(prompt records in file order, problems "where: why; record skipped" for bad records)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"prompts file {path} is a directory; pass the JSONL/JSON/parquet file in it")
+        raise InputError(f"prompts file {path} is a directory; pass the JSONL/JSON/parquet file in it")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
 

@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import functools
 import json
+import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from driftscope.errors import InputError
 from driftscope.util import read_json
 
-__all__ = ["Tokenizer", "load_tokenizer", "SecurityError", "TemplateError"]
+__all__ = ["Tokenizer", "load_tokenizer", "SecurityError", "TemplateError", "ChatTemplateError"]
+
+
+class ChatTemplateError(InputError):
+    """The chat template itself is broken (it does not compile, or the sandbox blocks it): every record would fail
+    alike, so it is never skipped per record. Other render errors (raise_exception, an undefined value) are
+    InputErrors about the one record."""
+
+
+def _template_line(exc: BaseException) -> int | None:
+    """The template line a render error came from (jinja rewrites the traceback to the template's lines)."""
+    return next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__)) if f.filename == "<template>"),
+                None)
 
 
 def _raise_exception(message: str):
@@ -103,7 +117,10 @@ class Tokenizer:
             raise FileNotFoundError(f"{tjson}: tokenizer.json not found (only fast tokenizers are supported)")
         root = tjson.parent
         self.path = root
-        self._tok = _HFTokenizer.from_file(str(tjson))
+        try:
+            self._tok = _HFTokenizer.from_file(str(tjson))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+            raise InputError(f"{tjson}: not a valid tokenizer.json ({e}); the file is damaged or truncated") from e
         self._config = self._read_json(root / "tokenizer_config.json", "tokenizer config")
         gen = self._read_json(root / "generation_config.json", "generation config")
 
@@ -203,13 +220,21 @@ class Tokenizer:
         context.update(_plain(kwargs))
         if enable_thinking is not None:
             context["enable_thinking"] = bool(enable_thinking)
-        text = compile_template(source).render(
-            messages=[{k: v for k, v in m.items() if v is not None} for m in _plain(list(messages))],
-            tools=_plain(context.pop("tools", None)),
-            documents=_plain(context.pop("documents", None)),
-            add_generation_prompt=add_generation_prompt,
-            **context,
-        )
+        where = self.chat_template_source if source in self.chat_template.values() else "the chat_template argument"
+        try:
+            template = compile_template(source)
+        except TemplateSyntaxError as e:
+            raise ChatTemplateError(f"{where}: the chat template does not compile: line {e.lineno}: {e.message}") from e
+        messages = [{k: v for k, v in m.items() if v is not None} for m in _plain(list(messages))]
+        try:
+            text = template.render(messages=messages, tools=_plain(context.pop("tools", None)),
+                                   documents=_plain(context.pop("documents", None)),
+                                   add_generation_prompt=add_generation_prompt, **context)
+        except SecurityError as e:
+            why = f"chat template line {_template_line(e)}: the sandbox blocks it: {e}"
+            raise ChatTemplateError(f"{where}: {why}") from e
+        except (TemplateError, TypeError) as e:
+            raise InputError(f"{where}: chat template line {_template_line(e)}: {e}") from e
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def _template_source(self, chat_template: str | None) -> str:

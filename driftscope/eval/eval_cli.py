@@ -6,12 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES
 
 __all__ = ["add_parser", "run", "run_lm_eval"]
-
-_PROG = "driftscope eval"
-
 
 def _on_off(text: str) -> bool:
     if text.lower() in ("on", "true", "1", "yes"):
@@ -48,36 +46,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, interrupted="interrupted; rerun the same command to continue (state in {out})")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from driftscope.eval.benchmarks import BENCHMARKS
 
-    try:
-        if args.responses is not None:
-            if not args.benchmark:
-                raise ValueError("--responses needs --benchmark NAME")
-            from driftscope.eval.grade_responses import grade_responses
+    if args.responses is not None:
+        if not args.benchmark:
+            raise InputError("--responses needs --benchmark NAME")
+        from driftscope.eval.grade_responses import grade_responses
 
-            result = grade_responses(args.benchmark, args.responses, args.out, data_dir=args.data_dir)
-        else:
-            if not args.tasks:
-                raise ValueError("--model needs --tasks (comma-separated benchmarks, or 'all')")
-            names = list(BENCHMARKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-            from driftscope.eval.run import evaluate
+        result = grade_responses(args.benchmark, args.responses, args.out, data_dir=args.data_dir)
+    else:
+        if not args.tasks:
+            raise InputError("--model needs --tasks (comma-separated benchmarks, or 'all')")
+        if Path(args.model).is_file():
+            raise InputError(f"--model {args.model} is a file; a checkpoint folder (config.json + safetensors + "
+                             "tokenizer) is expected")
+        names = list(BENCHMARKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        from driftscope.eval.run import evaluate
 
-            result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
-                              max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
-                              device=args.device, dtype=args.dtype, seed=args.seed,
-                              max_batch_tokens=args.max_batch_tokens, upstream=args.upstream)
-    except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to continue (state in {args.out})", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
+                          max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
+                          device=args.device, dtype=args.dtype, seed=args.seed,
+                          max_batch_tokens=args.max_batch_tokens, upstream=args.upstream)
     for name, score in result["scores"].items():
         d = result.get("details", {}).get(name, {})
         shown = "—" if score is None else f"{score:.2f}"

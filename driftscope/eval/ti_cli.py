@@ -1,6 +1,6 @@
 """`driftscope ti`: the Transferability Index of tuned models against a base from score files. `add_parser(sub)`
 registers the subcommand on the main CLI's subparsers; `run(args)` prints Table 1 and, with --out, writes ti.json,
-ti.html and ti.png there. Input errors print one line `driftscope ti: error: ...` to stderr and return 2.
+ti.html and ti.png there. Input errors raise ValueError/OSError, which the CLI's boundary prints in one line.
 """
 from __future__ import annotations
 
@@ -76,14 +76,6 @@ def parse_named_file(text: str) -> tuple[str, Path]:
     return Path(text).stem, Path(text)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def _load(spec: str, fraction: bool) -> tuple[str, ScoreFile]:
     name, path = parse_named_file(spec)
     sf = load_scores(path, fraction=fraction)
@@ -94,7 +86,7 @@ def _load(spec: str, fraction: bool) -> tuple[str, ScoreFile]:
     return name, sf
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     sigma = parse_sigma(args.sigma)
     if sigma is not None and args.method != "domain":
         raise ValueError(f"--sigma applies to --method domain only (got --method {args.method})")

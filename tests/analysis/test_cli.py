@@ -97,7 +97,7 @@ def test_every_old_generate_flag_still_parses():
                   "0.7", "--top-p", "0.5", "--top-k", "2", "--seed", "9", "--stop", "z", "--ignore-eos", "--chat",
                   "--system", "s", "--thinking", "on", "--cache-memory", "512MiB", "--max-num-seqs", "3",
                   "--chat-template-kwargs", "{}", "--device", "cpu", "--dtype", "float16", "--restart",
-                  "--overwrite", "--no-progress")
+                  "--overwrite", "--no-progress", "--overlong", "truncate")
     assert args.n == 2
     assert options_from(args, DriftOptions, ["max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                                              "ignore_eos"]) == dict(max_new_tokens=4, temperature=0.7, top_p=0.5,
@@ -105,7 +105,7 @@ def test_every_old_generate_flag_still_parses():
     assert options_from(args, GenerateOptions) == dict(
         limit=3, prompt_field="f", chat=True, system="s", thinking=True, chat_template_kwargs={}, device="cpu",
         dtype="float16", cache_memory=512 * 2**20, block_size=None, max_num_seqs=3, max_step_tokens=8192,
-        progress=False, restart=True, overwrite=True)
+        progress=False, restart=True, overwrite=True, overlong="truncate")
 
 
 def _fake_drift(monkeypatch, seen: dict, exc: BaseException | None = None):

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from driftscope.engine.synth import CHAT_TEMPLATE, write_tokenizer
-from driftscope.engine.tokenizer import SecurityError, TemplateError, load_tokenizer
+from driftscope.engine.tokenizer import ChatTemplateError, load_tokenizer
+from driftscope.errors import InputError
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -162,7 +163,7 @@ def test_template_helpers_and_special_token_strings(tok_dir, tmp_path):
     out = load_tokenizer(d).apply_chat_template([{"role": "user", "content": "é<b>"}], extra=7)
     assert out == '<|im_end|>|{"role": "user", "content": "é<b>"}|4|7'  # tojson: no ascii/HTML escaping
     d2 = _with_template(tok_dir, tmp_path / "t2", "{{ raise_exception('roles must alternate') }}")
-    with pytest.raises(TemplateError, match="roles must alternate"):
+    with pytest.raises(InputError, match=r"tokenizer_config.json: chat template line 1: roles must alternate"):
         load_tokenizer(d2).apply_chat_template([])
 
 
@@ -189,7 +190,7 @@ SANDBOX_ESCAPES = {
 def test_sandbox_refuses_python_internals(tok_dir, tmp_path, source):
     d = _with_template(tok_dir, tmp_path / "t", source)
     messages = [{"role": "user", "content": "hi"}]
-    with pytest.raises(SecurityError):
+    with pytest.raises(ChatTemplateError, match=r"tokenizer_config.json: chat template line 1: the sandbox blocks"):
         load_tokenizer(d).apply_chat_template(messages)
     assert messages == [{"role": "user", "content": "hi"}]
 

@@ -2,12 +2,11 @@
 ti.json, ti.png, ti.html; σ options; one-line errors with exit status 2; no matplotlib → HTML without the PNG."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from driftscope.eval import ti_cli
+from driftscope.cli import main
 from driftscope.report import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,20 +54,13 @@ def files(tmp_path):
     return out
 
 
-def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="driftscope")
-    ti_cli.add_parser(parser.add_subparsers(dest="cmd", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def _tuned_args(files) -> list[str]:
     return [a for n in ("sft-think", "sft-nothink", "rl") for a in ("--tuned", f"{n}={files[n]}")]
 
 
 def test_relative_three_models_writes_all_files(files, tmp_path, capsys):
     out = tmp_path / "ti-out"
-    rc = _run(["ti", "--base", f"Qwen3-14B-Base={files['base']}", *_tuned_args(files), "--out", str(out)])
+    rc = main(["ti", "--base", f"Qwen3-14B-Base={files['base']}", *_tuned_args(files), "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = {line.split("|")[0].strip(): line for line in captured.out.splitlines() if "|" in line}
@@ -94,21 +86,21 @@ def test_relative_three_models_writes_all_files(files, tmp_path, capsys):
 
 def test_domain_paper_sigma_and_pooled(files, tmp_path, capsys):
     out = tmp_path / "domain"
-    rc = _run(["ti", "--base", str(files["base"]), *_tuned_args(files), "--method", "domain",
+    rc = main(["ti", "--base", str(files["base"]), *_tuned_args(files), "--method", "domain",
                "--sigma", "math=1,other=1.13556,non=1.27531", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     doc = json.loads((out / "ti.json").read_text())
     assert doc["base"]["name"] == "base" and doc["sigma"] == {"math": 1.0, "other": 1.13556, "non": 1.27531}
     for name, want in PAPER.items():
         assert (doc["models"][name]["ti_other"], doc["models"][name]["ti_non"]) == pytest.approx(want, abs=0.05)
-    rc = _run(["ti", "--base", str(files["base"]), *_tuned_args(files), "--method", "domain", "--sigma", "pooled",
+    rc = main(["ti", "--base", str(files["base"]), *_tuned_args(files), "--method", "domain", "--sigma", "pooled",
                "--out", str(out)])
     assert rc == 0 and json.loads((out / "ti.json").read_text())["sigma_source"] == "pooled"
     assert "(pooled)" in capsys.readouterr().out
 
 
 def test_tuned_name_defaults_to_stem_and_print_only(files, tmp_path, capsys):
-    rc = _run(["ti", "--base", str(files["base"]), "--tuned", str(files["rl"])])
+    rc = main(["ti", "--base", str(files["base"]), "--tuned", str(files["rl"])])
     out = capsys.readouterr().out
     assert rc == 0 and "results_rl" in out and "83.9" in out and "29.3" in out
     assert not (tmp_path / "ti.json").exists()
@@ -117,7 +109,7 @@ def test_tuned_name_defaults_to_stem_and_print_only(files, tmp_path, capsys):
 def test_undefined_ti_is_printed_with_its_reason(files, tmp_path, capsys):
     base = tmp_path / "zero.json"
     base.write_text(json.dumps({**SCORES["base"], "coqa": 0.0}))
-    rc = _run(["ti", "--base", str(base), "--tuned", f"rl={files['rl']}", "--out", str(tmp_path / "o")])
+    rc = main(["ti", "--base", str(base), "--tuned", f"rl={files['rl']}", "--out", str(tmp_path / "o")])
     out = capsys.readouterr().out
     assert rc == 0 and "rl: TI_non undefined" in out and "coqa" in out
     doc = json.loads((tmp_path / "o" / "ti.json").read_text())
@@ -134,12 +126,12 @@ def test_undefined_ti_is_printed_with_its_reason(files, tmp_path, capsys):
     (["--tuned", "=x.json"], "'=x.json': expected NAME=FILE or FILE"),
 ], ids=["missing-file", "sigma-relative", "sigma-partial", "sigma-word", "sigma-group", "sigma-negative", "no-name"])
 def test_errors_are_one_line_and_exit_2(files, capsys, extra, match):
-    rc = _run(["ti", "--base", str(files["base"]), "--tuned", f"rl={files['rl']}", *extra])
+    rc = main(["ti", "--base", str(files["base"]), "--tuned", f"rl={files['rl']}", *extra])
     _assert_one_line_error(rc, capsys.readouterr().err, match)
 
 
 def test_same_name_twice_is_an_error(files, capsys):
-    rc = _run(["ti", "--base", str(files["base"]), "--tuned", str(files["rl"]), "--tuned", str(files["rl"])])
+    rc = main(["ti", "--base", str(files["base"]), "--tuned", str(files["rl"]), "--tuned", str(files["rl"])])
     _assert_one_line_error(rc, capsys.readouterr().err, "model name 'results_rl' is used twice")
 
 
@@ -152,7 +144,7 @@ def _assert_one_line_error(rc: int, stderr: str, match: str) -> None:
 def test_bad_json_names_the_file(files, tmp_path, capsys):
     bad = tmp_path / "broken.json"
     bad.write_text('{"coqa": 1,}')
-    assert _run(["ti", "--base", str(files["base"]), "--tuned", str(bad)]) == 2
+    assert main(["ti", "--base", str(files["base"]), "--tuned", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"driftscope ti: error: {bad}: not JSON: line 1") and err.count("\n") == 1
 
@@ -160,7 +152,7 @@ def test_bad_json_names_the_file(files, tmp_path, capsys):
 def test_without_matplotlib_html_only(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(plots, "unavailable", lambda: "plots need matplotlib, which did not import (test)")
     out = tmp_path / "nompl"
-    assert _run(["ti", "--base", str(files["base"]), *_tuned_args(files), "--out", str(out)]) == 0
+    assert main(["ti", "--base", str(files["base"]), *_tuned_args(files), "--out", str(out)]) == 0
     assert not (out / "ti.png").exists() and (out / "ti.json").exists()
     page = (out / "ti.html").read_text(encoding="utf-8")
     assert "no ti.png: plots need matplotlib" in page and "data:image/png" not in page and "741.5" in page
