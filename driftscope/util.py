@@ -35,14 +35,24 @@ def torch_dtype(dtype: Any) -> torch.dtype:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a new hidden path beside `path`, then os.replace it onto `path`: readers never see
-    half a file, and a failed write leaves nothing behind. Parent folders are created."""
+    """Call `write(tmp)` on a new hidden file beside `path`, then os.replace it onto `path`: readers never see
+    half a file, and a failed write leaves nothing behind. The file gets the mode of a normally created one
+    (0666 less the umask), whatever `write` does. Parent folders are created. An OSError (a full disk, a
+    read-only folder) names `path`, not the temp file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the kernel applies the umask
+        mode = tmp.stat().st_mode & 0o777
         write(tmp)
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that made its own file (e.g. 0600): give it the usual mode
+            tmp.chmod(mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename in (None, str(tmp), tmp):
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -1,28 +1,69 @@
 """Resumable run state: accumulator states (safetensors) + progress.json, written atomically after batches.
 
-A run killed at any point resumes from its last completed checkpoint and ends with the same outputs.
+A run killed at any point resumes from its last completed checkpoint and ends with the same outputs; an interrupted
+run is never discarded without --overwrite, and a damaged or mismatched state is refused naming the file or value.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import errno
 import json
+import logging
+import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from driftscope.errors import InputError
 from driftscope.util import atomic_write, read_json, write_json, write_jsonl
 
 STATE_DIR = ".driftscope-state"
+_CONTINUE = "the last checkpoint is intact: free space (or make the folder writable), then rerun with --resume"
+log = logging.getLogger(__name__)
+_ABSENT = object()
+_PROGRESS_KEYS = {"fingerprint": dict, "done": dict, "pca_done": list, "generation": int, "gen_done": dict,
+                  "gen_rows": dict}
 
 
 class Stateful(Protocol):
     def state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+def _differences(old: Any, new: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """(dotted path, saved value, current value) of each leaf where two fingerprints differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in [*new, *(k for k in old if k not in new)]:
+            yield from _differences(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{path}.{k}" if path else str(k))
+    elif old != new:
+        yield path, old, new
+
+
+def _show(v: Any) -> str:
+    if v is _ABSENT:
+        return "absent"
+    if isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v):
+        return f"sha256 {v[:12]}…"
+    return json.dumps(v, ensure_ascii=False)
+
+
+def disk_error(exc: OSError, what: str, then: str) -> InputError:
+    """One line for a failed write (a full disk, a read-only folder): the file, the reason, and how to go on."""
+    return InputError(f"cannot write {what} {exc.filename or ''} ({exc.strerror or exc}); {then}")
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(state, str(path))
+    except SafetensorError as exc:  # an I/O failure (a full disk) inside the Rust writer
+        raise OSError(errno.EIO, f"safetensors: {exc}", str(path)) from exc
 
 
 class RunState:
@@ -38,15 +79,64 @@ class RunState:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
 
+    def describe(self) -> str:
+        """How far the saved run got, e.g. "12 batches of mixed done, saved 2025-01-02 03:04"."""
+        path = self.dir / "progress.json"
+        when = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        try:
+            prog = read_json(path, "resume state", dict)
+            parts = [f"{n} batches of {t}" for t, n in prog.get("done", {}).items()]
+            parts += [f"{n} chunks of {key}" for key, n in prog.get("gen_done", {}).items()]
+        except (ValueError, AttributeError):
+            parts = ["progress.json unreadable"]
+        return f"{', '.join(parts) or 'nothing'} done, saved {when}"
+
+    def begin(self, fresh: dict, *, resume: bool, overwrite: bool) -> dict:
+        """The progress to start from: the saved one with `resume`, else `fresh`, written to a new state (nothing
+        saved yet: generation 0) so that resume can check the fingerprint. An interrupted run is never discarded
+        without `overwrite`."""
+        if resume and overwrite:
+            raise InputError("--resume and --overwrite exclude each other: --resume continues the interrupted run "
+                             f"in {self.dir.parent}, --overwrite discards it")
+        if self.exists() and resume:
+            return self.load_progress(fresh["fingerprint"])
+        if self.exists() and not overwrite:
+            raise InputError(f"{self.dir.parent} holds an interrupted run ({self.describe()}): pass --resume to "
+                             "continue it, or --overwrite to discard it and start over")
+        if resume:
+            log.warning("--resume: %s holds no interrupted run to continue; starting a fresh run", self.dir.parent)
+        try:
+            self.reset()
+            write_json(self.dir / "progress.json", fresh)
+        except OSError as exc:
+            raise disk_error(exc, "the resumable state", "free space or make the folder writable, then rerun") from exc
+        return fresh
+
+    def _damaged(self, file: Path, detail: str) -> InputError:
+        return InputError(f"cannot resume: {file} is damaged ({detail}); pass --overwrite to discard the "
+                          "interrupted run and start over")
+
     def load_progress(self, fingerprint: dict) -> dict:
-        prog = read_json(self.dir / "progress.json", "resume state", dict)
-        old = prog["fingerprint"]
+        path = self.dir / "progress.json"
+        try:
+            prog = read_json(path, "resume state", dict)
+        except ValueError as exc:
+            raise self._damaged(path, str(exc).removeprefix(str(path)).lstrip(": ")) from exc
+        old = prog.get("fingerprint")
+        if not isinstance(old, dict):
+            raise self._damaged(path, "no fingerprint object")
         if old != fingerprint:
-            diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
-            raise ValueError(
-                f"cannot resume {self.dir}: the run's {', '.join(diff)} differ from the interrupted run's "
-                "(start without --resume, or use the original inputs and options)"
+            diff = list(_differences(old, fingerprint))
+            keys = list(dict.fromkeys(p.split(".")[0] for p, _, _ in diff))
+            shown = "; ".join(f"{p}: saved {_show(a)}, now {_show(b)}" for p, a, b in diff[:6])
+            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise InputError(
+                f"cannot resume {self.dir}: the run's {', '.join(keys)} differ from the interrupted run's ({shown}"
+                f"{more}); use the original inputs and options, or pass --overwrite to start over"
             )
+        for key, kind in _PROGRESS_KEYS.items():
+            if not isinstance(prog.get(key), kind):
+                raise self._damaged(path, f"{key!r} is not a JSON {kind.__name__}")
         return prog
 
     def save(self, progress: dict, accumulators: Mapping[str, Stateful]) -> None:
@@ -55,7 +145,7 @@ class RunState:
         gen = progress.get("generation", 0) + 1
         for key, acc in accumulators.items():
             state = {k: v.contiguous() for k, v in acc.state_dict().items()}
-            atomic_write(self.dir / f"{key}.{gen}.safetensors", lambda p, s=state: save_file(s, str(p)))
+            atomic_write(self.dir / f"{key}.{gen}.safetensors", lambda p, s=state: _save_tensors(s, p))
         progress["generation"] = gen
         write_json(self.dir / "progress.json", progress)
         for f in self.dir.glob("*.safetensors"):  # drop the previous generation
@@ -68,16 +158,23 @@ class RunState:
             return
         missing = [k for k in accumulators if not (self.dir / f"{k}.{gen}.safetensors").is_file()]
         if missing:  # every save writes every accumulator: a gap means the state was damaged, never resume on it
-            raise ValueError(f"cannot resume {self.dir}: generation {gen} lacks the state of {', '.join(missing)} "
-                             "(damaged state; start without --resume)")
+            raise self._damaged(self.dir, f"generation {gen} lacks the state of {', '.join(missing)}")
         for key, acc in accumulators.items():
-            acc.load_state_dict(load_file(str(self.dir / f"{key}.{gen}.safetensors")))
+            path = self.dir / f"{key}.{gen}.safetensors"
+            try:
+                acc.load_state_dict(load_file(str(path)))
+            except (SafetensorError, RuntimeError, OSError, ValueError, KeyError, IndexError) as exc:
+                raise self._damaged(path, f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
     # generate mode: the responses of finished chunks, appended before progress.json counts them
     def append_rows(self, key: str, rows: list[dict]) -> None:
-        with open(self.dir / f"gen.{key}.jsonl", "a", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        try:
+            with open(self.dir / f"gen.{key}.jsonl", "a", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            exc.filename = exc.filename or str(self.dir / f"gen.{key}.jsonl")
+            raise disk_error(exc, "the resumable state", _CONTINUE) from exc
 
     def load_rows(self, key: str, n: int) -> list[dict]:
         """The first n rows (what progress.json counts); the file is cut back to them, dropping rows of a chunk
@@ -85,9 +182,11 @@ class RunState:
         path = self.dir / f"gen.{key}.jsonl"
         lines = path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
         if len([x for x in lines if x.strip()]) < n:
-            raise ValueError(f"cannot resume {self.dir}: {path.name} has fewer than the {n} responses progress.json "
-                             "counts (damaged state; start without --resume)")
-        rows = [json.loads(x) for x in lines[:n]]
+            raise self._damaged(path, f"fewer than the {n} responses progress.json counts")
+        try:
+            rows = [json.loads(x) for x in lines[:n]]
+        except json.JSONDecodeError as exc:
+            raise self._damaged(path, f"line {exc.lineno}: {exc.msg}") from exc
         write_jsonl(path, rows)
         return rows
 
@@ -101,18 +200,28 @@ class Checkpointer:
 
     def __init__(self, state: RunState | None, states: Mapping[str, Stateful], every: float, times=None) -> None:
         self.state, self.states, self.every = state, states, every
-        self.last, self.cost = time.monotonic(), 0.0
+        self.last, self.cost, self.pending = time.monotonic(), 0.0, False
         self.times = times or (lambda name: contextlib.nullcontext())  # an analysis.env.StageTimes
 
     def save(self, progress: dict) -> None:
         if self.state is not None:
             t = time.monotonic()
-            with self.times("checkpoint"):
-                self.state.save(progress, self.states)
+            try:
+                with self.times("checkpoint"):
+                    self.state.save(progress, self.states)
+            except OSError as exc:  # the previous checkpoint is intact: save() writes progress.json last
+                raise disk_error(exc, "the resumable state", _CONTINUE) from exc
             self.last = time.monotonic()
             self.cost = self.last - t
+        self.pending = False
 
     def maybe_save(self, progress: dict) -> None:
         gap = max(self.every, 9 * self.cost) if self.every > 0 else 0.0
+        self.pending = True
         if time.monotonic() - self.last >= gap:
+            self.save(progress)
+
+    def flush(self, progress: dict) -> None:
+        """Save the progress not saved yet: the finished run's state outlives a failure to write its outputs."""
+        if self.pending:
             self.save(progress)

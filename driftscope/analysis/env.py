@@ -102,28 +102,38 @@ class GpuTelemetry:
         return {"available": True, "samples": self.samples, "torch_peak_allocated_mb": peak}
 
 
-class Progress:
-    """A one-line progress bar on stderr (tokens/s and ETA); silent when disabled."""
+def note(message: str, enabled: bool = True) -> None:
+    """One status line on stderr (the progress channel), e.g. while models load; silent when disabled."""
+    if enabled:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
-    def __init__(self, total_tokens: int, label: str, enabled: bool = True, unit: str = "tok"):
+
+class Progress:
+    """A one-line progress bar on stderr; silent when disabled. `done` units were done before this process started
+    (a resumed run): they count towards the fraction, never towards the rate or the ETA, which measure this
+    process's work only. Nothing is drawn before the first unit of this process's work."""
+
+    def __init__(self, total_tokens: int, label: str, enabled: bool = True, unit: str = "tok", done: int = 0):
         self.total, self.label, self.enabled, self.unit = max(total_tokens, 1), label, enabled, unit
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done = self.resumed = done
+        self.t0 = time.perf_counter()
+
+    def line(self) -> str:
+        dt, ran, u = time.perf_counter() - self.t0, self.done - self.resumed, self.unit
+        rate = ran / dt if dt > 0 and ran > 0 else None
+        frac = min(self.done / self.total, 1.0)
+        speed = f"{rate:,.0f} {u}/s, eta {max(self.total - self.done, 0) / rate:,.0f} s" if rate else "eta --"
+        resumed = f" ({self.resumed} {u} resumed)" if self.resumed else ""
+        return f"{self.label} [{'#' * int(frac * 30):<30}] {frac:6.1%} {self.done}/{self.total} {u}{resumed}, {speed} "
 
     def advance(self, tokens: int) -> None:
         self.done += tokens
-        if not self.enabled:
-            return
-        dt = time.perf_counter() - self.t0
-        rate = self.done / dt if dt > 0 else 0.0
-        frac = min(self.done / self.total, 1.0)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        bar = "#" * int(frac * 30)
-        u = self.unit
-        sys.stderr.write(f"\r{self.label} [{bar:<30}] {frac:6.1%} {self.done}/{self.total} {u}, "
-                         f"{rate:,.0f} {u}/s, eta {eta:,.0f} s ")
-        sys.stderr.flush()
+        if self.enabled:
+            sys.stderr.write("\r" + self.line())
+            sys.stderr.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.done > self.resumed:
             sys.stderr.write("\n")
             sys.stderr.flush()

@@ -65,3 +65,28 @@ def generation_summary(rows: list[dict]) -> dict:
     n = [len(r["output_token_ids"]) for r in rows]
     return {"responses": len(rows), "finish_reasons": reasons, "generated_tokens": sum(n),
             "mean_tokens": sum(n) / len(n) if n else None, "max_tokens": max(n, default=None)}
+
+
+_TOKEN_MEANS = ("kl_tb", "kl_bt", "rank_shift", "rank_shift_top", "entropy_base", "entropy_tuned", "logp_base",
+                "logp_tuned")
+
+
+def mark_nonfinite(task: dict, bad_tokens: int, dtype: str) -> dict:
+    """Scored tokens whose logits were NaN/Inf (an overflow in the forward pass) make every token mean of `task`
+    null, never a number averaged over garbage, with a problem entry that counts them; a mean that is null for
+    another reason (non-finite hidden states) gets a problem entry too. Returns `task`, changed in place."""
+    if bad_tokens:
+        for m in _TOKEN_MEANS:
+            task[m] = {"token_mean": None, "sample_mean": None}
+        task["sampled_kl"] = task["top1_agreement"] = None
+        task["problems"].append(
+            f"{bad_tokens} of {task['tokens']} scored tokens gave non-finite logits (NaN/Inf, e.g. an overflow in the "
+            f"{dtype} forward pass): the token means are null; histograms and shifted tokens include those tokens")
+    elif task["tokens"] and (nulls := [m for m in ("kl_tb", "kl_bt") if task[m]["token_mean"] is None]):
+        task["problems"].append(f"non-finite per-token results (NaN/Inf, e.g. an overflow in the {dtype} forward "
+                                f"pass): {', '.join(nulls)} null")
+    layers = [lay["layer"] for lay in task["layers"] if lay["cosine"] is None or lay["rel_l2"] is None]
+    if task["tokens"] and layers:
+        task["problems"].append(f"non-finite hidden states (NaN/Inf, e.g. an overflow in the {dtype} forward pass): "
+                                f"cosine / rel_l2 of layers {layers} are null")
+    return task

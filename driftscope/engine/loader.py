@@ -1,7 +1,8 @@
 """load_model(path) -> Transformer: reads an HF checkpoint folder (config.json + safetensors, single or sharded).
 
 Strict: every expected tensor present once with its exact shape, nothing unexpected, errors name the file and tensor.
-Loads tensor by tensor into preallocated (fused) parameters; pickle checkpoints only with allow_pickle=True.
+Loads tensor by tensor into preallocated (fused) parameters, refusing NaN/Inf; pickle checkpoints only with
+allow_pickle=True (--allow-pickle). User-fixable failures are InputError.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
+from driftscope.errors import InputError
 from driftscope.util import read_json, torch_dtype
 
 # ------------------------------------------------------------------ the weight-name table (data, not code)
@@ -128,7 +130,7 @@ def _open_safetensors(path: Path):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             yield f.get_tensor
     except SafetensorError as exc:
-        raise ValueError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
+        raise InputError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
 
 
 def _scan_safetensors(paths: list[Path]) -> _Source:
@@ -140,11 +142,11 @@ def _scan_safetensors(paths: list[Path]) -> _Source:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():
                     if name in files:
-                        raise ValueError(f"{path}: tensor {name!r} is also stored in {files[name]}")
+                        raise InputError(f"{path}: tensor {name!r} is also stored in {files[name]}")
                     sl = f.get_slice(name)
                     files[name], shapes[name], dtypes[name] = path, tuple(sl.get_shape()), sl.get_dtype()
         except SafetensorError as exc:
-            raise ValueError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
+            raise InputError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
     return _Source(files, shapes, dtypes, _open_safetensors)
 
 
@@ -156,9 +158,9 @@ def _scan_pickle(paths: list[Path]) -> _Source:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (RuntimeError, OSError, EOFError) as exc:  # torch reports corrupt/unsafe pickles as these
-            raise ValueError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from exc
+            raise InputError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from exc
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ValueError(f"{path}: expected a flat dict of tensors (a state_dict)")
+            raise InputError(f"{path}: expected a flat dict of tensors (a state_dict)")
         loaded[path] = sd
         for name in sd:
             files[name] = path
@@ -178,11 +180,11 @@ def _index_files(index: Path, suffix: str) -> tuple[list[Path], dict[str, str]]:
     data = read_json(index, "weight index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: expected a non-empty 'weight_map' object")
+        raise InputError(f"{index}: expected a non-empty 'weight_map' object")
     shards = sorted(set(weight_map.values()))
     for s in shards:
         if not str(s).endswith(suffix) or Path(s).name != s:
-            raise ValueError(f"{index}: shard name {s!r} must be a plain file name ending in {suffix}")
+            raise InputError(f"{index}: shard name {s!r} must be a plain file name ending in {suffix}")
         if not (index.parent / s).is_file():
             raise FileNotFoundError(f"{index.parent / s}: shard listed in {index.name} is missing")
     return [index.parent / s for s in shards], weight_map
@@ -200,9 +202,10 @@ def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str
     pickles = [root / n for n in PICKLE_NAMES if (root / n).is_file()] + sorted(root.glob("*.pt"))
     if pickles:
         if not allow_pickle:
-            raise ValueError(
+            raise InputError(
                 f"{pickles[0]}: pickle checkpoints can execute code when loaded, so they are refused; convert to "
-                "safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+                "safetensors, or pass --allow-pickle (allow_pickle=True in Python) to load it with "
+                "torch.load(weights_only=True)"
             )
         pindex = root / "pytorch_model.bin.index.json"
         paths = _index_files(pindex, ".bin")[0] if pindex.is_file() else [pickles[0]]
@@ -210,6 +213,36 @@ def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str
     raise FileNotFoundError(
         f"{root}: no model.safetensors or model.safetensors.index.json (nor a pickle checkpoint) found"
     )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """The torch.device of `device`, refused (InputError naming it) when unknown or absent on this machine."""
+    forms = "expected cpu, cuda, cuda:N (or another torch device type available here, e.g. mps)"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device={device!r} is not a torch device; {forms}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    backend = getattr(torch, dev.type, None)
+    if dev.type not in ("cpu", "cuda") and not getattr(backend, "is_available", lambda: False)():
+        raise InputError(f"device={device!r}: no {dev.type} backend is available here; {forms}")
+    return dev
+
+
+def _check_finite(name: str, file: Path, loaded: torch.Tensor, stored: torch.Tensor) -> None:
+    """Refuse NaN/Inf in a weight as it will be used (after the cast to the model's dtype): one reduction, no copy."""
+    lo, hi = loaded.aminmax() if loaded.numel() else (loaded.new_zeros(()),) * 2
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    bad = int((~torch.isfinite(loaded)).sum())
+    if bool(torch.isfinite(stored).all()):  # the stored values are fine: the cast overflowed
+        raise InputError(f"{file}: tensor {name!r} has {bad} values beyond the range of {loaded.dtype} "
+                         f"(stored as {stored.dtype}); load it in bfloat16 or float32")
+    raise InputError(f"{file}: tensor {name!r} holds {bad} non-finite values (NaN/Inf) of {loaded.numel()}; "
+                     "the checkpoint is damaged or diverged")
 
 
 # ------------------------------------------------------------------ the entry point
@@ -225,7 +258,7 @@ def load_model(
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint folder not found")
     dtype = torch_dtype(dtype)
-    device = torch.device(device)
+    device = _device(device)
     config = ModelConfig.from_file(root / "config.json")
     source, weight_map, index = _find_source(root, allow_pickle)
 
@@ -236,12 +269,12 @@ def load_model(
     if weight_map is not None:
         for name, shard in weight_map.items():
             if name not in source.files:
-                raise ValueError(f"{index}: tensor {name!r} is listed in shard {shard} but not stored there")
+                raise InputError(f"{index}: tensor {name!r} is listed in shard {shard} but not stored there")
             if source.files[name].name != shard:
-                raise ValueError(f"{index}: tensor {name!r} is listed in {shard} but stored in {source.files[name]}")
+                raise InputError(f"{index}: tensor {name!r} is listed in {shard} but stored in {source.files[name]}")
     for name in sorted(source.files):
         if name not in expected and not _ignored(name, config):
-            raise ValueError(
+            raise InputError(
                 f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} "
                 f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, "
                 f"qk_norm={config.qk_norm})"
@@ -250,17 +283,17 @@ def load_model(
         if name not in source.files:
             stored = sorted({str(p) for p in source.files.values()})
             where = index if index is not None else ", ".join(stored) if stored else root
-            raise ValueError(f"{where}: missing tensor {name!r} required by {config.source}")
+            raise InputError(f"{where}: missing tensor {name!r} required by {config.source}")
     # --- shapes and dtypes, before any data is read
     for name, target in expected.items():
         got = source.shapes[name]
         if got != target.shape:
-            raise ValueError(
+            raise InputError(
                 f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(target.shape)} "
                 f"from {config.source}"
             )
         if source.dtypes[name] not in STORED_DTYPES:
-            raise ValueError(
+            raise InputError(
                 f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; "
                 f"supported: {', '.join(STORED_DTYPES)}"
             )
@@ -276,6 +309,7 @@ def load_model(
             if target.rows is not None:
                 dst = dst[target.rows[0] : target.rows[1]]
             dst.copy_(tensor)  # casts to the requested dtype and moves to the device
+            _check_finite(name, source.files[name], dst, tensor)
             filled[target.param] = filled.get(target.param, 0) + target.shape[0]
             del tensor
     for pname, p in params.items():

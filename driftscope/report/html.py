@@ -136,11 +136,11 @@ def _header(summary: Mapping, figures: _Figures) -> str:
            f'<p class="muted">driftscope {esc(summary.get("driftscope_version", "?"))}, '
            f'created {esc(summary.get("created", "?"))}</p>\n',
            "<h2>What was compared</h2>\n", _table(["", "path"], rows, numeric_from=2)]
-    # every tuned model reads the same task files: count each task's skipped records once
+    # every tuned model reads the same task files: count each task's problems (skipped records, non-finite results) once
     n_problems = len({(name, p) for m in models.values() for name, t in (m.get("tasks") or {}).items()
                       for p in t.get("problems") or []})
     if n_problems:
-        out.append(f'<p class="note">{_plural(n_problems, "input record")} skipped; '
+        out.append(f'<p class="note">{_plural(n_problems, "problem")} (skipped records, non-finite results); '
                    f"see “Problems” in each task section.</p>\n")
     if figures.missing:
         out.append(f'<p class="note">No plots in this report: {esc(figures.missing)}. '
@@ -259,7 +259,7 @@ def _problems(problems: Sequence[str]) -> str:
     shown = "".join(f"<li><code>{esc(p)}</code></li>\n" for p in problems[:MAX_PROBLEMS_SHOWN])
     more = (f"<li>… and {len(problems) - MAX_PROBLEMS_SHOWN:,} more</li>\n"
             if len(problems) > MAX_PROBLEMS_SHOWN else "")
-    return _details(f"Problems: {_plural(len(problems), 'record')} skipped", f"<ul>\n{shown}{more}</ul>\n")
+    return _details(f"Problems ({len(problems):,})", f"<ul>\n{shown}{more}</ul>\n")
 
 
 def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Figures) -> str:

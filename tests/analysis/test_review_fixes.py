@@ -18,6 +18,7 @@ from driftscope import drift, load_tokenizer
 from driftscope.analysis import DriftOptions
 from driftscope.engine.runner import LockstepRunner
 from driftscope.engine.synth import write_checkpoint
+from driftscope.errors import InputError
 from driftscope.probes import HiddenSimilarity, ShiftedTokens, TokenMetrics
 
 OPTS = {"progress": False, "max_batch_tokens": 64, "checkpoint_every": 0}
@@ -54,7 +55,7 @@ def test_interrupt_inside_a_batch_resumes_to_the_uninterrupted_result(models, re
     tuned = [models["tuned"], models["late"]]
     full = two_model_run
     # the 3rd batch is interrupted after its token metrics were folded in, or after two of its layers were
-    cls, nth = (ShiftedTokens, 2 * 2 + 1) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 2 * 4 + 3)
+    cls, nth = (ShiftedTokens, 2 * 2 + 1) if where == "after-token-metrics" else (HiddenSimilarity, 2 * 4 + 3)
     original, calls = cls.update, {"n": 0}
 
     def flaky(self, *a, **kw):
@@ -128,9 +129,9 @@ def load_tokenizer_size(root) -> int:
 def test_a_diverged_checkpoint_gives_strict_json_equal_to_the_report(models, records, tmp_path):
     cfg = json.loads((models["tuned"] / "config.json").read_text())
     state = load_file(str(models["tuned"] / "model.safetensors"))
-    name = next(k for k in state if k.startswith("model.layers.2.") and "down_proj" in k)
-    state[name] = state[name].clone()
-    state[name][0, 0] = float("inf")  # layer 2 overflows: NaN states from there on
+    for part in ("up_proj", "down_proj"):  # finite weights (inf is refused at load) whose product overflows float32:
+        name = f"model.layers.2.mlp.{part}.weight"  # layer 2's output is inf, NaN logits from there on
+        state[name] = state[name] * 1e30
     bad = tmp_path / "diverged"
     write_checkpoint(bad, cfg, state)
     for f in TOKENIZER_FILES:
@@ -143,6 +144,9 @@ def test_a_diverged_checkpoint_gives_strict_json_equal_to_the_report(models, rec
         assert disk == report.summary
         task = disk["models"]["diverged"]["tasks"]["mixed"]
         assert task["layers"][0]["cosine"] == pytest.approx(1.0) and task["layers"][-1]["pca_shift"] is None
+        assert task["kl_tb"]["token_mean"] is None and task["rank_shift"]["token_mean"] is None, task["rank_shift"]
+        assert f"{task['tokens']} of {task['tokens']} scored tokens gave non-finite logits" in task["problems"][0]
+        assert "layers [3] are null" in task["problems"][1], task["problems"]
 
 
 def test_summary_on_disk_equals_the_report_and_names_the_run(models, records, tmp_path):
@@ -180,7 +184,7 @@ def test_paper_pca_queries_carry_the_tokenizers_special_tokens(models, records, 
 
 # ---- inputs and options that cannot work say so up front ----------------------------------------------------------
 def test_clear_errors_for_a_directory_and_bad_device_or_dtype(models, tmp_path):
-    with pytest.raises(IsADirectoryError, match="is a directory"):
+    with pytest.raises(InputError, match="--data .* is a directory"):
         drift(models["base"], models["tuned"], tmp_path, **OPTS)
     with pytest.raises(ValueError, match="dtype=.float33. is not supported; expected one of"):
         DriftOptions(dtype="float33")

@@ -199,7 +199,7 @@ def test_pickle_checkpoint_refused_unless_allowed(ckpt, fname):
     with pytest.raises(ValueError) as exc:
         load_model(ckpt)
     msg = _one_line(exc)
-    assert fname in msg and "allow_pickle=True" in msg and "execute code" in msg
+    assert fname in msg and "--allow-pickle" in msg and "allow_pickle=True" in msg and "execute code" in msg
     m = load_model(ckpt, allow_pickle=True)
     ids = torch.arange(11)
     assert_close(m.logits(ids), ref.logits(ids), 0.0, "pickle vs safetensors")

@@ -87,8 +87,8 @@ def test_header_paths_timing_extras_and_problems(rendered):
     assert "Ran 16,000 tokens in 2.5 s (6,400 tokens/s)" in text
     assert "<h3>backends</h3>" in text and "driftscope._C &lt;OpenMP&gt;" in text
     assert "/ckpt/base&lt;1&gt;" in text and "/ckpt/rl&amp;v=1" in text
-    assert "Problems: 2 records skipped" in text and "Problems: 1 record skipped" in text
-    assert "2 input records skipped" in text
+    assert "Problems (2)" in text and "Problems (1)" in text
+    assert "2 problems (skipped records, non-finite results)" in text
     assert "/data/coqa.jsonl:3: &lt;missing &#x27;output&#x27;&gt;; record skipped" in text
 
 
