@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "driftscope"
 MAX_FILE_LINES = 450
 # The whole package's budget in lines of Python (11,569 at the start of [6]). Raise it on purpose, in a commit that
-# says why, never to make this test pass.
-PACKAGE_BUDGET = 12_000
+# says why, never to make this test pass. 12,000 -> 14,000 in [7]-[9]: the Triton panel path (~310 lines), the
+# error boundary and input checks of [9] (~700), the shared-base probes, and the architecture features of [8].
+PACKAGE_BUDGET = 14_000
 
 
 def _py_files() -> list[Path]:
