@@ -45,5 +45,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("paged_decode_attention", &driftscope::paged_decode_attention, py::arg("out"), py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("B"),
         py::arg("M"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("block_size"), py::arg("num_slots"),
-        py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+        py::arg("scale"), py::arg("window") = 0, py::call_guard<py::gil_scoped_release>());
 }

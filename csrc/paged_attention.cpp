@@ -1,7 +1,8 @@
 // Paged decode attention (see paged_attention.h): keys and values are read in place through the block table (no
 // gather copy). OpenMP over (sequence, kv head); the query heads of one kv head share each key/value load. Two
 // passes over the context: scores (then max and exp-sum), then the probability-weighted sum of values; float32
-// throughout, with the max subtracted before exp as a stable softmax does.
+// throughout, with the max subtracted before exp as a stable softmax does. With a sliding window (> 0) only the last
+// `window` positions of each context are read.
 #include "paged_attention.h"
 
 #include <cmath>
@@ -14,7 +15,8 @@ namespace driftscope {
 
 void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintptr_t v_p, uintptr_t bt_p,
                             uintptr_t ctx_p, int64_t B, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
-                            int64_t block_size, int64_t num_slots, double scale) {
+                            int64_t block_size, int64_t num_slots, double scale, int64_t window) {
+  check(window >= 0, "paged_decode_attention: window=" + std::to_string(window) + " must be >= 0 (0: no window)");
   check(B >= 0 && M >= 0 && Hq > 0 && Hkv > 0 && D > 0 && block_size > 0,
         "paged_decode_attention: bad sizes B=" + std::to_string(B) + " M=" + std::to_string(M) + " Hq=" +
             std::to_string(Hq) + " Hkv=" + std::to_string(Hkv) + " D=" + std::to_string(D));
@@ -46,10 +48,12 @@ void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintp
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t n = ctx[b];
+        const int64_t p0 = window > 0 && ctx[b] > window ? ctx[b] - window : 0;  // first position in the window
+        const int64_t n = ctx[b] - p0;  // positions read: p0 .. ctx - 1, score index p - p0
         scores.resize(G * n);
         const float* qg = q + (b * Hq + g * G) * D;  // [G, D]
-        for (int64_t p = 0; p < n; ++p) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = p0 + i;
           const int64_t slot = static_cast<int64_t>(bt[b * M + p / block_size]) * block_size + p % block_size;
           const float* k = kc + (slot * Hkv + g) * D;
           for (int64_t h = 0; h < G; ++h) {
@@ -57,7 +61,7 @@ void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintp
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
-            scores[h * n + p] = s * sc;
+            scores[h * n + i] = s * sc;
           }
         }
         for (int64_t h = 0; h < G; ++h) {
@@ -73,11 +77,12 @@ void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintp
           for (int64_t p = 0; p < n; ++p) sh[p] *= inv;
         }
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t p = 0; p < n; ++p) {
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = p0 + i;
           const int64_t slot = static_cast<int64_t>(bt[b * M + p / block_size]) * block_size + p % block_size;
           const float* v = vc + (slot * Hkv + g) * D;
           for (int64_t h = 0; h < G; ++h) {
-            const float w = scores[h * n + p];
+            const float w = scores[h * n + i];
             float* a = acc.data() + h * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];

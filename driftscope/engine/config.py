@@ -1,7 +1,9 @@
 """ModelConfig: the validated, architecture-neutral description of a Llama/Mistral/Qwen2/Qwen3 checkpoint.
 
 `ModelConfig.from_file(config.json)` reads both HF config styles (rope_theta/rope_scaling and rope_parameters;
-torch_dtype and dtype); unsupported architectures or rope types raise ValueError naming the file.
+torch_dtype and dtype); unsupported architectures or rope types raise ValueError naming the file. Sliding windows and
+rope parameters are read the way transformers reads them (Mistral: every layer; Qwen2/Qwen3: `use_sliding_window`,
+layers >= `max_window_layers` or an explicit `layer_types`; Llama has none).
 """
 from __future__ import annotations
 
@@ -20,8 +22,19 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen3": {"class": "Qwen3ForCausalLM", "qkv_bias": None, "o_bias": None, "qk_norm": True, "head_dim": 128},
 }
 _CLASS_TO_TYPE = {v["class"]: k for k, v in ARCHITECTURES.items()}
-ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# rope type -> (required, optional) keys of rope_scaling, as transformers' rope validators and init functions read them
+ROPE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (("original_max_position_embeddings",),
+             ("factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
+    "llama3": (_LLAMA3_KEYS, ()),
+}
+ROPE_TYPES = tuple(ROPE_KEYS)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -38,16 +51,17 @@ class ModelConfig:
     head_dim: int | None = None  # None -> hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_type: str = "default"  # "default" | "llama3"
-    # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
-    rope_scaling: dict[str, float] = field(default_factory=dict)
+    rope_type: str = "default"  # one of ROPE_TYPES
+    rope_scaling: dict[str, Any] = field(default_factory=dict)  # the rope type's ROPE_KEYS that the config sets
+    partial_rotary_factor: float = 1.0  # rope rotates the first rotary_dim dims of each head
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama/Qwen3 attention_bias)
     mlp_bias: bool = False  # bias on gate/up/down (Llama mlp_bias)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rope
-    sliding_window: int | None = None  # active window, None when disabled; the forward refuses longer sequences
+    sliding_window: int | None = None  # keys q - window < k <= q (transformers' overlay), None when disabled
+    layer_types: tuple[str, ...] = ()  # per layer, one of LAYER_TYPES; () -> every layer slides when a window is set
     hidden_act: str = "silu"
     torch_dtype: str = "float32"  # dtype the checkpoint says it was saved in (informational)
     eos_token_ids: tuple[int, ...] = ()  # config.json's eos_token_id (an int or a list): ends generation
@@ -56,6 +70,8 @@ class ModelConfig:
     n_kv_groups: int = field(init=False)
     q_size: int = field(init=False)
     kv_size: int = field(init=False)
+    rotary_dim: int = field(init=False)  # 2·ceil(int(head_dim · partial_rotary_factor) / 2), as transformers rounds
+    layer_windows: tuple[int | None, ...] = field(init=False)  # the window of each layer, None = full causal
 
     def _fail(self, name: str, value: Any, expected: str) -> None:
         raise ValueError(f"{self.source}: {name}={value!r} is invalid: {expected}")
@@ -84,23 +100,44 @@ class ModelConfig:
             self._fail("rms_norm_eps", self.rms_norm_eps, "expected > 0")
         if not self.rope_theta > 0:
             self._fail("rope_theta", self.rope_theta, "expected > 0")
-        if self.rope_type not in ROPE_TYPES:
-            self._fail("rope_type", self.rope_type, f"supported rope types are {', '.join(ROPE_TYPES)}")
-        if self.rope_type == "llama3":
-            missing = [k for k in _LLAMA3_KEYS if k not in self.rope_scaling]
-            if missing:
-                self._fail("rope_scaling", self.rope_scaling, f"llama3 rope needs {', '.join(missing)}")
-            if not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
-                self._fail("rope_scaling", self.rope_scaling, "llama3 rope needs high_freq_factor > low_freq_factor")
+        self._check_rope()
         if self.hidden_act not in ("silu", "swish"):
             self._fail("hidden_act", self.hidden_act, "only silu (SwiGLU) MLPs are supported")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             self._fail("sliding_window", self.sliding_window, "expected a positive integer or null")
+        self.layer_types = tuple(self.layer_types) or (LAYER_TYPES[self.sliding_window is not None],) * self.num_layers
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+            self._fail("layer_types", self.layer_types, f"expected {self.num_layers} of {', '.join(LAYER_TYPES)}")
+        self.layer_windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
         if self.torch_dtype not in DTYPE_NAMES:
             self._fail("dtype", self.torch_dtype, f"supported dtypes are {', '.join(DTYPE_NAMES)}")
         self.n_kv_groups = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+
+    def _check_rope(self) -> None:
+        t, s = self.rope_type, self.rope_scaling
+        if t not in ROPE_KEYS:
+            self._fail("rope_type", t, f"supported rope types are {', '.join(ROPE_TYPES)}")
+        missing = [k for k in ROPE_KEYS[t][0] if s.get(k) is None]
+        if missing:
+            self._fail("rope_scaling", s, f"{t} rope needs {', '.join(missing)}")
+        if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) < 1:
+            self._fail("partial_rotary_factor", self.partial_rotary_factor, "expected 0 < factor <= 1 (of head_dim)")
+        self.rotary_dim = 2 * ((int(self.head_dim * self.partial_rotary_factor) + 1) // 2)
+        if t in ("linear", "dynamic", "llama3") and not s["factor"] > 0:
+            self._fail("rope_scaling", s, f"{t} rope needs factor > 0")
+        if t == "dynamic" and self.rotary_dim <= 2:
+            self._fail("partial_rotary_factor", self.partial_rotary_factor, "dynamic rope needs a rotary dim over 2")
+        if t == "yarn" and int(self.head_dim * self.partial_rotary_factor) % 2:  # transformers' yarn fails on it too
+            self._fail("partial_rotary_factor", self.partial_rotary_factor, "yarn rope needs an even rotary dim")
+        if t == "llama3" and not s["high_freq_factor"] > s["low_freq_factor"]:
+            self._fail("rope_scaling", s, "llama3 rope needs high_freq_factor > low_freq_factor")
+        if t == "longrope":
+            for k in ("short_factor", "long_factor"):
+                if not isinstance(s[k], list) or len(s[k]) != self.rotary_dim // 2:
+                    self._fail("rope_scaling", s, f"longrope {k} must be a list of rotary_dim/2 = "
+                               f"{self.rotary_dim // 2} numbers")
 
     # ---------------------------------------------------------------- reading HF config.json
     @classmethod
@@ -125,10 +162,8 @@ class ModelConfig:
             return d[key]
 
         attention_bias = bool(d.get("attention_bias", False))
-        rope_type, rope_theta, rope_scaling = _rope_of(d, source)
-        sliding = d.get("sliding_window")
-        if d.get("use_sliding_window") is False:  # Qwen2/Qwen3: window configured but switched off
-            sliding = None
+        rope_type, rope_theta, rope_scaling, partial = _rope_of(d, source)
+        sliding, layer_types = _window_of(arch, d, source)
         head_dim = d.get("head_dim")
         if head_dim is None:
             head_dim = flags["head_dim"]
@@ -150,6 +185,7 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_type=rope_type,
             rope_scaling=rope_scaling,
+            partial_rotary_factor=partial,
             max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias if flags["qkv_bias"] is None else flags["qkv_bias"],
@@ -157,6 +193,7 @@ class ModelConfig:
             mlp_bias=bool(d.get("mlp_bias", False)) if arch == "llama" else False,
             qk_norm=flags["qk_norm"],
             sliding_window=sliding,
+            layer_types=layer_types,
             hidden_act=d.get("hidden_act", "silu"),
             torch_dtype=str(dtype).removeprefix("torch."),
             eos_token_ids=tuple(eos),
@@ -182,8 +219,30 @@ def _arch_of(d: dict[str, Any], source: str) -> str:
     return model_type
 
 
-def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, float]]:
-    """(rope_type, theta, scaling params) from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
+def _window_of(arch: str, d: dict[str, Any], source: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) with transformers' defaults: MistralConfig's window is 4096 when the key is
+    absent and covers every layer; Qwen2/Qwen3 slide only with use_sliding_window, in layers >= max_window_layers
+    (default 28) unless config.json lists layer_types; Llama has no sliding window."""
+    if arch == "mistral":
+        return d.get("sliding_window", 4096), ()
+    if arch not in ("qwen2", "qwen3") or not d.get("use_sliding_window", False):
+        return None, ()
+    window, n = d.get("sliding_window", 4096), d.get("num_hidden_layers")
+    if window is None:
+        return None, ()
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        if not isinstance(first, int) or not isinstance(n, int):
+            raise ValueError(f"{source}: max_window_layers={first!r} must be an integer")
+        types = [LAYER_TYPES[i >= first] for i in range(n)]
+    return window, tuple(types)
+
+
+def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, Any], float]:
+    """(rope_type, theta, scaling params, partial_rotary_factor) from rope_parameters (transformers 5) or
+    rope_theta + rope_scaling; original_max_position_embeddings defaults to max_position_embeddings as transformers'
+    standardize_rope_params does for llama3/yarn/longrope."""
     params = d.get("rope_parameters")
     if params is None:
         params = dict(d.get("rope_scaling") or {})
@@ -194,17 +253,17 @@ def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, floa
             raise ValueError(f"{source}: per-layer-type rope_parameters {sorted(params)} are not supported")
         params = dict(params)
     rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
-    if rope_type not in ROPE_TYPES:
+    if rope_type not in ROPE_KEYS:
         raise ValueError(f"{source}: rope type {rope_type!r} is not supported; "
                          f"supported rope types: {', '.join(ROPE_TYPES)}")
     theta = params.pop("rope_theta", None)
     if theta is None:
         theta = d.get("rope_theta", 10000.0)
-    if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor != 1 is not supported")
-    scaling: dict[str, float] = {}
-    if rope_type == "llama3":
-        if "original_max_position_embeddings" not in params and "max_position_embeddings" in d:
-            params["original_max_position_embeddings"] = d["max_position_embeddings"]  # as transformers does
-        scaling = {k: float(params[k]) for k in _LLAMA3_KEYS if k in params}
-    return rope_type, float(theta), scaling
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if rope_type in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None:
+        if "max_position_embeddings" in d:
+            params["original_max_position_embeddings"] = d["max_position_embeddings"]
+    required, optional = ROPE_KEYS[rope_type]
+    scaling = {k: params[k] if isinstance(params[k], (bool, list)) else float(params[k])
+               for k in required + optional if params.get(k) is not None}
+    return rope_type, float(theta), scaling, float(1.0 if partial is None else partial)

@@ -100,7 +100,7 @@ class GenerationEngine:
         self.cache_memory = cache_memory
         self.eos_ids = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids_of(self.driver, tokenizer)
         self.context_len = min(m.config.max_position_embeddings for m in self.models)
-        self._prep_keys = [(m.dtype, m.inv_freq.numpy().tobytes()) for m in self.models]
+        self._prep_keys = [m.rope_key for m in self.models]
         self.stats = SchedulerStats()
         self.cache_tokens = 0  # slots of the last run's cache
         self.trace = False
@@ -121,12 +121,6 @@ class GenerationEngine:
         bad = [t for t in r.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab}) of {src}")
-        for m in self.models:
-            w = m.config.sliding_window
-            if w is not None and self.max_len(n, r.params) > w:
-                raise ValueError(f"{where}: prompt ({n} tokens) + max_new_tokens ({r.params.max_new_tokens}) exceeds "
-                                 f"sliding_window={w} of {m.config.source}; "
-                                 "sliding-window attention is not implemented")
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def run(self, requests: Sequence[GenRequest], *, on_layer: LayerHook | None = None,
@@ -224,13 +218,19 @@ class GenerationEngine:
                         context_lens=torch.empty(0, dtype=torch.int32, device=dev))
         ids_t = torch.tensor(ids, dtype=torch.int64, device=dev)
         pos_d, slots_d = pos_t.to(dev), slots.to(dev)
+        # the length each token's rope is computed under (dynamic/longrope): a decode token its position + 1, as in
+        # transformers' cached generate; a prefill token the length of its whole (re)computed sequence
+        seq_lens = None
+        if any(m.length_dependent_rope for m in self.models):
+            seq_lens = torch.tensor([p + 1 for p in pos[:nd]] + [len(s.tokens) for s in prefill for _ in s.tokens],
+                                    dtype=torch.int64, device=dev)
         cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
         max_seqlen = max((len(s.tokens) for s in prefill), default=0)
         rope: dict = {}
         batches = []
         for m, key, cache in zip(self.models, self._prep_keys, caches):
             if key not in rope:
-                rope[key] = m.rope_tables(pos_d)
+                rope[key] = m.rope_tables(pos_d, seq_lens)
             cos, sin = rope[key]
             kv = KVStep(k=cache.k, v=cache.v, slot_mapping=slots_d, n_decode=nd, block_size=bs, **meta)
             batches.append(LayerBatch(cu_seqlens=cu_t, max_seqlen=max_seqlen, cos=cos, sin=sin, kv=kv))

@@ -3,6 +3,8 @@
 Input: `input_ids [T]` int64 + `cu_seqlens [B+1]` int32 (causal within each sequence, no padding); q/k/v and
 gate/up are fused into one GEMM each. Everything runs under torch.inference_mode(). Weights come from `loader.py`.
 A `LayerBatch` with `kv` set runs a generation step against a paged KV cache (see `engine/kv_cache.py`).
+Layers with a sliding window (`ModelConfig.layer_windows`) attend to keys q - window < k <= q, in prefill, trees and
+decode alike; rope tables follow `engine/rope.py` (every transformers rope type, partial rotary dims).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftscope.engine.config import ModelConfig
+from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
 from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
@@ -43,47 +46,17 @@ class LayerBatch:
 
     cu_seqlens: torch.Tensor  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T (prefill part when kv is set)
     max_seqlen: int
-    cos: torch.Tensor  # [T, 1, D/2] model dtype
-    sin: torch.Tensor  # [T, 1, D/2] model dtype
+    cos: torch.Tensor  # [T, 1, R] model dtype, R = rotary_dim / 2
+    sin: torch.Tensor  # [T, 1, R] model dtype
     kv: KVStep | None = None
     masks: tuple | None = None  # per sequence: bool [L, L] attention mask or None (causal); see tree_attention
+    window_masks: tuple | None = None  # `masks` restricted to the sliding window (by position), for windowed layers
 
 
 @dataclass
 class ForwardOutput:
     hidden: torch.Tensor  # [T, d] after the final norm
     hidden_states: tuple[torch.Tensor, ...] | None  # L+1 × [T, d] (transformers' convention) or None
-
-
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """[D/2] float32 inverse frequencies, computed exactly as transformers does (default and llama3 types)."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if config.rope_type == "llama3":
-        s = config.rope_scaling
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_len = s["original_max_position_embeddings"]
-        wavelen = 2 * torch.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    else:
-        assert config.rope_type == "default", config.rope_type
-    return inv_freq
-
-
-def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x [T, H, D] in place (rotate-half convention): (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin).
-
-    cos/sin: [T, 1, D/2]. One temporary of half of x instead of transformers' four full-size ones.
-    """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]  # views, [T, H, D/2]
-    x1_sin = x1 * sin
-    x1.mul_(cos).addcmul_(x2, sin, value=-1.0)
-    x2.mul_(cos).add_(x1_sin)
 
 
 def _rstd(x: torch.Tensor, eps: float) -> torch.Tensor:  # [..., d] fp32 -> [..., 1] = 1/sqrt(mean(x²) + eps)
@@ -120,6 +93,7 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig, layer_idx: int = 0, device=None, dtype=None):
         super().__init__()
         self.layer_idx = layer_idx
+        self.window = c.layer_windows[layer_idx]  # None: full causal attention
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.head_dim**-0.5
         self.eps = c.rms_norm_eps
@@ -140,9 +114,11 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
         kv = batch.kv
         if batch.masks is not None:
-            o = tree_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, batch.masks)
+            masks = batch.masks if self.window is None else batch.window_masks
+            assert masks is not None, "a windowed layer needs LayerBatch.window_masks (Transformer.prepare_tree)"
+            o = tree_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, masks)
         elif kv is None:
-            o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)  # [T, Hq, D]
+            o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, self.window)  # [T, Hq, D]
         else:
             o = self._cached_attention(q, k, v, batch, kv)
         return linear(o.reshape(T, hq * self.head_dim), self.wo.weight, self.wo.bias)
@@ -155,14 +131,15 @@ class Attention(nn.Module):
         vc.index_copy_(0, kv.slot_mapping, v)
         nd, T = kv.n_decode, q.shape[0]
         if nd == 0:
-            return varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale)
+            return varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, self.window)
         dec = paged_decode_attention(q[:nd], kc, vc, kv.gather, kv.key_mask, kv.block_tables, kv.context_lens,
-                                     kv.block_size, self.scale)  # [nd, Hq, D]
+                                     kv.block_size, self.scale, self.window)  # [nd, Hq, D]
         if nd == T:
             return dec
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         out[:nd] = dec
-        out[nd:] = varlen_attention(q[nd:], k[nd:], v[nd:], batch.cu_seqlens, batch.max_seqlen, self.scale)
+        out[nd:] = varlen_attention(q[nd:], k[nd:], v[nd:], batch.cu_seqlens, batch.max_seqlen, self.scale,
+                                    self.window)
         return out
 
 
@@ -197,6 +174,15 @@ class Block(nn.Module):
         return r
 
 
+def _window_mask(mask: torch.Tensor | None, pos: torch.Tensor, window: int) -> torch.Tensor | None:
+    """A tree sequence's mask (None = causal) restricted to keys within `window` positions of the query."""
+    n = pos.shape[0]
+    if n == 0 or int(pos.max() - pos.min()) < window:
+        return mask  # every pair is within the window
+    base = torch.ones(n, n, dtype=torch.bool, device=pos.device).tril() if mask is None else mask.to(pos.device)
+    return base & (pos[:, None] - pos[None, :] < window)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -206,7 +192,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i, **kw) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.output = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
-        self.inv_freq = rope_inv_freq(c)  # [D/2] float32 on CPU; not a parameter (never in a checkpoint)
+        self.inv_freq = rope_inv_freq(c)  # [R] float32 on CPU; not a parameter (never in a checkpoint)
+        self.rope_scale = rope_attention_factor(c)  # multiplies cos and sin (yarn, longrope)
         self.requires_grad_(False)
 
     @property
@@ -221,11 +208,30 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
+    @property
+    def rope_key(self) -> tuple:
+        """Equal for models whose `rope_tables` agree for any input: they can share one LayerBatch per batch."""
+        c = self.config
+        return (self.dtype, self.inv_freq.numpy().tobytes(), self.rope_scale, length_limit(c),
+                repr(sorted(c.rope_scaling.items())) if length_limit(c) is not None else None)
+
+    @property
+    def length_dependent_rope(self) -> bool:  # dynamic / longrope: frequencies depend on the sequence length
+        return length_limit(self.config) is not None
+
     @torch.inference_mode()
-    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D/2] in the model dtype for int64 positions [T], computed in fp32 as transformers does."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]  # [T, D/2] fp32
-        return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
+    def rope_tables(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, R] in the model dtype for int64 positions [T], computed in fp32 as transformers does.
+        `seq_lens [T]`: the sequence length each token is computed under (max position + 1 of its forward), which
+        dynamic and longrope rope depend on; None: every token within the length limit."""
+        inv = self.inv_freq.to(positions.device)
+        per = None if seq_lens is None else inv_freq_per_token(self.config, inv, seq_lens.to(positions.device))
+        freqs = positions.float()[:, None] * (inv[None, :] if per is None else per)  # [T, R] fp32
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.rope_scale != 1.0:
+            cos, sin = cos * self.rope_scale, sin * self.rope_scale
+        return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
     def _packing(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
         """(cu_seqlens on the ids' device, sequence lengths), after checking the packing; ValueError otherwise."""
@@ -245,12 +251,6 @@ class Transformer(nn.Module):
         lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
         if bounds[0] != 0 or bounds[-1] != T or min(lengths) < 0:
             raise ValueError(f"cu_seqlens={bounds} must start at 0, be non-decreasing and end at T={T}")
-        window = self.config.sliding_window
-        if window is not None and max(lengths) > window:
-            raise ValueError(
-                f"a sequence of {max(lengths)} tokens exceeds sliding_window={window} of {self.config.source}; "
-                "sliding-window attention is not implemented (shorter sequences are exact)"
-            )
         return cu_seqlens.to(dev), lengths
 
     @torch.inference_mode()
@@ -258,8 +258,10 @@ class Transformer(nn.Module):
         """Check the packing and compute positions and rope tables once per batch."""
         cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         T, dev = input_ids.shape[0], input_ids.device
-        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), torch.tensor(lengths, device=dev), output_size=T)
-        cos, sin = self.rope_tables(torch.arange(T, device=dev) - starts)  # positions restart at 0 per sequence
+        lens = torch.tensor(lengths, device=dev)
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=T)
+        seq_lens = torch.repeat_interleave(lens, lens, output_size=T) if self.length_dependent_rope else None
+        cos, sin = self.rope_tables(torch.arange(T, device=dev) - starts, seq_lens)  # positions restart per sequence
         return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin)
 
     @torch.inference_mode()
@@ -270,11 +272,24 @@ class Transformer(nn.Module):
         cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
-        window = self.config.sliding_window
-        if window is not None and int(positions.max()) >= window:
-            raise ValueError(f"position {int(positions.max())} exceeds sliding_window={window} of {self.config.source}")
-        cos, sin = self.rope_tables(positions.to(input_ids.device))
-        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin, masks=tuple(masks))
+        positions, c = positions.to(input_ids.device), self.config
+        bounds = list(zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:]))
+        seq_lens = None
+        if self.length_dependent_rope:  # each sequence under its own max position + 1, as it runs alone
+            ends = [int(positions[s:e].max()) + 1 if e > s else 0 for s, e in bounds]
+            over = [n for (n, m) in zip(ends, masks) if m is not None and n > length_limit(c)]
+            if over:
+                raise ValueError(f"{c.source}: rope_type={c.rope_type!r} changes its frequencies past length "
+                                 f"{length_limit(c)}, so a shared-prefix tree of length {over[0]} has no exact "
+                                 "equivalent; score these sequences without prefix sharing")
+            seq_lens = torch.repeat_interleave(torch.tensor(ends, device=positions.device),
+                                               torch.tensor(lengths, device=positions.device))
+        cos, sin = self.rope_tables(positions, seq_lens)
+        window_masks = None
+        if c.sliding_window is not None and any(w is not None for w in c.layer_windows):
+            window_masks = tuple(_window_mask(m, positions[s:e], c.sliding_window) for (s, e), m in zip(bounds, masks))
+        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin, masks=tuple(masks),
+                          window_masks=window_masks)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]

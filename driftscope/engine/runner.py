@@ -50,8 +50,9 @@ class LockstepRunner:
         check_compatible(base, tuned)
         self.base, self.tuned = base, list(tuned)
         self.n_states = base.config.num_layers + 1
-        # models whose packed-batch data agree (dtype, rope frequencies, sliding window) share one prepare() per batch
-        self._prep_keys = [(m.dtype, m.config.sliding_window, m.inv_freq.numpy().tobytes()) for m in (base, *tuned)]
+        # models whose packed-batch data agree (Transformer.rope_key: dtype, rope tables) share one prepare() per batch;
+        # each attention layer carries its own sliding window
+        self._prep_keys = [m.rope_key for m in (base, *tuned)]
 
     @property
     def device(self) -> torch.device:

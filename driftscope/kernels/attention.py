@@ -3,13 +3,17 @@
 
 `varlen_attention` uses flash-attn's varlen kernel on CUDA when available, torch SDPA per sequence otherwise;
 `varlen_attention_torch` is the obviously-correct fp32 reference (explicit masked softmax), same signature.
+`window` (sliding-window attention, transformers' overlay): query i sees keys i - window < j <= i of its sequence;
+flash-attn takes it as window_size=(window - 1, 0), SDPA as banded masks over blocks of WINDOW_BLOCK queries (a
+block's keys start window - 1 before it, so no mask is larger than WINDOW_BLOCK × (WINDOW_BLOCK + window - 1)).
 `tree_attention` is the same with an explicit boolean mask for some sequences (a shared prefix followed by
 branches that see the prefix and themselves only: several continuations of one context in one sequence);
 `tree_attention_torch` is its reference.
 
 There is no Triton kernel in this file (STYLE.md rule 4 lists three parts): flash-attn and SDPA already are the
 fast kernels, so the file holds the launcher (dispatch + checks) and the reference.
-Roofline: 4·Σ_b L_b²·Hq·D/2 FLOPs (causal halves QKᵀ and PV), bytes ≈ (Hq + 2·Hkv)·T·D·elt + Hq·T·D·elt.
+Roofline: 4·Σ_b L_b²·Hq·D/2 FLOPs (causal halves QKᵀ and PV; with a window, 4·Σ_b L_b·min(L_b, window)·Hq·D),
+bytes ≈ (Hq + 2·Hkv)·T·D·elt + Hq·T·D·elt.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from driftscope.kernels._dispatch import flash_attn_status
+
+WINDOW_BLOCK = 1024  # queries per SDPA call when a sliding window cuts a sequence (tests lower it)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
@@ -38,36 +44,48 @@ def varlen_attention(
     cu_seqlens: torch.Tensor,  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T
     max_seqlen: int,
     scale: float,
+    window: int | None = None,  # sliding window (keys i - window < j <= i), None = full causal
 ) -> torch.Tensor:  # [T, Hq, D], q.dtype
-    """Causal attention within each packed sequence (GQA when Hkv < Hq)."""
+    """Causal attention within each packed sequence (GQA when Hkv < Hq), optionally within a sliding window."""
     _check(q, k, v, cu_seqlens)
+    assert window is None or window > 0, f"window={window}"
+    if window is not None and window >= max_seqlen:
+        window = None  # no sequence is longer than the window
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_status():
         from flash_attn import flash_attn_varlen_func
 
         return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
         )
-    T, Hq, D = q.shape
-    gqa = k.shape[1] != Hq
+    gqa = k.shape[1] != q.shape[1]
     bounds = cu_seqlens.tolist()  # one host sync per call; B is small
-    # 4-D [1, H, L, D] views: CPU SDPA takes its fused flash kernel only for 4-D inputs (3-D falls back to the
-    # unfused math path, ~4x slower); strided views of the fused qkv projection are accepted without copies.
-    if len(bounds) == 2:  # one sequence: no output copy into a preallocated buffer
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=gqa,
-        )  # [1, Hq, T, D]
-        return o[0].transpose(0, 1)  # [T, Hq, D] view
+    if len(bounds) == 2 and window is None:  # one sequence: no output copy into a preallocated buffer
+        return _sdpa(q, k, v, scale, gqa)  # [T, Hq, D] view
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # [T, Hq, D]
     for s, e in zip(bounds[:-1], bounds[1:]):
-        if e == s:
+        if window is None or e - s <= window:
+            if e > s:
+                out[s:e].copy_(_sdpa(q[s:e], k[s:e], v[s:e], scale, gqa))
             continue
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
-            is_causal=True, scale=scale, enable_gqa=gqa,
-        )  # [1, Hq, L, D]
-        out[s:e].copy_(o[0].transpose(0, 1))
+        for i0 in range(s, e, WINDOW_BLOCK):  # query block [i0, i1) sees keys [j0, i1)
+            i1, j0 = min(i0 + WINDOW_BLOCK, e), max(s, i0 - window + 1)
+            qi = torch.arange(i0, i1, device=q.device)[:, None]
+            kj = torch.arange(j0, i1, device=q.device)[None, :]
+            band = (kj <= qi) & (kj > qi - window)  # [i1 - i0, i1 - j0]
+            out[i0:i1].copy_(_sdpa(q[i0:i1], k[j0:i1], v[j0:i1], scale, gqa, band))
     return out
+
+
+def _sdpa(q, k, v, scale: float, gqa: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA of one sequence [L, H, D] -> [L, Hq, D] view: causal, or under a bool mask [Lq, Lk] when given.
+    4-D [1, H, L, D] views: CPU SDPA takes its fused flash kernel only for 4-D inputs (3-D falls back to the unfused
+    math path, ~4x slower); strided views of the fused qkv projection are accepted without copies."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa,
+    )  # [1, Hq, L, D]
+    return o[0].transpose(0, 1)
 
 
 def varlen_attention_torch(
@@ -77,8 +95,10 @@ def varlen_attention_torch(
     cu_seqlens: torch.Tensor,  # [B+1] int32
     max_seqlen: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, D], q.dtype
-    """Reference: fp32 scores over all T×T pairs, masked to (same sequence) ∧ (key ≤ query), softmax, PV."""
+    """Reference: fp32 scores over all T×T pairs, masked to (same sequence) ∧ (key ≤ query)
+    ∧ (key > query − window), softmax, PV."""
     _check(q, k, v, cu_seqlens)
     T = q.shape[0]
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -86,6 +106,8 @@ def varlen_attention_torch(
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)  # [T] sequence id
     pos = torch.arange(T, device=q.device)
     allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])  # [T(query), T(key)]
+    if window is not None:
+        allowed &= pos[None, :] > pos[:, None] - window
     return _masked_attention(q, k, v, allowed, scale)
 
 
@@ -121,11 +143,7 @@ def tree_attention(
             continue
         assert mask is None or tuple(mask.shape) == (e - s, e - s), (
             f"mask {tuple(mask.shape)} for a sequence of {e - s}")
-        o = F.scaled_dot_product_attention(
-            q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None], v[s:e].transpose(0, 1)[None],
-            attn_mask=None if mask is None else mask.to(q.device), is_causal=mask is None, scale=scale, enable_gqa=gqa,
-        )  # [1, Hq, L, D]
-        out[s:e].copy_(o[0].transpose(0, 1))
+        out[s:e].copy_(_sdpa(q[s:e], k[s:e], v[s:e], scale, gqa, None if mask is None else mask.to(q.device)))
     return out
 
 

@@ -1,16 +1,18 @@
 """Decode attention over a paged KV cache: one query token per sequence against its cached context.
 
 `paged_decode_attention(q [B, Hq, D], k_cache/v_cache [S, Hkv, D], gather [B, Lmax], key_mask [B, Lmax], block_tables,
-context_lens, block_size, scale) -> [B, Hq, D]`. The cache is `S = num_blocks · block_size` slots; sequence b's context
-is slots `block_tables[b, p // block_size] · block_size + p % block_size` for positions p < context_lens[b] (the last
-one is the query token's own key, already written). Backends: flash-attn's `flash_attn_with_kvcache` (paged,
-block_table) on CUDA when installed and the block size is a multiple of 256; `driftscope._C.paged_decode_attention`
-for float32 CPU tensors (reads the blocks in place); otherwise the keys are gathered into [B, Lmax] and torch SDPA
+context_lens, block_size, scale, window=None) -> [B, Hq, D]`. The cache is `S = num_blocks · block_size` slots;
+sequence b's context is slots `block_tables[b, p // block_size] · block_size + p % block_size` for positions
+p < context_lens[b] (the last one is the query token's own key, already written). With a sliding `window` only
+positions p >= context_lens[b] - window count (transformers' overlay); the cache keeps the older blocks.
+Backends: flash-attn's `flash_attn_with_kvcache` (paged, block_table) on CUDA when installed and the block size is a
+multiple of 256; `driftscope._C.paged_decode_attention` for float32 CPU tensors (reads the blocks in place);
+otherwise the keys are gathered into [B, Lmax] and torch SDPA
 runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
 
 No Triton kernel here (STYLE.md rule 4): flash-attn, the cpp kernel and SDPA are the fast paths; this file holds the
 launcher and the reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache,
-4·Σ_b context_b·Hq·D FLOPs.
+4·Σ_b context_b·Hq·D FLOPs (context_b capped at the window when there is one).
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [B] int32, context length including the query token
     block_size: int,
     scale: float,
+    window: int | None = None,  # sliding window: positions p >= context_lens[b] - window; None = all
 ) -> torch.Tensor:  # [B, Hq, D], q.dtype
     _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens)
+    assert window is None or window > 0, f"window={window}"
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if use_flash_paged(q.device, q.dtype, block_size):
@@ -63,6 +67,7 @@ def paged_decode_attention(
         o = flash_attn_with_kvcache(
             q[:, None], k_cache.view(nb, block_size, Hkv, D), v_cache.view(nb, block_size, Hkv, D),
             cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
+            window_size=(-1, -1) if window is None else (window - 1, 0),
         )  # [B, 1, Hq, D]
         return o[:, 0]
     if q.device.type == "cpu" and q.dtype == torch.float32 and forced_backend() in (None, "cpp") and cpp_status("cpu"):
@@ -72,8 +77,12 @@ def paged_decode_attention(
         qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
         bt, ctx = block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
         _C.paged_decode_attention(out.data_ptr(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(),
-                                  ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale)
+                                  ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale,
+                                  window or 0)
         return out
+    if window is not None:  # [B, Lmax]: within the context and the window
+        p = torch.arange(key_mask.shape[1], device=key_mask.device)
+        key_mask = key_mask & (p[None, :] >= (context_lens.to(key_mask.device).long() - window)[:, None])
     k = k_cache[gather].transpose(1, 2)  # [B, Hkv, Lmax, D]
     v = v_cache[gather].transpose(1, 2)
     o = F.scaled_dot_product_attention(
@@ -92,15 +101,17 @@ def paged_decode_attention_torch(
     context_lens: torch.Tensor,  # [B] int32
     block_size: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:  # [B, Hq, D], q.dtype
-    """Reference: per sequence, the slots of positions 0..context-1 from the block table, fp32 softmax(q·kᵀ)·v."""
+    """Reference: per sequence, the slots of positions max(0, context - window)..context-1 from the block table,
+    fp32 softmax(q·kᵀ)·v."""
     _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens)
     B, Hq, D = q.shape
     groups = Hq // k_cache.shape[1]
     out = torch.empty_like(q)
     for b in range(B):
         n = int(context_lens[b])
-        pos = torch.arange(n, device=q.device)
+        pos = torch.arange(0 if window is None else max(0, n - window), n, device=q.device)
         slots = block_tables[b].long()[pos // block_size] * block_size + pos % block_size  # [n]
         k = k_cache[slots].float().repeat_interleave(groups, dim=1)  # [n, Hq, D]; query head h uses kv head h // groups
         v = v_cache[slots].float().repeat_interleave(groups, dim=1)

@@ -163,12 +163,12 @@ def test_unknown_architecture(ckpt):
 
 def test_unknown_rope_type(ckpt):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    cfg["rope_parameters"] = {"rope_type": "proportional", "rope_theta": 10000.0, "factor": 4.0}
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as exc:
         load_model(ckpt)
     msg = _one_line(exc)
-    assert "config.json" in msg and "yarn" in msg and "llama3" in msg
+    assert "config.json" in msg and "proportional" in msg and "yarn" in msg and "llama3" in msg
 
 
 def test_no_weights_at_all(ckpt):
