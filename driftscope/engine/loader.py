@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
+from driftscope.engine.streaming import LayerTensor, StreamedLayers
 from driftscope.errors import InputError
 from driftscope.util import read_json, torch_dtype
 
@@ -215,7 +216,7 @@ def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str
     )
 
 
-def _device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     """The torch.device of `device`, refused (InputError naming it) when unknown or absent on this machine."""
     forms = "expected cpu, cuda, cuda:N (or another torch device type available here, e.g. mps)"
     try:
@@ -248,17 +249,19 @@ def _check_finite(name: str, file: Path, loaded: torch.Tensor, stored: torch.Ten
 # ------------------------------------------------------------------ the entry point
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, stream_layers: bool = False,
 ) -> Transformer:
     """Load an HF-layout checkpoint folder into a Transformer on `device` in `dtype` (stored weights are cast).
 
-    Never executes code from the checkpoint (auto_map / trust_remote_code are ignored).
+    `stream_layers`: only the embedding, final norm and LM head are loaded; the decoder layers stay in the
+    (memory-mapped) safetensors files and are copied to the device as they run (engine/streaming.py), after one pass
+    that checks them. Never executes code from the checkpoint (auto_map / trust_remote_code are ignored).
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint folder not found")
     dtype = torch_dtype(dtype)
-    device = _device(device)
+    device = check_device(device)
     config = ModelConfig.from_file(root / "config.json")
     source, weight_map, index = _find_source(root, allow_pickle)
 
@@ -298,6 +301,18 @@ def load_model(
                 f"supported: {', '.join(STORED_DTYPES)}"
             )
 
+    if stream_layers:
+        pickled = sorted({str(f) for f in source.files.values() if f.suffix != ".safetensors"})
+        if pickled:
+            raise InputError(f"{pickled[0]}: stream_layers=True (--stream-layers) maps safetensors files; convert "
+                             "this pickle checkpoint to safetensors")
+        layers: list[list[LayerTensor]] = [[] for _ in range(config.num_layers)]
+        for name, t in expected.items():
+            if t.param.startswith("layers."):  # "layers.{i}.{param inside the Block}"
+                _, i, local = t.param.split(".", 2)
+                layers[int(i)].append(LayerTensor(source.files[name], name, local, t.rows))
+        expected = {n: t for n, t in expected.items() if not t.param.startswith("layers.")}
+        model.layers = StreamedLayers(config, layers, dtype)
     # --- data: allocate once, copy tensor by tensor (peak = model + one stored tensor)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
@@ -312,8 +327,11 @@ def load_model(
             _check_finite(name, source.files[name], dst, tensor)
             filled[target.param] = filled.get(target.param, 0) + target.shape[0]
             del tensor
-    for pname, p in params.items():
-        assert filled.get(pname) == p.shape[0], f"{pname}: filled {filled.get(pname)} of {p.shape[0]} rows"
+    for pname in {t.param for t in expected.values()}:
+        rows = params[pname].shape[0]
+        assert filled.get(pname) == rows, f"{pname}: filled {filled.get(pname)} of {rows} rows"
+    if stream_layers:
+        model.layers.verify(_check_finite)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -194,11 +194,22 @@ class Transformer(nn.Module):
         self.output = None if c.tie_word_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw)
         self.inv_freq = rope_inv_freq(c)  # [R] float32 on CPU; not a parameter (never in a checkpoint)
         self.rope_scale = rope_attention_factor(c)  # multiplies cos and sin (yarn, longrope)
+        self._head: torch.Tensor | None = None  # a tied head's copy on another device (place_head)
         self.requires_grad_(False)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:  # [V, d]
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
+        if self.output is not None:
+            return self.output.weight
+        return self.tok_embeddings.weight if self._head is None else self._head
+
+    def place_head(self, device: torch.device | str) -> None:
+        """Keep the LM head on `device`, where another model's states meet this one's for the vocab probe (a model
+        per device): moved when untied, a copy when tied (the embedding stays). `logits` then needs one device."""
+        if self.output is not None:
+            self.output.to(device)
+        else:
+            self._head = self.tok_embeddings.weight.to(device)  # the weight itself when already there
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,8 @@
 At every hidden-state index (transformers' convention: 0 = embeddings, i = output of layer i, L = after the
 final norm) a callback sees the base state and each tuned state while they are in memory; nothing per layer
 is kept. The base forward is computed once per batch and shared by all tuned models.
+Each model runs on its own device (`Transformer.device`; all one device by default): the tuned states are moved to
+the base's device, where the callback and the caller's probes run (a no-op on one device).
 """
 from __future__ import annotations
 
@@ -32,27 +34,18 @@ def check_compatible_configs(base: ModelConfig, tuned: Sequence[ModelConfig]) ->
                 )
 
 
-def check_compatible(base: Transformer, tuned: Sequence[Transformer]) -> None:
-    """ValueError naming the first config field that makes a lockstep comparison meaningless."""
-    check_compatible_configs(base.config, [t.config for t in tuned])
-    for t in tuned:
-        c = t.config
-        if t.device != base.device:
-            raise ValueError(f"models must be on one device: base on {base.device}, {c.source} on {t.device}")
-
-
 class LockstepRunner:
     """`forward(input_ids, cu_seqlens, on_layer)` -> (final normed base hidden, [final normed tuned hidden])."""
 
     def __init__(self, base: Transformer, tuned: Sequence[Transformer]):
         if not tuned:
             raise ValueError("need at least one tuned model")
-        check_compatible(base, tuned)
+        check_compatible_configs(base.config, [t.config for t in tuned])
         self.base, self.tuned = base, list(tuned)
         self.n_states = base.config.num_layers + 1
-        # models whose packed-batch data agree (Transformer.rope_key: dtype, rope tables) share one prepare() per batch;
-        # each attention layer carries its own sliding window
-        self._prep_keys = [m.rope_key for m in (base, *tuned)]
+        # models on one device whose packed-batch data agree (Transformer.rope_key: dtype, rope tables) share one
+        # prepare() per batch; each attention layer carries its own sliding window
+        self._prep_keys = [(m.device, m.rope_key) for m in (base, *tuned)]
 
     @property
     def device(self) -> torch.device:
@@ -62,33 +55,38 @@ class LockstepRunner:
     def forward(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, on_layer: LayerCallback | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        dev = self.device
-        ids, cu = input_ids.to(dev), cu_seqlens.to(dev)
         models = [self.base, *self.tuned]
-        prepared: dict = {}  # rope tables once per distinct (dtype, theta/scaling, window), not once per model
-        batches = [prepared[k] if k in prepared else prepared.setdefault(k, m.prepare(ids, cu))
-                   for m, k in zip(models, self._prep_keys)]
-        hs = run_layers(models, ids, batches, on_layer)
+        prepared: dict = {}  # rope tables once per distinct (device, dtype, theta/scaling), not once per model
+        for m, k in zip(models, self._prep_keys):
+            if k not in prepared:
+                prepared[k] = m.prepare(to_device(input_ids, m.device), to_device(cu_seqlens, m.device))
+        hs = run_layers(models, input_ids, [prepared[k] for k in self._prep_keys], on_layer)
         return hs[0], hs[1:]
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` on `device`: itself when already there; asynchronous unless the copy lands in (pageable) host memory."""
+    return x.to(device, non_blocking=device.type != "cpu")
 
 
 @torch.inference_mode()
 def run_layers(models: Sequence[Transformer], ids: torch.Tensor, batches: Sequence,
                on_layer: LayerCallback | None = None) -> list[torch.Tensor]:
-    """Every model over the same tokens, layer i of all models before layer i+1; `batches[j]` is model j's
-    LayerBatch. Calls on_layer(index, h_models[0], [h_models[1:]]) at every hidden-state index; returns the
-    final normed hidden states [T, d] of each model."""
-    hs = [m.embed(ids) for m in models]  # [T, d] each
+    """Every model over the same tokens, layer i of all models before layer i+1, each on its device; `batches[j]`
+    is model j's LayerBatch. Calls on_layer(index, h_models[0], [h_models[1:]]) at every hidden-state index, and
+    returns the final normed hidden states [T, d] of each model, all on models[0]'s device."""
+    dev = models[0].device
+    hs = [m.embed(to_device(ids, m.device)) for m in models]  # [T, d] each, on its model's device
     last = models[0].config.num_layers
     if on_layer is not None:
-        on_layer(0, hs[0], hs[1:])
+        on_layer(0, hs[0], [to_device(h, dev) for h in hs[1:]])
     for i in range(last):
-        hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]
+        hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]  # launches run on all devices at once
         if i == last - 1:  # transformers reports the final *normed* state at index L
             hs = [m.final_norm(h) for m, h in zip(models, hs)]
         if on_layer is not None:
-            on_layer(i + 1, hs[0], hs[1:])
-    return hs
+            on_layer(i + 1, hs[0], [to_device(h, dev) for h in hs[1:]])
+    return [hs[0], *(to_device(h, dev) for h in hs[1:])]
 
 
 @torch.inference_mode()
