@@ -37,6 +37,15 @@ def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
+def merge_kind(key: str) -> str:
+    """How a key of `TaskProbes.state_dict()` combines over processes that each ran part of the batches: "sum" (the
+    float64/int64 sums and counts), "cat" (TokenMetrics' per-sample rows: each sample is in one process only) or
+    "first" (configurations, histogram edges, and paper-mode PCA, which one process computes for every batch)."""
+    if ".paper_pca." in key or key.endswith("config") or ".edges." in key:
+        return "first"
+    return "cat" if key.endswith((".sample_ids", ".sample_sums")) else "sum"
+
+
 class TaskProbes:
     """Every probe of one task, for `n_tuned` tuned models.
 

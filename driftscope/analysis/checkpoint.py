@@ -13,7 +13,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,47 +66,94 @@ def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(errno.EIO, f"safetensors: {exc}", str(path)) from exc
 
 
-class RunState:
-    """progress.json = {"fingerprint": ..., "done": {task: completed batches}, "pca_done": [tasks]}."""
+def _processes(n: int) -> str:
+    return "one process" if n == 1 else f"{n} processes (torchrun WORLD_SIZE {n})"
 
-    def __init__(self, out: Path):
-        self.dir = out / STATE_DIR
+
+class RunState:
+    """progress.json = {"fingerprint": ..., "done": {task: completed batches of this process's share}, "pca_done":
+    [tasks], ...}: in `.driftscope-state/` for one process, in `.driftscope-state/rank{r}/` for rank r of a torchrun
+    world of K > 1 (its progress.json also holds "world_size": K)."""
+
+    def __init__(self, out: Path, rank: int = 0, world_size: int = 1):
+        self.root, self.rank, self.world_size = out / STATE_DIR, rank, world_size
+        self.dir = self.root if world_size == 1 else self.root / f"rank{rank}"
 
     def exists(self) -> bool:
         return (self.dir / "progress.json").is_file()
 
-    def reset(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+    def _saved(self) -> list[Path]:
+        """The progress files of the interrupted run in this folder: one, or one per rank that saved."""
+        top = self.root / "progress.json"
+        return [top] if top.is_file() else sorted(self.root.glob("rank*/progress.json"))
+
+    def saved_world(self) -> int | None:
+        """How many processes ran the interrupted run in this folder (None: there is none)."""
+        files = self._saved()
+        if not files or files[0].parent == self.root:
+            return len(files) or None
+        try:
+            n = read_json(files[0], "resume state", dict).get("world_size")
+        except ValueError as exc:
+            raise self._damaged(files[0], str(exc).removeprefix(str(files[0])).lstrip(": ")) from exc
+        if not isinstance(n, int) or n < 2:
+            raise self._damaged(files[0], f"world_size {n!r} is not a number of processes")
+        return n
+
+    def reset(self, barrier: Callable[[], None]) -> None:
+        """Clear the folder's state (every rank's: each rank clears, so node-local folders are cleared too), then,
+        once every process has, make this process's folder."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        barrier()
+        self.dir.mkdir(parents=True, exist_ok=True)
 
     def describe(self) -> str:
         """How far the saved run got, e.g. "12 batches of mixed done, saved 2025-01-02 03:04"."""
-        path = self.dir / "progress.json"
-        when = _dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        files = self._saved()
+        when = _dt.datetime.fromtimestamp(max(f.stat().st_mtime for f in files)).strftime("%Y-%m-%d %H:%M")
+        done: dict[str, int] = {}
+        world = None
         try:
-            prog = read_json(path, "resume state", dict)
-            parts = [f"{n} batches of {t}" for t, n in prog.get("done", {}).items()]
-            parts += [f"{n} chunks of {key}" for key, n in prog.get("gen_done", {}).items()]
+            for f in files:
+                prog = read_json(f, "resume state", dict)
+                world = prog.get("world_size", world)
+                for t, n in [*prog.get("done", {}).items(), *prog.get("gen_done", {}).items()]:
+                    done[t] = done.get(t, 0) + n
+            gen = prog.get("gen_done", {})
+            parts = [f"{n} {'chunks' if t in gen else 'batches'} of {t}" for t, n in done.items()]
         except (ValueError, AttributeError):
             parts = ["progress.json unreadable"]
-        return f"{', '.join(parts) or 'nothing'} done, saved {when}"
+        by = f" by {world} processes" if isinstance(world, int) and world > 1 else ""
+        return f"{', '.join(parts) or 'nothing'} done{by}, saved {when}"
 
-    def begin(self, fresh: dict, *, resume: bool, overwrite: bool) -> dict:
+    def begin(self, fresh: dict, *, resume: bool, overwrite: bool, barrier: Callable[[], None] = lambda: None) -> dict:
         """The progress to start from: the saved one with `resume`, else `fresh`, written to a new state (nothing
         saved yet: generation 0) so that resume can check the fingerprint. An interrupted run is never discarded
-        without `overwrite`."""
+        without `overwrite`, nor resumed by another number of processes. Under torchrun every rank calls this with
+        `barrier` (the world's): no rank clears the folder before every rank has looked at it."""
         if resume and overwrite:
             raise InputError("--resume and --overwrite exclude each other: --resume continues the interrupted run "
-                             f"in {self.dir.parent}, --overwrite discards it")
-        if self.exists() and resume:
-            return self.load_progress(fresh["fingerprint"])
-        if self.exists() and not overwrite:
-            raise InputError(f"{self.dir.parent} holds an interrupted run ({self.describe()}): pass --resume to "
+                             f"in {self.root.parent}, --overwrite discards it")
+        found = bool(self._saved())
+        if found and resume:
+            if (saved := self.saved_world()) != self.world_size:
+                raise InputError(f"cannot resume {self.root.parent}: the interrupted run ran as {_processes(saved)}, "
+                                 f"this run as {_processes(self.world_size)}; resume it with {saved} process"
+                                 f"{'es' * (saved > 1)}, or pass --overwrite to start over")
+            if self.exists():
+                return self.load_progress(fresh["fingerprint"])
+            log.warning("--resume: rank %d saved nothing before the interrupt; its share starts over", self.rank)
+        elif found and not overwrite:
+            raise InputError(f"{self.root.parent} holds an interrupted run ({self.describe()}): pass --resume to "
                              "continue it, or --overwrite to discard it and start over")
-        if resume:
-            log.warning("--resume: %s holds no interrupted run to continue; starting a fresh run", self.dir.parent)
+        elif resume:
+            log.warning("--resume: %s holds no interrupted run to continue; starting a fresh run", self.root.parent)
         try:
-            self.reset()
+            if not (found and resume):
+                barrier()  # every process has looked at the folder
+                self.reset(barrier)
+            else:
+                self.dir.mkdir(parents=True, exist_ok=True)
             write_json(self.dir / "progress.json", fresh)
         except OSError as exc:
             raise disk_error(exc, "the resumable state", "free space or make the folder writable, then rerun") from exc
@@ -191,7 +238,8 @@ class RunState:
         return rows
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Drop the state: rank 0 (or the one process) all of it, another rank its own folder."""
+        shutil.rmtree(self.root if self.rank == 0 else self.dir, ignore_errors=True)
 
 
 class Checkpointer:

@@ -30,6 +30,13 @@ class DriftOptions:
         "--max-new-tokens): error refuses them, naming them; truncate scores their first tokens (with --generate: "
         "stops generating at the context)", choices=OVERLONG))
     device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
+    # a model per device: layer i of each model runs on its device; probes run on the base's (see engine/runner.py)
+    base_device: str | None = field(default=None, metadata=cli("device of the base model (default: --device)"))
+    tuned_device: tuple = field(default=(), metadata=cli(
+        "device of the tuned models: once for all, or once per --tuned in order (default: --device)"))
+    stream_layers: bool = field(default=False, metadata=cli(
+        "weights stay in host memory (memory-mapped safetensors); each layer is copied to its device just before it "
+        "runs, overlapped with the previous layer's compute: for models that do not fit device memory"))
     dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
     # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
     pca: str = field(default="streaming", metadata=cli(
@@ -52,6 +59,8 @@ class DriftOptions:
     overwrite: bool = field(default=False, metadata=cli(
         "discard the interrupted run in --out and start over (without it, such a run is never discarded)"))
     progress: bool = field(default=True, metadata=cli("progress bars on stderr"))
+    dist_timeout: float = field(default=1800.0, metadata=cli(
+        "under torchrun: seconds a process waits for the others (the merge waits for the slowest share)"))
     allow_pickle: bool = field(default=False, metadata=cli(
         "also load pickle checkpoints (.bin/.pt), with torch.load(weights_only=True)"))
     chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
@@ -105,23 +114,20 @@ class DriftOptions:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.overlong not in OVERLONG:
             raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
+        if not self.dist_timeout > 0:  # NaN too
+            raise InputError(f"dist_timeout={self.dist_timeout} is invalid: expected seconds > 0")
         if not self.checkpoint_every >= 0:  # NaN too
             raise InputError(f"checkpoint_every={self.checkpoint_every} is invalid: expected seconds >= 0 "
                              "(0: a checkpoint after every batch)")
         self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
         self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
-        if isinstance(self.device, torch.device):
-            self.device = str(self.device)
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device {self.device!r} is not a torch device string "
-                             "(e.g. 'cpu', 'cuda', 'cuda:1')") from e
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: CUDA is not available here (torch {torch.__version__}); "
-                             "use device='cpu'")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        self.device = _device_name("device", self.device)
+        self.base_device = None if self.base_device is None else _device_name("base_device", self.base_device)
+        tuned = [self.tuned_device] if isinstance(self.tuned_device, (str, torch.device)) else self.tuned_device
+        self.tuned_device = [_device_name("tuned_device", d) for d in tuned]  # a list: JSON-able
+        if self.stream_layers and self.generate:
+            raise InputError("stream_layers=True (--stream-layers) with generate=True: generation runs every layer "
+                             "once per decoded token, so streamed weights would be copied once per token; drop one")
         if self.pca not in PCA_MODES:
             raise ValueError(f"pca must be one of {PCA_MODES}, got {self.pca!r}")
         if self.cka not in CKA_MODES:
@@ -130,6 +136,21 @@ class DriftOptions:
             raise ValueError(f"pca_queries must be >= 2 (PCA with 2 components), got {self.pca_queries}")
         if self.pca_texts is not None and not Path(self.pca_texts).is_file():
             raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")
+
+    def model_devices(self, n_tuned: int) -> tuple[str, list[str]]:
+        """(the base's device, each tuned model's); InputError naming the option when they do not fit the run."""
+        td = self.tuned_device
+        if len(td) not in (0, 1, n_tuned):
+            raise InputError(f"tuned_device (--tuned-device) is given {len(td)} times for {n_tuned} tuned models: "
+                             "give it once (for all of them) or once per --tuned, in order")
+        base = self.base_device or self.device
+        tuned = td * n_tuned if len(td) == 1 else td or [self.device] * n_tuned
+        spread = {"cuda:0" if d == "cuda" else d for d in (base, *tuned)}
+        mode = "generate=True (--generate)" if self.generate else "pca='paper'" if self.pca == "paper" else None
+        if len(spread) > 1 and mode is not None:
+            raise InputError(f"{mode} runs every model on one device, but base_device/tuned_device (--base-device/"
+                             f"--tuned-device) spread them over {', '.join(sorted(spread))}")
+        return base, list(tuned)
 
     def cka_mode(self, hidden_size: int) -> str:
         if self.cka != "auto":
@@ -141,10 +162,26 @@ class DriftOptions:
 
     # fields that do not change any number of the result
     _COSMETIC = ("checkpoint_every", "resume", "overwrite", "progress", "top_tokens", "device", "cache_memory",
-                 "max_num_seqs")
+                 "max_num_seqs", "base_device", "tuned_device", "stream_layers", "dist_timeout")
 
     def result_fields(self) -> dict:
         return {k: v for k, v in self.as_dict().items() if k not in self._COSMETIC}
+
+
+def _device_name(name: str, value) -> str:
+    """`value` as a device string, refused (InputError naming the option) when torch or this machine has no such
+    device; the models' loads check it again (engine.loader.check_device)."""
+    value = str(value)
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise InputError(f"{name}={value!r} (--{name.replace('_', '-')}) is not a torch device string "
+                         "(e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{name}={value!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{name}={value!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return value
 
 
 def file_digest(path: Path) -> str:

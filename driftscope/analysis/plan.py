@@ -204,6 +204,7 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     if out is not None:
         check_out(Path(out))
     tuned_dirs = unique_names(as_list(tuned), key=lambda p: p.resolve().name)
+    opts.model_devices(len(tuned_dirs))  # a device per model, or one for all
     data_map = unique_names(as_list(data), key=lambda p: p.stem)
     tok = load_tokenizer(base_dir)
     others = [load_tokenizer(d) for d in tuned_dirs.values() if _own_tokenizer(base_dir, d)]

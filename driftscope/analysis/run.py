@@ -21,6 +21,7 @@ import torch
 from driftscope.analysis import gen_drift
 from driftscope.analysis.bundle import TaskProbes
 from driftscope.analysis.checkpoint import Checkpointer, RunState, disk_error
+from driftscope.analysis.distributed import World
 from driftscope.analysis.env import GpuTelemetry, Progress, StageTimes, machine, note, versions
 from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca
@@ -59,14 +60,18 @@ class _Run:
 
     def __init__(self, p: Plan, out: Path | None, times: StageTimes):
         self.plan, self.opts, self.out, self.tok, self.tasks = p, p.opts, out, p.tok, p.tasks
-        self.device = torch.device(p.opts.device)
+        base_dev, tuned_devs = p.opts.model_devices(len(p.tuned_dirs))
+        self.device = torch.device(base_dev)  # the base's: the probes run there
         self.times = times
-        kw = {"device": self.device, "dtype": p.opts.dtype, "allow_pickle": p.opts.allow_pickle}
-        n = len(p.tuned_dirs)
-        note(f"loading base + {n} tuned model{'s' * (n > 1)} ({p.opts.dtype} on {self.device}) ...", p.opts.progress)
+        kw = {"dtype": p.opts.dtype, "allow_pickle": p.opts.allow_pickle, "stream_layers": p.opts.stream_layers}
+        n, where = len(p.tuned_dirs), ", ".join(dict.fromkeys([base_dev, *tuned_devs]))
+        note(f"loading base + {n} tuned model{'s' * (n > 1)} ({p.opts.dtype} on {where}"
+             f"{', layers streamed' if p.opts.stream_layers else ''}) ...", p.opts.progress)
         with times("load"):
-            self.base = load_model(p.base_dir, **kw)
-            self.tuned = [load_model(d, **kw) for d in p.tuned_dirs.values()]
+            self.base = load_model(p.base_dir, device=self.device, **kw)
+            self.tuned = [load_model(d, device=dev, **kw) for d, dev in zip(p.tuned_dirs.values(), tuned_devs)]
+            for t in self.tuned:  # the vocab probe runs on the base's device, beside the tuned final states
+                t.place_head(self.device)
         self.runner = LockstepRunner(self.base, self.tuned)
         self.valid_vocab = [_valid_vocab(self.base, t, self.tok) for t in self.tuned]
         self.vocab_groups: dict[int | None, list[int]] = {}  # valid_vocab -> the tuned models probed with it
@@ -140,14 +145,19 @@ class _Run:
             done = sum(min(progress["gen_done"].get(f"m{j}.t{k}", 0) * o.generate_chunk, len(t.prompts))
                        for j in range(len(self.tuned)) for k, t in enumerate(self.tasks))
             return total, done
-        total = sum(t.n_tokens(i) for t in self.tasks for i in range(len(t)))
-        return total, sum(t.n_tokens(i) for t in self.tasks for i in range(progress["done"].get(t.name, 0)))
+        total = sum(t.n_tokens(i) for t, mine in zip(self.tasks, self.shards) for i in mine)
+        return total, sum(t.n_tokens(i) for t, mine in zip(self.tasks, self.shards)
+                          for i in mine[:progress["done"].get(t.name, 0)])
 
-    def run(self, progress: dict) -> dict:
+    def run(self, progress: dict, world: World | None = None) -> dict | None:
         """Every unit of work not done in `progress` (a fresh run's, or the saved one of a resumed run), then the
-        summary; the progress is saved before the summary, so a failure to write the outputs loses no work."""
-        o = self.opts
-        state = RunState(self.out) if self.out is not None else None
+        summary; the progress is saved before the summary, so a failure to write the outputs loses no work. Under
+        torchrun (`world`), this rank's share of the batches, then every rank's probes merged into rank 0's: the
+        summary there, None on the other ranks."""
+        o, world = self.opts, world or World()
+        state = RunState(self.out, world.rank, world.size) if self.out is not None else None
+        # batches per task this process runs (all of them for one process); progress["done"] counts them
+        self.shards = world.shard([[t.n_tokens(i) for i in range(len(t))] for t in self.tasks])
         self._restore(state, progress)
         ckpt = Checkpointer(state, self.states, o.checkpoint_every, self.times)
         telemetry = GpuTelemetry(self.device)
@@ -173,15 +183,15 @@ class _Run:
                         in_unit = False
                         bar.advance(len(rows))
                         ckpt.maybe_save(progress)
-                for bi in range(progress["done"].get(task.name, 0), len(task)):
+                for pos in range(progress["done"].get(task.name, 0), len(self.shards[k])):
                     in_unit = True
-                    batch = task.batch(bi)
+                    batch = task.batch(self.shards[k][pos])
                     self.process(k, batch)
-                    progress["done"][task.name] = bi + 1
+                    progress["done"][task.name] = pos + 1
                     in_unit = False
                     bar.advance(batch.n_tokens)
                     ckpt.maybe_save(progress)
-                if o.pca == "paper" and task.name not in progress["pca_done"]:
+                if o.pca == "paper" and world.main and task.name not in progress["pca_done"]:  # rank 0 alone
                     with self.times("paper_pca"):
                         self.probes[k].set_paper_vectors(paper_pca(self.runner, self.tok, task.queries, o))
                     progress["pca_done"].append(task.name)
@@ -199,13 +209,19 @@ class _Run:
         finally:
             bar.close()
         telemetry.sample()
-        seconds = time.perf_counter() - t0
         tokens_run = self.tokens_generated if o.generate else total - done_units
+        counts = {"tokens": tokens_run, "nonfinite": self.nonfinite}
+        if world.size > 1:
+            with self.times("merge"):
+                counts = world.merge(self.states, counts)
+        if not world.main:
+            return None
+        seconds, tokens_run, self.nonfinite = time.perf_counter() - t0, counts["tokens"], counts["nonfinite"]
         with self.times("summarize"):
-            return self.summarize(seconds, tokens_run, telemetry)
+            return self.summarize(seconds, tokens_run, telemetry, world.size)
 
     # ---- results ------------------------------------------------------------------------------------------------
-    def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry) -> dict:
+    def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry, processes: int = 1) -> dict:
         p, o = self.plan, self.opts
         models = {}
         for j, name in enumerate(p.tuned_dirs):
@@ -226,7 +242,7 @@ class _Run:
             },
             "versions": versions(), "machine": machine(self.device), "backends": backend_status(),
             "gpu_telemetry": telemetry.summary(),
-            "timing": {"seconds": seconds, "tokens": tokens_run,
+            "timing": {"seconds": seconds, "tokens": tokens_run, "processes": processes,
                        "tokens_per_s": tokens_run / seconds if seconds else None,
                        "stages": self.times.summary()},  # exclusive wall seconds, up to the summary itself
             "models": models,
@@ -284,22 +300,37 @@ def drift(
 
     With `out`, writes summary.json, tokens.{parquet,jsonl}, pca_shift.json and report.html there and keeps a
     resumable state while running (`resume=True` continues an interrupted run). Returns a DriftReport.
+    Under torchrun (WORLD_SIZE > 1, see distributed.py) each process runs its share of the batches; rank 0 merges
+    them, writes the outputs and returns the summary; the other ranks return {"models": {}, "rank": r}.
     """
-    opts = DriftOptions(**options)
+    opts, world = DriftOptions(**options), World.from_env()
+    report = _drift(base, tuned, data, out, world.start(opts), world)
+    world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
+    return report
+
+
+def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftReport:
     times = StageTimes(opts.device)
     with times("plan"):
         p = plan(base, tuned, data, opts, out=out)
     out_dir = Path(out) if out is not None else None
     progress = {"fingerprint": fingerprint(p.base_dir, p.tuned_dirs, p.data, opts), "done": {}, "pca_done": [],
-                "generation": 0, "gen_done": {}, "gen_rows": {}, "nonfinite": {}}
-    if out_dir is not None:  # before any weights load: a refused resume or an interrupted run costs no load time
+                "generation": 0, "gen_done": {}, "gen_rows": {}, "nonfinite": {},
+                **({"world_size": world.size} if world.size > 1 else {})}
+    state = RunState(out_dir, world.rank, world.size) if out_dir is not None else None
+    if state is not None:  # before any weights load: a refused resume or an interrupted run costs no load time
         out_dir.mkdir(parents=True, exist_ok=True)
-        progress = RunState(out_dir).begin(progress, resume=opts.resume, overwrite=opts.overwrite)
+        progress = state.begin(progress, resume=opts.resume, overwrite=opts.overwrite, barrier=world.barrier)
     with _sigterm_as_interrupt():
         run = _Run(p, out_dir, times)
-        summary = run.run(progress)
+        summary = run.run(progress, world)
+    if summary is None:  # a rank other than 0: its probes went into rank 0's, which writes the outputs
+        if state is not None:
+            world.barrier()  # rank 0 wrote them: this rank's state is done with
+            state.remove()
+        return DriftReport(summary={"models": {}, "rank": world.rank}, out=out_dir)
     report = DriftReport(summary=summary, out=out_dir, responses=run.responses() if opts.generate else {})
-    if out_dir is not None:
+    if state is not None:
         from driftscope.analysis.outputs import write_outputs, write_responses
 
         try:
@@ -307,7 +338,8 @@ def drift(
             if opts.generate:
                 report.files.update(write_responses(out_dir, report.responses))
         except OSError as exc:  # the finished run's state is saved (run() flushed it): only the outputs are left
-            raise disk_error(exc, "output", f"the finished run is kept in {RunState(out_dir).dir}: free space (or "
+            raise disk_error(exc, "output", f"the finished run is kept in {state.root}: free space (or "
                              "make the folder writable), then rerun with --resume to write the outputs") from exc
-        RunState(out_dir).remove()
+        world.barrier()
+        state.remove()
     return report

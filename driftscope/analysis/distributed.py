@@ -1,0 +1,160 @@
+"""Data-parallel drift runs under torchrun: `World` is this process's place among the ranks. Every rank plans the same
+batches, takes a share balanced by tokens (`shard`), runs it with its own resumable state, and at the end every rank's
+accumulators are summed into rank 0's (`merge`), which writes the outputs. One process never touches torch.distributed.
+
+A rank waits at most `dist_timeout` seconds in a collective (the merge waits for the slowest rank's shard); a rank
+that dies ends the others sooner: torchrun stops the whole group when one of its processes fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import heapq
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from driftscope.analysis.bundle import merge_kind
+from driftscope.analysis.checkpoint import Stateful
+from driftscope.errors import InputError
+
+
+@dataclass
+class World:
+    """rank / size / local_rank of this process (0 / 1 / 0 for a single process)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device | None = None  # where the merge sums, once started: this rank's models' device
+    owns_group: bool = False  # whether start() made the process group (then close() ends it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> World:
+        """The world torch.distributed.run (torchrun) describes in WORLD_SIZE, RANK and LOCAL_RANK; one process when
+        WORLD_SIZE is unset or 1."""
+        if env.get("WORLD_SIZE", "1") == "1":
+            return cls()
+        try:
+            size, rank, local = (int(env.get(k, "")) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        except ValueError:
+            raise InputError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, LOCAL_RANK="
+                             f"{env.get('LOCAL_RANK')!r}: expected the integers torchrun sets; launch with torchrun "
+                             "--nproc-per-node=N -m driftscope drift ...") from None
+        if not 0 <= rank < size:
+            raise InputError(f"RANK={rank} lies outside WORLD_SIZE={size}")
+        return cls(rank, size, local)
+
+    # ---- the process group --------------------------------------------------------------------------------------
+    def start(self, opts):
+        """Join the process group (gloo for the CPU, nccl for CUDA: each rank on cuda:LOCAL_RANK); returns the
+        options with this rank's device (and progress bars on rank 0 only). A no-op for one process."""
+        if self.size == 1:
+            return opts
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise InputError(f"WORLD_SIZE={self.size} but this torch ({torch.__version__}) has no torch.distributed")
+        if opts.generate:
+            raise InputError(f"--generate does not run under torchrun yet (WORLD_SIZE={self.size}): run it as one "
+                             "process")
+        if opts.base_device is not None or opts.tuned_device:
+            raise InputError(f"--base-device/--tuned-device under torchrun (WORLD_SIZE={self.size}): not supported; "
+                             "each process runs its models on its own device (--device cuda: cuda:LOCAL_RANK)")
+        dev = torch.device(opts.device)
+        if dev.type == "cuda":
+            if dev.index is not None:
+                raise InputError(f"--device {opts.device} under torchrun (WORLD_SIZE={self.size}): pass --device "
+                                 "cuda; each process takes cuda:LOCAL_RANK")
+            if self.local_rank >= torch.cuda.device_count():
+                raise InputError(f"LOCAL_RANK={self.local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                                 "here: --nproc-per-node must not exceed the GPUs of a node")
+            torch.cuda.set_device(self.local_rank)
+            opts = dataclasses.replace(opts, device=f"cuda:{self.local_rank}")
+        if not self.main:  # one progress bar and load message: rank 0's
+            opts = dataclasses.replace(opts, progress=False)
+        self.device = torch.device(opts.device)
+        if not dist.is_initialized():  # an embedding harness may have made the group already: use it
+            kw = {"device_id": self.device} if dev.type == "cuda" else {}
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=opts.dist_timeout), **kw)
+            self.owns_group = True
+        if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.size):
+            raise InputError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the "
+                             f"environment RANK={self.rank} of WORLD_SIZE={self.size}")
+        return opts
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    # ---- the work -----------------------------------------------------------------------------------------------
+    def shard(self, sizes: Sequence[Sequence[int]]) -> list[list[int]]:
+        """This rank's batches: `sizes[k][i]` is the token count of task k's batch i; returns the batch indices of
+        each task this rank runs, ascending. Greedy over every task's batches at once: the largest batch goes to the
+        rank with the fewest tokens so far (the lowest rank on ties). Deterministic: every rank deals the same
+        shards, and so does a resumed run."""
+        if self.size == 1:
+            return [list(range(len(s))) for s in sizes]
+        mine: list[list[int]] = [[] for _ in sizes]
+        loads = [(0, r) for r in range(self.size)]  # a heap of (tokens, rank)
+        units = sorted((-n, k, i) for k, s in enumerate(sizes) for i, n in enumerate(s))  # largest first
+        for neg, k, i in units:
+            load, r = heapq.heappop(loads)
+            heapq.heappush(loads, (load - neg, r))
+            if r == self.rank:
+                mine[k].append(i)
+        return [sorted(m) for m in mine]
+
+    def merge(self, states: Mapping[str, Stateful], counts: dict) -> dict:
+        """Every rank's accumulators summed into rank 0's `states` (the other ranks' stay as they are), each tensor
+        combined as `bundle.merge_kind` says; `counts` ({"tokens": int, "nonfinite": {key: int}}) added up the same
+        way. Returns the summed counts (rank 0; `counts` elsewhere). A no-op for one process."""
+        if self.size == 1:
+            return counts
+        import torch.distributed as dist
+
+        for acc in states.values():
+            sd = acc.state_dict()
+            metas: list = [None] * self.size
+            dist.all_gather_object(metas, {k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
+            shapes = {k: m for meta in metas for k, m in meta.items()}  # a rank without batches lacks layer sums
+            merged = {}
+            for key in sorted(shapes):
+                kind, t = merge_kind(key), sd.get(key)
+                if kind == "sum":
+                    t = (t if t is not None else torch.zeros(shapes[key][0], dtype=shapes[key][1])).to(self.device)
+                    dist.reduce(t, dst=0)
+                    merged[key] = t.cpu()
+                elif kind == "cat":  # TokenMetrics' per-sample rows: every rank's, in rank order
+                    parts: list | None = [None] * self.size if self.main else None
+                    dist.gather_object(t, parts, dst=0)
+                    merged[key] = torch.cat(parts) if self.main else t
+                else:
+                    merged[key] = t
+            if self.main:
+                acc.load_state_dict(merged)
+        every: list | None = [None] * self.size if self.main else None
+        dist.gather_object(counts, every, dst=0)
+        if not self.main:
+            return counts
+        nonfinite: dict[str, int] = {}
+        for c in every:
+            for key, n in c["nonfinite"].items():
+                nonfinite[key] = nonfinite.get(key, 0) + n
+        return {"tokens": sum(c["tokens"] for c in every), "nonfinite": nonfinite}
