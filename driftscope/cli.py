@@ -175,6 +175,7 @@ def one_line(exc: BaseException) -> str:
 def _run(args: argparse.Namespace) -> int:
     """args.func(args) inside the error boundary (see the module docstring)."""
     try:
+        _refuse_torchrun(args.cmd)
         return args.func(args)
     except KeyboardInterrupt:
         print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
@@ -189,6 +190,19 @@ def _run(args: argparse.Namespace) -> int:
         print(f"driftscope {args.cmd}: internal error: {type(exc).__name__}: {one_line(exc)} "
               "(a bug: please report it with the traceback above)", file=sys.stderr)
         return 1
+
+
+def _refuse_torchrun(cmd: str) -> None:
+    """Only drift shards its work under torchrun; every process of another command would redo all of it and write
+    the same files."""
+    import os
+
+    from driftscope.errors import InputError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if cmd != "drift" and world.isdigit() and int(world) > 1:
+        raise InputError(f"driftscope {cmd} runs as one process, not under torchrun (WORLD_SIZE={world}): run it "
+                         "without torchrun; `driftscope drift` is the command that scales out")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,3 +294,10 @@ def test_python_m_driftscope(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "driftscope", "ti", "--base", str(tmp_path / "b.json"), "--tuned",
                           str(tmp_path / "t.json")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(tmp_path / "b.json") in bad.stderr, bad.stderr
+
+
+def test_commands_other_than_drift_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["backends"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("driftscope backends: error:") and "WORLD_SIZE=2" in err and "\n" not in err
