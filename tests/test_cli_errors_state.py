@@ -93,7 +93,7 @@ def test_resume_without_state_warns_and_runs(ck, tmp_path, caplog):
     assert "holds no interrupted run to continue" in caplog.text
 
 
-@pytest.mark.parametrize("device", ["gpu", "tpu"])
+@pytest.mark.parametrize("device", ["gpu", "tpu"], ids=["device-gpu", "device-tpu"])
 def test_unknown_device(ck, tmp_path, capsys, device):
     assert _drift(ck, "--device", device, out=tmp_path / "out") == 2
     _error(capsys, "drift", device)
