@@ -52,6 +52,35 @@ def test_vocab_probe_j4(benchmark, heads, backend, way):
     benchmark.extra_info["tokens_per_s_per_model"] = N * J / benchmark.stats.stats.median
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_vocab_probe_j4_interleaved(benchmark, heads, backend):
+    """The same comparison with the two ways alternating round by round (separate, one call, separate, ...): this
+    VM's speed drifts between runs, and the grouped tests above time all baseline rounds before the variant's. Each
+    round's ratio is recorded; the benchmark's own time is one (separate + one call) round."""
+    import time
+
+    if backend == "cpp":
+        pytest.importorskip("driftscope._C")
+    hb, wb, hts, wts, y = heads
+    times: dict[str, list[float]] = {"separate": [], "one_call": []}
+
+    def run():
+        with use_backend(backend):
+            for way in ("separate", "one_call"):
+                t0 = time.perf_counter()
+                if way == "one_call":
+                    vocab_probe(hb, wb, hts, wts, y)
+                else:
+                    [vocab_probe(hb, wb, h, w, y) for h, w in zip(hts, wts)]
+                times[way].append(time.perf_counter() - t0)
+
+    benchmark.group = f"vocab-probe-J{J}-{backend}-interleaved"
+    benchmark.pedantic(run, rounds=4, iterations=1, warmup_rounds=1)
+    sep, one = times["separate"][1:], times["one_call"][1:]  # the warm-up round dropped
+    benchmark.extra_info.update(separate_s=sep, one_call_s=one, ratios=[a / b for a, b in zip(sep, one)],
+                                ratio_of_medians=sorted(sep)[len(sep) // 2] / sorted(one)[len(one) // 2])
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     src = SHARED / "data" / "responses" / "UniReason-RL_hendrycks_math_500.jsonl"
