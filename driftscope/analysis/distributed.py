@@ -53,42 +53,49 @@ class World:
 
     # ---- the process group --------------------------------------------------------------------------------------
     def start(self, opts):
-        """Join the process group (gloo for the CPU, nccl for CUDA: each rank on cuda:LOCAL_RANK); returns the
-        options with this rank's device (and progress bars on rank 0 only). A no-op for one process."""
+        """Join the process group for a drift run (see `join`); returns the options with this rank's device (and
+        progress bars on rank 0 only). A no-op for one process."""
         if self.size == 1:
             return opts
+        if opts.generate:
+            raise InputError(f"--generate does not run under torchrun yet (WORLD_SIZE={self.size}): run it as one "
+                             "process, or `driftscope generate` under torchrun and then drift on its responses")
+        if opts.base_device is not None or opts.tuned_device:
+            raise InputError(f"--base-device/--tuned-device under torchrun (WORLD_SIZE={self.size}): not supported; "
+                             "each process runs its models on its own device (--device cuda: cuda:LOCAL_RANK)")
+        opts = dataclasses.replace(opts, device=self.join(opts.device, opts.dist_timeout, "--device"))
+        return opts if self.main else dataclasses.replace(opts, progress=False)  # one progress bar: rank 0's
+
+    def join(self, device: str, timeout: float = 1800.0, flag: str = "device") -> str:
+        """Join the process group (gloo for the CPU, nccl for CUDA: each rank on cuda:LOCAL_RANK) and return this
+        rank's device; `flag` names the option in errors. An existing group (an embedding harness made it) is used.
+        A no-op returning `device` for one process."""
+        if self.size == 1:
+            return device
         import torch.distributed as dist
 
         if not dist.is_available():
             raise InputError(f"WORLD_SIZE={self.size} but this torch ({torch.__version__}) has no torch.distributed")
-        if opts.generate:
-            raise InputError(f"--generate does not run under torchrun yet (WORLD_SIZE={self.size}): run it as one "
-                             "process")
-        if opts.base_device is not None or opts.tuned_device:
-            raise InputError(f"--base-device/--tuned-device under torchrun (WORLD_SIZE={self.size}): not supported; "
-                             "each process runs its models on its own device (--device cuda: cuda:LOCAL_RANK)")
-        dev = torch.device(opts.device)
+        dev = torch.device(device)
         if dev.type == "cuda":
             if dev.index is not None:
-                raise InputError(f"--device {opts.device} under torchrun (WORLD_SIZE={self.size}): pass --device "
-                                 "cuda; each process takes cuda:LOCAL_RANK")
+                raise InputError(f"{flag} {device} under torchrun (WORLD_SIZE={self.size}): pass {flag} cuda; each "
+                                 "process takes cuda:LOCAL_RANK")
             if self.local_rank >= torch.cuda.device_count():
                 raise InputError(f"LOCAL_RANK={self.local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
                                  "here: --nproc-per-node must not exceed the GPUs of a node")
             torch.cuda.set_device(self.local_rank)
-            opts = dataclasses.replace(opts, device=f"cuda:{self.local_rank}")
-        if not self.main:  # one progress bar and load message: rank 0's
-            opts = dataclasses.replace(opts, progress=False)
-        self.device = torch.device(opts.device)
-        if not dist.is_initialized():  # an embedding harness may have made the group already: use it
-            kw = {"device_id": self.device} if dev.type == "cuda" else {}
+            dev = torch.device("cuda", self.local_rank)
+        self.device = dev
+        if not dist.is_initialized():
+            kw = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=opts.dist_timeout), **kw)
+                                    timeout=datetime.timedelta(seconds=timeout), **kw)
             self.owns_group = True
         if (dist.get_rank(), dist.get_world_size()) != (self.rank, self.size):
             raise InputError(f"the process group has rank {dist.get_rank()} of {dist.get_world_size()}, the "
                              f"environment RANK={self.rank} of WORLD_SIZE={self.size}")
-        return opts
+        return str(dev)
 
     def close(self) -> None:
         if self.owns_group:
@@ -102,6 +109,16 @@ class World:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def gather(self, obj) -> list | None:
+        """Every rank's picklable `obj` in rank order on rank 0, None on the others; [obj] for one process."""
+        if self.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        every: list | None = [None] * self.size if self.main else None
+        dist.gather_object(obj, every, dst=0)
+        return every
 
     # ---- the work -----------------------------------------------------------------------------------------------
     def shard(self, sizes: Sequence[Sequence[int]]) -> list[list[int]]:
