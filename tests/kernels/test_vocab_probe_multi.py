@@ -152,3 +152,37 @@ def test_the_base_panel_makes_the_second_pass_unneeded(monkeypatch):
         _assert_equal(a, b, f"panel vs second pass, tuned {j}")
         want = vp.vocab_probe_torch(hb, wb, hts[j], wts[j])
         assert torch.equal(a.rank_shift_top, want.rank_shift_top) and torch.equal(a.top_tuned, want.top_tuned)
+
+
+def test_the_reference_workspace_is_reused_without_changing_any_result():
+    """The torch backend keeps its [rows, V] logit buffers between calls (CPU): calls of other sizes and J in
+    between, and calls from several threads at once, give the results of calls on a fresh workspace; the results
+    are not views of the buffers; at most (1 + J) buffers of the largest call are kept."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from driftscope.kernels.vocab_probe import reference as ref
+
+    big, small = _tuned_set(Case(300, 500, 32), 4), _tuned_set(Case(7, 500, 32, kind="ties"), 2)
+
+    def fresh(args):
+        ref._workspace.clear()
+        return ref.vocab_probe_torch(*args)
+
+    want_big, want_small = fresh(big), fresh(small)
+    ref._workspace.clear()
+    got_small = ref.vocab_probe_torch(*small)
+    got_big = ref.vocab_probe_torch(*big)
+    again_small = ref.vocab_probe_torch(*small)  # reuses buffers the J = 4 call wrote
+    for j in range(4):
+        _assert_equal(got_big[j], want_big[j], f"big {j}")
+    for j in range(2):
+        _assert_equal(got_small[j], want_small[j], f"small {j} (first)")  # not overwritten by the later calls
+        _assert_equal(again_small[j], want_small[j], f"small {j} (reused)")
+    kept = ref._workspace._free[500]
+    assert len(kept) == 5 and all(b.shape[0] == ref.BLOCK for b in kept)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda a: ref.vocab_probe_torch(*a), [big, small] * 4))
+    for out, want in zip(outs, [want_big, want_small] * 4):
+        for a, b in zip(out, want):
+            _assert_equal(a, b, "threaded")
+    assert len(ref._workspace._free[500]) <= 5
