@@ -175,7 +175,7 @@ def one_line(exc: BaseException) -> str:
 def _run(args: argparse.Namespace) -> int:
     """args.func(args) inside the error boundary (see the module docstring)."""
     try:
-        _refuse_torchrun(args.cmd)
+        _refuse_torchrun(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
@@ -192,17 +192,22 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-def _refuse_torchrun(cmd: str) -> None:
-    """Only drift shards its work under torchrun; every process of another command would redo all of it and write
-    the same files."""
+def _refuse_torchrun(args: argparse.Namespace) -> None:
+    """drift and eval --model shard their work under torchrun; every process of another command would redo all of it
+    and write the same files."""
     import os
 
     from driftscope.errors import InputError
 
     world = os.environ.get("WORLD_SIZE", "1")
-    if cmd != "drift" and world.isdigit() and int(world) > 1:
-        raise InputError(f"driftscope {cmd} runs as one process, not under torchrun (WORLD_SIZE={world}): run it "
-                         "without torchrun; `driftscope drift` is the command that scales out")
+    if not (world.isdigit() and int(world) > 1):
+        return
+    if args.cmd == "eval" and getattr(args, "responses", None) is not None:
+        raise InputError(f"driftscope eval --responses grades a file as one process, not under torchrun "
+                         f"(WORLD_SIZE={world}): run it without torchrun")
+    if args.cmd not in ("drift", "eval"):
+        raise InputError(f"driftscope {args.cmd} runs as one process, not under torchrun (WORLD_SIZE={world}): run it "
+                         "without torchrun; drift and eval --model are the commands that scale out")
 
 
 def main(argv: list[str] | None = None) -> int:

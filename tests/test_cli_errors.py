@@ -296,8 +296,13 @@ def test_python_m_driftscope(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and str(tmp_path / "b.json") in bad.stderr, bad.stderr
 
 
-def test_commands_other_than_drift_refuse_torchrun(monkeypatch, capsys):
+def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["backends"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("driftscope backends: error:") and "WORLD_SIZE=2" in err and "\n" not in err
+    # grading a file is one process's work: refused before it reads anything
+    assert main(["eval", "--responses", str(tmp_path / "r.jsonl"), "--benchmark", "math500", "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eval --responses" in err and "WORLD_SIZE=2" in err and "\n" not in err and not (tmp_path / "o").exists()

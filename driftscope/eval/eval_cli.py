@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="--model under torchrun: seconds a process waits for the others in a collective")
     p.set_defaults(func=run, interrupted="interrupted; rerun the same command to continue (state in {out})")
     return p
 
@@ -71,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
                           max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
                           device=args.device, dtype=args.dtype, seed=args.seed,
-                          max_batch_tokens=args.max_batch_tokens, upstream=args.upstream)
+                          max_batch_tokens=args.max_batch_tokens, upstream=args.upstream,
+                          dist_timeout=args.dist_timeout)
+        if result.get("rank", 0) != 0:  # under torchrun rank 0 wrote OUT and prints the scores
+            return 0
     for name, score in result["scores"].items():
         d = result.get("details", {}).get(name, {})
         shown = "—" if score is None else f"{score:.2f}"

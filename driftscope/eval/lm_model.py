@@ -10,14 +10,18 @@ runs lm-eval's own CLI with the model registered and driftscope's tasks on the i
 
 - `loglikelihood` / `loglikelihood_rolling`: packed varlen forwards, LM head only on scored rows (eval.loglik).
 - `generate_until`: every request goes to one GenerationEngine run (continuous batching, paged KV cache);
-  each keeps its own `until`, `max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`. Requests are numbered
-  in order, and sampling draws from a counter-based stream keyed by (seed, request number, step), so
-  `repeats` give distinct samples and a rerun gives the same ones.
+  each keeps its own `until`, `max_gen_toks`, `do_sample`, `temperature`, `top_p`, `top_k`. Sampling draws from a
+  counter-based stream keyed by (seed, request content digest, occurrence of that content, step), not by a request's
+  place in the list, so `repeats` give distinct samples, a rerun gives the same ones, and so does any world size.
+- Data parallel under torchrun (WORLD_SIZE > 1): the model joins the process group (gloo on CPU, nccl on
+  cuda:LOCAL_RANK), lm-eval deals the docs over the ranks and gathers the metrics on rank 0; the requests lm-eval
+  pads a short rank with are not computed and their responses are removed again (`_pads`, `barrier`).
 - Chat templates: the checkpoint's (sandboxed), `enable_thinking=True|False` passed to it.
 
 Model arguments: pretrained (folder), dtype (auto|float32|bfloat16|float16), device, max_length,
 max_batch_tokens, cache_memory (bytes), max_num_seqs, seed, enable_thinking, allow_pickle, gen_cache (a JSONL
-file where every finished generation is appended and from which a rerun takes them: resume). lm-eval's
+file where every finished generation is appended and from which a rerun takes them: resume; under torchrun rank r
+appends to `<stem>.rank{r}.jsonl` and every rank reads them all), dist_timeout (seconds in a collective). lm-eval's
 `batch_size` is accepted and ignored: batches are sized in tokens.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import copy
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from driftscope.analysis.distributed import World
 from driftscope.eval.loglik import score_continuations
 from driftscope.util import DTYPE_NAMES, read_json
 
@@ -64,6 +70,24 @@ def _resolve_dtype(dtype: str, device: str, config_dtype: str | None) -> str:
     return "float32"  # CPU: bf16 GEMMs are slow there and fp32 is the exact reference
 
 
+def _pads(requests) -> dict[int, int]:
+    """lm-eval's padding of a short rank: {position of a pad: position of the real request it copies}.
+
+    With world_size > 1, evaluator.evaluate evens out the ranks by appending `[req] * req.repeats` per missing
+    instance, `req` being this rank's last request: a real Instance appears exactly `repeats` times in the list,
+    so each further appearance of the same object is a pad."""
+    first: dict[int, int] = {}
+    seen: dict[int, int] = {}
+    pads = {}
+    for i, req in enumerate(requests):
+        k = id(req)
+        first.setdefault(k, i)
+        seen[k] = seen.get(k, 0) + 1
+        if seen[k] > (getattr(req, "repeats", None) or 1):
+            pads[i] = first[k]
+    return pads
+
+
 @register_model("driftscope")
 class DriftscopeLM(TemplateLM):
     def __init__(
@@ -79,6 +103,7 @@ class DriftscopeLM(TemplateLM):
         enable_thinking: bool | str | None = None,
         allow_pickle: bool | str = False,
         gen_cache: str | None = None,
+        dist_timeout: float = 1800.0,
         batch_size: Any = None,
         max_batch_size: Any = None,
         **unused: Any,
@@ -97,6 +122,11 @@ class DriftscopeLM(TemplateLM):
             if device is not None:  # lm-eval's CLI asks for cuda by default; its hf model falls back the same way
                 log.warning("device=%s is not available here; using cpu", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        # torchrun: join the process group (an existing one is reused); this rank's device is cuda:LOCAL_RANK
+        self.world = World.from_env()
+        device = self.world.join(str(device), float(dist_timeout), "device")
+        self._rank, self._world_size = self.world.rank, self.world.size
+        self._padded: list = []  # the Instances lm-eval padded this rank with: barrier() trims their responses
         config_dtype = read_json(folder / "config.json", "config", dict).get("torch_dtype") \
             if (folder / "config.json").is_file() else None
         self._dtype = _resolve_dtype(str(dtype), str(device), config_dtype)
@@ -159,7 +189,51 @@ class DriftscopeLM(TemplateLM):
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=skip_special_tokens)
 
+    # ------------------------------------------------------------------ data parallelism (lm-eval's evaluator)
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[world, *tensor.shape]: every rank's `tensor` in rank order (lm-eval gathers 0-d request counts)."""
+        if self.world.size == 1:
+            return tensor.unsqueeze(0).clone()
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.world.size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        """Every rank's picklable `obj` in rank order on rank `dst`, None on the others."""
+        if self.world.size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        every: list | None = [None] * self.world.size if self.rank == dst else None
+        dist.gather_object(obj, every, dst=dst)
+        return every
+
+    def barrier(self) -> None:
+        # lm-eval 0.4.13 (evaluator.evaluate) calls barrier() when world_size > 1 right after appending one request
+        # type's responses to its Instances: a padded Instance then holds its `repeats` real responses followed by
+        # the pads' copies, which would enter its metrics and its logged sample. Take the copies off again.
+        for inst in self._padded:
+            del inst.resps[getattr(inst, "repeats", None) or 1:]
+        self._padded.clear()
+        self.world.barrier()
+
+    def _unpadded(self, requests, compute) -> list:
+        """`compute(requests)` without lm-eval's pads (driftscope ranks need no even batches: no collectives inside
+        a forward); a pad gets the result of the request it copies, and is remembered for barrier()."""
+        pads = _pads(requests) if self.world_size > 1 else {}
+        if not pads:
+            return compute(requests)
+        self._padded.extend(requests[i] for i in pads)
+        keep = [i for i in range(len(requests)) if i not in pads]
+        got = dict(zip(keep, compute([requests[i] for i in keep])))
+        return [got[pads.get(i, i)] for i in range(len(requests))]
+
     # ------------------------------------------------------------------ scoring
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._unpadded(requests, partial(TemplateLM.loglikelihood, self, disable_tqdm=disable_tqdm))
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         bar = tqdm(total=len(requests), desc="driftscope loglikelihood", disable=disable_tqdm or self.rank != 0)
         try:
@@ -174,6 +248,9 @@ class DriftscopeLM(TemplateLM):
         return scores
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return self._unpadded(requests, partial(self._rolling, disable_tqdm=disable_tqdm))
+
+    def _rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
@@ -216,12 +293,21 @@ class DriftscopeLM(TemplateLM):
             seed=int(kw.get("seed", self.seed)), stop=tuple(s for s in until if s),
         )
 
+    def _sink(self) -> Path | None:
+        """The gen_cache file this process appends to: `<stem>.rank{r}.jsonl` beside it under torchrun."""
+        if self.gen_cache is None or self.world.size == 1:
+            return self.gen_cache
+        return self.gen_cache.with_name(f"{self.gen_cache.stem}.rank{self.rank}{self.gen_cache.suffix}")
+
     def _cached(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
-        """Generations already finished (gen_cache): {(request key, occurrence): text}; a torn last line is skipped."""
-        if self.gen_cache is None or not self.gen_cache.is_file():
+        """Generations already finished (gen_cache and its per-rank files, whatever world size wrote them: keys are
+        content): {(request key, occurrence): text}; a torn last line is skipped."""
+        if self.gen_cache is None:
             return {}
+        c = self.gen_cache
+        files = [c, *sorted(c.parent.glob(f"{c.stem}.rank*{c.suffix}"))] if c.parent.is_dir() else []
         wanted, done = set(keys), {}
-        for line in self.gen_cache.read_text(encoding="utf-8").splitlines():
+        for line in (x for f in files if f.is_file() for x in f.read_text(encoding="utf-8").splitlines()):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -232,6 +318,9 @@ class DriftscopeLM(TemplateLM):
         return done
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        return self._unpadded(requests, partial(self._generate, disable_tqdm=disable_tqdm))
+
+    def _generate(self, requests, disable_tqdm: bool = False) -> list[str]:
         from driftscope.engine.decoding import GenRequest
 
         keys, seen = [], {}
@@ -241,7 +330,7 @@ class DriftscopeLM(TemplateLM):
             keys.append((digest, seen[digest]))
         texts: list[str | None] = [None] * len(requests)
         done = self._cached(keys)
-        gen_requests = []
+        gen_requests, at = [], {}
         for i, req in enumerate(requests):
             if keys[i] in done:
                 texts[i] = done[keys[i]]
@@ -254,19 +343,26 @@ class DriftscopeLM(TemplateLM):
             keep = max(self.max_length - params.max_new_tokens, self.max_length // 2)
             if len(ids) > keep:
                 ids = ids[-keep:]
-            gen_requests.append(GenRequest(ids, params, prompt_index=i, sample_index=0, where=f"request {i}"))
+            # the random stream is keyed by content (digest, occurrence), not by the place in this rank's list: the
+            # same samples whichever rank lm-eval deals the doc to, and in whatever order
+            stream = (int(keys[i][0][:16], 16), keys[i][1])
+            at[stream] = i
+            gen_requests.append(GenRequest(ids, params, prompt_index=stream[0], sample_index=stream[1],
+                                           where=f"request {i}"))
         bar = tqdm(total=len(requests), initial=len(requests) - len(gen_requests), desc="driftscope generate_until",
                    disable=disable_tqdm or self.rank != 0)
         sink = None
-        if self.gen_cache is not None and gen_requests:
-            self.gen_cache.parent.mkdir(parents=True, exist_ok=True)
-            sink = open(self.gen_cache, "a", encoding="utf-8")
+        path = self._sink()
+        if path is not None and gen_requests:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sink = open(path, "a", encoding="utf-8")
         try:
             for g in self.engine.run(gen_requests, progress=bar) if gen_requests else ():
-                texts[g.index] = g.text or ""
+                i = at[(g.index, g.sample)]
+                texts[i] = g.text or ""
                 if sink is not None:
-                    key, n = keys[g.index]
-                    sink.write(json.dumps({"key": key, "n": n, "text": texts[g.index]}, ensure_ascii=False) + "\n")
+                    key, n = keys[i]
+                    sink.write(json.dumps({"key": key, "n": n, "text": texts[i]}, ensure_ascii=False) + "\n")
                     sink.flush()
         finally:
             bar.close()

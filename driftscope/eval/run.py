@@ -8,6 +8,11 @@ the first that differs), and inside a benchmark every finished generation is kep
 and not redone.
 
 IFEval's NLTK data is put in place (offline) before any model is loaded, so a run cannot die at scoring time.
+
+Under torchrun (WORLD_SIZE > 1) every rank runs this with the same arguments: the model joins the process group,
+lm-eval deals each benchmark's docs over the ranks (doc i to rank i mod K) and gathers samples and metrics on rank 0,
+which alone writes OUT (its samples in doc order, as one process writes them); each rank keeps its generations in
+OUT/generations/<task>.rank<r>.jsonl, and a rerun under any world size takes them all.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ def task_name(benchmark: str) -> str:
     return f"ds_{B.get(benchmark).name}"
 
 
-def _check_options(out: Path, options: dict) -> None:
+def _check_options(out: Path, options: dict, write: bool = True) -> None:
     path = out / "eval_run.json"
     if path.is_file():
         old = read_json(path, "eval run state", dict)
@@ -39,23 +44,33 @@ def _check_options(out: Path, options: dict) -> None:
                 raise ValueError(f"{out} holds an eval run with {key}={old.get(key)!r}, not {options.get(key)!r}; "
                                  "use another --out, or the same options to continue it")
         options = {**options, "benchmarks": list(dict.fromkeys(old.get("benchmarks", []) + options["benchmarks"]))}
-    write_json(path, options)
+    if write:
+        write_json(path, options)
+
+
+def _doc_order(samples: list[dict]) -> list[dict]:
+    """lm-eval's samples as one process logs them: per task and filter (in order of first appearance), by doc id.
+    Under torchrun rank 0 receives them rank after rank."""
+    first: dict = {}
+    for s in samples:
+        first.setdefault((s["task"], s.get("filter")), len(first))
+    return sorted(samples, key=lambda s: (first[s["task"], s.get("filter")], s.get("doc_id", 0)))
 
 
 def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, data_dir: str | Path | None = None,
              limit: int | None = None, max_gen_toks: int | None = None, thinking: bool | None = None,
              chat: bool = True, device: str | None = None, dtype: str = "auto", seed: int = 0,
              max_batch_tokens: int = 8192, cache_memory: int | None = None, upstream: bool = False,
-             bootstrap_iters: int = 1000, progress: bool = True) -> dict[str, Any]:
-    """Evaluate one model; returns the scores.json content. `upstream`: lm-eval's own tasks (eval.upstream)
-    instead of the ds_* tasks, for the benchmarks lm-eval ships. `bootstrap_iters`: lm-eval's bootstrap for the
-    stderr of non-mean metrics (its default, 100,000, takes minutes per F1 on a CPU; 0 skips it)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+             bootstrap_iters: int = 1000, progress: bool = True, dist_timeout: float = 1800.0) -> dict[str, Any]:
+    """Evaluate one model; returns the scores.json content (under torchrun, on the other ranks: empty scores and
+    their `rank`). `upstream`: lm-eval's own tasks (eval.upstream) instead of the ds_* tasks, for the benchmarks
+    lm-eval ships. `bootstrap_iters`: lm-eval's bootstrap for the stderr of non-mean metrics (its default, 100,000,
+    takes minutes per F1 on a CPU; 0 skips it). `dist_timeout`: seconds a rank waits in a collective."""
+    from driftscope.analysis.distributed import World
     from driftscope.eval.lm_model import DriftscopeLM
 
     out = Path(out)
+    world = World.from_env()
     names = [B.get(b).name for b in benchmarks]
     if not names:
         raise ValueError("no benchmarks given; expected some of " + ", ".join(B.BENCHMARKS))
@@ -78,9 +93,23 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
                "max_gen_toks": max_gen_toks, "thinking": thinking, "chat": chat, "seed": seed, "dtype": dtype,
                "upstream": upstream, "benchmarks": names}
     out.mkdir(parents=True, exist_ok=True)
-    _check_options(out, options)
+    _check_options(out, options, write=world.main)
     lm = DriftscopeLM(pretrained=str(model), dtype=dtype, device=device, seed=seed, enable_thinking=thinking,
-                      max_batch_tokens=max_batch_tokens, cache_memory=cache_memory)
+                      max_batch_tokens=max_batch_tokens, cache_memory=cache_memory, dist_timeout=dist_timeout)
+    try:
+        result = _evaluate(lm, names, out, model, data_dir, limit, max_gen_toks, chat, seed, upstream,
+                           bootstrap_iters)
+        lm.world.barrier()  # no rank leaves before rank 0 has written everything
+        return result
+    finally:
+        lm.world.close()
+
+
+def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_toks, chat, seed, upstream,
+              bootstrap_iters) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     metadata = {"data_dir": str(data_dir)} if data_dir else {}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}
@@ -93,7 +122,7 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
         else:
             tasks, label = [task_name(name)], task_name(name)
         done = out / "lm_eval" / f"{label}.json"
-        if done.is_file():
+        if _broadcast(lm.world, done.is_file()):  # rank 0's view: every rank skips the same benchmarks
             log.warning("%s: already evaluated in %s; kept", name, done)
             continue
         lm.gen_cache = out / "generations" / f"{label}.jsonl"
@@ -102,7 +131,9 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
                                       apply_chat_template=chat, gen_kwargs=gen_kwargs, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                       bootstrap_iters=bootstrap_iters)
-        samples = [dict(s, task=t) for t, rows in res.pop("samples", {}).items() for s in rows]
+        if res is None:  # a rank other than 0: lm-eval gathered its samples and metrics there
+            continue
+        samples = _doc_order([dict(s, task=t) for t, rows in res.pop("samples", {}).items() for s in rows])
         write_jsonl(out / "samples" / f"{name}.jsonl", samples)
         write_json(done, res)
         if upstream:  # lm-eval's own metrics: the primary one per benchmark, as `driftscope ti` reads them
@@ -119,4 +150,17 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
                    "limit": limit, "upstream": upstream}
         write_scores(out, {"scores": {name: score}, "details": {name: details}}, model=str(model))
         result["scores"][name], result["details"][name] = score, details
+    if not lm.world.main:
+        return {"scores": {}, "details": {}, "rank": lm.world.rank}
     return read_json(out / "scores.json", "scores file", dict)
+
+
+def _broadcast(world, value):
+    """Rank 0's picklable `value` on every rank (`value` itself for one process)."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
