@@ -80,19 +80,26 @@ def _sampling_names() -> list[str]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import logging
+    import os
 
     from driftscope.analysis.options import DriftOptions
     from driftscope.analysis.responses import GenerateOptions, generate_responses
     from driftscope.engine.sampling import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
+    if (world := os.environ.get("WORLD_SIZE", "1")).isdigit() and int(world) > 1:  # the Ctrl-C line (_run) then
+        args.interrupted = (f"interrupted; rerun the same torchrun command ({world} processes) to continue "
+                            "({out}.partial.rank* keep what was done)")
     params = SamplingParams(n=args.n, **options_from(args, DriftOptions, _sampling_names()))
     report = generate_responses(args.model, args.data, args.out, params,
                                 GenerateOptions(**options_from(args, GenerateOptions)))
+    if report.rank != 0:  # under torchrun rank 0 wrote OUT and prints the totals
+        return 0
     st = report.stats
     print(f"{report.records} responses -> {report.out} ({report.resumed} from the interrupted run; "
           f"{st['decode_tokens'] + st['prefill_tokens']} tokens computed in {st['steps']} steps, "
-          f"{st['preemptions']} preemptions)")
+          f"{st['preemptions']} preemptions" + (f", {report.processes} processes" if report.processes > 1 else "")
+          + ")")
     if report.problems:
         print(f"{len(report.problems)} records skipped; first: {report.problems[0]}", file=sys.stderr)
     return 0
@@ -193,8 +200,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _refuse_torchrun(args: argparse.Namespace) -> None:
-    """drift and eval --model shard their work under torchrun; every process of another command would redo all of it
-    and write the same files."""
+    """drift, generate and eval --model shard their work under torchrun; every process of another command would redo
+    all of it and write the same files."""
     import os
 
     from driftscope.errors import InputError
@@ -205,9 +212,9 @@ def _refuse_torchrun(args: argparse.Namespace) -> None:
     if args.cmd == "eval" and getattr(args, "responses", None) is not None:
         raise InputError(f"driftscope eval --responses grades a file as one process, not under torchrun "
                          f"(WORLD_SIZE={world}): run it without torchrun")
-    if args.cmd not in ("drift", "eval"):
+    if args.cmd not in ("drift", "generate", "eval"):
         raise InputError(f"driftscope {args.cmd} runs as one process, not under torchrun (WORLD_SIZE={world}): run it "
-                         "without torchrun; drift and eval --model are the commands that scale out")
+                         "without torchrun; drift, generate and eval --model are the commands that scale out")
 
 
 def main(argv: list[str] | None = None) -> int:

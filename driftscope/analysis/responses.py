@@ -5,6 +5,9 @@ Each finished sequence is appended to `OUT.partial` at once (the first line is t
 run given the same command continues from it, and a run with other inputs or options is refused, naming what differs.
 At the end the responses are written to OUT in prompt order and the partial file is removed. Random draws are
 addressed by (seed, record index, sample, step), so a continued run gives what an uninterrupted one would have.
+Under torchrun (`torchrun --nproc-per-node=K -m driftscope generate ...`) every rank checks every prompt, generates
+its share of the records (`shard_records`) into `OUT.partial.rank{r}`, and rank 0 gathers the rows and writes the OUT
+one process would; an interrupted run continues under the same K only.
 
 Records written: `input` (the full rendered prompt), `output` (the text, EOS left out, cut before a stop string),
 `output_token_ids` (every generated id, EOS included: what `driftscope drift` scores), `finish_reason`,
@@ -16,10 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from driftscope.analysis.checkpoint import _processes
+from driftscope.analysis.distributed import World
 from driftscope.analysis.options import checkpoint_identity, file_digest
 from driftscope.cli_options import as_object, cli, json_object, on_off, size
 from driftscope.engine.config import ModelConfig
@@ -61,8 +68,11 @@ class GenerateOptions:
     max_step_tokens: int = field(default=8192, metadata=cli("tokens computed in one engine step at most"))
     progress: bool | None = field(default=None, metadata=cli("progress bar on stderr (default: when it is a terminal)"))
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
-        "discard an interrupted run with other inputs or options in OUT.partial"))
+        "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
+        "number of processes"))
     overwrite: bool = field(default=False, metadata=cli("replace an existing (finished) OUT"))
+    dist_timeout: float = field(default=1800.0, metadata=cli(
+        "under torchrun: seconds a process waits for the others (rank 0 waits for the slowest share)"))
     overlong: str = field(default="error", metadata=cli(
         "prompts whose prompt + --max-new-tokens exceed the model's context (max_position_embeddings): error refuses "
         "them, naming them; truncate stops generating at the context", choices=OVERLONG))
@@ -72,16 +82,23 @@ class GenerateOptions:
             raise ValueError(f"limit={self.limit} is invalid: expected a positive number of records")
         if self.overlong not in OVERLONG:
             raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
+        if not self.dist_timeout > 0:  # NaN too
+            raise InputError(f"dist_timeout={self.dist_timeout} is invalid: expected seconds > 0")
         self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
 
 
 @dataclass
 class ResponsesReport:
+    """What a run wrote. Under torchrun rank 0's counts and stats are every rank's added up (max_running: the
+    largest); another rank wrote no OUT: records 0, its own resumed count and engine stats."""
+
     out: Path
     records: int  # response records written
     resumed: int  # of which were read back from an interrupted run
     problems: list[str]
     stats: dict
+    rank: int = 0
+    processes: int = 1
 
 
 def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: GenerateOptions) -> dict:
@@ -93,6 +110,64 @@ def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: Generat
         "sampling": json.loads(json.dumps(p)), "chat": o.chat, "system": o.system, "thinking": o.thinking,
         "chat_template_kwargs": o.chat_template_kwargs, "dtype": o.dtype,
     }
+
+
+def _partial_name(out: Path, rank: int, size: int) -> Path:
+    """Where rank `rank` of `size` processes keeps its finished rows: OUT.partial, or OUT.partial.rank{r}."""
+    return out.with_name(out.name + ".partial" + (f".rank{rank}" if size > 1 else ""))
+
+
+def _partials(out: Path) -> dict[int | None, Path]:
+    """The partial files beside OUT: {None: OUT.partial} for one process, {r: OUT.partial.rank{r}} under torchrun."""
+    found: dict[int | None, Path] = {}
+    if (one := out.with_name(out.name + ".partial")).is_file():
+        found[None] = one
+    pattern = re.compile(re.escape(out.name) + r"\.partial\.rank(\d+)")
+    for p in out.parent.iterdir() if out.parent.is_dir() else ():  # not glob: OUT's name may hold [ or *
+        if (m := pattern.fullmatch(p.name)) and p.is_file():
+            found[int(m[1])] = p
+    return found
+
+
+def _saved_world(found: dict[int | None, Path]) -> int | None:
+    """How many processes wrote the partial files `found` (None: there are none): 1 for OUT.partial, else the
+    world_size in a rank file's fingerprint (the highest rank + 1, at least 2, when no fingerprint can be read)."""
+    if not found:
+        return None
+    if None in found:
+        return 1
+    for path in found.values():
+        try:
+            with open(path, encoding="utf-8") as f:
+                n = json.loads(f.readline())["fingerprint"]["world_size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(n, int) and n > 1:
+            return n
+    return max(max(found) + 1, 2)  # rank files only here: a torchrun run's
+
+
+def shard_records(world: World, prompt_tokens: Sequence[int], params: SamplingParams, context: int) -> list[int]:
+    """The records (positions in `prompt_tokens`) this rank generates; every rank deals the same shares, so does a
+    resumed run. A record costs n × (prompt + max_new_tokens) tokens, capped at the context: the engine reserves that
+    much KV cache for each of its n sequences and the decode steps are bounded by max_new_tokens (where EOS falls is
+    not known before); the n samples of a record stay on one rank, so its rows are written together."""
+    sizes = [params.n * min(t + params.max_new_tokens, context) for t in prompt_tokens]
+    return world.shard([sizes])[0]
+
+
+@contextmanager
+def _quiet(logger: logging.Logger, quiet: bool) -> Iterator[None]:
+    """`logger`'s warnings dropped while `quiet`: the ranks other than 0 repeat rank 0's checks (and warnings)."""
+    def drop(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.WARNING
+
+    if quiet:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _diff(old: Mapping, new: Mapping) -> str:
@@ -141,11 +216,19 @@ def _row(g: Generation) -> dict:
 
 def generate_responses(model: str | Path, data: str | Path, out: str | Path, params: SamplingParams,
                        options: GenerateOptions | None = None) -> ResponsesReport:
-    o = options or GenerateOptions()
-    model_dir, data, out = Path(model), Path(data), Path(out)
+    """Generate responses for every usable prompt of `data` into `out` (see the module docstring); under torchrun
+    (WORLD_SIZE > 1) each process generates its share and rank 0 writes `out`."""
+    world = World.from_env()
+    report = _generate(Path(model), Path(data), Path(out), params, options or GenerateOptions(), world)
+    world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
+    return report
+
+
+def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o: GenerateOptions,
+              world: World) -> ResponsesReport:
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; name the responses file (e.g. {out / 'responses.jsonl'})")
-    if out.exists() and not o.overwrite:
+    if out.exists() and not o.overwrite:  # every rank decides this before any rank writes (rank 0 writes OUT last)
         raise ValueError(f"--out {out} exists (a finished run); pass --overwrite to replace it")
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
@@ -153,7 +236,7 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
     records, problems = read_prompts(data, o.prompt_field)
-    for p in problems:
+    for p in problems if world.main else ():
         log.warning("%s", p)
     if not records:
         raise ValueError(f"{data}: no usable prompt record ({len(problems)} problems"
@@ -164,9 +247,23 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
         raise ValueError(f"--model {model_dir} is a file; pass the checkpoint folder (config.json + safetensors)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: checkpoint folder does not exist")
-    fp = _fingerprint(model_dir, data, params, o)
-    partial = out.with_name(out.name + ".partial")
-    done = _read_partial(partial, fp, o.restart)
+    fp = _fingerprint(model_dir, data, params, o) | ({"world_size": world.size} if world.size > 1 else {})
+    partial = _partial_name(out, world.rank, world.size)
+    found = _partials(out)
+    stale: set[Path] = set()  # an interrupted run's files by another number of processes: --restart removes them
+    if (saved := _saved_world(found)) not in (None, world.size):
+        names = f"{out.name}.partial" + (".rank*" if saved > 1 else "")
+        if not o.restart:
+            raise InputError(f"cannot continue {out.parent / names}: the interrupted run ran as {_processes(saved)}, "
+                             f"this run as {_processes(world.size)}; rerun it with {saved} process"
+                             f"{'es' * (saved > 1)} to finish it, or pass --restart to discard it")
+        if world.main:
+            log.warning("%s: discarding an interrupted run of %s (--restart)", out.parent / names, _processes(saved))
+        ours = {_partial_name(out, r, world.size) for r in range(world.size)}  # rewritten by their own ranks
+        stale = {p for p in found.values() if p not in ours} if world.main else set()  # rank 0 removes the others
+        done = {}
+    else:
+        done = _read_partial(partial, fp, o.restart)
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     rendered, texts = [], {}
     for r in records:  # rendered and checked against the context before the weights load
@@ -175,21 +272,33 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
         texts[r.index] = (text, ids)
         rendered.append((r.index, ids, r.where))
     config = ModelConfig.from_file(model_dir / "config.json")
-    skip = fit_prompts([(where, len(ids)) for _, ids, where in rendered], params.max_new_tokens,
-                       config.max_position_embeddings, config.source, o.overlong, problems)
+    with _quiet(logging.getLogger(fit_prompts.__module__), not world.main):
+        skip = fit_prompts([(where, len(ids)) for _, ids, where in rendered], params.max_new_tokens,
+                           config.max_position_embeddings, config.source, o.overlong, problems)
     rendered = [x for x in rendered if x[2] not in skip]
     if not rendered:
         raise InputError(f"{data}: no usable prompt record ({len(problems)} problems; first: {problems[0]})")
     texts = {index: texts[index] for index, _, _ in rendered}
-    m, tok = load_for_generation(model_dir, tok, device=o.device, dtype=o.dtype)
+    mine = [rendered[i] for i in shard_records(world, [len(ids) for _, ids, _ in rendered], params,
+                                               config.max_position_embeddings)]
+    share = {index for index, _, _ in mine}
+    resumed = sum(1 for key in done if key[0] in share)
+    device = world.join(o.device, o.dist_timeout, "--device")
+    m, tok = load_for_generation(model_dir, tok, device=device, dtype=o.dtype)
     engine = GenerationEngine(m, tok, cache_memory=o.cache_memory, block_size=o.block_size,
                               max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_step_tokens)
-    requests = [q for q in make_requests(rendered, params) if (q.prompt_index, q.sample_index) not in done]
-    for q in requests:  # every bad prompt is refused before the first token is generated
-        engine.check_request(q, q.where)
-    resumed = sum(1 for key in done if key[0] in texts)
-    if resumed:
-        log.warning("continuing %s: %d of %d responses were done", partial, resumed, resumed + len(requests))
+    for q in make_requests(rendered, params):  # every bad prompt is refused before the first token is generated,
+        if (q.prompt_index, q.sample_index) not in done:  # on every rank (not only in its share)
+            engine.check_request(q, q.where)
+    requests = [q for q in make_requests(mine, params) if (q.prompt_index, q.sample_index) not in done]
+    world.barrier()  # every rank has looked at the partial files before any rank rewrites or removes one
+    for p in stale:
+        p.unlink(missing_ok=True)
+    counts = world.gather((resumed, len(requests)))
+    if world.main and (every_resumed := sum(c[0] for c in counts)):  # this rank's own `resumed` is gathered below
+        log.warning("continuing %s: %d of %d responses were done", partial if world.size == 1 else
+                    f"{out.parent / out.name}.partial.rank* ({_processes(world.size)})", every_resumed,
+                    every_resumed + sum(c[1] for c in counts))
     # rewritten whole (fingerprint, then the rows read back), so a line cut by a kill never gets appended to
     tmp = partial.with_name(partial.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -198,7 +307,7 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, partial)
     with open(partial, "a", encoding="utf-8") as f:
-        bar = progress_bar(len(requests), o.progress, "generate")
+        bar = progress_bar(len(requests), o.progress if world.main else False, "generate")  # rank 0's share
         try:
             for g in engine.run(requests, progress=bar):
                 row = _row(g)
@@ -207,6 +316,15 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
                 f.flush()
         finally:
             bar.close()
+    st = engine.stats
+    stats = {"steps": st.steps, "decode_tokens": st.decode_tokens, "prefill_tokens": st.prefill_tokens,
+             "preemptions": st.preemptions, "max_running": st.max_running, "cache_tokens": engine.cache_tokens}
+    every = world.gather((done, resumed, stats))
+    if not world.main:
+        world.barrier()  # rank 0 wrote OUT: this rank's partial is done with
+        partial.unlink()
+        return ResponsesReport(out, 0, resumed, problems, stats, world.rank, world.size)
+    done = {key: row for rank_done, _, _ in every for key, row in rank_done.items()}
     rows = []
     for index, ids_text in sorted(texts.items()):
         text, ids = ids_text
@@ -223,8 +341,7 @@ def generate_responses(model: str | Path, data: str | Path, out: str | Path, par
         for rec in rows:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
+    world.barrier()  # the other ranks remove their partial files only now: a crash before this loses nothing
     partial.unlink()
-    st = engine.stats
-    stats = {"steps": st.steps, "decode_tokens": st.decode_tokens, "prefill_tokens": st.prefill_tokens,
-             "preemptions": st.preemptions, "max_running": st.max_running, "cache_tokens": engine.cache_tokens}
-    return ResponsesReport(out, len(rows), resumed, problems, stats)
+    stats = {k: (max if k == "max_running" else sum)(e[2][k] for e in every) for k in stats}
+    return ResponsesReport(out, len(rows), sum(e[1] for e in every), problems, stats, world.rank, world.size)

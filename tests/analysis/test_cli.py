@@ -105,7 +105,7 @@ def test_every_old_generate_flag_still_parses():
     assert options_from(args, GenerateOptions) == dict(
         limit=3, prompt_field="f", chat=True, system="s", thinking=True, chat_template_kwargs={}, device="cpu",
         dtype="float16", cache_memory=512 * 2**20, block_size=None, max_num_seqs=3, max_step_tokens=8192,
-        progress=False, restart=True, overwrite=True, overlong="truncate")
+        progress=False, restart=True, overwrite=True, dist_timeout=1800.0, overlong="truncate")
 
 
 def _fake_drift(monkeypatch, seen: dict, exc: BaseException | None = None):
