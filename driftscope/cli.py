@@ -166,6 +166,20 @@ def is_user_error(exc: BaseException) -> bool:
         jinja is not None and isinstance(exc, jinja.TemplateError))
 
 
+def is_group_failure(exc: BaseException) -> bool:
+    """Under torchrun: a collective that failed because another process stopped or timed out (that process's own
+    message says why); not a bug of this one."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+        return False
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("closed by peer", "reset by peer",
+                                                                           "timed out", "Timed out"))
+
+
 def one_line(exc: BaseException) -> str:
     """The message of `exc` on one line; an OSError names its path (`exc.filename`) when the message lacks it."""
     msg = str(exc)
@@ -188,6 +202,16 @@ def _run(args: argparse.Namespace) -> int:
         print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
         return 130
     except Exception as exc:
+        if is_group_failure(exc):
+            import os
+
+            if args.debug:
+                traceback.print_exc()
+            hint = getattr(args, "interrupted", "").format(**vars(args)).removeprefix("interrupted; ")
+            print(f"driftscope {args.cmd}: error: process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}: "
+                  f"another process stopped or timed out ({type(exc).__name__}: {one_line(exc)}); its own message says "
+                  f"why" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 2
         user = is_user_error(exc)
         if args.debug or not user:
             traceback.print_exc()

@@ -306,3 +306,34 @@ def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp
                  str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "eval --responses" in err and "WORLD_SIZE=2" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_collective_broken_by_another_process_is_one_line_not_a_bug(monkeypatch, capsys, tmp_path):
+    """Under torchrun, when one process stops (Ctrl-C, an error), the others' collectives fail: each says so in one
+    line with how to continue (exit 2), not as an internal error; an unrelated RuntimeError stays a bug (exit 1)."""
+    from driftscope.analysis import responses
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    args = ["generate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), "--out",
+            str(tmp_path / "r.jsonl")]
+
+    def broken(*a, **k):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                           "[127.0.0.1]:29500")
+
+    monkeypatch.setattr(responses, "generate_responses", broken)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "process 0 of 2: another process stopped" in err and "closed by peer" in err
+    assert "rerun the same torchrun command (2 processes) to continue" in err and "Traceback" not in err
+
+    def bug(*a, **k):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(responses, "generate_responses", bug)
+    assert main(args) == 1
+    assert "internal error: RuntimeError: shape mismatch" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no other process to blame
+    monkeypatch.setattr(responses, "generate_responses", broken)
+    assert main(args) == 1
