@@ -105,3 +105,28 @@ def test_pads_are_found_by_identity():
     assert _pads([a, a, a, b, b, b, b, b, b]) == {6: 3, 7: 3, 8: 3}  # lm-eval appended [b] * 3 for one missing doc
     assert _pads([c, a, a, a, c]) == {4: 0}
     assert _pads([a, a, a, b, b, b]) == {}
+
+
+def test_lm_evals_own_cli_under_torchrun_equals_one_process(runs, tmp_path):
+    """The harness path: `torchrun -m driftscope lm-eval run --model driftscope ...` (lm-eval's CLI, its own data
+    parallelism over DriftscopeLM's rank, world_size and collectives) gives one process's metrics."""
+    from driftscope.cli import main
+
+    model, bench_dir, _, _, _ = runs
+    args = ["lm-eval", "run", "--model", "driftscope", "--model_args", f"pretrained={model}", "--tasks",
+            "ds_mctaco,ds_math500", "--limit", "3", "--gen_kwargs", "max_gen_toks=8", "--metadata",
+            json.dumps({"data_dir": str(bench_dir)}), "--output_path"]
+    assert main([*args, str(tmp_path / "one")]) == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "driftscope", *args, str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([json.loads(p.read_text()) for p in (tmp_path / side).rglob("results_*.json")] for side in
+                ("one", "two"))
+    assert len(one) == len(two) == 1  # rank 0 alone writes
+    a, b = one[0]["results"], two[0]["results"]
+    assert a.keys() == b.keys() == {"ds_mctaco", "ds_math500"}
+    for task in a:
+        for k, v in a[task].items():
+            if isinstance(v, float) and "stderr" not in k:
+                assert b[task][k] == pytest.approx(v, rel=1e-12, abs=1e-12), (task, k)
+    assert one[0]["n-samples"] == two[0]["n-samples"]
