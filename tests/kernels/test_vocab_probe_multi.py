@@ -186,3 +186,5 @@ def test_the_reference_workspace_is_reused_without_changing_any_result():
         for a, b in zip(out, want):
             _assert_equal(a, b, "threaded")
     assert len(ref._workspace._free[500]) <= 5
+    ref.release_workspace()
+    assert not ref._workspace._free

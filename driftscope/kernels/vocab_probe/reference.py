@@ -104,6 +104,11 @@ class _Workspace:
 _workspace = _Workspace()
 
 
+def release_workspace() -> None:
+    """Free the CPU logit buffers the torch reference keeps between calls (`_Workspace`)."""
+    _workspace.clear()
+
+
 BLOCK = 256  # tokens per GEMM: their [BLOCK, V] fp32 logits per model are computed, then folded ROWS rows at a time
 ROWS = 4  # rows per elementwise pass on the CPU: the six [ROWS, V] fp32 work arrays take 15 MB at V = 151,936
 
