@@ -57,9 +57,6 @@ class World:
         progress bars on rank 0 only). A no-op for one process."""
         if self.size == 1:
             return opts
-        if opts.generate:
-            raise InputError(f"--generate does not run under torchrun yet (WORLD_SIZE={self.size}): run it as one "
-                             "process, or `driftscope generate` under torchrun and then drift on its responses")
         if opts.base_device is not None or opts.tuned_device:
             raise InputError(f"--base-device/--tuned-device under torchrun (WORLD_SIZE={self.size}): not supported; "
                              "each process runs its models on its own device (--device cuda: cuda:LOCAL_RANK)")

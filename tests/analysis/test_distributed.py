@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,17 @@ def flaky(self, k, batch):  # Ctrl-C in each rank's batch `at` (0: never): the b
 
 
 run_mod._Run.process = flaky
+original_generate = run_mod._Run.generate
+
+
+def flaky_generate(self, *args):  # --generate: Ctrl-C in each rank's prompt chunk `at` instead
+    calls["n"] += 1
+    if calls["n"] == at:
+        raise KeyboardInterrupt
+    return original_generate(self, *args)
+
+
+run_mod._Run.generate = flaky_generate
 driftscope.report.write_report = lambda out, summary: out / "report.html"  # plots take seconds: the plain run has them
 sys.exit(main(sys.argv[2:]))
 """
@@ -79,7 +91,8 @@ def one_process(inputs, tmp_path_factory):
     return report.summary, read_token_table(report.files["tokens"])
 
 
-def _torchrun(inputs, out: Path, *extra: str, worker: tuple = ()) -> subprocess.CompletedProcess:
+def _torchrun(inputs, out: Path, *extra: str, worker: tuple = (), env: dict | None = None
+              ) -> subprocess.CompletedProcess:
     """`torchrun -m driftscope drift ...` on 2 CPU processes, or `torchrun WORKER_SCRIPT AT drift ...`."""
     target = [str(x) for x in worker] or ["-m", "driftscope"]
     args = ["drift", "--base", str(inputs["base"]), "--out", str(out), "--max-batch-tokens", "64",
@@ -87,7 +100,8 @@ def _torchrun(inputs, out: Path, *extra: str, worker: tuple = ()) -> subprocess.
     args += [x for t in inputs["tuned"] for x in ("--tuned", str(t))]
     args += [x for d in inputs["data"] for x in ("--data", str(d))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *target, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +169,57 @@ def test_a_resume_with_another_number_of_processes_is_refused(inputs, interrupte
     with pytest.raises(InputError, match=r"holds an interrupted run \(.* done by 2 processes, saved "):
         drift(inputs["base"], inputs["tuned"], inputs["data"], out, **OPTS)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved, "a refusal touched the state"
+
+
+GEN = {"generate": True, "max_new_tokens": 5, "generate_chunk": 2, "temperature": 0.8, "seed": 3}
+
+
+GEN_FLAGS = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in GEN.items()]
+# torchrun sets OMP_NUM_THREADS=1, and MKL's fp32 GEMMs round differently with another thread count (KL means ~1e-8
+# apart, measured): the --generate runs compare at the thread count of this process
+THREADS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+@pytest.fixture(scope="module")
+def gen_one(inputs, tmp_path_factory) -> Path:
+    import driftscope.report
+
+    out = tmp_path_factory.mktemp("gen-one")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driftscope.report, "write_report", lambda out, summary: out / "report.html")
+        drift(inputs["base"], inputs["tuned"], inputs["data"], out, **GEN, **OPTS)
+    return out
+
+
+def _same_generate_outputs(one: Path, two: Path) -> None:
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    _compare(a["models"], b["models"])
+    files = sorted(p.relative_to(one) for p in (one / "responses").rglob("*.jsonl"))
+    assert len(files) == 4  # 2 tuned models x 2 tasks
+    for f in files:
+        assert (two / f).read_bytes() == (one / f).read_bytes(), f
+    assert not (two / ".driftscope-state").exists()
+
+
+def test_drift_generate_under_two_processes_equals_one(inputs, gen_one, tmp_path):
+    """--generate: the prompt chunks of every (tuned model, task) are dealt over the ranks; the summary and the
+    responses equal one process's."""
+    r = _torchrun(inputs, tmp_path, *GEN_FLAGS, env=THREADS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_generate_outputs(gen_one, tmp_path)
+    timing = [json.loads((d / "summary.json").read_text())["timing"] for d in (gen_one, tmp_path)]
+    assert timing[1]["processes"] == 2 and timing[1]["tokens"] == timing[0]["tokens"]
+
+
+def test_drift_generate_interrupted_under_torchrun_resumes(inputs, gen_one, worker, tmp_path):
+    r = _torchrun(inputs, tmp_path, *GEN_FLAGS, worker=(worker, 3), env=THREADS)
+    assert r.returncode != 0 and "internal error" not in r.stderr, r.stderr[-3000:]
+    done = [sum(json.loads((tmp_path / ".driftscope-state" / f"rank{rank}" / "progress.json").read_text())
+                ["gen_done"].values()) for rank in (0, 1)]
+    assert 0 < max(done) <= 2, done  # chunks kept from the interrupted run
+    r = _torchrun(inputs, tmp_path, *GEN_FLAGS, "--resume", worker=(worker, 0), env=THREADS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_generate_outputs(gen_one, tmp_path)  # (timing.tokens counts this run's tokens: fewer)
 
 
 # ---- the pieces, in one process ---------------------------------------------------------------------------------
