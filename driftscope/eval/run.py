@@ -83,6 +83,10 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
             raise ValueError(f"ifeval cannot be graded here: {e}") from None
     for name in names:  # every data file is read before any model is loaded
         B.load_docs(name, data_dir, limit=1)
+        if world.size > 1 and (n := len(B.load_docs(name, data_dir, limit=limit))) < world.size:
+            raise ValueError(f"{name} has {n} doc{'s' * (n != 1)}{f' (--limit {limit})' if limit else ''} for "
+                             f"{world.size} processes: lm-eval deals doc i to process i mod {world.size} and fails "
+                             "on a process without any; run fewer processes or more docs")
         if upstream:
             from driftscope.eval.upstream import upstream_configs
 

@@ -130,3 +130,18 @@ def test_lm_evals_own_cli_under_torchrun_equals_one_process(runs, tmp_path):
             if isinstance(v, float) and "stderr" not in k:
                 assert b[task][k] == pytest.approx(v, rel=1e-12, abs=1e-12), (task, k)
     assert one[0]["n-samples"] == two[0]["n-samples"]
+
+
+def test_fewer_docs_than_processes_is_refused_before_the_model_loads(runs, monkeypatch, capsys, tmp_path):
+    """lm-eval fails on a rank without docs ('build_requests() did not find any docs'): refused up front, naming the
+    benchmark, its doc count and the number of processes (no process group is joined)."""
+    from driftscope.cli import main
+
+    model, bench_dir, _, _, _ = runs
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["eval", "--model", str(model), "--tasks", "headqa,math500", "--limit", "1", "--data-dir",
+                 str(bench_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "headqa has 1 doc (--limit 1) for 2 processes" in err, err
+    assert not torch.distributed.is_initialized()
