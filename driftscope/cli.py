@@ -1,7 +1,7 @@
 """Command-line entry point `driftscope`: argparse wiring, and the one error boundary of every command.
 
 A user error (InputError or any ValueError, OSError, ImportError, JSON or Jinja template error) prints one line
-`driftscope CMD: error: ...` and exits 2; Ctrl-C prints how to continue and exits 130; anything else is a bug: its
+`driftscope CMD: error: ...` and exits 2; Ctrl-C prints how to continue and exits 130 (SIGTERM in a drift run: 143); anything else is a bug: its
 traceback, then `driftscope CMD: internal error: ...`, exit 1. `driftscope --debug CMD ...` shows user errors'
 tracebacks too.
 """
@@ -198,9 +198,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         _refuse_torchrun(args)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
-        return 130
+        from driftscope.errors import Terminated
+
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:
         if is_group_failure(exc):
             import os
@@ -242,7 +244,7 @@ def _refuse_torchrun(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted)."""
+    """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted, 143 terminated)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = argv[1:] if argv[:1] == ["--debug"] else argv
     if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its own errors

@@ -97,3 +97,25 @@ def test_resume_without_state_warns_and_runs(ck, tmp_path, caplog):
 def test_unknown_device(ck, tmp_path, capsys, device):
     assert _drift(ck, "--device", device, out=tmp_path / "out") == 2
     _error(capsys, "drift", device)
+
+
+def test_sigterm_exits_143_with_the_state_kept(ck, tmp_path, monkeypatch, capsys):
+    """A scheduler's stop (SIGTERM) in the second batch: saved like Ctrl-C, one line on how to continue, exit 143
+    (128 + SIGTERM) so that a job script can tell it from Ctrl-C's 130."""
+    import os
+    import signal
+
+    original, calls = TokenMetrics.update, {"n": 0}
+
+    def term(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(TokenMetrics, "update", term)
+    out = tmp_path / "out"
+    assert _drift(ck, *FAST, out=out) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--resume" in err[-1] and (out / ".driftscope-state" / "progress.json").is_file(), err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -28,6 +28,7 @@ from driftscope.analysis.paper_pca import paper_pca
 from driftscope.analysis.plan import Plan, Task, plan
 from driftscope.analysis.summary import generation_summary, mark_nonfinite, model_summary
 from driftscope.engine.data import PackedBatch
+from driftscope.errors import Terminated
 from driftscope.engine.loader import load_model
 from driftscope.engine.runner import LockstepRunner
 from driftscope.kernels import backend_status
@@ -300,7 +301,7 @@ def _sigterm_as_interrupt():
         return
 
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     old = signal.signal(signal.SIGTERM, stop)
     try:
