@@ -1,9 +1,9 @@
 """Command-line entry point `driftscope`: argparse wiring, and the one error boundary of every command.
 
 A user error (InputError or any ValueError, OSError, ImportError, JSON or Jinja template error) prints one line
-`driftscope CMD: error: ...` and exits 2; Ctrl-C prints how to continue and exits 130 (SIGTERM in a drift run: 143); anything else is a bug: its
-traceback, then `driftscope CMD: internal error: ...`, exit 1. `driftscope --debug CMD ...` shows user errors'
-tracebacks too.
+`driftscope CMD: error: ...` and exits 2; Ctrl-C prints how to continue and exits 130 (SIGTERM in a drift run:
+143); anything else is a bug: its traceback, then `driftscope CMD: internal error: ...`, exit 1. `driftscope --debug
+CMD ...` shows user errors' tracebacks too.
 """
 from __future__ import annotations
 
