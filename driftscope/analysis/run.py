@@ -33,6 +33,7 @@ from driftscope.engine.loader import load_model
 from driftscope.engine.runner import LockstepRunner
 from driftscope.kernels import backend_status
 from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.kernels.vocab_probe.reference import release_workspace
 from driftscope.util import strict_json
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,10 @@ def drift(
     them, writes the outputs and returns the summary; the other ranks return {"models": {}, "rank": r}.
     """
     opts, world = DriftOptions(**options), World.from_env()
-    report = _drift(base, tuned, data, out, world.start(opts), world)
+    try:
+        report = _drift(base, tuned, data, out, world.start(opts), world)
+    finally:
+        release_workspace()  # the torch reference's CPU logit buffers: reused from batch to batch, not kept after
     world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
     return report
 

@@ -232,3 +232,14 @@ def test_a_drift_run_says_it_is_loading_and_never_shows_an_infinite_eta(models, 
     total = int(re.findall(r"/(\d+) tok", err)[-1])
     assert "eta inf" not in err and len(resumed) == 1 and 0 < resumed.pop() < total, err
     assert rates and max(rates) < 1e5, f"rates counted the resumed tokens: {rates}"  # a tiny CPU model, not 6e10
+
+
+def test_a_run_keeps_no_reference_buffers_after_it_ends(models, records, full):
+    """The torch backend reuses its CPU logit buffers from batch to batch; the run frees them when it ends."""
+    from driftscope.kernels import use_backend
+    from driftscope.kernels.vocab_probe import reference
+
+    with use_backend("torch"):
+        summary = drift(models["base"], models["tuned"], records, **OPTS).summary
+    assert not reference._workspace._free
+    _assert_same(full, json.loads(json.dumps(summary["models"])), rel=1e-5)  # the fp32 reference, not bit for bit
