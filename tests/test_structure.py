@@ -16,7 +16,9 @@ MAX_FILE_LINES = 450
 # The whole package's budget in lines of Python (11,569 at the start of [6]). Raise it on purpose, in a commit that
 # says why, never to make this test pass. 12,000 -> 14,000 in [7]-[9]: the Triton panel path (~310 lines), the
 # error boundary and input checks of [9] (~700), the shared-base probes, and the architecture features of [8].
-PACKAGE_BUDGET = 14_000
+# 14,000 -> 14,500 for the rest of [8]: generate, eval (lm-eval's data-parallel interface) and drift --generate under
+# torchrun, a group of GPUs per process (~420 lines), and the torch reference's reused buffers of [7] (~60).
+PACKAGE_BUDGET = 14_500
 
 
 def _py_files() -> list[Path]:
