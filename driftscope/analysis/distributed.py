@@ -53,20 +53,45 @@ class World:
 
     # ---- the process group --------------------------------------------------------------------------------------
     def start(self, opts):
-        """Join the process group for a drift run (see `join`); returns the options with this rank's device (and
-        progress bars on rank 0 only). A no-op for one process."""
+        """Join the process group for a drift run (see `join`); returns the options with this rank's device, or its
+        group of devices (`rank_devices`), and progress bars on rank 0 only. A no-op for one process."""
         if self.size == 1:
             return opts
-        if opts.base_device is not None or opts.tuned_device:
-            raise InputError(f"--base-device/--tuned-device under torchrun (WORLD_SIZE={self.size}): not supported; "
-                             "each process runs its models on its own device (--device cuda: cuda:LOCAL_RANK)")
-        opts = dataclasses.replace(opts, device=self.join(opts.device, opts.dist_timeout, "--device"))
+        if opts.base_device is not None or opts.tuned_device:  # a group of devices per process
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            base, tuned = self.rank_devices(opts.base_device or opts.device, list(opts.tuned_device) or [opts.device],
+                                            count)
+            opts = dataclasses.replace(opts, base_device=base, tuned_device=tuned, device=base)
+            self.join(base, opts.dist_timeout, "--base-device", exact=True)
+        else:
+            opts = dataclasses.replace(opts, device=self.join(opts.device, opts.dist_timeout, "--device"))
         return opts if self.main else dataclasses.replace(opts, progress=False)  # one progress bar: rank 0's
 
-    def join(self, device: str, timeout: float = 1800.0, flag: str = "device") -> str:
-        """Join the process group (gloo for the CPU, nccl for CUDA: each rank on cuda:LOCAL_RANK) and return this
-        rank's device; `flag` names the option in errors. An existing group (an embedding harness made it) is used.
-        A no-op returning `device` for one process."""
+    def rank_devices(self, base: str, tuned: list[str], count: int) -> tuple[str, list[str]]:
+        """--base-device/--tuned-device under torchrun name the devices of one process's group: `cuda:i` is the
+        i-th of G = (largest index + 1) GPUs per process, and the process with LOCAL_RANK l takes cuda:(l·G + i)
+        (`cuda` alone: cuda:0 of the group; the CPU stays the CPU). With 8 GPUs, --nproc-per-node=4 --base-device
+        cuda:0 --tuned-device cuda:1 puts rank l's base on GPU 2l and its tuned model on GPU 2l + 1. `count`: the
+        CUDA devices of this node."""
+        names = [base, *tuned]
+        index = [torch.device("cuda:0" if d == "cuda" else d).index for d in names]
+        cuda = [i for d, i in zip(names, index) if torch.device(d).type == "cuda"]
+        if not cuda:
+            return base, list(tuned)
+        group = max(cuda) + 1
+        first = self.local_rank * group
+        if first + group > count:
+            raise InputError(f"LOCAL_RANK={self.local_rank} with {group} GPU{'s' * (group > 1)} per process "
+                             f"(--base-device/--tuned-device up to cuda:{group - 1}) needs cuda:{first}..cuda:"
+                             f"{first + group - 1}, but this node has {count} CUDA device(s): --nproc-per-node × "
+                             f"{group} must not exceed its GPUs")
+        mapped = [f"cuda:{first + i}" if torch.device(d).type == "cuda" else d for d, i in zip(names, index)]
+        return mapped[0], mapped[1:]
+
+    def join(self, device: str, timeout: float = 1800.0, flag: str = "device", exact: bool = False) -> str:
+        """Join the process group (gloo for the CPU, nccl for CUDA: each rank on cuda:LOCAL_RANK, or on `device` as
+        given when `exact`) and return this rank's device; `flag` names the option in errors. An existing group (an
+        embedding harness made it) is used. A no-op returning `device` for one process."""
         if self.size == 1:
             return device
         import torch.distributed as dist
@@ -74,7 +99,9 @@ class World:
         if not dist.is_available():
             raise InputError(f"WORLD_SIZE={self.size} but this torch ({torch.__version__}) has no torch.distributed")
         dev = torch.device(device)
-        if dev.type == "cuda":
+        if dev.type == "cuda" and exact:
+            torch.cuda.set_device(dev)
+        elif dev.type == "cuda":
             if dev.index is not None:
                 raise InputError(f"{flag} {device} under torchrun (WORLD_SIZE={self.size}): pass {flag} cuda; each "
                                  "process takes cuda:LOCAL_RANK")

@@ -31,9 +31,11 @@ class DriftOptions:
         "stops generating at the context)", choices=OVERLONG))
     device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
     # a model per device: layer i of each model runs on its device; probes run on the base's (see engine/runner.py)
-    base_device: str | None = field(default=None, metadata=cli("device of the base model (default: --device)"))
+    base_device: str | None = field(default=None, metadata=cli(
+        "device of the base model (default: --device); under torchrun cuda:i is the i-th GPU of each process's group"))
     tuned_device: tuple = field(default=(), metadata=cli(
-        "device of the tuned models: once for all, or once per --tuned in order (default: --device)"))
+        "device of the tuned models: once for all, or once per --tuned in order (default: --device; under torchrun "
+        "relative to each process's group of GPUs, like --base-device)"))
     stream_layers: bool = field(default=False, metadata=cli(
         "weights stay in host memory (memory-mapped safetensors); each layer is copied to its device just before it "
         "runs, overlapped with the previous layer's compute: for models that do not fit device memory"))

@@ -293,3 +293,26 @@ def test_state_keys_merge_like_the_accumulators():
     assert not bad, bad
     assert {merge_kind(k) for k in keys} == {"sum", "cat", "first"}
     assert merge_kind("m0.paper_pca.base.3") == "first"
+
+
+def test_device_flags_under_torchrun_name_each_process_its_group_of_gpus():
+    """--base-device cuda:0 --tuned-device cuda:1 with 4 processes on 8 GPUs: rank l on GPUs 2l and 2l + 1."""
+    for local in range(4):
+        w = World(rank=local, size=4, local_rank=local)
+        assert w.rank_devices("cuda:0", ["cuda:1"], 8) == (f"cuda:{2 * local}", [f"cuda:{2 * local + 1}"])
+        assert w.rank_devices("cuda", ["cuda:1", "cuda:2"], 12) == (f"cuda:{3 * local}",
+                                                                    [f"cuda:{3 * local + 1}", f"cuda:{3 * local + 2}"])
+        assert w.rank_devices("cpu", ["cpu"], 0) == ("cpu", ["cpu"])
+    # two nodes: LOCAL_RANK, not RANK, picks the GPUs
+    assert World(rank=5, size=8, local_rank=1).rank_devices("cuda:0", ["cuda:1"], 8) == ("cuda:2", ["cuda:3"])
+    with pytest.raises(InputError, match=r"LOCAL_RANK=3 with 3 GPUs per process \(--base-device/--tuned-device up to "
+                                         r"cuda:2\) needs cuda:9..cuda:11, but this node has 8 CUDA device"):
+        World(rank=3, size=4, local_rank=3).rank_devices("cuda:0", ["cuda:2"], 8)
+
+
+def test_device_flags_under_torchrun_on_the_cpu_give_the_summary_of_one(inputs, one_process, tmp_path):
+    r = _torchrun(inputs, tmp_path, "--base-device", "cpu", "--tuned-device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "summary.json").read_text())
+    _compare(json.loads(json.dumps(one_process[0]["models"])), got["models"])
+    assert got["config"]["base_device"] == "cpu" and got["timing"]["processes"] == 2
