@@ -9,6 +9,8 @@
 #      timings against the two bf16 cuBLAS GEMMs; the Triton cache is kept, so the second run compiles less)
 #   3  the gpu-marked tests, and the Triton kernel tests on the real device (the CPU runs them interpreted)
 #   4  the GPU benchmarks: bench/test_bench_vocab_panel.py, bench/test_bench_cov_update.py
+# gpu_check.py lives in ../shared/tools; if the device's copy of the tree lacks ../shared, copy it to shared/tools/
+# in the checkout first (untracked files that git does not ignore travel with the tree).
 # A step that would start past the budget is skipped (and says so). The table printed last is what to copy into
 # bench/RESULTS.md with the card's name; the JSON files under $OUT hold every number.
 set -u
