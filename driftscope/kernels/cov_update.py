@@ -52,7 +52,6 @@ if triton is not None:
             mi = ci < d
             mj = cj < d
             acc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float64)
-            colsum = tl.zeros([BLOCK_D], dtype=tl.float64)
             for k0 in range(0, n, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
                 mk = k < n
@@ -65,14 +64,21 @@ if triton is not None:
                     acc += tl.dot(tl.trans(xi), xj, out_dtype=tl.float32, input_precision="ieee").to(tl.float64)
                 else:
                     acc = tl.dot(tl.trans(xi.to(tl.float64)), xj.to(tl.float64), acc, out_dtype=tl.float64)
-                colsum += tl.sum(xi.to(tl.float64), 0)
             m = mi[:, None] & mj[None, :]
             p = s_ptr + ci.to(tl.int64)[:, None] * d + cj[None, :]
             tl.store(p, tl.load(p, mask=m, other=0.0) + acc, mask=m)
             if bj > bi:
                 pt = s_ptr + cj.to(tl.int64)[None, :] * d + ci[:, None]  # S[J, I] = S[I, J]ᵀ
                 tl.store(pt, tl.load(pt, mask=m, other=0.0) + acc, mask=m)
-            else:
+            else:  # Σ_k x[k, I] in a pass of its own, diagonal programs only: inside the k-loop above, all nb(nb+1)/2
+                # programs would load x[:, I] into registers again, convert, reduce and add it in fp64 (for bf16 x,
+                # sm_90: 278 instructions per iteration with it, 145 without; bench/aot_resources.py)
+                colsum = tl.zeros([BLOCK_D], dtype=tl.float64)
+                for k0 in range(0, n, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    xi = tl.load(x_ptr + k.to(tl.int64)[:, None] * stride_x + ci[None, :],
+                                 mask=(k < n)[:, None] & mi[None, :], other=0.0)
+                    colsum += tl.sum(xi.to(tl.float64), 0)
                 tl.store(sx_ptr + ci, tl.load(sx_ptr + ci, mask=mi, other=0.0) + colsum, mask=mi)
 
 
@@ -112,16 +118,18 @@ def cov_update(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> t
 
 
 TC_ROWS = 64  # rows per fp32 tensor-core partial sum (bf16/fp16 x), then folded into float64
+BLOCK_D = 32  # the launch configuration (Triton's default num_warps), read by tests/kernels/test_triton_compile.py
+FP64_ROWS = 32  # BLOCK_K of float32/float64 x (the float64 tl.dot)
 
 
-def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = 32, block_k: int | None = None) -> None:
+def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = BLOCK_D, block_k: int | None = None) -> None:
     xc = x if x.stride(1) == 1 else x.contiguous()
     n, d = xc.shape
     nb = triton.cdiv(d, block_d)
     tc = xc.dtype in (torch.bfloat16, torch.float16)
     up = tc and triton_interpreter() and xc.device.type == "cpu"
     _cov_update_kernel[(nb, nb)](xc, sum_x, sum_xxT, n, d, xc.stride(0), BLOCK_D=block_d,
-                                 BLOCK_K=block_k or (TC_ROWS if tc else 32), TENSOR_CORES=tc, UPCAST=up)
+                                 BLOCK_K=block_k or (TC_ROWS if tc else FP64_ROWS), TENSOR_CORES=tc, UPCAST=up)
 
 
 def _cov_update_cpp(sum_x, sum_xxT, x) -> None:
