@@ -32,7 +32,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
         h_row = rows.to(tl.int64)[:, None] * stride_h
         w_col = cols.to(tl.int64)[None, :] * stride_w
-        for d0 in range(0, D, BLOCK_D):
+        # UPCAST (mixed dtypes): a 16-bit operand is converted in registers for an fp32 FMA dot. Software-pipelined
+        # (num_stages > 1), those loads drive ptxas on sm_90 to 32 registers and 8,000-12,000 spill instructions in
+        # the scan's k-loops at 64x128x64; unpipelined, 255 registers and 2-607 (bench/aot_resources.py).
+        for d0 in tl.range(0, D, BLOCK_D, num_stages=1 if UPCAST else None):
             dd = d0 + tl.arange(0, BLOCK_D)
             dm = dd < D
             h = tl.load(h_ptr + h_row + dd[None, :], mask=row_mask[:, None] & dm[None, :], other=0.0)
