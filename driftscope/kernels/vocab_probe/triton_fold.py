@@ -128,6 +128,10 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------------------- launcher
 
+CUDA_BLOCK_V = 1024  # the fold's launch configuration (see `_fold_panel`), read by tests/kernels/test_triton_compile.py
+CUDA_NUM_WARPS = 4
+INTERP_BLOCK_V = 512
+
 
 def _fold_panel(zb: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor | None, r0: int, outf: torch.Tensor,
                 outi: torch.Tensor, block_v: int | None = None) -> None:
@@ -144,11 +148,11 @@ def _fold_panel(zb: torch.Tensor, zt: torch.Tensor, targets: torch.Tensor | None
     assert outf.shape == (len(FOLD_FIELDS), outf.shape[1]) and outi.shape == (len(FOLD_INT_FIELDS), outf.shape[1])
     assert outf.is_contiguous() and outi.is_contiguous() and r0 + rows <= outf.shape[1]
     on_cuda = zb.device.type == "cuda"
-    block_v = block_v or (1024 if on_cuda else 512)
+    block_v = block_v or (CUDA_BLOCK_V if on_cuda else INTERP_BLOCK_V)
     assert block_v & (block_v - 1) == 0 and block_v >= 16
     has_t = targets is not None
     if has_t:
         assert targets.shape == (rows,) and targets.dtype == torch.int64 and targets.is_contiguous()
     tgt = targets if has_t else torch.zeros(1, dtype=torch.int64, device=zb.device)
     _panel_fold_kernel[(rows,)](zb, zt, tgt, outf, outi, r0, outf.shape[1], vocab, zb.stride(0), HAS_TARGETS=has_t,
-                                BLOCK_V=block_v, **({"num_warps": 4} if on_cuda else {}))
+                                BLOCK_V=block_v, **({"num_warps": CUDA_NUM_WARPS} if on_cuda else {}))

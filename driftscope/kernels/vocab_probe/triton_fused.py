@@ -240,12 +240,20 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------- launcher
 
 
+# Launch configuration of both kernels (the scan and the recount), read by tests/kernels/test_triton_compile.py:
+# (BLOCK_N, BLOCK_V, BLOCK_D) and num_warps on CUDA, blocks under the interpreter, the top-k width.
+CUDA_BLOCKS = (64, 128, 64)
+CUDA_NUM_WARPS = 8
+INTERP_BLOCKS = (16, 64, 32)
+TOPK = 8
+
+
 def _rows_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
 def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int | None = None,
-                        block_v: int | None = None, block_d: int | None = None, topk: int = 8,
+                        block_v: int | None = None, block_d: int | None = None, topk: int = TOPK,
                         _force_recount: bool = False):
     """Launch the fused kernel over cdiv(N, block_n) programs, then the recount pass where needed.
     Inputs are already validated and cut to the vocabulary (w_*: [V, d_*]). Blocks: CUDA 64×128×64
@@ -253,10 +261,9 @@ def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int 
     was written), interpreter 16×64×32 (small, so TRITON_INTERPRET=1 tests stay fast).
     `_force_recount` (tests only) sends every row through the second pass."""
     on_cuda = h_base.device.type == "cuda"
-    block_n = block_n or (64 if on_cuda else 16)
-    block_v = block_v or (128 if on_cuda else 64)
-    block_d = block_d or (64 if on_cuda else 32)
-    launch = {"num_warps": 8} if on_cuda else {}
+    dn, dv, dd = CUDA_BLOCKS if on_cuda else INTERP_BLOCKS
+    block_n, block_v, block_d = block_n or dn, block_v or dv, block_d or dd
+    launch = {"num_warps": CUDA_NUM_WARPS} if on_cuda else {}
     assert block_v >= block_n and all(b & (b - 1) == 0 and b >= 16 for b in (block_n, block_v, block_d))
     n, vocab = h_base.shape[0], w_base.shape[0]
     hb, wb, ht, wt = (_rows_contig(t) for t in (h_base, w_base, h_tuned, w_tuned))
