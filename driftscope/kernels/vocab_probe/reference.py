@@ -110,7 +110,9 @@ def release_workspace() -> None:
 
 
 BLOCK = 256  # tokens per GEMM: their [BLOCK, V] fp32 logits per model are computed, then folded ROWS rows at a time
-ROWS = 4  # rows per elementwise pass on the CPU: the six [ROWS, V] fp32 work arrays take 15 MB at V = 151,936
+# rows per elementwise pass on the CPU: the six [ROWS, V] fp32 work arrays take 7.3 MB at V = 151,936; on a 32 MiB L3
+# 2 rows ran the J = 4 call 1-5% faster than 4, ~10% faster than 8 and ~18% faster than 1 (bench/RESULTS.md)
+ROWS = 2
 
 
 class _Work:
