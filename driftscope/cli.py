@@ -80,14 +80,13 @@ def _sampling_names() -> list[str]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import logging
-    import os
 
     from driftscope.analysis.options import DriftOptions
     from driftscope.analysis.responses import GenerateOptions, generate_responses
     from driftscope.engine.sampling import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
-    if (world := os.environ.get("WORLD_SIZE", "1")).isdigit() and int(world) > 1:  # the Ctrl-C line (_run) then
+    if (world := _torchrun_size()) > 1:  # the Ctrl-C line (_run) then
         args.interrupted = (f"interrupted; rerun the same torchrun command ({world} processes) to continue "
                             "({out}.partial.rank* keep what was done)")
     params = SamplingParams(n=args.n, **options_from(args, DriftOptions, _sampling_names()))
@@ -166,12 +165,19 @@ def is_user_error(exc: BaseException) -> bool:
         jinja is not None and isinstance(exc, jinja.TemplateError))
 
 
+def _torchrun_size() -> int:
+    """The WORLD_SIZE torchrun set for this process: 1 outside torchrun (or when it is not a number: World.from_env
+    names that error where a command joins)."""
+    import os
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() and int(world) > 1 else 1
+
+
 def is_group_failure(exc: BaseException) -> bool:
     """Under torchrun: a collective that failed because another process stopped or timed out (that process's own
     message says why); not a bug of this one."""
-    import os
-
-    if os.environ.get("WORLD_SIZE", "1") in ("", "0", "1"):
+    if _torchrun_size() == 1:
         return False
     dist = sys.modules.get("torch.distributed")
     if dist is not None and isinstance(exc, getattr(dist, "DistError", ())):
@@ -210,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.debug:
                 traceback.print_exc()
             hint = getattr(args, "interrupted", "").format(**vars(args)).removeprefix("interrupted; ")
-            print(f"driftscope {args.cmd}: error: process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}: "
+            print(f"driftscope {args.cmd}: error: process {os.environ.get('RANK', '?')} of {_torchrun_size()}: "
                   f"another process stopped or timed out ({type(exc).__name__}: {one_line(exc)}); its own message says "
                   f"why" + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 2
@@ -228,12 +234,9 @@ def _run(args: argparse.Namespace) -> int:
 def _refuse_torchrun(args: argparse.Namespace) -> None:
     """drift, generate and eval --model shard their work under torchrun; every process of another command would redo
     all of it and write the same files."""
-    import os
-
     from driftscope.errors import InputError
 
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not (world.isdigit() and int(world) > 1):
+    if (world := _torchrun_size()) == 1:
         return
     if args.cmd == "eval" and getattr(args, "responses", None) is not None:
         raise InputError(f"driftscope eval --responses grades a file as one process, not under torchrun "

@@ -134,14 +134,24 @@ class World:
 
             dist.barrier()
 
-    def gather(self, obj) -> list | None:
-        """Every rank's picklable `obj` in rank order on rank 0, None on the others; [obj] for one process."""
+    def broadcast(self, obj):
+        """Rank 0's picklable `obj` on every rank; `obj` itself for one process."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj, dst: int = 0) -> list | None:
+        """Every rank's picklable `obj` in rank order on rank `dst`, None on the others; [obj] for one process."""
         if self.size == 1:
             return [obj]
         import torch.distributed as dist
 
-        every: list | None = [None] * self.size if self.main else None
-        dist.gather_object(obj, every, dst=0)
+        every: list | None = [None] * self.size if self.rank == dst else None
+        dist.gather_object(obj, every, dst=dst)
         return every
 
     # ---- the work -----------------------------------------------------------------------------------------------

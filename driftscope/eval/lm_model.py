@@ -202,13 +202,7 @@ class DriftscopeLM(TemplateLM):
 
     def gather_object(self, obj: Any, dst: int = 0) -> list | None:
         """Every rank's picklable `obj` in rank order on rank `dst`, None on the others."""
-        if self.world.size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        every: list | None = [None] * self.world.size if self.rank == dst else None
-        dist.gather_object(obj, every, dst=dst)
-        return every
+        return self.world.gather(obj, dst)
 
     def barrier(self) -> None:
         # lm-eval 0.4.13 (evaluator.evaluate) calls barrier() when world_size > 1 right after appending one request

@@ -82,8 +82,8 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
         except RuntimeError as e:  # an environment problem the user can fix: one line, before any model loads
             raise ValueError(f"ifeval cannot be graded here: {e}") from None
     for name in names:  # every data file is read before any model is loaded
-        B.load_docs(name, data_dir, limit=1)
-        if world.size > 1 and (n := len(B.load_docs(name, data_dir, limit=limit))) < world.size:
+        docs = B.load_docs(name, data_dir, limit=limit if world.size > 1 else 1)  # all of them only to count
+        if world.size > 1 and (n := len(docs)) < world.size:
             raise ValueError(f"{name} has {n} doc{'s' * (n != 1)}{f' (--limit {limit})' if limit else ''} for "
                              f"{world.size} processes: lm-eval deals doc i to process i mod {world.size} and fails "
                              "on a process without any; run fewer processes or more docs")
@@ -126,7 +126,7 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
         else:
             tasks, label = [task_name(name)], task_name(name)
         done = out / "lm_eval" / f"{label}.json"
-        if _broadcast(lm.world, done.is_file()):  # rank 0's view: every rank skips the same benchmarks
+        if lm.world.broadcast(done.is_file()):  # rank 0's view: every rank skips the same benchmarks
             log.warning("%s: already evaluated in %s; kept", name, done)
             continue
         lm.gen_cache = out / "generations" / f"{label}.jsonl"
@@ -158,13 +158,3 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
         return {"scores": {}, "details": {}, "rank": lm.world.rank}
     return read_json(out / "scores.json", "scores file", dict)
 
-
-def _broadcast(world, value):
-    """Rank 0's picklable `value` on every rank (`value` itself for one process)."""
-    if world.size == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
