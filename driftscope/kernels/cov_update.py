@@ -40,7 +40,8 @@ if triton is not None:
         UPCAST: tl.constexpr,
     ):
         """Program (bi, bj), bj ≥ bi: S[I, J] += Σ_k x[k, I]ᵀ x[k, J]; off-diagonal blocks are also written
-        transposed to S[J, I] (symmetry: each of the d²/2 block products is computed once). Diagonal programs
+        transposed to S[J, I] (symmetry: each of the d²/2 block products is computed once); a diagonal block keeps its
+        upper triangle and mirrors it, so S stays exactly symmetric on any GPU or BLAS. Diagonal programs
         also add Σ_k x[k, I] to sx[I]. TENSOR_CORES (bf16/fp16 x): products of 8- or 11-bit mantissas are exact in
         fp32, so each BLOCK_K-row tl.dot accumulates in fp32 (error ≤ BLOCK_K·2⁻²⁴·Σ|x_i x_j|) and is folded into
         the fp64 block sum at once; otherwise float64 loads and a float64 tl.dot."""
@@ -64,6 +65,9 @@ if triton is not None:
                     acc += tl.dot(tl.trans(xi), xj, out_dtype=tl.float32, input_precision="ieee").to(tl.float64)
                 else:
                     acc = tl.dot(tl.trans(xi.to(tl.float64)), xj.to(tl.float64), acc, out_dtype=tl.float64)
+            if bj == bi:  # symmetric by construction: the upper triangle mirrored, whatever order the dot summed in
+                r = tl.arange(0, BLOCK_D)
+                acc = tl.where(r[:, None] <= r[None, :], acc, tl.trans(acc))
             m = mi[:, None] & mj[None, :]
             p = s_ptr + ci.to(tl.int64)[:, None] * d + cj[None, :]
             tl.store(p, tl.load(p, mask=m, other=0.0) + acc, mask=m)

@@ -109,3 +109,38 @@ def test_cov_update_empty_is_a_no_op():
     sx, sxx = _zeros(3)
     cu.cov_update(sx, sxx, torch.zeros(0, 3))
     assert not sx.any() and not sxx.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_triton_symmetry_holds_when_the_dot_is_not_symmetric(dtype, monkeypatch):
+    """A BLAS (or GPU) may sum xᵢ·xⱼ over k in another order for (i, j) than for (j, i), so xᵀx need not be exactly
+    symmetric. Here the interpreter's dot is made order-dependent on purpose: its strict lower triangle is moved one
+    ulp up. Σxxᵀ must still be exactly symmetric (a diagonal block keeps its upper triangle and mirrors it), on any
+    BLAS, and still within the float64 tolerances."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's dot is patched; on a GPU the other tests check the real one")
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter
+
+    real_dot = interpreter.InterpreterBuilder.create_dot
+
+    def skewed_dot(self, a, b, d, *args):
+        out = real_dot(self, a, b, d, *args)
+        data = out.data
+        if data.ndim == 2 and data.shape[0] == data.shape[1]:
+            low = np.tril(np.ones(data.shape, dtype=bool), -1)
+            data = np.where(low, np.nextafter(data, np.inf), data).astype(data.dtype)
+        return interpreter.TensorHandle(data, out.dtype)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", skewed_dot)
+    n, d = 70, 45  # two diagonal blocks of BLOCK_D = 32, the second one partial
+    x = _data(n, d, dtype, 0.5)
+    want = _zeros(d)
+    cu.cov_update_torch(*want, x)
+    got = _zeros(d)
+    with use_backend("triton"):
+        cu.cov_update(*got, x)
+    asym = (got[1] != got[1].T).sum().item()
+    assert asym == 0, f"sum_xxT not exactly symmetric: {asym} entries differ from their mirror"
+    assert_close_verbose(got[1], want[1], atol=1e-5 * float(want[1].abs().max()), what="skewed-dot sum_xxT")
