@@ -19,6 +19,11 @@ __all__ = ["table_cells", "format_table", "ti_json", "write_json", "scatter_png"
 DASH = "—"
 _GROUP_TITLES = {"math": "math", "other": "other reasoning", "non": "non-reasoning"}
 Scores = Mapping[str, float]
+_TI_CSS = "table{font-size:.8em}th,td{padding:.2em .35em}"  # Table 1's 19 columns fit 1150 px; narrower: it scrolls
+_CAPTION = ("One point per tuned model. x: TI_other, y: TI_non, each 100 × the model's gain over the base on that "
+            "group / its gain on math: 100 = the math gain carried over in full, 0 = no gain, below 0 = worse than "
+            "the base (when the math gain is positive). Upper right: math gains carry over to both groups; lower "
+            "right: to other reasoning only.")
 
 
 # ---- Table 1 -----------------------------------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def render_html(base_name: str, base_scores: Scores, tuned: Mapping[str, Scores]
         sig = ", ".join(f"σ_{g} = {v:.6g}" for g, v in first.sigma.items())
         parts.append(f"; {esc(sig)} ({esc(first.sigma_source)})")
     parts.append("</p>\n")
-    parts.append(_img(png, "TI_other against TI_non per tuned model") if png is not None
+    parts.append(_img(png, "TI_other against TI_non per tuned model", _CAPTION) if png is not None
                  else f'<p class="note">{esc(note or "no figure")}</p>\n')
     parts.append("<h2>Scores (percent) and TI</h2>\n")
     parts.append(_table(header, [[esc(c) for c in r] for r in rows]))
@@ -169,7 +174,7 @@ def render_html(base_name: str, base_scores: Scores, tuned: Mapping[str, Scores]
         parts.append(_table(["model", "value", "reason"], [[esc(n), esc(k), esc(w)] for n, k, w in undefined],
                             numeric_from=3))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            f"<title>driftscope TI: {esc(base_name)}</title>\n<style>{_CSS}</style>\n</head><body>\n"
+            f"<title>driftscope TI: {esc(base_name)}</title>\n<style>{_CSS}{_TI_CSS}</style>\n</head><body>\n"
             + "".join(parts) + "</body></html>\n")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ th{background:#f3f3f3;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 code.tok{white-space:pre;background:#f6f6f6;border:1px solid #e2e2e2;border-radius:3px;padding:0 .2em}
 img{max-width:100%;height:auto;display:block;margin:.5em 0}
+figure{margin:1em 0 1.5em}figcaption{font-size:.88em;color:#444;max-width:60em}
+.tw{overflow-x:auto;max-width:100%}
 details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em;margin:.8em 0}
 .error{background:#fdecea;border-left:4px solid #d93025;padding:.5em .8em;margin:.8em 0}
@@ -84,7 +87,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: i
         "<tr>" + "".join(f'<td class="num">{c}</td>' if j >= numeric_from else f"<td>{c}</td>"
                          for j, c in enumerate(row)) + "</tr>\n"
         for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>\n"
+    return f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table></div>\n'
 
 
 def _details(summary: str, body: str, open_: bool = False) -> str:
@@ -100,8 +103,10 @@ def _kv_table(mapping: Mapping | None) -> str:
     return _table(["key", "value"], rows, numeric_from=2)
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">\n'
+def _img(png: bytes, alt: str, caption: str) -> str:
+    """A figure: the PNG and `caption` (HTML, already escaped) under it, saying how to read it."""
+    return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">\n'
+            f"<figcaption>{caption}</figcaption></figure>\n")
 
 
 class _Figures:
@@ -111,11 +116,11 @@ class _Figures:
     def __init__(self) -> None:
         self.missing = plots.unavailable()
 
-    def __call__(self, alt: str, draw: Callable[..., bytes], *args: Any, **kwargs: Any) -> str:
+    def __call__(self, alt: str, caption: str, draw: Callable[..., bytes], *args: Any, **kwargs: Any) -> str:
         if self.missing:
             return ""
         try:
-            return _img(draw(*args, **kwargs), alt)
+            return _img(draw(*args, **kwargs), alt, caption)
         except Exception as e:  # noqa: BLE001 — shown in the report and warned, not hidden
             warnings.warn(f"report figure {alt!r} failed: {type(e).__name__}: {e}", stacklevel=2)
             return (f'<p class="error">figure “{esc(alt)}” could not be drawn: '
@@ -198,9 +203,62 @@ def _overview(models: Mapping, section_ids: Mapping[tuple[str, str], str]) -> st
         rows = [_overview_row(t, section_ids[(model_name, t)], task) for t, task in tasks.items()]
         out.append(f"<h3>{esc(model_name)}</h3>\n")
         out.append(_table(_OVERVIEW_HEADER, rows) if rows else '<p class="muted">no tasks</p>\n')
+        if rows:
+            notes = "".join(_rank_means(f"In {t}", task) for t, task in tasks.items())
+            out.append(f'<p class="muted">{MEANS_NOTE}{notes}</p>\n')
         out.append(f"<p>Token rank shift, mean of task means (the paper's headline): "
                    f"<b>{fmt(m.get('rank_shift_mean_of_task_means'))}</b></p>\n")
     return "".join(out)
+
+
+# ---- how to read the numbers and figures ---------------------------------------------------------------------
+MEANS_NOTE = ("Token mean: the mean over all scored tokens, so long responses weigh more. Sample mean: each "
+              "response's own mean, averaged over responses, so every response weighs the same.")
+_CAPTIONS = {
+    "pca": "One PCA per hidden-state index, fitted on the base model's states there; each point is a model's mean "
+           "state projected on it. x: shift, how far the tuned mean moved along the first principal component "
+           "(tuned − base, so the base sits at 0); y: the mean on the second principal component (m2). Circles: "
+           "base, triangles: tuned, colour: hidden-state index (0 = embeddings); a grey line joins one index's "
+           "two points, longer = more drift there. The red arrow joins the centroids (means over indices); its "
+           "length is the centroid distance d = {d}.",
+    "layers": "x: hidden-state index (0 = embeddings, last = after the final norm). Left: cosine similarity (mean "
+              "over tokens) and linear CKA of the base and tuned states, 1 = unchanged, lower = more drift. "
+              "Right: relative L2 distance ‖h_t − h_b‖ / ‖h_b‖ (mean over tokens), 0 = unchanged, 0.5 = the "
+              "difference is half as long as the base state.",
+    "kl": "x: per-token KL divergence between the two models' next-token distributions, in nats (log scale); y: "
+          "fraction of scored tokens. KL is 0 where the two distributions are identical and grows as they differ; "
+          "hatched bars collect the tokens below / above the axis (exact zeros in the left one). Dashed lines: "
+          "token means.",
+    "rank": "Rank shift = rank_base − rank_tuned of the actual next token (rank 1 = the model's top choice): > 0, "
+            "the tuned model ranks it higher; 0, unchanged. Base rank of the tuned top-1 token: 1 = both models "
+            "agree on the most likely token. y: tokens (log scale); bins beyond the outermost non-empty ones are "
+            "left out; hatched bars are open-ended.",
+    "top": "The token ids whose rank changed most often: dark, the occurrences where rank_base ≠ rank_tuned; light, "
+           "all its occurrences in the scored text. Label: the token's text in quotes (↵ newline, ⇥ tab) and its id.",
+}
+
+
+def _kl_context(t: Mapping) -> str:
+    """What the token-mean KL means: exp(KL) as a likelihood ratio, and the base entropy for scale."""
+    kl, h = _get(t, "kl_tb", "token_mean"), _get(t, "entropy_base", "token_mean")
+    if kl is None:
+        return ""
+    out = (f" Here KL(tuned ‖ base) averages {fmt(kl)} nats per token: tokens drawn from the tuned model are, in "
+           f"geometric mean, e^KL = {fmt(math.exp(min(kl, 700.0)))}× as likely under it as under the base.")
+    if h is not None and kl > 0:
+        out += (f" For scale, the base model's own uncertainty (mean entropy) is {fmt(h)} nats per token, "
+                f"{fmt(h / kl, 2)}× this KL.")
+    return out
+
+
+def _rank_means(label: str, t: Mapping) -> str:
+    """A sentence when the rank shift's token and sample means have opposite signs; "" otherwise."""
+    a, b = _get(t, "rank_shift", "token_mean"), _get(t, "rank_shift", "sample_mean")
+    if a is None or b is None or a * b >= 0:
+        return ""
+    return (f" {esc(label)}, the rank shift's token mean ({fmt(a)}) and sample mean ({fmt(b)}) have opposite signs: "
+            f"the tokens of long responses moved {'up' if a > 0 else 'down'} on net, the typical response "
+            f"{'up' if b > 0 else 'down'}.")
 
 
 # ---- one (model, task) section -------------------------------------------------------------------------------
@@ -222,16 +280,22 @@ def _metrics_table(t: Mapping) -> str:
     pca = t.get("pca")
     if pca:
         scalars.append([f"PCA centroid distance ({esc(pca.get('mode', '?'))})", fmt(pca.get("centroid_distance"))])
-    return _table(["metric", "token mean", "sample mean"], rows) + _table(["metric", "value"], scalars)
+    return (_table(["metric", "token mean", "sample mean"], rows) + f'<p class="muted">{MEANS_NOTE}'
+            f"{_rank_means('Here', t)}</p>\n" + _table(["metric", "value"], scalars))
 
 
 _LAYER_COLS = ("layer", "cosine", "rel_l2", "cka", "pca_shift", "pca_principle_base", "pca_principle_tuned")
 
 
+_SHOWN_AS = {"layer": "hidden state", "pca_principle_base": "pca m2 base", "pca_principle_tuned": "pca m2 tuned"}
+
+
 def _layers_table(layers: Sequence[Mapping]) -> str:
+    """One row per hidden state; the summary's keys as headers, but m2 (the paper's "principle") by its name."""
     cols = list(_LAYER_COLS) + list(dict.fromkeys(k for row in layers for k in row if k not in _LAYER_COLS))
     rows = [[fmt(row.get(c)) for c in cols] for row in layers]
-    return _details(f"Per-layer table ({len(layers)} layers)", _table([esc(c) for c in cols], rows, numeric_from=0))
+    return _details(f"Per-layer table ({len(layers)} hidden states)",
+                    _table([esc(_SHOWN_AS.get(c, c)) for c in cols], rows, numeric_from=0))
 
 
 def _token_cell(text: str | None) -> str:
@@ -271,24 +335,27 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
     out = [f'<h2 id="{sid}">{esc(model_name)} / {esc(task_name)}</h2>\n', _metrics_table(t)]
     out.append("<h3>Hidden states per layer</h3>\n")
     if pca and pca.get("records"):
-        out.append(figures(f"PCA shift, {label}", plots.pca_shift_png, pca["records"],
+        out.append(figures(f"PCA shift, {label}", _CAPTIONS["pca"].format(d=fmt(pca.get("centroid_distance"))),
+                           plots.pca_shift_png, pca["records"],
                            pca.get("centroid_distance"), title=label))
     else:
         out.append('<p class="muted">No PCA shift in this run.</p>\n')
     if layers:
         if all(row.get("cka") is None for row in layers):
             out.append('<p class="muted">CKA was not computed for this run.</p>\n')
-        out.append(figures(f"layer drift, {label}", plots.layer_drift_png, layers, title=label))
+        out.append(figures(f"layer drift, {label}", _CAPTIONS["layers"], plots.layer_drift_png, layers, title=label))
         out.append(_layers_table(layers))
     out.append("<h3>Token distributions</h3>\n")
     if hists.get("kl_tb") or hists.get("kl_bt"):
         means = {k: _get(t, k, "token_mean") for k in ("kl_tb", "kl_bt")}
-        out.append(figures(f"KL histogram, {label}", plots.kl_histogram_png, hists, means, title=label))
+        out.append(figures(f"KL histogram, {label}", _CAPTIONS["kl"] + _kl_context(t), plots.kl_histogram_png,
+                           hists, means, title=label))
     if hists.get("rank_shift") or hists.get("rank_shift_top"):
-        out.append(figures(f"rank shift histogram, {label}", plots.rank_shift_histogram_png, hists, title=label))
+        out.append(figures(f"rank shift histogram, {label}", _CAPTIONS["rank"], plots.rank_shift_histogram_png,
+                           hists, title=label))
     out.append("<h3>Shifted tokens</h3>\n")
     if st.get("top"):
-        out.append(figures(f"top shifted tokens, {label}", plots.top_tokens_png, st["top"],
+        out.append(figures(f"top shifted tokens, {label}", _CAPTIONS["top"], plots.top_tokens_png, st["top"],
                            n=TOP_TOKENS_IN_PLOT, title=label))
     out.append(_tokens_table(st))
     out.append(_problems(t.get("problems") or []))

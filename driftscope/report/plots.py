@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from driftscope.report.tables import escape_code_point, visible_text
 
 __all__ = ["unavailable", "pca_shift_png", "layer_drift_png", "kl_histogram_png", "rank_shift_histogram_png",
-           "top_tokens_png", "mpl_text", "bin_labels"]
+           "top_tokens_png", "mpl_text", "bin_labels", "occupied_bins"]
 
 KL_NAMES = {"kl_tb": "KL(tuned ‖ base)", "kl_bt": "KL(base ‖ tuned)"}
 _DPI = 110
 _EDGE_BIN = dict(color="#bbbbbb", hatch="//", edgecolor="#555555")
+STATE_AXIS = "hidden-state index (0 = embeddings)"
 
 
 def unavailable() -> str | None:
@@ -43,7 +44,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)  # a long title is not clipped
     return buf.getvalue()
 
 
@@ -72,7 +73,7 @@ def _num(v) -> float:
 
 def _title(fig, title: str) -> None:
     if title:
-        fig.suptitle(mpl_text(title), fontsize=11)
+        fig.suptitle(mpl_text(title), fontsize=11, wrap=True)
 
 
 def _check_hist(name: str, hist: Mapping) -> tuple[list[float], list[int]]:
@@ -125,15 +126,15 @@ def pca_shift_png(records: Sequence[Mapping], centroid_distance: float | None = 
     if len(cents) == 2:
         ax.annotate("", xy=cents["Updated"], xytext=cents["Original"], zorder=3,
                     arrowprops=dict(arrowstyle="->", color="red", lw=1.5))
-    fig.colorbar(sc, ax=ax, label="layer").ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(sc, ax=ax, label=STATE_AXIS).ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     handles = [Line2D([], [], ls="", marker="o", color="#777777", label="Original (base)"),
                Line2D([], [], ls="", marker="^", color="#777777", label="Updated (tuned)"),
                Line2D([], [], ls="", marker="X", color="black", ms=10, label="Original centroid"),
                Line2D([], [], ls="", marker="*", color="red", ms=12, label="Updated centroid")]
     ax.legend(handles=handles, loc="best", fontsize=8, framealpha=0.85)
     ax.axvline(0.0, color="#cccccc", lw=0.8, zorder=0)
-    ax.set_xlabel("shift (PC1: tuned − base)")
-    ax.set_ylabel("principle (PC2)")
+    ax.set_xlabel("shift along the first principal component (m1: tuned − base)")
+    ax.set_ylabel("second principal component (m2)")  # the records' key is the paper's "principle"
     d = "" if centroid_distance is None else f"   centroid distance d = {centroid_distance:.4g}"
     ax.set_title(f"PCA shift per layer{d}", fontsize=10)
     _title(fig, title)
@@ -173,7 +174,7 @@ def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
     ax_l2.set_ylim(bottom=0)
     ax_l2.legend(fontsize=8)
     for ax in (ax_sim, ax_l2):
-        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_xlabel(STATE_AXIS)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     _title(fig, title)
@@ -223,7 +224,7 @@ def kl_histogram_png(histograms: Mapping[str, Mapping], means: Mapping[str, floa
     empty = [t for t, shown in ((f"< {edges[0]:.0e}", show_first), (f"≥ {edges[-1]:.0e}", show_last)) if not shown]
     ax.set_xlabel("per-token KL (nats)" + (f"; no tokens {' or '.join(empty)}" if empty else ""))
     ax.set_ylabel("fraction of tokens")
-    ax.legend(fontsize=8, loc="upper center")  # the corners hold the edge-band labels
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)  # under the axes: it hides no bar or mean line
     ax.grid(alpha=0.3, which="major")
     _title(fig, title)
     return _png(fig)
@@ -281,32 +282,42 @@ def bin_labels(edges: Sequence[float]) -> list[str]:
     return labels
 
 
-_RANK_TITLES = {
-    "rank_shift": "rank shift of the actual token (rank_base − rank_tuned; > 0: tuned ranks it higher)",
-    "rank_shift_top": "rank under base of the tuned model's top-1 token",
+_RANK_TITLES = {  # name: (title, x label)
+    "rank_shift": ("rank shift of the actual token (> 0: tuned ranks it higher)", "rank_base − rank_tuned"),
+    "rank_shift_top": ("rank under base of the tuned model's top-1 token", "base rank (1 = same top-1)"),
 }
 
 
+def occupied_bins(counts: Sequence[int]) -> range:
+    """Indices from the first to the last non-empty bin (all bins when every one is empty): bins beyond the largest
+    rank seen (e.g. ≥ 100001 for a 400-token vocabulary) are left out of the plot."""
+    full = [i for i, c in enumerate(counts) if c > 0] or [0, len(counts) - 1]
+    return range(full[0], full[-1] + 1)
+
+
 def rank_shift_histogram_png(histograms: Mapping[str, Mapping], title: str = "") -> bytes:
-    """Bar chart per present histogram (rank_shift, rank_shift_top), one bar per bin with the bin range as its label,
-    log y (the zero-shift bin dominates); open-ended edge bins hatched."""
+    """Bar chart per present histogram (rank_shift, rank_shift_top), one bar per occupied bin (`occupied_bins`) with
+    the bin range as its label, log y (the zero-shift bin dominates); open-ended edge bins hatched."""
     names = [k for k in _RANK_TITLES if histograms.get(k)]
     if not names:
         raise ValueError("rank-shift histogram: neither rank_shift nor rank_shift_top is present")
-    widths = [len(histograms[k]["counts"]) for k in names]
-    fig, axes = _figure(max(6.0, 0.28 * sum(widths) + 1.5), 4.0, ncols=len(names))
+    hists = {k: _check_hist(k, histograms[k]) for k in names}
+    keep = {k: occupied_bins(counts) for k, (_, counts) in hists.items()}
+    fig, axes = _figure(max(6.0, 0.28 * sum(map(len, keep.values())) + 2.5), 4.0, ncols=len(names))
     for ax, name in zip(axes, names):
-        edges, counts = _check_hist(name, histograms[name])
-        pos = list(range(len(counts)))
-        bars = ax.bar(pos, counts, color="C0", width=0.8)
-        for i in (0, len(counts) - 1):
-            bars[i].set(**_EDGE_BIN)
-        ax.set_xticks(pos, bin_labels(edges), rotation=60, ha="right", rotation_mode="anchor", fontsize=7)
+        (edges, counts), kept = hists[name], keep[name]
+        pos = list(range(len(kept)))
+        bars = ax.bar(pos, counts[kept.start:kept.stop], color="C0", width=0.8)
+        for i in {0, len(counts) - 1} & set(kept):
+            bars[i - kept.start].set(**_EDGE_BIN)
+        ax.set_xticks(pos, bin_labels(edges)[kept.start:kept.stop], rotation=60, ha="right", rotation_mode="anchor",
+                      fontsize=7)
+        ax.set_xlabel(_RANK_TITLES[name][1])
         log = any(c > 0 for c in counts)  # a log axis needs a positive value
         if log:
             ax.set_yscale("log")
         ax.set_ylabel("tokens (log scale)" if log else "tokens")
-        ax.set_title(_RANK_TITLES[name], fontsize=9, wrap=True)
+        ax.set_title(_RANK_TITLES[name][0], fontsize=9, wrap=True)
         ax.grid(alpha=0.3, axis="y")
     fig.get_layout_engine().set(w_pad=0.1)
     _title(fig, title)

@@ -143,3 +143,55 @@ def test_summary_is_not_modified(tmp_path, monkeypatch):
     before = copy.deepcopy(summary)
     write_report(tmp_path, summary)
     assert summary == before
+
+
+# ---- how to read it ---------------------------------------------------------------------------------------------
+FIGURE_RE = re.compile(r'<figure><img [^>]*>\s*<figcaption>(.*?)</figcaption></figure>', flags=re.S)
+
+
+def _shown_text(page: str) -> str:
+    """What a reader sees: no tags (so no image data), entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<style>.*?</style>", "", page, flags=re.S)))
+
+
+def test_every_plot_has_a_caption(rendered):
+    text = rendered[1]
+    captions = FIGURE_RE.findall(text)
+    assert len(captions) == text.count("<img ") == expected_images(synthetic_summary())
+    short = [c for c in captions if len(_shown_text(c).split()) < 25]
+    assert not short, f"captions too short to say how to read the plot: {short}"
+    assert text.count("length is the centroid distance d = ") == 3  # one per PCA figure, with its number
+
+
+def test_kl_caption_puts_the_mean_in_context(rendered):
+    text = _shown_text(rendered[1])  # rl / coqa: KL(t‖b) token mean 0.05, base entropy 1.2 nats
+    assert "KL is 0 where the two distributions are identical" in text
+    assert ("KL(tuned ‖ base) averages 0.05 nats per token: tokens drawn from the tuned model are, in geometric "
+            "mean, e^KL = 1.051× as likely under it as under the base.") in text
+    assert "mean entropy) is 1.2 nats per token, 24× this KL." in text
+
+
+def test_token_and_sample_means_explained(tmp_path, monkeypatch):
+    block_import(monkeypatch, "matplotlib")
+    summary = synthetic_summary()
+    tasks = summary["models"]["rl"]["tasks"]
+    tasks["coqa"]["rank_shift"] = {"token_mean": 0.33, "sample_mean": -0.78}  # the demo's math task
+    text = _shown_text(write_report(tmp_path, summary).read_text(encoding="utf-8"))
+    from driftscope.report.html import MEANS_NOTE
+    # under each model's overview table and each section's metrics table
+    assert text.count(MEANS_NOTE) == len(MODELS) + len(MODELS) * len(TASKS)
+    assert "In coqa, the rank shift's token mean (0.33) and sample mean (-0.78) have opposite signs: the tokens of " \
+           "long responses moved up on net, the typical response down." in text
+    assert text.count("have opposite signs") == 2  # overview and section, that task only (others agree in sign)
+
+
+def test_displayed_text_says_principal_component(rendered):
+    text = _shown_text(rendered[1])
+    assert "principle" not in text.lower()  # the paper's typo, kept only in the JSON keys
+    assert "pca m2 base" in text and "hidden state" in text
+
+
+def test_wide_tables_scroll_instead_of_being_cut(rendered):
+    text = rendered[1]
+    assert re.search(r"\.tw\{overflow-x:auto", text)
+    assert text.count("<table>") == text.count('<div class="tw"><table>') > 0

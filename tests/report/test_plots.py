@@ -2,10 +2,14 @@
 readable histogram bin labels."""
 from __future__ import annotations
 
+import re
+import struct
+
 import pytest
+import torch
 from report_helpers import block_import, synthetic_summary
 
-from driftscope.probes.token_metrics import RANK_EDGES, RANK_SHIFT_EDGES
+from driftscope.probes.token_metrics import RANK_EDGES, RANK_SHIFT_EDGES, histogram_counts
 from driftscope.report import plots
 
 pytest.importorskip("matplotlib", reason="matplotlib not installed: plots are left out of the report")
@@ -86,3 +90,63 @@ def test_unusable_inputs_named():
         plots.layer_drift_png([])
     with pytest.raises(ValueError, match="key must be"):
         plots.top_tokens_png([{"id": 1}], key="count")
+
+
+# ---- what a reader sees: labels, bins, titles ---------------------------------------------------------------------
+@pytest.fixture()
+def drawn(monkeypatch):
+    """draw(plot_fn, *args) -> (the figure it saved, the PNG's (width, height) in pixels)."""
+    figures, real = [], plots._png
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or real(fig))
+
+    def draw(fn, *args, **kwargs):
+        png = fn(*args, **kwargs)
+        return figures[-1], struct.unpack(">II", png[16:24])  # IHDR: width, height
+    return draw
+
+
+def _texts(fig) -> list[str]:
+    from matplotlib.text import Text
+    return [t.get_text() for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+
+
+def test_pca_and_layer_axes_name_the_hidden_state_index(task, drawn):
+    pca = _texts(drawn(plots.pca_shift_png, task["pca"]["records"], 1.0)[0])
+    assert not [t for t in pca if "principle" in t.lower()], pca  # the paper's typo stays in the JSON keys only
+    assert "second principal component (m2)" in pca and plots.STATE_AXIS in pca  # y axis, colour bar
+    layers = _texts(drawn(plots.layer_drift_png, task["layers"])[0])
+    assert layers.count(plots.STATE_AXIS) == 2 and "layer" not in " ".join(layers)
+
+
+def test_occupied_bins():
+    assert plots.occupied_bins([0, 0, 3, 0, 5, 0, 0]) == range(2, 5)
+    assert plots.occupied_bins([0, 0, 0]) == range(0, 3)  # nothing to crop to: all bins
+
+
+def test_rank_histograms_stop_at_the_vocabulary_and_label_x(drawn):
+    vocab = 400  # ranks 1..400, rank shifts -399..399: nothing in the bins from 1001 on
+    g = torch.Generator().manual_seed(0)
+    ranks = torch.randint(1, vocab + 1, (2, 3000), generator=g)
+    hists = {"rank_shift": {"edges": list(RANK_SHIFT_EDGES),
+                            "counts": histogram_counts(ranks[0] - ranks[1], RANK_SHIFT_EDGES).tolist()},
+             "rank_shift_top": {"edges": list(RANK_EDGES), "counts": histogram_counts(ranks[0], RANK_EDGES).tolist()}}
+    fig, _ = drawn(plots.rank_shift_histogram_png, hists)
+    for ax, name in zip(fig.axes, hists):
+        ticks = [t.get_text() for t in ax.get_xticklabels()]
+        smallest = [min(abs(int(v)) for v in re.findall(r"-?\d+", t)) for t in ticks]  # of each bin's range
+        assert max(smallest) < vocab, f"{name}: bins beyond the vocabulary drawn: {ticks}"
+        n_occupied = sum(c > 0 for c in hists[name]["counts"])
+        assert len(ticks) == n_occupied and ax.get_xlabel(), (name, ticks, ax.get_xlabel())
+    assert "101..1000" in ticks and "≤ 0" not in ticks  # the last occupied bin stays; the empty first one goes
+
+
+@pytest.mark.parametrize("plot", ["pca", "layers", "kl", "rank", "top"])
+def test_long_title_is_not_clipped(task, drawn, plot):
+    title = "Qwen2.5-Math-7B-Instruct-sft-think-checkpoint-12000 / " + "competition_math_problems_" * 3
+    args = {"pca": (plots.pca_shift_png, task["pca"]["records"]), "layers": (plots.layer_drift_png, task["layers"]),
+            "kl": (plots.kl_histogram_png, task["histograms"]), "rank": (plots.rank_shift_histogram_png,
+            task["histograms"]), "top": (plots.top_tokens_png, task["shifted_tokens"]["top"])}[plot]
+    fig, (width, height) = drawn(*args, title=title)
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, every artist and the super-title included
+    assert width >= tight.width * fig.dpi - 1 and height >= tight.height * fig.dpi - 1, \
+        f"PNG {width}x{height} px cuts the drawing ({tight.width * fig.dpi:.0f}x{tight.height * fig.dpi:.0f} px)"
