@@ -128,3 +128,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[st
 def options_from(args: argparse.Namespace, cls: type, names: Collection[str] | None = None) -> dict:
     """The keyword arguments of `cls` (only `names` when given) from arguments parsed by add_options."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if names is None or f.name in names}
+
+
+def options_doc(cls: type) -> str:
+    """The fields of the options dataclass `cls` as lines to append to a function's docstring (indented 4, as a
+    function's docstring is): name=default (--flag): help, one line each."""
+    lines = ["", f"    Options ({cls.__name__}; keyword arguments here, the flag on the command line):"]
+    for f in fields(cls):
+        meta = f.metadata.get("cli") or {}
+        choices = f" (one of: {', '.join(meta['choices'])})" if meta.get("choices") else ""
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        lines.append(f"        {f.name}={_default(f)!r} ({flag}): {meta.get('help', '')}{choices}")
+    return "\n".join(lines) + "\n"

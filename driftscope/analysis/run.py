@@ -27,6 +27,7 @@ from driftscope.analysis.options import DriftOptions, fingerprint
 from driftscope.analysis.paper_pca import paper_pca
 from driftscope.analysis.plan import Plan, Task, plan
 from driftscope.analysis.summary import generation_summary, mark_nonfinite, model_summary
+from driftscope.cli_options import options_doc
 from driftscope.engine.data import PackedBatch
 from driftscope.errors import Terminated
 from driftscope.engine.loader import load_model
@@ -315,7 +316,7 @@ def drift(
     base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
     out: PathLike | None = None, **options,
 ) -> DriftReport:
-    """Compare `base` with each tuned checkpoint on each records file; see DriftOptions for the options.
+    """Compare `base` with each tuned checkpoint on each records file, with the options listed below.
 
     With `out`, writes summary.json, tokens.{parquet,jsonl}, pca_shift.json and report.html there and keeps a
     resumable state while running (`resume=True` continues an interrupted run). Returns a DriftReport.
@@ -329,6 +330,9 @@ def drift(
         release_workspace()  # the torch reference's CPU logit buffers: reused from batch to batch, not kept after
     world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
     return report
+
+
+drift.__doc__ += options_doc(DriftOptions)  # help(driftscope.drift) lists every option, never stale
 
 
 def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftReport:

@@ -81,8 +81,23 @@ def generate(
     max_step_tokens: int = 8192,
     progress: bool | None = None,
 ) -> list[Generation]:
-    """Generate for every prompt (n samples each); see SamplingParams for the decoding options and
-    GenerationEngine for the scheduling ones. `thinking` sets the chat template's `enable_thinking`."""
+    """Generate for every prompt (n samples each): a list of Generation, ordered by prompt, then sample.
+
+    model: a checkpoint folder or a loaded Transformer; prompts: strings, token-id lists or chat message lists.
+    Decoding (SamplingParams checks each, naming a bad value):
+        max_new_tokens: tokens to generate at most (required)
+        temperature: 0 = greedy (argmax, lowest id on ties); top_p: nucleus mass in (0, 1]; top_k: 0 = off
+        seed: draws are keyed by (seed, prompt, sample, step), so outputs do not depend on batching; n: samples per
+        prompt; stop: strings that end a sequence, caught across tokens and cut from the text; stop_token_ids: extra
+        ids that end one (besides the model's EOS ids); ignore_eos: keep going past EOS
+    Prompts: chat: strings become one user message of the chat template; system: its system prompt;
+        thinking: the template's enable_thinking (Qwen3); chat_template_kwargs: more template variables;
+        tokenizer: a folder or tokenizer (default: the model folder's tokenizer.json)
+    Engine (GenerationEngine): device: a torch device; dtype: 'float32', 'bfloat16' or 'float16'; cache_memory:
+        KV cache bytes (default: 90% of free GPU memory, a quarter of RAM on the CPU); block_size: tokens per
+        cache block; max_num_seqs: sequences decoded together at most; max_step_tokens: tokens per engine step
+        at most; progress: a bar on stderr (None: when stderr is a terminal)
+    """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
     if len(prompts) == 0:
