@@ -1,6 +1,7 @@
 """driftscope: base-vs-tuned LLM drift in lockstep, exact full-vocabulary metrics without materializing logits.
 
 The public API is imported lazily so that `import driftscope` stays cheap (no torch import until used).
+help(driftscope.drift) lists every drift option with its default; README.md shows the commands and the API.
 """
 from __future__ import annotations
 
