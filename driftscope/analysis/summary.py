@@ -81,7 +81,7 @@ def mark_nonfinite(task: dict, bad_tokens: int, dtype: str) -> dict:
         task["sampled_kl"] = task["top1_agreement"] = None
         task["problems"].append(
             f"{bad_tokens} of {task['tokens']} scored tokens gave non-finite logits (NaN/Inf, e.g. an overflow in the "
-            f"{dtype} forward pass): the token means are null; histograms and shifted tokens include those tokens")
+            f"{dtype} forward pass): the token means are null; histograms and shifted tokens leave those tokens out")
     elif task["tokens"] and (nulls := [m for m in ("kl_tb", "kl_bt") if task[m]["token_mean"] is None]):
         task["problems"].append(f"non-finite per-token results (NaN/Inf, e.g. an overflow in the {dtype} forward "
                                 f"pass): {', '.join(nulls)} null")

@@ -34,7 +34,7 @@ class ShiftedTokens(Accumulator):
 
     def update(self, token_ids: torch.Tensor, rank_base: torch.Tensor, rank_tuned: torch.Tensor) -> None:
         """token_ids [N]: the actual next token at each scored position (the batch's targets[score_mask]);
-        rank_base, rank_tuned [N]: its rank under each model (vocab probe outputs)."""
+        rank_base, rank_tuned [N]: its rank under each model (vocab probe outputs; rows with a rank < 1 are skipped)."""
         ids = token_ids.detach().to("cpu", torch.int64)
         n = ids.shape[0]
         for k, v in (("token_ids", token_ids), ("rank_base", rank_base), ("rank_tuned", rank_tuned)):
@@ -45,7 +45,9 @@ class ShiftedTokens(Accumulator):
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got min {int(ids.min())}, "
                              f"max {int(ids.max())}")
-        shift = rank_base.detach().to("cpu", torch.int64) - rank_tuned.detach().to("cpu", torch.int64)
+        rank_base, rank_tuned = rank_base.detach().to("cpu", torch.int64), rank_tuned.detach().to("cpu", torch.int64)
+        ok = (rank_base >= 1) & (rank_tuned >= 1)  # a flagged vocab_probe row (rank -1) is left out
+        ids, shift = ids[ok], (rank_base - rank_tuned)[ok]
         self.count += torch.bincount(ids, minlength=self.vocab_size)
         self.count_shifted += torch.bincount(ids[shift != 0], minlength=self.vocab_size)
         self.sum_shift.index_add_(0, ids, shift.to(torch.float64))

@@ -45,9 +45,9 @@ _PROBE_FIELDS = (
 
 
 def histogram_counts(values: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
-    """int64 counts [len(edges)+1] of `values` under the bin convention above."""
-    e = torch.tensor(edges, dtype=torch.float64)
-    idx = torch.bucketize(values.detach().to("cpu", torch.float64), e, right=True)
+    """int64 counts [len(edges)+1] of the finite `values` under the bin convention above (NaN/Inf: no bin)."""
+    e, values = torch.tensor(edges, dtype=torch.float64), values.detach().to("cpu", torch.float64)
+    idx = torch.bucketize(values[torch.isfinite(values)], e, right=True)
     return torch.bincount(idx, minlength=len(edges) + 1)
 
 
@@ -100,16 +100,19 @@ class TokenMetrics(Accumulator):
         lp_t, lp_b = d["logp_tuned"], d["logp_base"]
         paper_lr = torch.log(torch.exp(lp_t) + PAPER_EPS) - torch.log(torch.exp(lp_b) + PAPER_EPS)
         rank_shift = (f["rank_base"].to(torch.int64) - f["rank_tuned"].to(torch.int64)).to(torch.float64)
+        flag = f["rank_shift_top"] < 1  # a row vocab_probe flagged (NaN/Inf): its rank-based values are NaN too
+        rank_shift, rank_top, agree = (t.masked_fill(flag, torch.nan) for t in (
+            rank_shift, d["rank_shift_top"], (f["top_base"] == f["top_tuned"]).double()))
         vals = torch.stack([
             torch.ones(n, dtype=torch.float64), d["kl_tb"], d["kl_bt"], d["entropy_base"], d["entropy_tuned"],
-            lp_b, lp_t, rank_shift, d["rank_shift_top"], (f["top_base"] == f["top_tuned"]).to(torch.float64),
+            lp_b, lp_t, rank_shift, rank_top, agree,
             keep, paper_lr * keep, rank_shift * keep,
         ], dim=1)  # [N, len(_COLS)]
         ids, inverse = torch.unique(sample_ids, sorted=True, return_inverse=True)
         sums = torch.zeros(ids.shape[0], len(_COLS), dtype=torch.float64).index_add_(0, inverse, vals)
         self._add_samples(ids, sums)
         for k, v in (("kl_tb", d["kl_tb"]), ("kl_bt", d["kl_bt"]), ("rank_shift", rank_shift),
-                     ("rank_shift_top", d["rank_shift_top"])):
+                     ("rank_shift_top", rank_top)):
             self._hist[k] += histogram_counts(v, _HISTS[k])
 
     def _add_samples(self, ids: torch.Tensor, sums: torch.Tensor) -> None:

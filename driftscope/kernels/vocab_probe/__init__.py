@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 
 from driftscope.kernels._dispatch import select, vocab_path
-from driftscope.kernels.vocab_probe.common import VocabProbeResult, _check_inputs, _empty_result
+from driftscope.kernels.vocab_probe.common import (FLAGGED, VocabProbeResult, _check_finite_head, _check_inputs,
+                                                   _empty_result, _flag_rows)
 from driftscope.kernels.vocab_probe.cpp import _cpp_tile_sizes, _vocab_probe_cpp
 from driftscope.kernels.vocab_probe.reference import vocab_probe_torch
 from driftscope.kernels.vocab_probe.triton_fused import PACKED_FIELDS, PACKED_INT_FIELDS, _vocab_probe_triton
@@ -26,6 +27,7 @@ __all__ = [
     "vocab_probe",
     "vocab_probe_torch",
     "VocabProbeResult",
+    "FLAGGED",
     # backend entry points and helpers that tests and benches call directly
     "PACKED_FIELDS",
     "PACKED_INT_FIELDS",
@@ -55,6 +57,9 @@ def vocab_probe(
     required when the heads' row counts differ. The backend comes from kernels._dispatch.select.
     h_tuned and w_tuned may be sequences of J tuned states and heads: then a list of J results, each equal
     to its single-pair call, with the base work (its GEMM, prologue) done once (cpp, torch, triton panel).
+    A row with NaN/Inf in h_base or h_tuned (or overflowed logits) is flagged, not computed: its floats NaN, its
+    ints FLAGGED (-1); the other rows are what they would be without it. NaN/Inf in a head's vocabulary rows:
+    ValueError naming the head.
     """
     many = isinstance(h_tuned, (list, tuple)) or isinstance(w_tuned, (list, tuple))
     if many and not (isinstance(h_tuned, (list, tuple)) and isinstance(w_tuned, (list, tuple))
@@ -68,8 +73,14 @@ def vocab_probe(
             checked.append(_check_inputs(h_base, w_base, h, w, targets, valid_vocab))
         except ValueError as e:
             raise ValueError(f"tuned model {j}: {e}" if many else str(e)) from None
+    _check_finite_head("w_base", w_base, checked[0][3])
+    for j, (_, w) in enumerate(pairs):
+        _check_finite_head(f"w_tuned[{j}]" if many else "w_tuned", w, checked[0][3])
     w_base, targets = checked[0][0], checked[0][2]
     hts, wts = [h for h, _ in pairs], [c[1] for c in checked]
+    bad = [~torch.isfinite(h).all(1) for h in (h_base, *hts)]  # [N] each: rows with NaN/Inf, one reduction each
+    if bool(torch.stack(bad).any()):  # zeroed for the backends (a NaN row must not reach a kernel)
+        h_base, *hts = [h.masked_fill(b[:, None], 0) for h, b in zip((h_base, *hts), bad)]
     backend = select(h_base.device, ("triton", "cpp", "torch"))
     if h_base.shape[0] == 0:
         out = [_empty_result(0, h_base.device, targets is not None) for _ in pairs]
@@ -83,4 +94,5 @@ def vocab_probe(
         out = _vocab_probe_cpp(h_base, w_base, hts, wts, targets)
     else:
         out = vocab_probe_torch(h_base, w_base, hts, wts, targets)
+    out = [_flag_rows(r, bad[0] | b) for r, b in zip(out, bad[1:])]
     return out if many else out[0]

@@ -6,9 +6,11 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLAGGED = -1  # the integer results of a flagged row: no id (>= 0) and no rank (>= 1) can be -1
 
 
 @dataclass
@@ -23,7 +25,10 @@ class VocabProbeResult:
         logp_* = z_y − lse                       rank_* = 1 + #{v : z_v > z_y}   (ties favour y)
         top_* = lowest id among the maxima       rank_shift_top = 1 + #{v : z_b,v > z_b,top_tuned}
     Ranks are exact with respect to the logits the backend computes: the count is strict, so an entry
-    equal to the target's logit (a duplicate LM-head row) never counts."""
+    equal to the target's logit (a duplicate LM-head row) never counts.
+    Flagged rows: a token whose h_base or h_tuned row holds NaN/Inf, or whose logits overflowed (non-finite lse
+    or KL), has every float result NaN and every integer result FLAGGED (-1), on every backend: never a rank
+    of 1 or another plausible number. Consumers leave such rows out (TokenMetrics, ShiftedTokens: rank < 1)."""
 
     kl_tb: torch.Tensor
     kl_bt: torch.Tensor
@@ -97,6 +102,30 @@ def _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab):
                 raise ValueError(f"targets[{i}]={int(targets[i])} is outside the vocabulary [0, {vocab})")
         targets = targets.to(torch.int64).contiguous()
     return w_base[:vocab], w_tuned[:vocab], targets, vocab
+
+
+_FINITE_HEADS = WeakTensorKeyDictionary()  # LM head -> (version, vocab) when last found finite
+
+
+def _check_finite_head(name: str, w: torch.Tensor, vocab: int) -> None:
+    """ValueError naming `name` when the first `vocab` rows of LM head `w` hold NaN/Inf (every token's softmax
+    reads every row, so no result could be trusted). Once per tensor and version: a run passes the same head
+    each batch, and in-place writes bump the version (an inference tensor has none: checked once)."""
+    key = (-1 if w.is_inference() else w._version, vocab)
+    if _FINITE_HEADS.get(w) == key:
+        return
+    bad = ~torch.isfinite(w[:vocab]).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} holds NaN/Inf in {int(bad.sum())} of its {vocab} vocabulary rows (first: row "
+                         f"{int(bad.nonzero()[0, 0])}); expected a finite LM head")
+    _FINITE_HEADS[w] = key
+
+
+def _flag_rows(r: VocabProbeResult, rows: torch.Tensor) -> VocabProbeResult:
+    """r with `rows` ([N] bool) and the rows whose lse or KL is non-finite flagged (see VocabProbeResult)."""
+    rows = rows | ~torch.isfinite(torch.stack([r.lse_base, r.lse_tuned, r.kl_tb, r.kl_bt])).all(0)
+    fill = lambda t: t.masked_fill(rows, torch.nan if t.is_floating_point() else FLAGGED)  # noqa: E731
+    return VocabProbeResult(**{k: None if t is None else fill(t) for k, t in r.to_dict().items()})
 
 
 def _empty_result(n: int, device, has_targets: bool) -> VocabProbeResult:
