@@ -8,7 +8,9 @@ decode alike; rope tables follow `engine/rope.py` (every transformers rope type,
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
+from driftscope.errors import InputError
 from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
@@ -174,6 +177,23 @@ class Block(nn.Module):
         return r
 
 
+def _shown(x) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int_vector(name: str, x, device, expected: str, dtypes=(torch.int32, torch.int64)) -> torch.Tensor:
+    """x as a 1-D tensor of one of `dtypes`: a tensor as it is, a list or tuple of ints as a new int64 tensor on
+    `device`; InputError naming `name`, what was given and `expected` otherwise."""
+    if isinstance(x, (list, tuple)) and all(isinstance(v, Integral) and not isinstance(v, bool) for v in x):
+        x = torch.tensor([int(v) for v in x], dtype=torch.int64, device=device)
+    if not (isinstance(x, torch.Tensor) and x.dim() == 1 and x.dtype in dtypes):
+        got = f"a {x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else \
+            f"{type(x).__name__} {_shown(x)}"
+        raise InputError(f"{name} must be {expected}; got {got}")
+    return x
+
+
 def _window_mask(mask: torch.Tensor | None, pos: torch.Tensor, window: int) -> torch.Tensor | None:
     """A tree sequence's mask (None = causal) restricted to keys within `window` positions of the query."""
     n = pos.shape[0]
@@ -244,30 +264,37 @@ class Transformer(nn.Module):
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
         return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
-    def _packing(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
-        """(cu_seqlens on the ids' device, sequence lengths), after checking the packing; ValueError otherwise."""
-        if input_ids.dim() != 1 or input_ids.dtype != torch.int64:
-            raise ValueError(f"input_ids must be a 1-D int64 tensor [T], got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        T = input_ids.shape[0]
-        if T == 0:
-            raise ValueError("input_ids is empty")
-        dev = input_ids.device
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=dev)
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [B+1], got {cu_seqlens.dtype} "
-                             f"{tuple(cu_seqlens.shape)}")
-        bounds = cu_seqlens.tolist()
-        lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-        if bounds[0] != 0 or bounds[-1] != T or min(lengths) < 0:
-            raise ValueError(f"cu_seqlens={bounds} must start at 0, be non-decreasing and end at T={T}")
-        return cu_seqlens.to(dev), lengths
+    def _ids(self, input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """input_ids as an int64 tensor [T] (a list of ints goes to the model's device), T > 0, every id in the
+        vocabulary; InputError naming input_ids otherwise."""
+        ids = _int_vector("input_ids", input_ids, self.device, "a 1-D int64 tensor or a list of token ids [T]",
+                          (torch.int64,))
+        if ids.shape[0] == 0:
+            raise InputError("input_ids is empty")
+        lo, hi = (int(x) for x in torch.aminmax(ids))
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"input_ids holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, "
+                             f"{self.config.vocab_size}) of {self.config.source}")
+        return ids
+
+    def _packing(self, input_ids, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(input_ids, cu_seqlens int32 on the ids' device, sequence lengths) after checking the packing (lists of
+        ints are taken too); InputError naming the argument, what was given and what is expected otherwise."""
+        ids = self._ids(input_ids)
+        T, dev = ids.shape[0], ids.device
+        expected = f"a 1-D int32/int64 tensor or a list of ints [B+1] that start at 0, are non-decreasing and end " \
+                   f"at T={T} = len(input_ids)"
+        cu = torch.tensor([0, T], device=dev) if cu_seqlens is None else _int_vector("cu_seqlens", cu_seqlens, dev,
+                                                                                     expected)
+        bounds = cu.tolist()
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise InputError(f"cu_seqlens must be {expected}; got {_shown(bounds)}")
+        return ids, cu.to(dev, torch.int32), [e - s for s, e in zip(bounds[:-1], bounds[1:])]
 
     @torch.inference_mode()
     def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> LayerBatch:
         """Check the packing and compute positions and rope tables once per batch."""
-        cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
+        input_ids, cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         T, dev = input_ids.shape[0], input_ids.device
         lens = torch.tensor(lengths, device=dev)
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=T)
@@ -280,7 +307,7 @@ class Transformer(nn.Module):
                      masks: tuple) -> LayerBatch:
         """A batch of sequences with explicit positions [T] and per-sequence attention masks (None = causal):
         shared-prefix trees, where each branch continues the prefix's positions (eval.loglik)."""
-        cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
+        input_ids, cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
         positions, c = positions.to(input_ids.device), self.config
@@ -315,6 +342,7 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool = False,
         batch: LayerBatch | None = None,
     ) -> ForwardOutput:
+        input_ids = self._ids(input_ids)  # a list of ids is taken too
         batch = self.prepare(input_ids, cu_seqlens) if batch is None else batch
         h = self.embed(input_ids)  # [T, d]
         states = [h] if output_hidden_states else None
@@ -332,7 +360,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits for [T] ids -> [T, V], or [B, T] ids (independent rows) -> [B, T, V]. Small inputs only."""
-        if input_ids.dim() == 1:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 1:
             return F.linear(self.forward(input_ids).hidden, self.lm_head_weight).float()
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [T] or [B, T], got {tuple(input_ids.shape)}")

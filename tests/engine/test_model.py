@@ -72,7 +72,7 @@ def test_default_cu_seqlens_is_one_sequence(model):
 
 
 BAD_PACKING = {
-    "int64-cu": (torch.tensor([0, 14], dtype=torch.int64), "int32"),
+    "float-cu": (torch.tensor([0.0, 14.0]), "int32/int64"),  # int64 and lists are taken: test_model_inputs.py
     "short-total": (torch.tensor([0, 13], dtype=torch.int32), "end at T=14"),
     "decreasing": (torch.tensor([0, 9, 5, 14], dtype=torch.int32), "non-decreasing"),
     "not-from-zero": (torch.tensor([1, 14], dtype=torch.int32), "start at 0"),
