@@ -43,26 +43,30 @@ def _spoil(hb, hts):
     return hb, hts, bad
 
 
-def _probe(backend: str, monkeypatch, *args, **kw):
+def _probe(backend: str, request, *args, **kw):
+    """vocab_probe on `backend` ("triton-panel": the triton backend's panel path), results on the CPU; triton runs
+    where its tests run (CUDA, else the CPU interpreter)."""
     name, _, path = backend.partition("-")
     if path:
-        pytest.importorskip("triton")
-        monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", path)
+        dev = request.getfixturevalue("triton_device")
+        request.getfixturevalue("monkeypatch").setenv("DRIFTSCOPE_VOCAB_PATH", path)
+        args = [[t.to(dev) for t in a] if isinstance(a, list) else None if a is None else a.to(dev) for a in args]
     with use_backend(name):
-        return vp.vocab_probe(*args, **kw)
+        out = vp.vocab_probe(*args, **kw)
+    return [vp.VocabProbeResult(**{k: None if t is None else t.cpu() for k, t in r.to_dict().items()}) for r in out]
 
 
 @pytest.mark.parametrize("targets", [True, False], ids=["targets", "no-targets"])
 @pytest.mark.parametrize("j", [1, 2], ids=lambda j: f"J{j}")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_rows_are_flagged_and_the_others_unchanged(backend, j, targets, monkeypatch):
+def test_nonfinite_rows_are_flagged_and_the_others_unchanged(backend, j, targets, request):
     hb, wb, hts, wts, y = _inputs(j)
     y = y if targets else None
     bhb, bhts, bad = _spoil(hb, hts)
-    got = _probe(backend, monkeypatch, bhb, wb, bhts, wts, y)
+    got = _probe(backend, request, bhb, wb, bhts, wts, y)
     everywhere = sorted(set().union(*bad))  # rows bad for some tuned model: dropped from the clean call
     keep = torch.tensor([i not in everywhere for i in range(hb.shape[0])])
-    clean = _probe(backend, monkeypatch, hb[keep], wb, [h[keep] for h in hts], wts, None if y is None else y[keep])
+    clean = _probe(backend, request, hb[keep], wb, [h[keep] for h in hts], wts, None if y is None else y[keep])
     for jj, (r, c) in enumerate(zip(got, clean)):
         rows = torch.tensor(sorted(bad[jj]))
         for f in FLOAT_FIELDS + INT_FIELDS:
