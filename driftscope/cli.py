@@ -14,7 +14,7 @@ import sys
 import traceback
 from dataclasses import fields
 
-from driftscope.cli_options import add_options, options_from
+from driftscope.cli_options import add_options, check_ranges, options_from
 
 _DEBUG_HELP = "show the traceback of user errors too; give it before the command: driftscope --debug drift ..."
 
@@ -83,13 +83,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from driftscope.analysis.options import DriftOptions
     from driftscope.analysis.responses import GenerateOptions, generate_responses
+    from driftscope.engine.data import skipped
     from driftscope.engine.sampling import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
     if (world := _torchrun_size()) > 1:  # the Ctrl-C line (_run) then
         args.interrupted = (f"interrupted; rerun the same torchrun command ({world} processes) to continue "
                             "({out}.partial.rank* keep what was done)")
-    params = SamplingParams(n=args.n, **options_from(args, DriftOptions, _sampling_names()))
+    sampling = options_from(args, DriftOptions, _sampling_names())
+    check_ranges(DriftOptions, sampling)  # named with their flags, as drift's
+    params = SamplingParams(n=args.n, **sampling)
     report = generate_responses(args.model, args.data, args.out, params,
                                 GenerateOptions(**options_from(args, GenerateOptions)))
     if report.rank != 0:  # under torchrun rank 0 wrote OUT and prints the totals
@@ -100,7 +103,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
           f"{st['preemptions']} preemptions" + (f", {report.processes} processes" if report.processes > 1 else "")
           + ")")
     if report.problems:
-        print(f"{len(report.problems)} records skipped; first: {report.problems[0]}", file=sys.stderr)
+        print(skipped(report.problems), file=sys.stderr)
     return 0
 
 

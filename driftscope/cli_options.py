@@ -3,12 +3,14 @@
 Stdlib only (and driftscope.errors), so the options modules can use it without importing the CLI. A field becomes
 `--its-name` (dest: the field name, default: the field's default); bools are `store_true` when they default to False,
 else `--x/--no-x`; int, float and str take that type; a tuple is a repeatable flag. Anything else needs a `type=` in
-its metadata.
+its metadata. A number's range (`cli(..., ge=, gt=, le=)`) is checked by `check_ranges`, for the CLI and the Python
+API alike.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import operator
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -16,13 +18,34 @@ from dataclasses import MISSING, Field, fields
 
 from driftscope.errors import InputError
 
-__all__ = ["cli", "add_options", "options_from", "size", "json_object", "as_object", "on_off"]
+__all__ = ["cli", "add_options", "options_from", "check_ranges", "size", "json_object", "as_object", "on_off"]
 
 
-def cli(help: str, *, flag: str | None = None, group: str | None = None, **argparse_kw) -> dict:
-    """A field's metadata: its help text, and where the defaults don't fit the flag name, the argparse group and
-    add_argument keywords (type, choices, action, metavar)."""
-    return {"cli": {"help": help, "flag": flag, "group": group, **argparse_kw}}
+def cli(help: str, *, flag: str | None = None, group: str | None = None, ge=None, gt=None, le=None,
+        **argparse_kw) -> dict:
+    """A field's metadata: its help text; a number's range (ge: at least, gt: above, le: at most); and where the
+    defaults don't fit the flag name, the argparse group and add_argument keywords (type, choices, action, metavar)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return {"cli": {"help": help, "flag": flag, "group": group, **argparse_kw}, "range": bounds}
+
+
+_OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
+
+
+def check_ranges(cls: type, values: Mapping) -> None:
+    """InputError naming the field, its flag and the value, for the first of `values` (field name -> value) that is
+    not a number of its field's type within the field's declared range; None (an optional field unset) passes."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if not (bounds := f.metadata.get("range")) or values.get(f.name) is None:
+            continue
+        v, integer = values[f.name], int in (hints[f.name], *typing.get_args(hints[f.name]))
+        if isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and all(
+                _OPS[k][1](v, b) for k, b in bounds.items()):  # NaN fails every comparison
+            continue
+        expected = " and ".join(f"{_OPS[k][0]} {b}" for k, b in bounds.items())
+        raise InputError(f"{f.name}={v!r} is invalid: expected {'an integer' if integer else 'a number'} {expected} "
+                         f"({f.metadata['cli']['flag'] or '--' + f.name.replace('_', '-')})")
 
 
 def size(text: str) -> int:

@@ -138,7 +138,7 @@ def test_bad_option_values_name_the_option(ck, capsys):
     assert _drift(ck, "--pca", "paper", "--pca-queries", "50") == 2
     _error(capsys, "drift", "pca_queries=50", "has only 4 query texts", "--pca-queries 4")
     assert _drift(ck, "--max-batch-tokens", "0") == 2
-    _error(capsys, "drift", "max_batch_tokens must be positive, got 0")
+    _error(capsys, "drift", "max_batch_tokens=0 is invalid: expected an integer >= 1 (--max-batch-tokens)")
     assert _drift(ck, "--max-batch-tokens", "many") == 2  # a usage error is one line too
     _error(capsys, "drift", "--max-batch-tokens", "'many'")
 

@@ -110,14 +110,21 @@ def note(message: str, enabled: bool = True) -> None:
 
 
 class Progress:
-    """A one-line progress bar on stderr; silent when disabled. `done` units were done before this process started
-    (a resumed run): they count towards the fraction, never towards the rate or the ETA, which measure this
-    process's work only. Nothing is drawn before the first unit of this process's work."""
+    """A one-line progress bar on stderr when it is a terminal; else (a log file) a plain line at the first unit, every
+    PLAIN_EVERY_S seconds and at the end, never a `\r` frame. Silent when disabled (None: on a terminal only). `done`
+    units were done before this process started (a resumed run): they count towards the fraction, never towards the
+    rate or the ETA, which measure this process's work only. Nothing is drawn before the first unit of this process's
+    work. `update` is `advance`, for the generation engine."""
 
-    def __init__(self, total_tokens: int, label: str, enabled: bool = True, unit: str = "tok", done: int = 0):
-        self.total, self.label, self.enabled, self.unit = max(total_tokens, 1), label, enabled, unit
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, total_tokens: int, label: str, enabled: bool | None = True, unit: str = "tok", done: int = 0):
+        self.tty = sys.stderr.isatty()
+        self.total, self.label, self.unit = max(total_tokens, 1), label, unit
+        self.enabled = self.tty if enabled is None else enabled
         self.done = self.resumed = done
         self.t0 = time.perf_counter()
+        self.shown: float | None = None  # when the last plain line was written
 
     def line(self) -> str:
         dt, ran, u = time.perf_counter() - self.t0, self.done - self.resumed, self.unit
@@ -129,11 +136,17 @@ class Progress:
 
     def advance(self, tokens: int) -> None:
         self.done += tokens
-        if self.enabled:
-            sys.stderr.write("\r" + self.line())
-            sys.stderr.flush()
+        now = time.perf_counter()
+        if not self.enabled or not (self.tty or self.shown is None or now - self.shown >= self.PLAIN_EVERY_S
+                                    or self.done >= self.total):
+            return
+        sys.stderr.write("\r" + self.line() if self.tty else self.line().rstrip() + "\n")
+        sys.stderr.flush()
+        self.shown = now
+
+    update = advance
 
     def close(self) -> None:
-        if self.enabled and self.done > self.resumed:
+        if self.enabled and self.tty and self.done > self.resumed:
             sys.stderr.write("\n")
             sys.stderr.flush()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from driftscope.cli_options import as_object, cli, json_object, on_off, size
+from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
 from driftscope.engine.data import OVERLONG
 from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES, dtype_name
@@ -23,8 +23,9 @@ class DriftOptions:
     """Every option of a drift run; each field's cli() metadata makes its `driftscope drift` flag."""
 
     max_batch_tokens: int = field(default=8192, metadata=cli(
-        "token budget of one packed batch: bounds activation memory"))
-    max_seq_len: int | None = field(default=None, metadata=cli("keep the first N tokens of each sample (default: all)"))
+        "token budget of one packed batch: bounds activation memory", ge=1))
+    max_seq_len: int | None = field(default=None, metadata=cli(
+        "keep the first N tokens of each sample (default: all)", ge=2))
     overlong: str = field(default="error", metadata=cli(
         "records longer than the models' context (max_position_embeddings; with --generate: prompt + "
         "--max-new-tokens): error refuses them, naming them; truncate scores their first tokens (with --generate: "
@@ -44,25 +45,28 @@ class DriftOptions:
     pca: str = field(default="streaming", metadata=cli(
         "hidden-state PCA: streaming (moments of the scored tokens), paper (the paper's k-query procedure) or none",
         choices=PCA_MODES))
-    pca_queries: int = field(default=30, metadata=cli("paper mode: number of query texts (k)"))
-    pca_seed: int = field(default=42, metadata=cli("paper mode: random.seed(N) before shuffling the query texts"))
-    pca_max_length: int = field(default=128, metadata=cli("paper mode: query texts truncated to N tokens"))
+    pca_queries: int = field(default=30, metadata=cli("paper mode: number of query texts (k)", ge=2))
+    pca_seed: int = field(default=42, metadata=cli(
+        "paper mode: random.seed(N) before shuffling the query texts", ge=0))
+    pca_max_length: int = field(default=128, metadata=cli("paper mode: query texts truncated to N tokens", ge=1))
     pca_texts: str | None = field(default=None, metadata=cli(
         "paper mode: plain-text file of queries, one per line (default: the records' prompts)"))
     cka: str = field(default="auto", metadata=cli(
         "hidden-state CKA: auto (full when hidden_size <= 1024, else projected), full, projected or none",
         choices=CKA_MODES))
-    cka_proj_dim: int = field(default=256, metadata=cli("projected CKA: dimension of the random projection"))
+    cka_proj_dim: int = field(default=256, metadata=cli(
+        "projected CKA: dimension of the random projection", ge=1))
     top_tokens: int = field(default=200, metadata=cli(
-        "rows of the shifted-token table in summary.json (the token table file has all)"))
+        "rows of the shifted-token table in summary.json (the token table file has all)", ge=0))
     checkpoint_every: float = field(default=30.0, metadata=cli(
-        "min seconds between resumable checkpoints, stretched to keep saving <= ~10% of the time (0: every batch)"))
+        "min seconds between resumable checkpoints, stretched to keep saving <= ~10% of the time (0: every batch)",
+        ge=0))
     resume: bool = field(default=False, metadata=cli("continue an interrupted run in --out"))
     overwrite: bool = field(default=False, metadata=cli(
         "discard the interrupted run in --out and start over (without it, such a run is never discarded)"))
     progress: bool = field(default=True, metadata=cli("progress bars on stderr"))
     dist_timeout: float = field(default=1800.0, metadata=cli(
-        "under torchrun: seconds a process waits for the others (the merge waits for the slowest share)"))
+        "under torchrun: seconds a process waits for the others (the merge waits for the slowest share)", gt=0))
     allow_pickle: bool = field(default=False, metadata=cli(
         "also load pickle checkpoints (.bin/.pt), with torch.load(weights_only=True)"))
     chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
@@ -72,11 +76,14 @@ class DriftOptions:
     generate: bool = field(default=False, metadata=cli(
         "each tuned model generates from the records' prompts and the base follows in lockstep: drift measured in "
         "the generation pass (no response files needed)"))
-    max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding"))
-    temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding"))
-    top_p: float = field(default=1.0, metadata=cli("nucleus sampling mass in (0, 1]", group="decoding"))
-    top_k: int = field(default=0, metadata=cli("keep the k most likely tokens; 0 = off", group="decoding"))
-    seed: int = field(default=0, metadata=cli("seed of the per-sequence random streams", group="decoding"))
+    max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding", ge=1))
+    temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding", ge=0))
+    top_p: float = field(default=1.0, metadata=cli(
+        "nucleus sampling mass in (0, 1]", group="decoding", gt=0, le=1))
+    top_k: int = field(default=0, metadata=cli(
+        "keep the k most likely tokens; 0 = off", group="decoding", ge=0))
+    seed: int = field(default=0, metadata=cli(
+        "seed of the per-sequence random streams", group="decoding", ge=0))
     stop: tuple = field(default=(), metadata=cli("stop string (repeatable); trimmed from the output", group="decoding"))
     ignore_eos: bool = field(default=False, metadata=cli("do not stop at EOS (fixed-length benchmarks)",
                                                          group="decoding"))
@@ -87,12 +94,13 @@ class DriftOptions:
         "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
     prompt_field: str | None = field(default=None, metadata=cli(
         "--generate: record field holding the prompt", flag="--field", metavar="FIELD"))
-    generate_chunk: int = field(default=256, metadata=cli("--generate: prompts per resumable unit"))
+    generate_chunk: int = field(default=256, metadata=cli("--generate: prompts per resumable unit", ge=1))
     # KV cache bytes for base + tuned (default: see engine/kv_cache.py)
     cache_memory: int | None = field(default=None, metadata=cli(
         "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
-        group="decoding"))
-    max_num_seqs: int = field(default=256, metadata=cli("sequences decoded together at most", group="decoding"))
+        group="decoding", ge=1))
+    max_num_seqs: int = field(default=256, metadata=cli(
+        "sequences decoded together at most", group="decoding", ge=1))
 
     def sampling(self):
         from driftscope.engine.sampling import SamplingParams
@@ -101,26 +109,12 @@ class DriftOptions:
                               top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
 
     def __post_init__(self) -> None:
+        check_ranges(DriftOptions, vars(self))  # every number, named with its flag
         self.stop = list(self.stop) if not isinstance(self.stop, str) else [self.stop]  # JSON-able in the fingerprint
         if self.generate:
             self.sampling()  # refuse bad decoding options now, naming the value
-        if self.generate_chunk <= 0:
-            raise ValueError(f"generate_chunk={self.generate_chunk} is invalid: expected a positive number of prompts")
-        if self.max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs={self.max_num_seqs} is invalid: expected a positive integer")
-        if self.cache_memory is not None and self.cache_memory <= 0:
-            raise ValueError(f"cache_memory={self.cache_memory} is invalid: expected a positive number of bytes")
-        if self.max_batch_tokens <= 0:
-            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
-        if self.max_seq_len is not None and self.max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.overlong not in OVERLONG:
             raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
-        if not self.dist_timeout > 0:  # NaN too
-            raise InputError(f"dist_timeout={self.dist_timeout} is invalid: expected seconds > 0")
-        if not self.checkpoint_every >= 0:  # NaN too
-            raise InputError(f"checkpoint_every={self.checkpoint_every} is invalid: expected seconds >= 0 "
-                             "(0: a checkpoint after every batch)")
         self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
         self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         self.device = _device_name("device", self.device)
@@ -134,8 +128,6 @@ class DriftOptions:
             raise ValueError(f"pca must be one of {PCA_MODES}, got {self.pca!r}")
         if self.cka not in CKA_MODES:
             raise ValueError(f"cka must be one of {CKA_MODES}, got {self.cka!r}")
-        if self.pca_queries < 2:
-            raise ValueError(f"pca_queries must be >= 2 (PCA with 2 components), got {self.pca_queries}")
         if self.pca_texts is not None and not Path(self.pca_texts).is_file():
             raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")
 

@@ -6,6 +6,7 @@ has its queries.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,12 @@ from driftscope.analysis.options import DriftOptions, file_digest
 from driftscope.analysis.paper_pca import query_texts
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.data import (PackedBatch, Sample, fit_context, fit_prompts, next_fit, pack_batches,
-                                    read_records, tokenize_records)
+                                    read_records, skipped, tokenize_records)
 from driftscope.engine.runner import check_compatible_configs
 from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
 from driftscope.errors import InputError
 
+log = logging.getLogger(__name__)
 PathLike = str | Path
 _TOKENIZER_CHECK_RECORDS = 64  # records per task whose texts must encode alike under base and tuned tokenizers
 
@@ -65,6 +67,7 @@ class Plan:
     tok: Tokenizer
     configs: list[ModelConfig]  # base first
     tasks: list[Task]
+    tokenizers: dict[str, str]  # tuned model -> the tokenizer.json it is read with (summary.json says it)
 
 
 def _batch_groups(samples: Sequence[Sample], budget: int) -> list[list[Sample]]:
@@ -125,8 +128,7 @@ def _read_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions, context: 
                                problems=problems)
     samples = fit_context(samples, *context, o.overlong, problems)
     if not samples:
-        first = problems[0] if problems else "the file has no records"
-        raise ValueError(f"{path}: no usable record ({len(problems)} problems; first: {first})")
+        raise InputError(f"{path}: no usable record ({skipped(problems) if problems else 'the file has no records'})")
     texts = [x for r in records[:_TOKENIZER_CHECK_RECORDS] for x in (r.prompt, r.response) if x]
     task = Task(name, path, _batch_groups(samples, o.max_batch_tokens), problems, texts, o.max_batch_tokens)
     if o.pca == "paper":
@@ -140,8 +142,7 @@ def _read_prompt_task(name: str, path: Path, tok: Tokenizer, o: DriftOptions, co
     skip = fit_prompts([(p.where, len(p.ids)) for p in items], o.max_new_tokens, *context, o.overlong, problems)
     items = [p for p in items if p.where not in skip]
     if not items:
-        first = problems[0] if problems else "the file has no records"
-        raise ValueError(f"{path}: no usable prompt ({len(problems)} problems; first: {first})")
+        raise InputError(f"{path}: no usable prompt ({skipped(problems) if problems else 'the file has no records'})")
     texts = [p.text for p in items[:_TOKENIZER_CHECK_RECORDS] if p.text]
     task = Task(name, path, [], problems, texts, o.max_batch_tokens, prompts=items)
     if o.pca == "paper":
@@ -174,6 +175,12 @@ def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
             raise InputError(f"--data {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
         if not p.is_file():
             raise FileNotFoundError(f"--data: records file {p} does not exist")
+    for flag, given in (("--tuned", tuned), ("--data", data)):  # the same run twice under a renamed label
+        resolved = [p.resolve() for p in given]
+        for p, r in zip(given, resolved):
+            if (first := given[resolved.index(r)]) is not p:
+                raise InputError(f"{flag} {p} is given twice" + (f" (as {first})" if str(first) != str(p) else "")
+                                 + f": give each {'checkpoint' if flag == '--tuned' else 'records file'} once")
 
 
 def check_out(out: Path) -> None:
@@ -207,6 +214,12 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     opts.model_devices(len(tuned_dirs))  # a device per model, or one for all
     data_map = unique_names(as_list(data), key=lambda p: p.stem)
     tok = load_tokenizer(base_dir)
+    tokenizers = {k: str(d / "tokenizer.json") for k, d in tuned_dirs.items() if (d / "tokenizer.json").is_file()}
+    for k, d in tuned_dirs.items():
+        if k not in tokenizers:
+            tokenizers[k] = f"base's ({d} has no tokenizer.json)"
+            log.warning("--tuned %s has no tokenizer.json: its texts are read with the base's (%s)", d,
+                        base_dir / "tokenizer.json")
     others = [load_tokenizer(d) for d in tuned_dirs.values() if _own_tokenizer(base_dir, d)]
     for other in others:  # vocabularies first: fail before the records are tokenized
         check_same_vocab(tok, other)
@@ -225,4 +238,4 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     texts = [x for t in tasks for x in t.check_texts]
     for other in others:
         check_same_encoding(tok, other, texts)
-    return Plan(base_dir, tuned_dirs, data_map, opts, tok, configs, tasks)
+    return Plan(base_dir, tuned_dirs, data_map, opts, tok, configs, tasks, tokenizers)

@@ -27,12 +27,13 @@ from pathlib import Path
 
 from driftscope.analysis.checkpoint import _processes
 from driftscope.analysis.distributed import World
+from driftscope.analysis.env import Progress
 from driftscope.analysis.options import checkpoint_identity, file_digest
-from driftscope.cli_options import as_object, cli, json_object, on_off, size
+from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
 from driftscope.engine.config import ModelConfig
-from driftscope.engine.data import OVERLONG, fit_prompts
+from driftscope.engine.data import OVERLONG, fit_prompts, skipped
 from driftscope.engine.decoding import GenerationEngine, Generation
-from driftscope.engine.generate import load_for_generation, make_requests, progress_bar
+from driftscope.engine.generate import load_for_generation, make_requests
 from driftscope.engine.prompts import read_prompts, render_prompt
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
@@ -47,7 +48,7 @@ PARTIAL_FORMAT = 1
 class GenerateOptions:
     """Options of `generate_responses` besides the sampling; each field's cli() metadata makes its flag."""
 
-    limit: int | None = field(default=None, metadata=cli("the first N usable records only"))
+    limit: int | None = field(default=None, metadata=cli("the first N usable records only", ge=1))
     prompt_field: str | None = field(default=None, metadata=cli(  # default: see engine/prompts.py
         "record field holding the prompt (default: messages, input, prompt, question, problem or text, the first "
         "present)", flag="--field", metavar="FIELD"))
@@ -62,28 +63,27 @@ class GenerateOptions:
     dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
     cache_memory: int | None = field(default=None, metadata=cli(
         "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
-        group="decoding"))
-    block_size: int | None = field(default=None, metadata=cli("tokens per KV cache block (default: the engine's)"))
-    max_num_seqs: int = field(default=256, metadata=cli("sequences decoded together at most", group="decoding"))
-    max_step_tokens: int = field(default=8192, metadata=cli("tokens computed in one engine step at most"))
+        group="decoding", ge=1))
+    block_size: int | None = field(default=None, metadata=cli(
+        "tokens per KV cache block (default: the engine's)", ge=1))
+    max_num_seqs: int = field(default=256, metadata=cli(
+        "sequences decoded together at most", group="decoding", ge=1))
+    max_step_tokens: int = field(default=8192, metadata=cli("tokens computed in one engine step at most", ge=1))
     progress: bool | None = field(default=None, metadata=cli("progress bar on stderr (default: when it is a terminal)"))
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
         "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
         "number of processes"))
     overwrite: bool = field(default=False, metadata=cli("replace an existing (finished) OUT"))
     dist_timeout: float = field(default=1800.0, metadata=cli(
-        "under torchrun: seconds a process waits for the others (rank 0 waits for the slowest share)"))
+        "under torchrun: seconds a process waits for the others (rank 0 waits for the slowest share)", gt=0))
     overlong: str = field(default="error", metadata=cli(
         "prompts whose prompt + --max-new-tokens exceed the model's context (max_position_embeddings): error refuses "
         "them, naming them; truncate stops generating at the context", choices=OVERLONG))
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"limit={self.limit} is invalid: expected a positive number of records")
+        check_ranges(GenerateOptions, vars(self))  # every number, named with its flag
         if self.overlong not in OVERLONG:
             raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
-        if not self.dist_timeout > 0:  # NaN too
-            raise InputError(f"dist_timeout={self.dist_timeout} is invalid: expected seconds > 0")
         self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
 
 
@@ -235,12 +235,10 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
         raise InputError(f"--out {out} lies below the file {above}; name a responses file in a folder")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out {out}: folder {out.parent} does not exist")
-    records, problems = read_prompts(data, o.prompt_field)
-    for p in problems if world.main else ():
-        log.warning("%s", p)
+    with _quiet(logging.getLogger(skipped.__module__), not world.main):  # the bad records, in one line
+        records, problems = read_prompts(data, o.prompt_field)
     if not records:
-        raise ValueError(f"{data}: no usable prompt record ({len(problems)} problems"
-                         + (f"; first: {problems[0]}" if problems else "") + ")")
+        raise InputError(f"{data}: no usable prompt record ({skipped(problems) if problems else 'no records'})")
     if o.limit is not None:
         records = records[: o.limit]
     if model_dir.is_file():
@@ -277,7 +275,7 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
                            config.max_position_embeddings, config.source, o.overlong, problems)
     rendered = [x for x in rendered if x[2] not in skip]
     if not rendered:
-        raise InputError(f"{data}: no usable prompt record ({len(problems)} problems; first: {problems[0]})")
+        raise InputError(f"{data}: no usable prompt record ({skipped(problems)})")
     texts = {index: texts[index] for index, _, _ in rendered}
     mine = [rendered[i] for i in shard_records(world, [len(ids) for _, ids, _ in rendered], params,
                                                config.max_position_embeddings)]
@@ -307,7 +305,7 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, partial)
     with open(partial, "a", encoding="utf-8") as f:
-        bar = progress_bar(len(requests), o.progress if world.main else False, "generate")  # rank 0's share
+        bar = Progress(len(requests), "generate", o.progress if world.main else False, "seq")  # rank 0's share
         try:
             for g in engine.run(requests, progress=bar):
                 row = _row(g)

@@ -251,7 +251,7 @@ class _Run:
                 tasks[task.name] = mark_nonfinite(block, self.nonfinite.get(f"m{j}.t{k}", 0), o.dtype)
                 if o.generate:
                     tasks[task.name]["generation"] = generation_summary(self.gen_rows.get((j, k), []))
-            models[name] = model_summary(str(p.tuned_dirs[name]), tasks)
+            models[name] = {**model_summary(str(p.tuned_dirs[name]), tasks), "tokenizer": p.tokenizers[name]}
         return strict_json({
             "driftscope_version": versions()["driftscope"],
             "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

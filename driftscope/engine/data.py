@@ -1,6 +1,7 @@
 """Records -> tokenized `Sample`s -> token-budget `PackedBatch`es (cu_seqlens, no padding) for a drift run.
 
-Bad records are skipped but never silently: each is reported as "file:line: why" in `problems` and logged.
+Bad records are skipped but never silently: each is reported as "file:line: why" in `problems`, and logged (a file's
+unreadable records in one line, see `skipped`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from driftscope.errors import InputError
 
 __all__ = [
     "Record", "Sample", "PackedBatch", "read_records", "detect_format", "record_texts",
-    "tokenize_records", "load_samples", "pack_batches", "next_fit", "OVERLONG", "fit_context", "fit_prompts",
+    "tokenize_records", "load_samples", "pack_batches", "next_fit", "OVERLONG", "fit_context", "fit_prompts", "skipped",
 ]
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
 def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
     """Read JSONL, a JSON list, or parquet (with pyarrow); formats auto-detected per record.
 
-    Returns (records, problems); each problem is "path:line: why" and is also logged as a warning.
+    Returns (records, problems); each problem is "path:line: why" (logged as in `parse_objects`).
     FileNotFoundError if the file is missing.
     """
     path = Path(path)
@@ -171,15 +172,13 @@ def read_records(path: str | Path) -> tuple[list[Record], list[str]]:
         raise InputError(f"records file {path} is a directory; pass the JSONL/JSON/parquet file(s) in it")
     if not path.is_file():
         raise FileNotFoundError(f"records file {path} does not exist")
-    records, problems = parse_objects(path, _parse)
-    for p in problems:
-        log.warning("%s", p)
-    return records, problems
+    return parse_objects(path, _parse)
 
 
 def parse_objects(path: Path, parse: Callable[[Any, str, int], T]) -> tuple[list[T], list[str]]:
     """`parse(obj, where, index)` of every record slot of `path` (see `raw_objects`), and the problems
-    "where: why; record skipped" of the slots that are not valid JSON or whose parse raised ValueError."""
+    "where: why; record skipped" of the slots that are not valid JSON or whose parse raised ValueError, logged in one
+    line when some slots are usable (when none is, the caller's error says why)."""
     items, problems = [], []
     for index, (where, obj, err) in enumerate(raw_objects(path)):
         if err is None:
@@ -189,7 +188,18 @@ def parse_objects(path: Path, parse: Callable[[Any, str, int], T]) -> tuple[list
             except ValueError as e:
                 err = str(e).removeprefix(f"{where}: ")
         problems.append(f"{where}: {err}; record skipped")
+    if problems and items:
+        log.warning("%s", skipped(problems))
     return items, problems
+
+
+def skipped(problems: Sequence[str], shown: int = 3) -> str:
+    """The skipped records `problems` in one line, however many: the count, the first with its reason, where the
+    next `shown` are."""
+    first, rest = problems[0].removesuffix("; record skipped"), [p.split(": ", 1)[0] for p in problems[1:]]
+    more = f" and {len(rest) - shown} more" if len(rest) > shown else ""
+    return (f"{len(problems)} record{'s' * (len(problems) > 1)} skipped: {first}"
+            + (f"; also {', '.join(rest[:shown])}{more}" if rest else ""))
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------------------

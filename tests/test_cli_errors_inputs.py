@@ -1,0 +1,154 @@
+"""Bad input that once escaped the CLI ([10] §3, the drift / generate side): every numeric option checked against its
+declared range, a tuned checkpoint without a tokenizer said once and recorded, a file's bad records in one line, the
+same --tuned / --data twice refused, no `\\r` frames or git noise in a log."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+import typing
+from dataclasses import fields
+
+import pytest
+
+from driftscope.analysis.env import Progress
+from driftscope.analysis.options import DriftOptions
+from driftscope.analysis.plan import plan
+from driftscope.analysis.responses import GenerateOptions
+from driftscope.cli import _sampling_names, main
+from driftscope.errors import InputError
+from test_cli_errors import TEXTS, _checkpoint, _error, _generate, _variant, _write
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("cli-inputs")
+    return {"root": root, "base": _checkpoint(root / "base", TEXTS, seed=0),
+            "tuned": _checkpoint(root / "tuned", TEXTS, seed=1),
+            "data": _write(root / "data.jsonl", [{"prompt": "the cat", "response": " sat on the mat"}] * 4)}
+
+
+# ---- every numeric option has a range, checked before anything else ---------------------------------------------
+def _numbers(cls) -> list[str]:
+    """The fields of `cls` that hold a number (int or float, or None)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in fields(cls)
+            if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])} and hints[f.name] is not bool]
+
+
+_CASES = ([("drift", DriftOptions, n) for n in _numbers(DriftOptions)]
+          + [("generate", GenerateOptions, n) for n in _numbers(GenerateOptions)]
+          + [("generate", DriftOptions, n) for n in _numbers(DriftOptions) if n in _sampling_names()])
+
+
+def test_the_numeric_options_are_found():
+    assert {"top_tokens", "cka_proj_dim", "top_p", "checkpoint_every"} <= set(_numbers(DriftOptions))
+    assert {"limit", "block_size", "max_step_tokens"} <= set(_numbers(GenerateOptions))
+
+
+@pytest.mark.parametrize("cmd, cls, name", _CASES, ids=[f"{c}-{n}" for c, _, n in _CASES])
+def test_every_numeric_option_refuses_a_value_out_of_its_range(tmp_path, capsys, cmd, cls, name):
+    f = next(f for f in fields(cls) if f.name == name)
+    bounds = f.metadata.get("range")
+    assert bounds, f"{cls.__name__}.{name} is a number without a range: declare it in its cli() (ge=, gt=, le=)"
+    integer = int in (typing.get_type_hints(cls)[name], *typing.get_args(typing.get_type_hints(cls)[name]))
+    value = bounds["ge"] - (1 if integer else 0.5) if "ge" in bounds else bounds["gt"] if "gt" in bounds \
+        else bounds["le"] + 1
+    value = value if integer else float(value)
+    flag = f.metadata["cli"]["flag"] or "--" + name.replace("_", "-")
+    missing = tmp_path / "missing"  # the range is checked first: before any path is looked at or model loaded
+    argv = {"drift": ["drift", "--base", str(missing), "--tuned", str(missing), "--data", str(missing)],
+            "generate": ["generate", "--model", str(missing), "--data", str(missing)]}[cmd]
+    assert main([*argv, "--out", str(tmp_path / "out"), flag, str(value)]) == 2
+    line = _error(capsys, cmd, flag, str(value))
+    assert "missing" not in line and "n_tuned" not in line, line
+    with pytest.raises(InputError, match=re.escape(f"{name}={value!r} is invalid: expected ")):
+        cls(**{name: value})
+    if "ge" in bounds or "le" in bounds:  # the bound itself is in range
+        cls(**{name: bounds.get("ge", bounds.get("le"))})
+
+
+# ---- a tuned checkpoint without a tokenizer ----------------------------------------------------------------------
+def test_a_tuned_checkpoint_without_a_tokenizer_is_said_once_and_recorded(ck, tmp_path, caplog):
+    bare = _variant(ck["tuned"], tmp_path / "bare")
+    (bare / "tokenizer.json").unlink()
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        assert main(["drift", "--base", str(ck["base"]), "--tuned", str(ck["tuned"]), "--tuned", str(bare), "--data",
+                     str(ck["data"]), "--out", str(out), "--no-progress"]) == 0
+    said = [r.getMessage() for r in caplog.records if "tokenizer" in r.getMessage()]
+    assert len(said) == 1 and f"--tuned {bare} has no tokenizer.json" in said[0], said
+    models = json.loads((out / "summary.json").read_text())["models"]
+    assert models["bare"]["tokenizer"] == f"base's ({bare} has no tokenizer.json)"
+    assert models["tuned"]["tokenizer"] == str(ck["tuned"] / "tokenizer.json")
+
+
+# ---- a file's bad records in one line ----------------------------------------------------------------------------
+def test_records_without_the_field_are_one_line_however_many(ck, tmp_path, capsys, caplog):
+    rows = [{"prompt": "the cat"}] * 7
+    none = _write(tmp_path / "none.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        assert _generate(ck, "--field", "question", data=none) == 2
+    _error(capsys, "generate", f"{none}: no usable prompt record (7 records skipped: {none}:1: record has no field "
+           f"'question'", f"also {none}:2, {none}:3, {none}:4 and 3 more)")
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # the error alone: no line per record
+    some = _write(tmp_path / "some.jsonl", [*rows, {"question": "a b"}])
+    with caplog.at_level(logging.WARNING):
+        assert _generate(ck, "--field", "question", data=some, out=tmp_path / "r.jsonl") == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"7 records skipped: {some}:1: ") and "and 3 more" in said[0], said
+    assert capsys.readouterr().err.count("7 records skipped") == 1  # the closing count
+
+
+# ---- the same input twice ----------------------------------------------------------------------------------------
+def test_the_same_tuned_or_data_twice_is_refused(ck, capsys):
+    again = ck["tuned"].parent / ".." / ck["tuned"].parent.name / "tuned"  # another spelling of the same folder
+    base, tuned, data = (str(ck[k]) for k in ("base", "tuned", "data"))
+    assert main(["drift", "--base", base, "--tuned", tuned, "--tuned", str(again), "--data", data, "--out",
+                 str(ck["root"] / "o")]) == 2
+    _error(capsys, "drift", f"--tuned {again} is given twice (as {tuned})")
+    assert main(["drift", "--base", base, "--tuned", tuned, "--data", data, "--data", data, "--out",
+                 str(ck["root"] / "o")]) == 2
+    _error(capsys, "drift", f"--data {data} is given twice: give each records file once")
+    with pytest.raises(InputError, match="given twice"):
+        plan(ck["base"], [ck["tuned"], again], ck["data"], DriftOptions())
+    assert not (ck["root"] / "o").exists()
+
+
+# ---- a log file gets plain lines ---------------------------------------------------------------------------------
+def test_a_cli_run_writes_no_frames_and_no_git_noise_into_a_log(ck, tmp_path):
+    """stderr captured (not a terminal), run from a folder that is no git repository."""
+    run = [sys.executable, "-m", "driftscope"]
+    drift = subprocess.run([*run, "drift", "--base", str(ck["base"]), "--tuned", str(ck["tuned"]), "--data",
+                            str(ck["data"]), "--out", "out"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    gen = subprocess.run([*run, "generate", "--model", str(ck["base"]), "--data", str(ck["data"]), "--out", "r.jsonl",
+                          "--max-new-tokens", "3", "--progress"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    for r, label in ((drift, "drift ["), (gen, "generate [")):
+        assert r.returncode == 0, r.stderr
+        assert "\r" not in r.stderr and "fatal:" not in r.stderr and label in r.stderr, r.stderr
+
+
+def test_progress_draws_frames_on_a_terminal_and_occasional_lines_in_a_log(monkeypatch):
+    now = {"t": 0.0}
+    monkeypatch.setattr("driftscope.analysis.env.time.perf_counter", lambda: now["t"])
+    for tty in (True, False):
+        err = type("Err", (io.StringIO,), {"isatty": lambda self, tty=tty: tty})()
+        monkeypatch.setattr(sys, "stderr", err)
+        bar = Progress(100, "drift")
+        for _ in range(10):  # a unit per second, then the last after the interval
+            now["t"] += 1.0
+            bar.advance(1)
+        now["t"] += Progress.PLAIN_EVERY_S
+        bar.advance(1)
+        bar.advance(89)
+        bar.close()
+        text = err.getvalue()
+        if tty:
+            assert text.count("\r") == 12 and text.count("\n") == 1 and text.endswith("\n"), text
+        else:  # the first unit, one after the interval, the last
+            assert "\r" not in text and re.findall(r" (\d+)/100 tok", text) == ["1", "11", "100"], text
+    assert Progress(1, "x", enabled=None).enabled is False  # default of generate: a terminal only
