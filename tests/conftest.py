@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# CLI subprocesses run on this process's thread count (fp32 sums then round as in-process runs do), and the CLI's
+# busy-machine rule (one thread, driftscope.cli._threads) never fires in tests: the tests of that rule unset it.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 SHARED_DATA = Path(os.environ.get("DRIFTSCOPE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

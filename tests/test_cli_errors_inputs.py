@@ -1,18 +1,21 @@
 """Bad input that once escaped the CLI ([10] §3, the drift / generate side): every numeric option checked against its
 declared range, a tuned checkpoint without a tokenizer said once and recorded, a file's bad records in one line, the
-same --tuned / --data twice refused, no `\\r` frames or git noise in a log."""
+same --tuned / --data twice refused, no `\\r` frames or git noise in a log, and one thread on a busy CPU."""
 from __future__ import annotations
 
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import typing
 from dataclasses import fields
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from driftscope.analysis.env import Progress
 from driftscope.analysis.options import DriftOptions
@@ -20,7 +23,7 @@ from driftscope.analysis.plan import plan
 from driftscope.analysis.responses import GenerateOptions
 from driftscope.cli import _sampling_names, main
 from driftscope.errors import InputError
-from test_cli_errors import TEXTS, _checkpoint, _error, _generate, _variant, _write
+from test_cli_errors import TEXTS, _checkpoint, _drift, _error, _generate, _variant, _write
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +155,61 @@ def test_progress_draws_frames_on_a_terminal_and_occasional_lines_in_a_log(monke
         else:  # the first unit, one after the interval, the last
             assert "\r" not in text and re.findall(r" (\d+)/100 tok", text) == ["1", "11", "100"], text
     assert Progress(1, "x", enabled=None).enabled is False  # default of generate: a terminal only
+
+
+# ---- one thread on a busy CPU ------------------------------------------------------------------------------------
+@pytest.fixture
+def busy(monkeypatch):
+    """A machine whose load average (8) is above its 2 usable cores, torch on 2 threads, OMP_NUM_THREADS unset."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (8.0, 8.0, 8.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+_NOTE = "the machine is busy (load average 8.0 on 2 cores): running on 1 thread, not 2; set OMP_NUM_THREADS=N"
+
+
+def test_a_busy_cpu_runs_on_one_thread_and_the_summary_says_so(ck, busy, tmp_path, capsys):
+    assert _drift(ck, out=tmp_path / "out") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [x for x in err if "OMP_NUM_THREADS" in x] == [f"driftscope drift: {_NOTE} to choose"], err
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["machine"]["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("cmd", ["generate", "eval", "demo"])
+def test_every_model_command_takes_the_rule(busy, tmp_path, capsys, monkeypatch, cmd):
+    def stop(*a, **k):
+        raise InputError("stopped here")
+
+    monkeypatch.setattr("driftscope.demo.run.run_demo", stop)
+    missing = str(tmp_path / "missing")
+    argv = {"generate": ["generate", "--model", missing, "--data", missing, "--out", missing],
+            "eval": ["eval", "--model", missing, "--tasks", "ifeval", "--out", str(tmp_path / "e")],
+            "demo": ["demo", "--out", missing]}[cmd]
+    assert main(argv) == 2
+    assert torch.get_num_threads() == 1 and f"driftscope {cmd}: {_NOTE}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["quiet machine", "OMP_NUM_THREADS set", "on a GPU", "not a model command"])
+def test_the_rule_leaves_the_threads_alone_otherwise(ck, busy, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr("driftscope.analysis.run.drift", lambda *a, **k: SimpleNamespace(summary={"models": {}},
+                                                                                          files={}))
+    argv = ["drift", "--base", "b", "--tuned", "t", "--data", "d", "--out", "o"]
+    if case == "quiet machine":
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
+    elif case == "OMP_NUM_THREADS set":
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    elif case == "on a GPU":
+        argv += ["--tuned-device", "cuda:1"]
+    else:
+        argv = ["ti", "--base", str(tmp_path / "b.json"), "--tuned", str(tmp_path / "t.json")]
+    main(argv)
+    assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS" not in capsys.readouterr().err
+
+
+def test_the_tests_pass_their_thread_count_to_subprocesses():
+    assert os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # tests/conftest.py

@@ -1,6 +1,7 @@
 """What a run records about where it ran: package versions, CPU/GPU, and GPU telemetry via nvidia-ml-py."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,8 @@ def cpu_name() -> str:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "gpu": None}
+    info = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "gpu": None,
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}  # torch_threads: see cli.py
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
