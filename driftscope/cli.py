@@ -245,7 +245,7 @@ def _refuse_torchrun(args: argparse.Namespace) -> None:
     if args.cmd == "eval" and getattr(args, "responses", None) is not None:
         raise InputError(f"driftscope eval --responses grades a file as one process, not under torchrun "
                          f"(WORLD_SIZE={world}): run it without torchrun")
-    if args.cmd not in ("drift", "generate", "eval"):
+    if args.cmd not in ("drift", "generate", "eval", "lm-eval"):
         raise InputError(f"driftscope {args.cmd} runs as one process, not under torchrun (WORLD_SIZE={world}): run it "
                          "without torchrun; drift, generate and eval --model are the commands that scale out")
 
@@ -276,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted, 143 terminated)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = argv[1:] if argv[:1] == ["--debug"] else argv
-    if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its own errors
-        from driftscope.eval.eval_cli import run_lm_eval
+    if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its usage errors; an
+        from driftscope.eval.eval_cli import run_lm_eval  # error raised in its run crosses the boundary like any other
 
-        return run_lm_eval(rest[1:])
+        return _run(argparse.Namespace(cmd="lm-eval", debug=rest is not argv, func=lambda _: run_lm_eval(rest[1:])))
     try:
         args = build_parser(rest[0] if rest else None).parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed

@@ -2,6 +2,7 @@
 error that names the file and the position, and the dtype names models load and run in."""
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -113,14 +114,21 @@ def read_json(path: str | Path, what: str = "JSON file", kind: type | None = Non
 
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSON Lines file of objects; FileNotFoundError, or a
-    ValueError naming path:line of the first line that is not a JSON object."""
+    """(line number, object) for each non-blank line of a JSON Lines file of objects (gzipped when named *.gz);
+    FileNotFoundError, or a ValueError naming path:line of the first line that is not UTF-8 or not a JSON object."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory, expected a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:  # line by line, so that an error names its line
+                line = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: {what} is not UTF-8 text (byte {e.start + 1} of the line is "
+                                 f"0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:

@@ -25,18 +25,20 @@ checked against the inputs of the paper's own response files):
 from __future__ import annotations
 
 import csv
-import gzip
-import json
+import os
 import random
 import re
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import getproxies
 
-from driftscope.util import read_json
+from driftscope.util import read_json, read_jsonl
 
-__all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "load_docs"]
+__all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "hub_unreachable", "load_docs", "missing_data"]
 
 MATH_PROMPT = ("Solve the following math problem. Present the final answer in the format: Final Answer: "
                "\\boxed{{your_answer}}.\nProblem: {problem}\nAnswer:")
@@ -90,30 +92,51 @@ def _path(data_dir: Path, name: str) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-    return out
+    return [row for _, row in read_jsonl(path, "data file")]
+
+
+def missing_data(name: str, data_dir: str | Path | None) -> str | None:
+    """Why benchmark `name` cannot be read from `data_dir` (the first file that is not there; without a folder, no
+    Hugging Face copy), or None."""
+    if data_dir is None:
+        return None if name in HF else "no Hugging Face copy is wired in: it needs --data-dir"
+    d = Path(data_dir)
+    files = ([d / "acpbench" / f"{t}.json" for t in ACP_TASKS] if name == "acpbench" else
+             [d / f"halueval_{part}.jsonl" for part in _HALU_FIELDS] if name == "halueval" else [d / FILES[name]])
+    gone = [p for p in files if not (p.is_file() or name == "halueval" and p.with_suffix(".jsonl.gz").is_file())]
+    return f"no file at {gone[0]}" if gone else None
+
+
+def hub_unreachable(timeout: float = 2.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None: its host (or the https proxy) does not take a
+    connection within `timeout` seconds. A quick check, instead of `datasets`' ~30 s of retries."""
+    url = urlsplit(getproxies().get("https") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        return f"no connection to {url.hostname}: {e.strerror or e}"
+    return None
 
 
 def _hf(name: str) -> list[dict]:
     if name not in HF:
         raise FileNotFoundError(f"{name}: no public Hugging Face copy is wired in; pass --data-dir with {FILES[name]}")
+    path, config, split = HF[name]
+    way_out = f"pass --data-dir (a folder like ../shared/data/benchmarks, with {FILES[name]}) or go online"
+    offline = next((v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+                    if os.environ.get(v, "").strip().lower() in ("1", "on", "yes", "true")), None)
+    if offline is None and (why := hub_unreachable()):
+        raise FileNotFoundError(f"{name}: without --data-dir it reads the Hugging Face dataset {path}, and the hub "
+                                f"cannot be reached ({why}); {way_out}")
     import datasets
 
-    path, config, split = HF[name]
-    try:
+    try:  # with an offline variable set, datasets reads its cache (quickly, without retries)
         return [dict(r) for r in datasets.load_dataset(path, config, split=split)]
-    except Exception as e:  # offline, gated, renamed: one line naming the dataset and the way out
+    except Exception as e:  # offline and not cached, gated, renamed: one line naming the dataset and the way out
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FileNotFoundError(f"{name}: could not load the Hugging Face dataset {path} ({type(e).__name__}: "
-                                f"{first[:160]}); pass --data-dir with {FILES[name]}") from None
+        why = f"{offline} is set and it is not in the cache" if offline else f"{type(e).__name__}: {first[:160]}"
+        raise FileNotFoundError(f"{name}: could not load the Hugging Face dataset {path} ({why}); {way_out}") from None
 
 
 def _loader(name: str, read: Callable[[Path], list[dict]], from_hf: Callable[[list[dict]], list[dict]] | None = None):

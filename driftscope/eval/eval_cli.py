@@ -3,6 +3,8 @@ with the `driftscope` model registered and driftscope's tasks on the include pat
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,22 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
 
 
+def _ranged(kind: type, low: float, high: float | None = None, *, above: bool = False):
+    """An argparse type: an int or float from `low` (excluded when `above`) to `high`; the error names the value."""
+    what = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {low}" + (
+        f" and <= {high}" if high is not None else "")
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = math.nan
+        if not (v == v and v != math.inf and (v > low if above else v >= low) and (high is None or v <= high)):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {what}")
+        return v
+    return parse
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from driftscope.eval.benchmarks import BENCHMARKS
 
@@ -30,13 +48,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer)")
     src.add_argument("--responses", help="JSONL of responses to grade, in the benchmark's order or with an id field")
-    p.add_argument("--tasks", default=None, help=f"comma-separated benchmarks for --model, or 'all' ({names})")
+    p.add_argument("--tasks", default=None, help=f"comma-separated benchmarks for --model ({names}), or 'all': "
+                   "those whose data is in --data-dir (one line names the others)")
     p.add_argument("--benchmark", default=None, help="the benchmark the --responses belong to")
     p.add_argument("--out", required=True, help="output folder (scores.json, samples/, lm_eval/)")
     p.add_argument("--data-dir", default=None, help="folder with the benchmark files (like ../shared/data/benchmarks); "
                    "default: the Hugging Face datasets (online)")
-    p.add_argument("--limit", type=int, default=None, help="--model: the first N docs of each benchmark")
-    p.add_argument("--max-gen-toks", type=int, default=None, help="--model: cap on generated tokens (the paper: 32768)")
+    p.add_argument("--limit", type=_ranged(int, 1), default=None, help="--model: the first N docs of each benchmark")
+    p.add_argument("--max-gen-toks", type=_ranged(int, 1), default=None,
+                   help="--model: cap on generated tokens (the paper: 32768)")
     p.add_argument("--thinking", type=_on_off, default=None, help="--model: the chat template's enable_thinking")
     p.add_argument("--no-chat", action="store_true", help="--model: do not apply the chat template")
     p.add_argument("--upstream", action="store_true", help="--model: lm-eval's own tasks (ifeval, mc_taco, headqa_en, "
@@ -44,17 +64,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "not the ds_* tasks")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
-    p.add_argument("--dist-timeout", type=float, default=1800.0,
+    p.add_argument("--seed", type=_ranged(int, 0, 2**32 - 1), default=0)
+    p.add_argument("--max-batch-tokens", type=_ranged(int, 1), default=8192)
+    p.add_argument("--dist-timeout", type=_ranged(float, 0, above=True), default=1800.0,
                    help="--model under torchrun: seconds a process waits for the others in a collective")
     p.set_defaults(func=run, interrupted="interrupted; rerun the same command to continue (state in {out})")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from driftscope.eval.benchmarks import BENCHMARKS
+def _tasks(text: str, data_dir: str | None) -> list[str]:
+    """--tasks: the names given, or for 'all' every benchmark whose data is there (one line names those skipped)."""
+    from driftscope.eval.benchmarks import BENCHMARKS, missing_data
 
+    if text.strip() != "all":
+        return [t.strip() for t in text.split(",") if t.strip()]
+    skipped = {name: why for name in BENCHMARKS if (why := missing_data(name, data_dir))}
+    if len(skipped) == len(BENCHMARKS):
+        raise InputError(f"--tasks all: no benchmark's data is in --data-dir {data_dir} (e.g. {skipped['math500']})")
+    if skipped and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 says it
+        print("driftscope eval: note: --tasks all skips " + "; ".join(f"{n} ({why})" for n, why in skipped.items()),
+              file=sys.stderr)
+    return [name for name in BENCHMARKS if name not in skipped]
+
+
+def run(args: argparse.Namespace) -> int:
+    from driftscope.eval.outputs import out_folder
+
+    out_folder(args.out)
     if args.responses is not None:
         if not args.benchmark:
             raise InputError("--responses needs --benchmark NAME")
@@ -64,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.tasks:
             raise InputError("--model needs --tasks (comma-separated benchmarks, or 'all')")
-        if Path(args.model).is_file():
-            raise InputError(f"--model {args.model} is a file; a checkpoint folder (config.json + safetensors + "
-                             "tokenizer) is expected")
-        names = list(BENCHMARKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not Path(args.model).is_dir():
+            raise InputError(f"--model {args.model} {'is a file' if Path(args.model).exists() else 'does not exist'}; "
+                             "a checkpoint folder (config.json + safetensors + tokenizer) is expected")
+        names = _tasks(args.tasks, args.data_dir)
         from driftscope.eval.run import evaluate
 
         result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
@@ -86,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_lm_eval(argv: list[str]) -> int:
-    """lm-eval's CLI on `argv` with the driftscope model registered and our tasks included."""
+    """lm-eval's CLI on `argv` with the driftscope model registered and our tasks included. lm-eval reports its own
+    usage errors; an exception raised in the run goes to the caller (the CLI's error boundary)."""
     try:
         import driftscope.eval.lm_model  # noqa: F401  -- registers "driftscope"
         from lm_eval.__main__ import cli_evaluate
@@ -100,6 +137,8 @@ def run_lm_eval(argv: list[str]) -> int:
     if argv and argv[0] in ("run", "ls", "validate") or not argv or argv[0].startswith("-"):
         if "--include_path" not in argv and (not argv or argv[0] in ("run", "ls", "validate") or "--tasks" in argv):
             argv += ["--include_path", str(TASKS_DIR)]
+    if os.environ.get("RANK", "0") != "0":  # under torchrun lm-eval logs on every process: the others only errors
+        os.environ.setdefault("LMEVAL_LOG_LEVEL", "ERROR")
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]
     try:

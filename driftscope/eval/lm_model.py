@@ -30,18 +30,24 @@ import copy
 import hashlib
 import json
 import logging
+import os
+import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lm_eval.api.task
+import lm_eval.evaluator
 import lm_eval.models  # noqa: F401  -- fills lm-eval's registry with its own models first (see the docstring)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from driftscope.analysis.distributed import World
+from driftscope.errors import InputError
 from driftscope.eval.loglik import score_continuations
 from driftscope.util import DTYPE_NAMES, read_json
 
@@ -49,6 +55,18 @@ __all__ = ["DriftscopeLM"]
 
 log = logging.getLogger("driftscope.eval")
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed"}
+# lm-eval's hint to every task with a custom_dataset (all ds_* tasks) about --metadata kwargs they do not take
+lm_eval.api.task.eval_logger.addFilter(lambda r: "Custom kwargs can be passed to `--metadata`" not in r.getMessage())
+
+
+def _git_hash() -> str | None:  # lm-eval's (results' git_hash), without git's "fatal: not a git repository"
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL, text=True).strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+lm_eval.evaluator.get_git_commit_hash = _git_hash
 
 
 def _flag(value: Any, name: str) -> bool | None:
@@ -116,14 +134,22 @@ class DriftscopeLM(TemplateLM):
             raise ValueError(f"unknown model argument(s) {sorted(unused)} for model 'driftscope'; see "
                              "driftscope.eval.lm_model's docstring for the accepted ones")
         folder = Path(pretrained)
+        if not folder.is_dir():
+            what = "is a file" if folder.exists() else "the folder does not exist"
+            raise InputError(f"pretrained={pretrained}: {what}; expected a checkpoint folder (config.json + "
+                             "safetensors + tokenizer.json)")
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"pretrained={pretrained}: no tokenizer.json in that folder")
+        self.world = World.from_env()
+        if self.world.rank != 0:  # under torchrun every process would log and show lm-eval's bars: rank 0 does
+            for name in ("lm_eval", "driftscope.eval"):
+                logging.getLogger(name).setLevel(logging.ERROR)
+            lm_eval.api.task.tqdm = partial(tqdm, disable=True)
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's CLI asks for cuda by default; its hf model falls back the same way
                 log.warning("device=%s is not available here; using cpu", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # torchrun: join the process group (an existing one is reused); this rank's device is cuda:LOCAL_RANK
-        self.world = World.from_env()
         device = self.world.join(str(device), float(dist_timeout), "device")
         self._rank, self._world_size = self.world.rank, self.world.size
         self._padded: list = []  # the Instances lm-eval padded this rank with: barrier() trims their responses
@@ -226,7 +252,8 @@ class DriftscopeLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._unpadded(requests, partial(TemplateLM.loglikelihood, self, disable_tqdm=disable_tqdm))
+        return self._unpadded(requests, partial(TemplateLM.loglikelihood, self,
+                                                disable_tqdm=disable_tqdm or self.rank != 0))
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         bar = tqdm(total=len(requests), desc="driftscope loglikelihood", disable=disable_tqdm or self.rank != 0)

@@ -3,11 +3,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from driftscope.errors import InputError
 from driftscope.util import read_json, write_json, write_jsonl
 
-__all__ = ["FORMAT", "write_json", "write_jsonl", "write_scores"]
+__all__ = ["FORMAT", "out_folder", "write_json", "write_jsonl", "write_scores"]
 
 FORMAT = "driftscope.scores/1"
+
+
+def out_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as an output folder (created when missing), checked before any work: InputError naming `flag` when it,
+    or a folder above it, is a file."""
+    path = Path(path)
+    if (file := next((p for p in (path, *path.parents) if p.is_file()), None)) is not None:
+        what = "is a file" if file == path else f"cannot be made: {file} is a file"
+        raise InputError(f"{flag} {path} {what}; expected a folder (created when missing)")
+    return path
 
 
 def write_scores(out: Path, result: dict, rows: dict[str, list[dict]] | None = None, model: str | None = None) -> Path:

@@ -35,6 +35,11 @@ def task_name(benchmark: str) -> str:
     return f"ds_{B.get(benchmark).name}"
 
 
+def _no_cli_hint(record: logging.LogRecord) -> bool:
+    """Drops lm-eval's warning that gen_kwargs "specified through cli" override the task's: --max-gen-toks does."""
+    return "specified through cli" not in record.getMessage()
+
+
 def _check_options(out: Path, options: dict, write: bool = True) -> None:
     path = out / "eval_run.json"
     if path.is_file():
@@ -114,6 +119,7 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    logging.getLogger("lm_eval.evaluator").addFilter(_no_cli_hint)  # once: the same function is not added twice
     metadata = {"data_dir": str(data_dir)} if data_dir else {}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}
@@ -130,7 +136,7 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
             log.warning("%s: already evaluated in %s; kept", name, done)
             continue
         lm.gen_cache = out / "generations" / f"{label}.jsonl"
-        gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
+        gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks is not None else None
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
                                       apply_chat_template=chat, gen_kwargs=gen_kwargs, random_seed=seed,
                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from driftscope.eval.outputs import out_folder
 from driftscope.eval.scores import ScoreFile, load_scores
 from driftscope.eval.ti import GROUPS, METHODS, transferability_indices
 from driftscope.eval.ti_report import format_table, write_json, write_scatter
@@ -87,6 +88,8 @@ def _load(spec: str, fraction: bool) -> tuple[str, ScoreFile]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        out_folder(args.out)
     sigma = parse_sigma(args.sigma)
     if sigma is not None and args.method != "domain":
         raise ValueError(f"--sigma applies to --method domain only (got --method {args.method})")

@@ -86,8 +86,8 @@ def test_ifeval_readiness_is_checked_before_the_model_loads(tmp_path, monkeypatc
         raise RuntimeError("NLTK cannot load the punkt_tab written under /nowhere (LookupError)")
 
     monkeypatch.setattr(ifeval, "check_ifeval_ready", broken)
-    # the model folder does not even exist: the punkt check must come first
-    assert main(["eval", "--model", str(tmp_path / "no-model"), "--tasks", "ifeval", "--out", str(tmp_path / "o")]) == 2
+    # the model folder is empty (no tokenizer.json, no weights): the punkt check must come first
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "ifeval", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ifeval cannot be graded here: NLTK cannot load the punkt_tab" in err
 

@@ -75,6 +75,8 @@ def test_two_processes_give_one_process_scores_and_samples(runs):
     assert sorted(map(key, gens)) == sorted(key(g) for p in per_rank for g in p)
     assert not (two / "generations" / "ds_math500.jsonl").exists()
     assert r.stdout.count("math500:") == 1  # rank 0 alone prints the scores
+    # and alone shows lm-eval's bars: headqa's "Tokenizing inputs" once; rank 1 (one doc per benchmark) none
+    assert r.stderr.count("Tokenizing inputs: 100%") == 1 and "| 1/1 [" not in r.stderr, r.stderr
 
 
 def test_a_rerun_under_another_world_size_takes_the_per_rank_generations(runs, monkeypatch):
@@ -120,6 +122,7 @@ def test_lm_evals_own_cli_under_torchrun_equals_one_process(runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                         "driftscope", *args, str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("Initializing driftscope model") == 1, r.stderr  # lm-eval logs on rank 0 only
     one, two = ([json.loads(p.read_text()) for p in (tmp_path / side).rglob("results_*.json")] for side in
                 ("one", "two"))
     assert len(one) == len(two) == 1  # rank 0 alone writes
