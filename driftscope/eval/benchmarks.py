@@ -1,8 +1,10 @@
 """The paper's 12 benchmarks: where each one's data lives, its prompt, its decoding and how it is graded.
 
-One `Benchmark` per name of `eval.ti.GROUPS`. The same definitions drive the lm-eval tasks shipped in
-`eval/tasks/` (through `eval/tasks/utils.py`) and `driftscope eval --responses` (grading existing responses
-without a model), so a score means the same thing on both paths.
+One `Benchmark` per benchmark, the one place that names it: its display name, its Transferability Index group
+(`eval.ti.GROUPS` is read from these), its aliases. The same definitions drive the lm-eval tasks shipped in
+`eval/tasks/` (hooks in `eval/tasks/utils.py`, YAMLs written from here by tests/eval/task_yamls.py) and
+`driftscope eval --responses` (grading existing responses without a model), so a score means the same thing on
+both paths.
 
 Data comes from a local folder laid out like `../shared/data/benchmarks/` (file names in `FILES`), or, when no
 folder is given, from the usual Hugging Face dataset (`HF`) through `datasets` (online only).
@@ -36,9 +38,16 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import getproxies
 
+from driftscope.eval.graders.choice import grade_choice
+from driftscope.eval.graders.coqa import coqa_scores
+from driftscope.eval.graders.halueval import grade_halueval
+from driftscope.eval.graders.ifeval import grade_ifeval
+from driftscope.eval.graders.livecodebench import grade as grade_code
+from driftscope.eval.graders.math import grade_boxed_exact, grade_math
 from driftscope.util import read_json, read_jsonl
 
-__all__ = ["Benchmark", "BENCHMARKS", "FILES", "MATH_PROMPT", "get", "hub_unreachable", "load_docs", "missing_data"]
+__all__ = ["Benchmark", "BENCHMARKS", "ALIASES", "FILES", "MATH_PROMPT", "get", "canonical_name", "acp_subtask",
+           "hub_unreachable", "load_docs", "missing_data"]
 
 MATH_PROMPT = ("Solve the following math problem. Present the final answer in the format: Final Answer: "
                "\\boxed{{your_answer}}.\nProblem: {problem}\nAnswer:")
@@ -53,7 +62,8 @@ ACP_TASKS = ("act_reach", "app", "just", "land", "prog", "reach", "val")
 @dataclass(frozen=True)
 class Benchmark:
     name: str
-    group: str
+    display: str  # as the TI table and report show it
+    group: str  # "math" | "other" | "non": its group in the Transferability Index
     kind: str  # "generate" | "loglikelihood"
     load: Callable[[Path | None], list[dict]]
     prompt: Callable[[dict], str]
@@ -64,6 +74,7 @@ class Benchmark:
     sampling: dict = field(default_factory=lambda: dict(GREEDY))
     until: tuple[str, ...] = ()
     metric: str = "accuracy"
+    aliases: tuple[str, ...] = ()  # other names score files use (normalized: see `canonical_name`)
 
 
 # ------------------------------------------------------------------------------------------------ data files
@@ -150,53 +161,13 @@ def _loader(name: str, read: Callable[[Path], list[dict]], from_hf: Callable[[li
 
 # ------------------------------------------------------------------------------------------------ graders
 def _math(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.math import grade_math
-
     return grade_math(response, str(doc["answer"]))
 
 
 def _olympiad(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.math import grade_boxed_exact
-
     golds = doc["final_answer"]
     gold = ", ".join(golds) if doc.get("is_multiple_answer") and len(golds) > 1 else golds[0]
     return grade_boxed_exact(response, gold)
-
-
-def _boxed_letter(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.choice import grade_choice
-
-    return grade_choice(response, doc["gold_letter"])
-
-
-def _acp(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.choice import grade_choice
-
-    return grade_choice(response, str(doc["answer"]).strip())
-
-
-def _ifeval(response: str, doc: dict) -> list[float]:
-    from driftscope.eval.graders.ifeval import grade_ifeval
-
-    return [float(x) for x in grade_ifeval(doc, response)["inst_level_strict"]]
-
-
-def _halueval(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.halueval import grade_halueval
-
-    return grade_halueval(response, doc["gold"])
-
-
-def _coqa(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.coqa import coqa_scores
-
-    return coqa_scores(response, doc["golds"])["em"]
-
-
-def _lcb(response: str, doc: dict) -> float:
-    from driftscope.eval.graders.livecodebench import grade
-
-    return float(grade(response, doc)["pass"])
 
 
 # ------------------------------------------------------------------------------------------------ GPQA
@@ -329,12 +300,8 @@ def _lcb_prompt(doc: dict) -> str:
                    "```python\n# YOUR CODE HERE\n```\n\n")
 
 
-def _mctaco_read(path: Path) -> list[dict]:
+def _mctaco_read(path: Path) -> list[dict]:  # label yes/no as 1/0 (the HF layout already has 0/1)
     return [dict(r, label=1 if r["label"] == "yes" else 0) for r in _jsonl(path)]
-
-
-def _hf_mctaco(rows):
-    return rows  # the HF layout already has label 0/1
 
 
 def _hf_math(rows):
@@ -342,41 +309,70 @@ def _hf_math(rows):
 
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
-    Benchmark("aime24", "math", "generate", _loader("aime24", _jsonl, _hf_math),
+    Benchmark("aime24", "AIME24", "math", "generate", _loader("aime24", _jsonl, _hf_math),
               lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=10,
-              sampling=dict(SAMPLED)),
-    Benchmark("aime25", "math", "generate", _loader("aime25", _jsonl, _hf_math),
+              sampling=dict(SAMPLED), aliases=("aime_24", "aime_2024", "aime2024")),
+    Benchmark("aime25", "AIME25", "math", "generate", _loader("aime25", _jsonl, _hf_math),
               lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=10,
-              sampling=dict(SAMPLED)),
-    Benchmark("math500", "math", "generate", _loader("math500", _jsonl),
+              sampling=dict(SAMPLED), aliases=("aime_25", "aime_2025", "aime2025")),
+    Benchmark("math500", "MATH500", "math", "generate", _loader("math500", _jsonl),
               lambda d: MATH_PROMPT.format(problem=d["problem"]), lambda d: str(d["answer"]), _math, k=3,
-              sampling=dict(SAMPLED)),
-    Benchmark("olympiadbench", "math", "generate", _loader("olympiadbench", _jsonl),
-              lambda d: MATH_PROMPT.format(problem=d["question"]), lambda d: d["final_answer"], _olympiad),
-    Benchmark("gpqa_diamond", "other", "generate", _loader("gpqa_diamond", _gpqa_read, _gpqa_docs), _gpqa_prompt,
-              lambda d: d["gold_letter"], _boxed_letter, k=3, sampling=dict(SAMPLED)),
-    Benchmark("livecodebench", "other", "generate", _loader("livecodebench", _jsonl), _lcb_prompt,
-              lambda d: None, _lcb, k=3, sampling=dict(SAMPLED), metric="pass@1"),
-    Benchmark("acpbench", "other", "generate", _loader("acpbench", _acp_read), _acp_prompt,
-              lambda d: d["answer"], _acp, until=("\n\n\n\n", "**Question**:", "**Question:**", "Q:")),
-    Benchmark("headqa", "other", "loglikelihood", _loader("headqa", _jsonl),
+              sampling=dict(SAMPLED), aliases=("math_500", "hendrycks_math500", "hendrycks_math_500",
+                                               "minerva_math500", "minerva_math_500")),
+    Benchmark("olympiadbench", "Olympiad", "math", "generate", _loader("olympiadbench", _jsonl),
+              lambda d: MATH_PROMPT.format(problem=d["question"]), lambda d: d["final_answer"], _olympiad,
+              aliases=("olympiad", "olympiad_bench", "olympiadbench_en")),
+    Benchmark("gpqa_diamond", "GPQA", "other", "generate", _loader("gpqa_diamond", _gpqa_read, _gpqa_docs),
+              _gpqa_prompt, lambda d: d["gold_letter"], lambda r, d: grade_choice(r, d["gold_letter"]), k=3,
+              sampling=dict(SAMPLED), aliases=("gpqa", "gpqadiamond", "gpqa_diamond_cot_zeroshot",
+                                               "gpqa_diamond_zeroshot", "gpqa_diamond_n_shot",
+                                               "gpqa_diamond_cot_n_shot", "gpqa_diamond_generative_n_shot")),
+    Benchmark("livecodebench", "LCB", "other", "generate", _loader("livecodebench", _jsonl), _lcb_prompt,
+              lambda d: None, lambda r, d: float(grade_code(r, d)["pass"]), k=3, sampling=dict(SAMPLED),
+              metric="pass@1", aliases=("lcb", "live_code_bench", "livecodebench_v5")),
+    Benchmark("acpbench", "ACPBench", "other", "generate", _loader("acpbench", _acp_read), _acp_prompt,
+              lambda d: d["answer"], lambda r, d: grade_choice(r, str(d["answer"]).strip()),
+              until=("\n\n\n\n", "**Question**:", "**Question:**", "Q:"), aliases=("acp", "acp_bench")),
+    Benchmark("headqa", "HeadQA", "other", "loglikelihood", _loader("headqa", _jsonl),
               lambda d: f"Question: {d['qtext']}\nAnswer:", lambda d: int(d["ra"]) - 1,
-              choices=lambda d: [a["atext"] for a in d["answers"]]),
-    Benchmark("coqa", "non", "generate", _loader("coqa", _coqa_read), _coqa_prompt, lambda d: d["golds"], _coqa,
-              until=("\nQ:",), metric="exact match"),
-    Benchmark("ifeval", "non", "generate", _loader("ifeval", _jsonl), lambda d: d["prompt"],
-              lambda d: d["instruction_id_list"], _ifeval, metric="instruction-level strict accuracy"),
-    Benchmark("halueval", "non", "generate", _loader("halueval", _halu_read), _halu_prompt, lambda d: d["gold"],
-              _halueval),
-    Benchmark("mctaco", "non", "loglikelihood", _loader("mctaco", _mctaco_read, _hf_mctaco),
+              choices=lambda d: [a["atext"] for a in d["answers"]], aliases=("headqa_en", "head_qa", "head_qa_en")),
+    Benchmark("coqa", "CoQA", "non", "generate", _loader("coqa", _coqa_read), _coqa_prompt, lambda d: d["golds"],
+              lambda r, d: coqa_scores(r, d["golds"])["em"], until=("\nQ:",), metric="exact match"),
+    Benchmark("ifeval", "IFEval", "non", "generate", _loader("ifeval", _jsonl), lambda d: d["prompt"],
+              lambda d: d["instruction_id_list"],
+              lambda r, d: list(map(float, grade_ifeval(d, r)["inst_level_strict"])),
+              metric="instruction-level strict accuracy"),
+    Benchmark("halueval", "HaluEval", "non", "generate", _loader("halueval", _halu_read), _halu_prompt,
+              lambda d: d["gold"], lambda r, d: grade_halueval(r, d["gold"]), aliases=("halu_eval", "halueval_qa")),
+    Benchmark("mctaco", "MC-TACO", "non", "loglikelihood", _loader("mctaco", _mctaco_read),
               lambda d: f"{d['sentence']}\nQuestion: {d['question']}\nAnswer: {d['answer']}\nPlausible:",
-              lambda d: int(d["label"]), choices=lambda d: ["no", "yes"]),
+              lambda d: int(d["label"]), choices=lambda d: ["no", "yes"], aliases=("mc_taco",)),
 ]}
+# Every name a score file or a task may use for a benchmark, normalized (lower case, runs of "-", " ", "." as "_"):
+# its name, driftscope's lm-eval task ds_<name> and its aliases (lm-eval's task names among them). ACPBench's
+# per-domain lm-eval tasks are matched by `acp_subtask` instead.
+ALIASES: dict[str, str] = {a: b.name for b in BENCHMARKS.values() for a in (b.name, f"ds_{b.name}", *b.aliases)}
+assert len(ALIASES) == sum(2 + len(b.aliases) for b in BENCHMARKS.values()), "one alias names two benchmarks"
+# lm-eval's ACPBench tasks: acp_<domain>_<kind>, kind mcq (mcq_cot_2shot), bool (boolq_cot_2shot) or gen.
+_ACP_SUBTASK = re.compile(r"^acp_([a-z_]+?)_(mcq|bool|gen)$")
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-\s.]+", "_", name.strip().lower())
+
+
+def canonical_name(name: str) -> str | None:
+    """The canonical benchmark for a name or alias ("MC-TACO", "hendrycks_math500", "GPQA-Diamond"), else None."""
+    return ALIASES.get(_normalize(name))
+
+
+def acp_subtask(name: str) -> str | None:
+    """"mcq", "bool" or "gen" for one of lm-eval's ACPBench per-domain tasks (acp_app_mcq ...), else None."""
+    m = _ACP_SUBTASK.match(_normalize(name))
+    return m.group(2) if m else None
 
 
 def get(name: str) -> Benchmark:
-    from driftscope.eval.ti import canonical_name
-
     key = canonical_name(name) or name
     if key not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")

@@ -1,4 +1,4 @@
-"""Reads a model's benchmark scores from a JSON file into `{canonical benchmark: percent}` (names: `ti.ALIASES`).
+"""Reads a model's benchmark scores from a JSON file into `{canonical benchmark: percent}` (`benchmarks.ALIASES`).
 
 Three layouts are recognized, by shape:
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftscope.eval.ti import BENCHMARKS, acp_subtask, canonical_name
+from driftscope.eval.benchmarks import BENCHMARKS, acp_subtask, canonical_name
 
 __all__ = ["ScoreFile", "load_scores", "read_scores", "METRIC_PREFERENCES", "FILTER_PREFERENCES", "SCORES_FORMAT"]
 
@@ -42,7 +42,8 @@ _MATH = ("exact_match", "math_verify", "score")
 # lm-eval's tasks; GPQA's generative/CoT tasks give exact_match (its loglikelihood tasks acc_norm, then acc);
 # HeadQA: plain acc (lm-eval's acc_norm second); CoQA: em, the paper's number (f1 second); IFEval:
 # instruction-level strict accuracy; MC-TACO: acc (lm-eval also reports f1). "score" is the metric of driftscope's
-# own ds_* tasks (eval/tasks/), which have no other; it comes last so a standard task's metric always wins.
+# own ds_* tasks (eval/tasks/), which have no other; it comes last so a standard task's metric always wins. A benchmark
+# not listed here is read by _OTHER_METRICS (its ds_* task gives score, or acc when scored by log-likelihood).
 METRIC_PREFERENCES: dict[str, tuple[str, ...]] = {
     "aime24": _MATH, "aime25": _MATH, "math500": _MATH, "olympiadbench": _MATH,
     "gpqa_diamond": ("exact_match", "acc_norm", "acc", "score"),
@@ -55,6 +56,7 @@ METRIC_PREFERENCES: dict[str, tuple[str, ...]] = {
     "halueval": ("acc", "accuracy", "exact_match", "em", "score"),
     "mctaco": ("acc", "f1", "score"),
 }
+_OTHER_METRICS = ("exact_match", "acc", "score")
 _DEFAULT_FILTERS = ("none", "flexible-extract", "strict-match")
 FILTER_PREFERENCES: dict[str, tuple[str, ...]] = {
     "gpqa_diamond": ("flexible-extract", "strict-match", "none"),  # the CoT answer is "(B)" in free text
@@ -197,12 +199,13 @@ def _primary_metric(path: Path, task: str, bench: str, metrics: Mapping) -> str:
         if split:
             by_metric.setdefault(split[0], {})[split[1]] = key
     filters = FILTER_PREFERENCES.get(bench, _DEFAULT_FILTERS)
-    for metric in METRIC_PREFERENCES[bench]:
+    preferred = METRIC_PREFERENCES.get(bench, _OTHER_METRICS)
+    for metric in preferred:
         present = by_metric.get(metric, {})
         for filt in (*filters, *sorted(set(present) - set(filters))):
             if filt in present:
                 return present[filt]
-    raise ValueError(f"{path}: results.{task} has none of the metrics {', '.join(METRIC_PREFERENCES[bench])} "
+    raise ValueError(f"{path}: results.{task} has none of the metrics {', '.join(preferred)} "
                      f"(has: {', '.join(map(str, metrics)) or 'nothing'})")
 
 

@@ -1,5 +1,6 @@
 """The Transferability Index (DESIGN §3): how much of a tuned model's math gain carries over to other reasoning
-(TI_other) and to non-reasoning (TI_non) benchmarks. Scores are percent under canonical names (see ALIASES).
+(TI_other) and to non-reasoning (TI_non) benchmarks. Scores are percent under canonical names (see
+`benchmarks.canonical_name`).
 
 `transferability_index(base, tuned)` gives one TIResult; `transferability_indices(base, {name: tuned})` many, with
 the pooled σ of the domain method taken over all of them. An undefined value is NaN with its reason, never inf.
@@ -7,66 +8,22 @@ the pooled σ of the domain method taken over all of them. An undefined value is
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from driftscope.eval import benchmarks as B
 from driftscope.util import json_float
 
-__all__ = ["GROUPS", "BENCHMARKS", "DISPLAY_NAMES", "ALIASES", "METHODS", "canonical_name", "acp_subtask",
-           "TIResult", "transferability_index", "transferability_indices", "pooled_sigma", "resolve_sigma"]
+__all__ = ["GROUPS", "BENCHMARKS", "METHODS", "TIResult", "transferability_index", "transferability_indices",
+           "pooled_sigma", "resolve_sigma"]
 
-GROUPS: dict[str, tuple[str, ...]] = {
-    "math": ("aime24", "aime25", "math500", "olympiadbench"),
-    "other": ("gpqa_diamond", "livecodebench", "acpbench", "headqa"),
-    "non": ("coqa", "ifeval", "halueval", "mctaco"),
-}
+# The groups, in Table 1's order, each with its benchmarks in `eval.benchmarks`' order (from `Benchmark.group`).
+GROUPS: dict[str, tuple[str, ...]] = {g: tuple(n for n, b in B.BENCHMARKS.items() if b.group == g)
+                                      for g in ("math", "other", "non")}
+assert sum(map(len, GROUPS.values())) == len(B.BENCHMARKS), "every Benchmark.group is math, other or non"
 BENCHMARKS: tuple[str, ...] = tuple(b for group in GROUPS.values() for b in group)
 GROUP_OF: dict[str, str] = {b: g for g, group in GROUPS.items() for b in group}
-DISPLAY_NAMES: dict[str, str] = {
-    "aime24": "AIME24", "aime25": "AIME25", "math500": "MATH500", "olympiadbench": "Olympiad",
-    "gpqa_diamond": "GPQA", "livecodebench": "LCB", "acpbench": "ACPBench", "headqa": "HeadQA",
-    "coqa": "CoQA", "ifeval": "IFEval", "halueval": "HaluEval", "mctaco": "MC-TACO",
-}
 METHODS = ("relative", "domain")
-
-# The one alias table: a normalized name (lower case, runs of "-", " ", "." as "_") -> canonical benchmark.
-# lm-eval's task names and driftscope's ds_* tasks are included; ACPBench's per-domain subtasks are matched by
-# `acp_subtask` instead.
-ALIASES: dict[str, str] = {
-    **{b: b for b in BENCHMARKS},
-    **{f"ds_{b}": b for b in BENCHMARKS},  # driftscope's own lm-eval tasks (eval/tasks/ds_*.yaml)
-    "aime_24": "aime24", "aime_2024": "aime24", "aime2024": "aime24",
-    "aime_25": "aime25", "aime_2025": "aime25", "aime2025": "aime25",
-    "math_500": "math500", "hendrycks_math500": "math500", "hendrycks_math_500": "math500",
-    "minerva_math500": "math500", "minerva_math_500": "math500",
-    "olympiad": "olympiadbench", "olympiad_bench": "olympiadbench", "olympiadbench_en": "olympiadbench",
-    "gpqa": "gpqa_diamond", "gpqadiamond": "gpqa_diamond", "gpqa_diamond_cot_zeroshot": "gpqa_diamond",
-    "gpqa_diamond_zeroshot": "gpqa_diamond", "gpqa_diamond_n_shot": "gpqa_diamond",
-    "gpqa_diamond_cot_n_shot": "gpqa_diamond", "gpqa_diamond_generative_n_shot": "gpqa_diamond",
-    "lcb": "livecodebench", "live_code_bench": "livecodebench", "livecodebench_v5": "livecodebench",
-    "acp": "acpbench", "acp_bench": "acpbench",
-    "headqa_en": "headqa", "head_qa": "headqa", "head_qa_en": "headqa",
-    "halu_eval": "halueval", "halueval_qa": "halueval",
-    "mc_taco": "mctaco",
-}
-# lm-eval's ACPBench tasks: acp_<domain>_<kind>, kind mcq (mcq_cot_2shot), bool (boolq_cot_2shot) or gen.
-_ACP_SUBTASK = re.compile(r"^acp_([a-z_]+?)_(mcq|bool|gen)$")
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-\s.]+", "_", name.strip().lower())
-
-
-def canonical_name(name: str) -> str | None:
-    """The canonical benchmark for a name or alias ("MC-TACO", "hendrycks_math500", "GPQA-Diamond"), else None."""
-    return ALIASES.get(_normalize(name))
-
-
-def acp_subtask(name: str) -> str | None:
-    """"mcq", "bool" or "gen" for one of lm-eval's ACPBench per-domain tasks (acp_app_mcq ...), else None."""
-    m = _ACP_SUBTASK.match(_normalize(name))
-    return m.group(2) if m else None
 
 
 @dataclass(frozen=True)
@@ -96,7 +53,7 @@ def _scores(scores: Mapping[str, float], side: str) -> dict[str, float]:
     """Canonical names -> finite percent; None and NaN dropped (they read as missing). Bad input raises."""
     out: dict[str, float] = {}
     for key, value in scores.items():
-        bench = canonical_name(key)
+        bench = B.canonical_name(key)
         if bench is None:
             raise ValueError(f"{side} scores: unknown benchmark {key!r} (known: {', '.join(BENCHMARKS)})")
         if bench in out:

@@ -9,9 +9,10 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from driftscope.eval.ti import DISPLAY_NAMES, GROUPS, TIResult
+from driftscope.eval.benchmarks import BENCHMARKS
+from driftscope.eval.ti import GROUPS, TIResult
 from driftscope.report import plots
-from driftscope.report.html import _CSS, _img, _table, esc
+from driftscope.report.html import CSS, esc, html_figure, html_table
 from driftscope.util import atomic_write
 
 __all__ = ["table_cells", "format_table", "ti_json", "write_json", "scatter_png", "render_html", "write_scatter"]
@@ -41,7 +42,7 @@ def table_cells(base_name: str, base_scores: Scores, tuned: Mapping[str, Scores]
                 results: Mapping[str, TIResult]) -> tuple[list[list[str]], list[list[str]]]:
     """(header blocks, rows): blocks are [model], then per group its benchmarks and "avg", then [TI_other,
     TI_non]; each row holds the same blocks' cells flattened. Missing values are "—"; the base has no TI."""
-    blocks = [["model"]] + [[DISPLAY_NAMES[b] for b in GROUPS[g]] + [f"{g} avg"] for g in GROUPS] \
+    blocks = [["model"]] + [[BENCHMARKS[b].display for b in GROUPS[g]] + [f"{g} avg"] for g in GROUPS] \
         + [["TI_other", "TI_non"]]
     rows = []
     for k, (name, scores) in enumerate([(base_name, base_scores), *tuned.items()]):
@@ -162,19 +163,20 @@ def render_html(base_name: str, base_scores: Scores, tuned: Mapping[str, Scores]
         sig = ", ".join(f"σ_{g} = {v:.6g}" for g, v in first.sigma.items())
         parts.append(f"; {esc(sig)} ({esc(first.sigma_source)})")
     parts.append("</p>\n")
-    parts.append(_img(png, "TI_other against TI_non per tuned model", _CAPTION) if png is not None
+    parts.append(html_figure(png, "TI_other against TI_non per tuned model", _CAPTION) if png is not None
                  else f'<p class="note">{esc(note or "no figure")}</p>\n')
     parts.append("<h2>Scores (percent) and TI</h2>\n")
-    parts.append(_table(header, [[esc(c) for c in r] for r in rows]))
-    groups = "; ".join(f"{_GROUP_TITLES[g]}: {', '.join(DISPLAY_NAMES[b] for b in bs)}" for g, bs in GROUPS.items())
+    parts.append(html_table(header, [[esc(c) for c in r] for r in rows]))
+    groups = "; ".join(f"{_GROUP_TITLES[g]}: {', '.join(BENCHMARKS[b].display for b in bs)}"
+                       for g, bs in GROUPS.items())
     parts.append(f'<p class="muted">groups — {esc(groups)}</p>\n')
     undefined = [(n, k, why) for n, r in results.items() for k, why in r.reasons.items()]
     if undefined:
         parts.append("<h2>Undefined values</h2>\n")
-        parts.append(_table(["model", "value", "reason"], [[esc(n), esc(k), esc(w)] for n, k, w in undefined],
+        parts.append(html_table(["model", "value", "reason"], [[esc(n), esc(k), esc(w)] for n, k, w in undefined],
                             numeric_from=3))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            f"<title>driftscope TI: {esc(base_name)}</title>\n<style>{_CSS}{_TI_CSS}</style>\n</head><body>\n"
+            f"<title>driftscope TI: {esc(base_name)}</title>\n<style>{CSS}{_TI_CSS}</style>\n</head><body>\n"
             + "".join(parts) + "</body></html>\n")
 
 

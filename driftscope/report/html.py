@@ -20,12 +20,12 @@ from driftscope.report import plots
 from driftscope.report.tables import visible_text
 from driftscope.util import atomic_write_text
 
-__all__ = ["write_report", "render_report"]
+__all__ = ["write_report", "render_report", "CSS", "esc", "html_table", "html_figure"]  # the last three: ti.html
 
 MAX_PROBLEMS_SHOWN = 200
 TOP_TOKENS_IN_PLOT = 20
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.4}
 h1{margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
@@ -80,7 +80,7 @@ def _get(d: Mapping | None, *path: str) -> Any:
 
 
 # ---- small HTML builders ---------------------------------------------------------------------------------------
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
     """A table of already-escaped cells; columns from `numeric_from` on are right-aligned."""
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join(
@@ -100,10 +100,10 @@ def _kv_table(mapping: Mapping | None) -> str:
         return '<p class="muted">none recorded</p>\n'
     rows = [[esc(k), esc(v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str))]
             for k, v in mapping.items()]
-    return _table(["key", "value"], rows, numeric_from=2)
+    return html_table(["key", "value"], rows, numeric_from=2)
 
 
-def _img(png: bytes, alt: str, caption: str) -> str:
+def html_figure(png: bytes, alt: str, caption: str) -> str:
     """A figure: the PNG and `caption` (HTML, already escaped) under it, saying how to read it."""
     return (f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">\n'
             f"<figcaption>{caption}</figcaption></figure>\n")
@@ -120,7 +120,7 @@ class _Figures:
         if self.missing:
             return ""
         try:
-            return _img(draw(*args, **kwargs), alt, caption)
+            return html_figure(draw(*args, **kwargs), alt, caption)
         except Exception as e:  # noqa: BLE001 — shown in the report and warned, not hidden
             warnings.warn(f"report figure {alt!r} failed: {type(e).__name__}: {e}", stacklevel=2)
             return (f'<p class="error">figure “{esc(alt)}” could not be drawn: '
@@ -140,7 +140,7 @@ def _header(summary: Mapping, figures: _Figures) -> str:
     out = ["<h1>driftscope report</h1>\n",
            f'<p class="muted">driftscope {esc(summary.get("driftscope_version", "?"))}, '
            f'created {esc(summary.get("created", "?"))}</p>\n',
-           "<h2>What was compared</h2>\n", _table(["", "path"], rows, numeric_from=2)]
+           "<h2>What was compared</h2>\n", html_table(["", "path"], rows, numeric_from=2)]
     # every tuned model reads the same task files: count each task's problems (skipped records, non-finite results) once
     n_problems = len({(name, p) for m in models.values() for name, t in (m.get("tasks") or {}).items()
                       for p in t.get("problems") or []})
@@ -202,7 +202,7 @@ def _overview(models: Mapping, section_ids: Mapping[tuple[str, str], str]) -> st
         tasks = m.get("tasks") or {}
         rows = [_overview_row(t, section_ids[(model_name, t)], task) for t, task in tasks.items()]
         out.append(f"<h3>{esc(model_name)}</h3>\n")
-        out.append(_table(_OVERVIEW_HEADER, rows) if rows else '<p class="muted">no tasks</p>\n')
+        out.append(html_table(_OVERVIEW_HEADER, rows) if rows else '<p class="muted">no tasks</p>\n')
         if rows:
             notes = "".join(_rank_means(f"In {t}", task) for t, task in tasks.items())
             out.append(f'<p class="muted">{MEANS_NOTE}{notes}</p>\n')
@@ -280,8 +280,8 @@ def _metrics_table(t: Mapping) -> str:
     pca = t.get("pca")
     if pca:
         scalars.append([f"PCA centroid distance ({esc(pca.get('mode', '?'))})", fmt(pca.get("centroid_distance"))])
-    return (_table(["metric", "token mean", "sample mean"], rows) + f'<p class="muted">{MEANS_NOTE}'
-            f"{_rank_means('Here', t)}</p>\n" + _table(["metric", "value"], scalars))
+    return (html_table(["metric", "token mean", "sample mean"], rows) + f'<p class="muted">{MEANS_NOTE}'
+            f"{_rank_means('Here', t)}</p>\n" + html_table(["metric", "value"], scalars))
 
 
 _LAYER_COLS = ("layer", "cosine", "rel_l2", "cka", "pca_shift", "pca_principle_base", "pca_principle_tuned")
@@ -295,7 +295,7 @@ def _layers_table(layers: Sequence[Mapping]) -> str:
     cols = list(_LAYER_COLS) + list(dict.fromkeys(k for row in layers for k in row if k not in _LAYER_COLS))
     rows = [[fmt(row.get(c)) for c in cols] for row in layers]
     return _details(f"Per-layer table ({len(layers)} hidden states)",
-                    _table([esc(_SHOWN_AS.get(c, c)) for c in cols], rows, numeric_from=0))
+                    html_table([esc(_SHOWN_AS.get(c, c)) for c in cols], rows, numeric_from=0))
 
 
 def _token_cell(text: str | None) -> str:
@@ -313,7 +313,7 @@ def _tokens_table(st: Mapping) -> str:
              fmt(r.get("count_shifted")), fmt(r.get("frac_shifted")), fmt(r.get("mean_shift")),
              fmt(r.get("mean_abs_shift"))] for r in top]
     header = ["id", "text", "count", "count shifted", "frac shifted", "mean shift", "mean |shift|"]
-    table = _table(header, rows, numeric_from=2) if rows else '<p class="muted">no shifted tokens</p>\n'
+    table = html_table(header, rows, numeric_from=2) if rows else '<p class="muted">no shifted tokens</p>\n'
     return head + _details(f"Top shifted tokens ({len(top)} rows)", table)
 
 
@@ -376,7 +376,7 @@ def render_report(summary: Mapping) -> str:
         body.append('<p class="note">The summary has no models: nothing was compared.</p>\n')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>driftscope report</title>\n<style>{_CSS}</style>\n</head><body>\n"
+            f"<title>driftscope report</title>\n<style>{CSS}</style>\n</head><body>\n"
             + "".join(body) + "</body></html>\n")
 
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from driftscope.eval.benchmarks import acp_subtask, canonical_name
 from driftscope.eval.scores import load_scores, read_scores
-from driftscope.eval.ti import (BENCHMARKS, GROUPS, acp_subtask, canonical_name, pooled_sigma,
-                                transferability_index, transferability_indices)
+from driftscope.eval.ti import BENCHMARKS, GROUPS, pooled_sigma, transferability_index, transferability_indices
 
 # DESIGN §3 / paper Table 1, in that table's column order (the non group reads CoQA, MC-TACO, IFEval, HaluEval).
 TABLE_ORDER = ("aime24", "aime25", "math500", "olympiadbench", "gpqa_diamond", "livecodebench", "acpbench", "headqa",
