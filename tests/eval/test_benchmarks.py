@@ -27,6 +27,15 @@ def _qwen3_user_turn(prompt: str) -> str:  # the paper's inputs: Qwen3 template,
                                            enable_thinking=False)
 
 
+def test_shipped_task_yamls_are_the_ones_written_from_the_benchmarks():
+    from task_yamls import TASKS_DIR, task_yamls
+
+    want = task_yamls()
+    shipped = {p.name: p.read_text(encoding="utf-8") for p in TASKS_DIR.glob("*.yaml")}
+    stale = sorted(n for n in want.keys() | shipped.keys() if want.get(n) != shipped.get(n))
+    assert not stale, f"{stale} differ from eval/benchmarks.py: run python tests/eval/task_yamls.py"
+
+
 @pytest.mark.parametrize("name", LOCAL)
 def test_every_local_benchmark_loads_with_prompts_and_golds(bench_dir, name):
     b = B.get(name)
