@@ -28,7 +28,7 @@ def paper(base: Path, tuned: Path, data: Path) -> int:
     import transformers
 
     from driftscope import load_tokenizer
-    from driftscope.engine.data import load_samples
+    from driftscope.records import load_samples
 
     samples, _ = load_samples(data, load_tokenizer(base))
     kept = []
@@ -68,7 +68,7 @@ def main() -> None:
     way, base, tuned, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     import transformers  # noqa: F401  (imports are not the workload's memory)
 
-    import driftscope.analysis.run  # noqa: F401
+    import driftscope.drift_run.run  # noqa: F401
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

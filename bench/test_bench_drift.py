@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     src = SHARED / "data" / "responses" / "UniReason-RL_hendrycks_math_500.jsonl"
     if not src.is_file():
         pytest.skip(f"{src} is absent")
-    from driftscope.engine.synth import random_checkpoint
+    from driftscope.testing import random_checkpoint
 
     root = tmp_path_factory.mktemp("bench-drift")
     subprocess.run([sys.executable, str(SHARED / "tools" / "qwen_tokenizer_json.py"), str(root / "base")], check=True,
@@ -69,7 +69,7 @@ def test_drift_way(benchmark, setup, way):
 def test_drift_head_gemm_floor(benchmark, setup):
     import torch
 
-    from driftscope.engine.data import load_samples
+    from driftscope.records import load_samples
     from driftscope.engine.loader import load_model
     from driftscope.engine.tokenizer import load_tokenizer
 

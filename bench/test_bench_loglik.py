@@ -19,7 +19,7 @@ GROUP = "loglikelihood-128-mc-f32"
 
 @pytest.fixture(scope="module")
 def ckpt(qwen3_100m, tmp_path_factory):
-    from driftscope.engine.synth import write_tokenizer
+    from driftscope.testing import write_tokenizer
 
     d = tmp_path_factory.mktemp("loglik-bench")
     for f in os.listdir(qwen3_100m):

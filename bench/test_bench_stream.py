@@ -31,7 +31,7 @@ def _status_mb(field: str) -> float:
 
 def _measure(mode: str, base: str, tuned: str, data: str) -> dict:
     """One drift run in this (fresh) process; the high-water mark is reset when the models are loaded."""
-    import driftscope.analysis.run as run_mod
+    import driftscope.drift_run.run as run_mod
     from driftscope import drift
 
     start = _status_mb("VmRSS")
@@ -55,7 +55,7 @@ def _measure(mode: str, base: str, tuned: str, data: str) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from driftscope.engine.synth import random_checkpoint, write_tokenizer
+    from driftscope.testing import random_checkpoint, write_tokenizer
 
     root = tmp_path_factory.mktemp("bench-stream")
     for name, seed in (("base", 0), ("tuned", 1)):

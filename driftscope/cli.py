@@ -53,8 +53,8 @@ def _num(value, spec: str) -> str:
 def _cmd_drift(args: argparse.Namespace) -> int:
     import logging
 
-    from driftscope.analysis.options import DriftOptions
-    from driftscope.analysis.run import drift
+    from driftscope.drift_run.options import DriftOptions
+    from driftscope.drift_run.run import drift
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
     report = drift(args.base, args.tuned, args.data, args.out, **options_from(args, DriftOptions))
@@ -71,7 +71,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 def _sampling_names() -> list[str]:
     """SamplingParams fields that `generate` takes from DriftOptions' decoding flags (n is its own flag)."""
-    from driftscope.analysis.options import DriftOptions
+    from driftscope.drift_run.options import DriftOptions
     from driftscope.engine.sampling import SamplingParams
 
     drift_names = {f.name for f in fields(DriftOptions)}
@@ -81,9 +81,9 @@ def _sampling_names() -> list[str]:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import logging
 
-    from driftscope.analysis.options import DriftOptions
-    from driftscope.analysis.responses import GenerateOptions, generate_responses
-    from driftscope.engine.data import skipped
+    from driftscope.drift_run.options import DriftOptions
+    from driftscope.responses import GenerateOptions, generate_responses
+    from driftscope.records import skipped
     from driftscope.engine.sampling import SamplingParams
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
@@ -114,7 +114,7 @@ def _add_drift(sub, with_options: bool) -> None:
     p.add_argument("--data", required=True, action="append", help="records file: JSONL/JSON/parquet (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
     if with_options:
-        from driftscope.analysis.options import DriftOptions
+        from driftscope.drift_run.options import DriftOptions
 
         add_options(p, DriftOptions)
     p.set_defaults(func=_cmd_drift,
@@ -128,8 +128,8 @@ def _add_generate(sub, with_options: bool) -> None:
     p.add_argument("--out", required=True, help="responses file (JSONL, the paper's {input, output} records)")
     p.add_argument("-n", type=int, default=1, help="samples per prompt (default: %(default)s)")
     if with_options:
-        from driftscope.analysis.options import DriftOptions
-        from driftscope.analysis.responses import GenerateOptions
+        from driftscope.drift_run.options import DriftOptions
+        from driftscope.responses import GenerateOptions
 
         add_options(p, DriftOptions, _sampling_names())
         add_options(p, GenerateOptions)

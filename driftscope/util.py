@@ -1,8 +1,10 @@
 """Small helpers used across the package: atomic file writes, strict JSON (NaN -> null), JSON files read with an
-error that names the file and the position, and the dtype names models load and run in."""
+error that names the file and the position, the dtype names models load and run in, and the digests that identify
+input files and checkpoints in resume fingerprints."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -15,7 +17,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["DTYPE_NAMES", "atomic_write", "atomic_write_text", "dtype_name", "json_float", "read_json",
-           "read_jsonl", "strict_json", "torch_dtype", "write_json", "write_jsonl"]
+           "read_jsonl", "strict_json", "torch_dtype", "write_json", "write_jsonl", "file_digest", "sampled_digest",
+           "checkpoint_identity"]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the floating dtypes a model is loaded and run in
 
@@ -139,4 +142,42 @@ def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[tuple[int, di
                 out.append((line_no, obj))
             else:
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(obj).__name__}")
+    return out
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def sampled_digest(path: Path, window: int = 1 << 20) -> str:
+    """sha256 of the size and three 1 MiB windows (start, middle, end): a weights file re-saved after more
+    training differs in all of them; copying or re-staging the file (new mtime) does not change it."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        for off in sorted({0, max(size // 2 - window // 2, 0), max(size - window, 0)}):
+            f.seek(off)
+            h.update(f.read(window))
+    return h.hexdigest()
+
+
+def checkpoint_identity(folder: Path) -> dict:
+    """What identifies a checkpoint's contents without reading all its weights: sha256 of its small JSON files
+    (config, tokenizer, index) and a sampled digest of each weight file. A checkpoint re-saved in place changes it."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".json" or f.name == "chat_template.jinja":
+            out[f.name] = file_digest(f)
+        elif f.suffix in _WEIGHT_SUFFIXES:
+            out[f.name] = sampled_digest(f)
     return out

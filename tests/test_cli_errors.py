@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import jinja2
 import pytest
 
-from driftscope.analysis.options import DriftOptions
-from driftscope.analysis.plan import plan
-from driftscope.analysis.responses import GenerateOptions
+from driftscope.drift_run.options import DriftOptions
+from driftscope.drift_run.plan import plan
+from driftscope.responses import GenerateOptions
 from driftscope.cli import main, one_line
-from driftscope.engine.synth import random_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_tokenizer
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
 
@@ -228,7 +228,7 @@ def _fake_drift(monkeypatch, result=None, exc: BaseException | None = None):
             raise exc
         return result
 
-    monkeypatch.setattr("driftscope.analysis.run.drift", drift)
+    monkeypatch.setattr("driftscope.drift_run.run.drift", drift)
 
 
 def test_the_summary_prints_n_a_for_missing_numbers(ck, monkeypatch, capsys):
@@ -311,7 +311,7 @@ def test_commands_that_do_not_scale_out_refuse_torchrun(monkeypatch, capsys, tmp
 def test_a_collective_broken_by_another_process_is_one_line_not_a_bug(monkeypatch, capsys, tmp_path):
     """Under torchrun, when one process stops (Ctrl-C, an error), the others' collectives fail: each says so in one
     line with how to continue (exit 2), not as an internal error; an unrelated RuntimeError stays a bug (exit 1)."""
-    from driftscope.analysis import responses
+    from driftscope import responses
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from driftscope.analysis.env import Progress
-from driftscope.analysis.options import DriftOptions
-from driftscope.analysis.plan import plan
-from driftscope.analysis.responses import GenerateOptions
+from driftscope.telemetry import Progress
+from driftscope.drift_run.options import DriftOptions
+from driftscope.drift_run.plan import plan
+from driftscope.responses import GenerateOptions
 from driftscope.cli import _sampling_names, main
 from driftscope.errors import InputError
 from test_cli_errors import TEXTS, _checkpoint, _drift, _error, _generate, _variant, _write
@@ -137,7 +137,7 @@ def test_a_cli_run_writes_no_frames_and_no_git_noise_into_a_log(ck, tmp_path):
 
 def test_progress_draws_frames_on_a_terminal_and_occasional_lines_in_a_log(monkeypatch):
     now = {"t": 0.0}
-    monkeypatch.setattr("driftscope.analysis.env.time.perf_counter", lambda: now["t"])
+    monkeypatch.setattr("driftscope.telemetry.time.perf_counter", lambda: now["t"])
     for tty in (True, False):
         err = type("Err", (io.StringIO,), {"isatty": lambda self, tty=tty: tty})()
         monkeypatch.setattr(sys, "stderr", err)
@@ -196,7 +196,7 @@ def test_every_model_command_takes_the_rule(busy, tmp_path, capsys, monkeypatch,
 
 @pytest.mark.parametrize("case", ["quiet machine", "OMP_NUM_THREADS set", "on a GPU", "not a model command"])
 def test_the_rule_leaves_the_threads_alone_otherwise(ck, busy, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr("driftscope.analysis.run.drift", lambda *a, **k: SimpleNamespace(summary={"models": {}},
+    monkeypatch.setattr("driftscope.drift_run.run.drift", lambda *a, **k: SimpleNamespace(summary={"models": {}},
                                                                                           files={}))
     argv = ["drift", "--base", "b", "--tuned", "t", "--data", "d", "--out", "o"]
     if case == "quiet machine":

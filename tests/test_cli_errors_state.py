@@ -74,7 +74,7 @@ def test_a_damaged_state_is_named(ck, tmp_path, capsys, monkeypatch):
 
 
 def test_a_full_disk_keeps_the_state_and_says_how_to_continue(ck, tmp_path, capsys, monkeypatch):
-    import driftscope.analysis.outputs as outputs
+    import driftscope.drift_run.outputs as outputs
 
     def full(path, *a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import driftscope
-from driftscope.analysis.options import DriftOptions
+from driftscope.drift_run.options import DriftOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -116,3 +116,53 @@ def test_no_import_circle():
     for m in sorted(graph):
         if m not in state and (cycle := visit(m)):
             pytest.fail("import circle: " + " -> ".join(cycle))
+
+
+# Layers, lowest first: a module may import its own layer and the layers below it, never one above (an "upward arrow"
+# makes a low layer know its callers). The root package re-exports lazily by name, so it imports nothing.
+LAYERS = (
+    {"driftscope", "driftscope._C", "errors", "util", "cli_options"},
+    {"kernels"},
+    {"engine"},
+    {"records", "probes", "testing"},
+    {"distributed", "telemetry"},
+    {"report"},
+    {"drift_run", "responses", "eval"},
+    {"demo"},
+    {"cli", "__main__"},
+)
+
+
+def _part(module: str) -> str:
+    """driftscope.X.y -> X, the part of the package a module belongs to."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] != "_C" else module
+
+
+def _layer(part: str) -> int:
+    found = [i for i, layer in enumerate(LAYERS) if part in layer]
+    assert found, f"driftscope.{part} is in no layer of tests/test_structure.py's LAYERS: place it there"
+    return found[0]
+
+
+def test_imports_point_down_the_layers():
+    files = {_module_name(p): p for p in _py_files()}
+    up = sorted(f"{m} -> {d}" for m, p in files.items() for d in _runtime_imports(p, set(files))
+                if _layer(_part(d)) > _layer(_part(m)))
+    assert not up, "imports that point up the layers: " + "; ".join(up)
+
+
+def test_no_import_of_another_packages_private_names():
+    """`from a.b import _x` only inside package a.b's own folder (driftscope._C, the extension module, excepted)."""
+    bad = []
+    for p in _py_files():
+        me = _module_name(p)
+        folder = me if p.name == "__init__.py" else me.rpartition(".")[0]
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                source = node.module if (PACKAGE / node.module.split(".", 1)[-1].replace(".", "/")).is_dir() \
+                    else node.module.rpartition(".")[0]
+                private = [a.name for a in node.names if a.name.startswith("_") and a.name != "_C"]
+                if private and source != folder:
+                    bad.append(f"{me} imports {', '.join(private)} from {node.module}")
+    assert not bad, "; ".join(bad)

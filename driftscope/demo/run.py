@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from driftscope.demo.corpus import corpus_texts, general_records, math_records
-from driftscope.engine.synth import random_checkpoint, write_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_checkpoint, write_tokenizer
 from driftscope.util import write_jsonl
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -50,7 +50,7 @@ def write_datasets(root: Path, seed: int = 0) -> list[Path]:
 
 def run_demo(out: str | Path = "demo-out", *, seed: int = 0, changed_from: int = 2, progress: bool = False):
     """Returns the DriftReport of the demo run (its files are in `out`)."""
-    from driftscope.analysis.run import drift
+    from driftscope.drift_run.run import drift
 
     out = Path(out)
     base, tuned = build_pair(out / "checkpoints", seed=seed, changed_from=changed_from)

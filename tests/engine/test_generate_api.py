@@ -6,7 +6,7 @@ import pytest
 
 import driftscope
 from driftscope.engine.loader import load_model
-from driftscope.engine.synth import random_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_tokenizer
 from driftscope.engine.tokenizer import load_tokenizer
 
 CORPUS = ["hello world, this is a small test corpus for a tiny tokenizer with words and numbers 1 2 3"] * 20

@@ -12,7 +12,7 @@ from engine_helpers import CASES, assert_close
 from safetensors.torch import load_file, save_file
 
 from driftscope.engine.loader import expected_weights, load_model
-from driftscope.engine.synth import random_checkpoint
+from driftscope.testing import random_checkpoint
 
 SMALL = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
 

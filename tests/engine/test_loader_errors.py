@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from driftscope.engine.loader import load_model
-from driftscope.engine.synth import random_checkpoint, write_checkpoint
+from driftscope.testing import random_checkpoint, write_checkpoint
 from driftscope.errors import InputError
 
 TINY = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=48)

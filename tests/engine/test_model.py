@@ -7,7 +7,7 @@ from engine_helpers import assert_close
 
 from driftscope.engine.loader import load_model
 from driftscope.engine.model import ForwardOutput, LayerBatch
-from driftscope.engine.synth import random_checkpoint
+from driftscope.testing import random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from driftscope.engine.loader import load_model
-from driftscope.engine.synth import random_checkpoint
+from driftscope.testing import random_checkpoint
 from driftscope.errors import InputError
 
 LENGTHS = [5, 1, 8]

@@ -7,7 +7,7 @@ import pytest
 
 import driftscope
 from driftscope.engine.stopping import IncrementalText, StopChecker, final_text
-from driftscope.engine.synth import random_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_tokenizer
 from driftscope.engine.tokenizer import load_tokenizer
 
 CORPUS = [

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from driftscope.engine.loader import load_model
 from driftscope.engine.runner import LockstepRunner, pad_states
 from driftscope.engine.streaming import StreamedLayers
-from driftscope.engine.synth import random_checkpoint, write_checkpoint
+from driftscope.testing import random_checkpoint, write_checkpoint
 from driftscope.errors import InputError
 
 TINY = dict(vocab_size=101, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=48)

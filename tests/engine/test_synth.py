@@ -9,7 +9,7 @@ from engine_helpers import assert_close
 from safetensors import safe_open
 
 from driftscope import load_model, load_tokenizer
-from driftscope.engine.synth import random_checkpoint, write_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_checkpoint, write_tokenizer
 
 # id -> random_checkpoint kwargs (hidden 64, 2 layers, vocab 300 throughout)
 SYNTH = {

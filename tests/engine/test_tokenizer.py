@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from driftscope.engine.synth import CHAT_TEMPLATE, write_tokenizer
+from driftscope.testing import CHAT_TEMPLATE, write_tokenizer
 from driftscope.engine.tokenizer import ChatTemplateError, load_tokenizer
 from driftscope.errors import InputError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from driftscope.engine.synth import random_checkpoint, write_tokenizer
+from driftscope.testing import random_checkpoint, write_tokenizer
 
 CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome. Two plus two is four.",

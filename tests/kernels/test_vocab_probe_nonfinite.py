@@ -139,7 +139,7 @@ def test_drift_counts_flagged_rows_in_problems_and_keeps_them_out_of_every_stati
     """A drift run whose final base states hold NaN at every 7th scored token: those tokens are counted in
     `problems`, the token means are null, and the histograms and shifted tokens count only the other tokens."""
     from driftscope import drift
-    from driftscope.analysis import run as run_module
+    from driftscope.drift_run import run as run_module
     from driftscope.demo.run import build_pair, write_datasets
 
     base, tuned = build_pair(tmp_path / "models")

@@ -10,7 +10,7 @@ import torch
 
 from driftscope.probes import pca as P
 from driftscope.probes.base import load_state, save_state
-from driftscope.analysis.paper_pca import paper_select_texts
+from driftscope.drift_run.paper_pca import paper_select_texts
 from probe_helpers import assert_close, paper_pad_batch, paper_query_vectors, paper_query_vectors_from_real
 
 sklearn_decomposition = pytest.importorskip("sklearn.decomposition", reason="scikit-learn (test extra) not installed")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from driftscope.engine.data import load_samples, pack_batches
+from driftscope.engine.data import pack_batches
+
+from driftscope.records import load_samples
 from driftscope.probes import ShiftedTokens, TokenMetrics
 from probe_helpers import assert_close
 

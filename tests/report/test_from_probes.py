@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from driftscope.analysis.summary import model_summary, task_summary
+from driftscope.drift_run.summary import model_summary, task_summary
 from driftscope.probes.hidden_similarity import HiddenSimilarity
 from driftscope.probes.pca import StreamingPCA
 from driftscope.probes.shifted_tokens import ShiftedTokens

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from driftscope.engine.data import Record, next_fit, record_texts
+from driftscope.engine.data import next_fit, record_texts
+
+from driftscope.records import Record
 from driftscope.engine.runner import LockstepRunner, pad_states
 from driftscope.engine.tokenizer import Tokenizer
 

@@ -11,15 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from driftscope.analysis import gen_drift
-from driftscope.analysis.options import DriftOptions, file_digest
-from driftscope.analysis.paper_pca import query_texts
+from driftscope.drift_run import gen_drift
+from driftscope.drift_run.options import DriftOptions
+from driftscope.drift_run.paper_pca import query_texts
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.data import (PackedBatch, Sample, fit_context, fit_prompts, next_fit, pack_batches,
-                                    read_records, skipped, tokenize_records)
+                                    tokenize_records)
 from driftscope.engine.runner import check_compatible_configs
 from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
 from driftscope.errors import InputError
+from driftscope.records import read_records, skipped
+from driftscope.util import file_digest
 
 log = logging.getLogger(__name__)
 PathLike = str | Path

@@ -25,20 +25,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from driftscope.analysis.checkpoint import _processes
-from driftscope.analysis.distributed import World
-from driftscope.analysis.env import Progress
-from driftscope.analysis.options import checkpoint_identity, file_digest
+from driftscope.distributed import World, processes
+from driftscope.telemetry import Progress
 from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
 from driftscope.engine.config import ModelConfig
-from driftscope.engine.data import OVERLONG, fit_prompts, skipped
+from driftscope.engine.data import OVERLONG, fit_prompts
+from driftscope.records import skipped
 from driftscope.engine.decoding import GenerationEngine, Generation
 from driftscope.engine.generate import load_for_generation, make_requests
-from driftscope.engine.prompts import read_prompts, render_prompt
+from driftscope.engine.prompts import render_prompt
+from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES
+from driftscope.util import DTYPE_NAMES, checkpoint_identity, file_digest
 
 log = logging.getLogger(__name__)
 PARTIAL_FORMAT = 1
@@ -252,11 +252,11 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
     if (saved := _saved_world(found)) not in (None, world.size):
         names = f"{out.name}.partial" + (".rank*" if saved > 1 else "")
         if not o.restart:
-            raise InputError(f"cannot continue {out.parent / names}: the interrupted run ran as {_processes(saved)}, "
-                             f"this run as {_processes(world.size)}; rerun it with {saved} process"
+            raise InputError(f"cannot continue {out.parent / names}: the interrupted run ran as {processes(saved)}, "
+                             f"this run as {processes(world.size)}; rerun it with {saved} process"
                              f"{'es' * (saved > 1)} to finish it, or pass --restart to discard it")
         if world.main:
-            log.warning("%s: discarding an interrupted run of %s (--restart)", out.parent / names, _processes(saved))
+            log.warning("%s: discarding an interrupted run of %s (--restart)", out.parent / names, processes(saved))
         ours = {_partial_name(out, r, world.size) for r in range(world.size)}  # rewritten by their own ranks
         stale = {p for p in found.values() if p not in ours} if world.main else set()  # rank 0 removes the others
         done = {}
@@ -295,7 +295,7 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
     counts = world.gather((resumed, len(requests)))
     if world.main and (every_resumed := sum(c[0] for c in counts)):  # this rank's own `resumed` is gathered below
         log.warning("continuing %s: %d of %d responses were done", partial if world.size == 1 else
-                    f"{out.parent / out.name}.partial.rank* ({_processes(world.size)})", every_resumed,
+                    f"{out.parent / out.name}.partial.rank* ({processes(world.size)})", every_resumed,
                     every_resumed + sum(c[1] for c in counts))
     # rewritten whole (fingerprint, then the rows read back), so a line cut by a kill never gets appended to
     tmp = partial.with_name(partial.name + ".tmp")

@@ -1,7 +1,6 @@
 """Options of a drift run, validated once; `fingerprint()` names what a resumed run must share with the original."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
 from driftscope.engine.data import OVERLONG
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES, dtype_name
+from driftscope.util import DTYPE_NAMES, checkpoint_identity, dtype_name, file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
@@ -176,44 +175,6 @@ def _device_name(name: str, value) -> str:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise InputError(f"{name}={value!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     return value
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def sampled_digest(path: Path, window: int = 1 << 20) -> str:
-    """sha256 of the size and three 1 MiB windows (start, middle, end): a weights file re-saved after more
-    training differs in all of them; copying or re-staging the file (new mtime) does not change it."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        for off in sorted({0, max(size // 2 - window // 2, 0), max(size - window, 0)}):
-            f.seek(off)
-            h.update(f.read(window))
-    return h.hexdigest()
-
-
-def checkpoint_identity(folder: Path) -> dict:
-    """What identifies a checkpoint's contents without reading all its weights: sha256 of its small JSON files
-    (config, tokenizer, index) and a sampled digest of each weight file. A checkpoint re-saved in place changes it."""
-    out = {}
-    for f in sorted(folder.iterdir()):
-        if not f.is_file():
-            continue
-        if f.suffix == ".json" or f.name == "chat_template.jinja":
-            out[f.name] = file_digest(f)
-        elif f.suffix in _WEIGHT_SUFFIXES:
-            out[f.name] = sampled_digest(f)
-    return out
 
 
 def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], options: DriftOptions) -> dict:

@@ -8,7 +8,7 @@ import torch
 from analysis_helpers import reference_tokens, write_records
 
 from driftscope import drift, load_tokenizer
-from driftscope.engine.data import load_samples
+from driftscope.records import load_samples
 
 OPTS = {"progress": False, "max_batch_tokens": 96}
 

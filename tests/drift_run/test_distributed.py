@@ -15,8 +15,8 @@ import torch
 from analysis_helpers import write_records
 
 from driftscope import drift
-from driftscope.analysis.bundle import TaskProbes, merge_kind
-from driftscope.analysis.distributed import World
+from driftscope.drift_run.bundle import TaskProbes, merge_kind
+from driftscope.distributed import World
 from driftscope.errors import InputError
 from driftscope.report import read_token_table
 
@@ -25,7 +25,7 @@ OPTS = {"progress": False, "max_batch_tokens": 64, "checkpoint_every": 0}
 REL = 1e-12  # float64 sums added in another order; integers (tokens, histograms, token counts) must be equal
 WORKER = """import sys
 import driftscope.report
-from driftscope.analysis import run as run_mod
+from driftscope.drift_run import run as run_mod
 from driftscope.cli import main
 
 at, original, calls = int(sys.argv[1]), run_mod._Run.process, {"n": 0}

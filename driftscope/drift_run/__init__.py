@@ -1,5 +1,5 @@
 """The drift analysis: `drift(base, tuned, data, out=None, **options) -> DriftReport` (see run.py)."""
-from driftscope.analysis.options import DriftOptions
-from driftscope.analysis.run import DriftReport, drift
+from driftscope.drift_run.options import DriftOptions
+from driftscope.drift_run.run import DriftReport, drift
 
 __all__ = ["drift", "DriftReport", "DriftOptions"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from driftscope import drift
-from driftscope.analysis import gen_drift
-from driftscope.analysis.responses import GenerateOptions, generate_responses
+from driftscope.drift_run import gen_drift
+from driftscope.responses import GenerateOptions, generate_responses
 from driftscope.cli import main
 from driftscope.engine.decoding import GenerationEngine
 from driftscope.engine.sampling import SamplingParams

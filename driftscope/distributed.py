@@ -1,6 +1,7 @@
-"""Data-parallel drift runs under torchrun: `World` is this process's place among the ranks. Every rank plans the same
-batches, takes a share balanced by tokens (`shard`), runs it with its own resumable state, and at the end every rank's
-accumulators are summed into rank 0's (`merge`), which writes the outputs. One process never touches torch.distributed.
+"""Data-parallel runs under torchrun (drift, generate, eval): `World` is this process's place among the ranks. In a
+drift run every rank plans the same batches, takes a share balanced by tokens (`shard`), runs it with its own
+resumable state, and at the end every rank's accumulators are summed into rank 0's (`merge`), which writes the
+outputs. One process never touches torch.distributed.
 
 A rank waits at most `dist_timeout` seconds in a collective (the merge waits for the slowest rank's shard); a rank
 that dies ends the others sooner: torchrun stops the whole group when one of its processes fails.
@@ -11,14 +12,25 @@ import dataclasses
 import datetime
 import heapq
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from driftscope.analysis.bundle import merge_kind
-from driftscope.analysis.checkpoint import Stateful
 from driftscope.errors import InputError
+
+
+class Stateful(Protocol):
+    """What a merge and a checkpoint need of an accumulator."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None: ...
+
+
+def processes(n: int) -> str:
+    """A world size in words, for messages."""
+    return "one process" if n == 1 else f"{n} processes (torchrun WORLD_SIZE {n})"
 
 
 @dataclass
@@ -172,10 +184,11 @@ class World:
                 mine[k].append(i)
         return [sorted(m) for m in mine]
 
-    def merge(self, states: Mapping[str, Stateful], counts: dict) -> dict:
+    def merge(self, states: Mapping[str, Stateful], counts: dict, merge_kind: Callable[[str], str]) -> dict:
         """Every rank's accumulators summed into rank 0's `states` (the other ranks' stay as they are), each tensor
-        combined as `bundle.merge_kind` says; `counts` ({"tokens": int, "nonfinite": {key: int}}) added up the same
-        way. Returns the summed counts (rank 0; `counts` elsewhere). A no-op for one process."""
+        combined as `merge_kind(key)` says ("sum", "cat" in rank order, or "first"); `counts` ({"tokens": int,
+        "nonfinite": {key: int}}) added up the same way. Returns the summed counts (rank 0; `counts` elsewhere). A
+        no-op for one process."""
         if self.size == 1:
             return counts
         import torch.distributed as dist

@@ -13,7 +13,7 @@ from analysis_helpers import write_records
 from test_drift import _assert_same
 
 from driftscope import drift
-from driftscope.analysis import run as run_mod
+from driftscope.drift_run import run as run_mod
 from driftscope.engine.runner import LockstepRunner
 
 OPTS = {"progress": False, "max_batch_tokens": 64, "checkpoint_every": 0}

@@ -15,10 +15,10 @@ import pytest
 from test_drift import _assert_same
 
 from driftscope import drift
-from driftscope.analysis import DriftOptions
-from driftscope.analysis import checkpoint as checkpoint_mod
-from driftscope.analysis import run as run_mod
-from driftscope.analysis.env import Progress
+from driftscope.drift_run import DriftOptions
+from driftscope.drift_run import checkpoint as checkpoint_mod
+from driftscope.drift_run import run as run_mod
+from driftscope.telemetry import Progress
 from driftscope.errors import InputError
 from driftscope.util import atomic_write
 
@@ -210,7 +210,7 @@ def test_every_output_has_the_mode_the_umask_gives(models, records, tmp_path):
 # ---- progress: loading has its own line; rates and ETAs count this process's work only -----------------------------
 def test_progress_measures_this_process_only(monkeypatch, capsys):
     now = {"t": 100.0}
-    monkeypatch.setattr("driftscope.analysis.env.time.perf_counter", lambda: now["t"])
+    monkeypatch.setattr("driftscope.telemetry.time.perf_counter", lambda: now["t"])
     bar = Progress(1000, "drift", done=600)  # 600 tokens done by the interrupted run
     assert capsys.readouterr().err == "", "nothing is drawn before this process's first unit"
     assert bar.line().endswith("600/1000 tok (600 tok resumed), eta -- ")

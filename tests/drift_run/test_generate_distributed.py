@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from driftscope.analysis.distributed import World
-from driftscope.analysis.responses import shard_records
+from driftscope.distributed import World
+from driftscope.responses import shard_records
 from driftscope.cli import main
 from driftscope.engine.sampling import SamplingParams
 

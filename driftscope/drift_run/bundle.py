@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from driftscope.analysis.summary import task_summary
+from driftscope.drift_run.summary import task_summary
 from driftscope.probes import HiddenSimilarity, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
 from driftscope.probes.base import field
 

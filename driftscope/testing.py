@@ -1,4 +1,5 @@
-"""Synthetic checkpoints and tokenizers for tests and `driftscope demo`, fully offline, no transformers needed.
+"""`driftscope.testing`: synthetic checkpoints and tokenizers, fully offline, no transformers needed; for the tests,
+`driftscope demo`, and anyone who tests code on top of driftscope.
 
 `random_checkpoint` writes a deterministic random HF-layout checkpoint (HF tensor names, config.json in either
 style); `write_checkpoint` writes any state dict (single file or sharded with an index); `write_tokenizer` trains a BPE.

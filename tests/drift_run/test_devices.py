@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from driftscope import drift, load_model
-from driftscope.analysis.options import DriftOptions
+from driftscope.drift_run.options import DriftOptions
 from driftscope.cli import main
 from driftscope.errors import InputError
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from test_drift import _assert_same
 
 from driftscope import drift, load_tokenizer
-from driftscope.analysis import DriftOptions
+from driftscope.drift_run import DriftOptions
 from driftscope.engine.runner import LockstepRunner
-from driftscope.engine.synth import write_checkpoint
+from driftscope.testing import write_checkpoint
 from driftscope.errors import InputError
 from driftscope.probes import HiddenSimilarity, ShiftedTokens, TokenMetrics
 
@@ -120,7 +120,7 @@ def test_a_models_numbers_do_not_depend_on_a_resized_model_beside_it(records, tm
 def load_tokenizer_size(root) -> int:
     from analysis_helpers import TEXTS
 
-    from driftscope.engine.synth import write_tokenizer
+    from driftscope.testing import write_tokenizer
 
     return load_tokenizer(write_tokenizer(root / "tok", TEXTS, vocab_size=350)).vocab_size
 
@@ -225,7 +225,7 @@ def test_resume_refuses_inputs_changed_in_place(models, records, tmp_path, monke
 
 
 def test_a_byte_identical_tokenizer_copy_is_not_loaded_again(models, records, monkeypatch):
-    from driftscope.analysis import plan as plan_mod
+    from driftscope.drift_run import plan as plan_mod
 
     loaded = []
     real = plan_mod.load_tokenizer
@@ -277,7 +277,7 @@ def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(m
 def test_resume_with_several_tuned_models_and_tasks(models, tmp_path, monkeypatch, no_html, pca="paper"):
     from analysis_helpers import write_records
 
-    from driftscope.analysis import run as run_mod
+    from driftscope.drift_run import run as run_mod
     from driftscope.probes import PaperPCAShift
 
     data = [write_records(tmp_path / "a.jsonl", n=5), write_records(tmp_path / "b.jsonl", n=4)]
@@ -329,7 +329,7 @@ def test_packed_batches_are_built_one_at_a_time(models, records, tmp_path, monke
     import weakref
 
     import driftscope.engine.data as data_mod
-    from driftscope.analysis import run as run_mod
+    from driftscope.drift_run import run as run_mod
 
     big = tmp_path / "big.jsonl"
     big.write_text(records.read_text() * 2)
@@ -372,7 +372,7 @@ def test_bfloat16_run_agrees_with_float32(models, records):
 
 
 def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, records, tmp_path, monkeypatch):
-    from driftscope.analysis import run as run_mod
+    from driftscope.drift_run import run as run_mod
 
     other = write_base(tmp_path / "two-layers", layers=2)
     loads = {"n": 0}
@@ -394,8 +394,8 @@ def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, recor
 def test_checkpoints_never_dominate_the_run_time(models, records, tmp_path, monkeypatch, no_html):
     import time
 
-    from driftscope.analysis import run as run_mod
-    from driftscope.analysis.checkpoint import RunState
+    from driftscope.drift_run import run as run_mod
+    from driftscope.drift_run.checkpoint import RunState
 
     big = tmp_path / "big.jsonl"
     big.write_text(records.read_text() * 2)
@@ -427,7 +427,7 @@ def test_a_tokenizer_with_ids_beyond_the_checkpoints_vocabulary_is_named(records
 
 @pytest.mark.parametrize("content", ["", "not json\n{\"a\": 1}\n"], ids=["empty", "all-bad"])
 def test_unusable_data_is_refused_before_any_weights_load(models, tmp_path, monkeypatch, content):
-    from driftscope.analysis import run as run_mod
+    from driftscope.drift_run import run as run_mod
 
     data = tmp_path / "data.jsonl"
     data.write_text(content)
@@ -437,7 +437,7 @@ def test_unusable_data_is_refused_before_any_weights_load(models, tmp_path, monk
 
 
 def test_a_single_scored_token_gives_an_undefined_pca_not_a_crash_at_the_end(models, tmp_path, monkeypatch):
-    from driftscope.analysis import run as run_mod
+    from driftscope.drift_run import run as run_mod
 
     data = tmp_path / "one.jsonl"
     data.write_text('{"prompt": "The sum of", "response": " the"}\n')

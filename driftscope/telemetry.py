@@ -1,4 +1,5 @@
-"""What a run records about where it ran: package versions, CPU/GPU, and GPU telemetry via nvidia-ml-py."""
+"""What a run records about where it ran and how it went: package versions, CPU/GPU, GPU telemetry via
+nvidia-ml-py, stage times, and progress lines."""
 from __future__ import annotations
 
 import os
