@@ -241,7 +241,7 @@ class GenerationEngine:
 
         finals = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None)
         hidden = [h.index_select(0, last) for h in finals]  # [B, d] each
-        logits = linear(hidden[self.sample_from], self.driver.lm_head_weight).float()  # [B, V]
+        logits = self.driver.head(hidden[self.sample_from], gemm=linear)  # [B, V] float32
         prm = [s.params for s in seqs]
         tokens = sample(
             logits,

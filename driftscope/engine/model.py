@@ -8,7 +8,7 @@ decode alike; rope tables follow `engine/rope.py` (every transformers rope type,
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -357,14 +357,19 @@ class Transformer(nn.Module):
             assert len(states) == n + 1
         return ForwardOutput(hidden=h, hidden_states=None if states is None else tuple(states))
 
+    def head(self, hidden: torch.Tensor, gemm: Callable = F.linear) -> torch.Tensor:  # [..., d] -> [..., V] fp32
+        """float32 logits of final-normed hidden states: the one place the LM head (`output`, or the tied
+        embedding) is applied. `gemm(x, w)`: F.linear, or kernels.linear for a decode step's few rows."""
+        return gemm(hidden, self.lm_head_weight).float()
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits for [T] ids -> [T, V], or [B, T] ids (independent rows) -> [B, T, V]. Small inputs only."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() == 1:
-            return F.linear(self.forward(input_ids).hidden, self.lm_head_weight).float()
+            return self.head(self.forward(input_ids).hidden)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [T] or [B, T], got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=input_ids.device)  # [B+1]
         hidden = self.forward(input_ids.reshape(B * T), cu).hidden  # [B·T, d]
-        return F.linear(hidden, self.lm_head_weight).float().view(B, T, -1)
+        return self.head(hidden).view(B, T, -1)

@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from driftscope.engine.data import next_fit
 from driftscope.engine.model import Transformer
@@ -116,7 +115,6 @@ def score_continuations(
     trees.sort(key=lambda t: -len(t.ids))
     out: list[tuple[float, bool] | None] = [None] * len(items)
     dev = model.device
-    w = model.lm_head_weight
     for group in next_fit([len(t.ids) for t in trees], max_batch_tokens):
         batch = [trees[g] for g in group]
         ids = torch.tensor([t for tree in batch for t in tree.ids], dtype=torch.int64, device=dev)
@@ -137,7 +135,7 @@ def score_continuations(
         greedy = torch.empty(len(rows), dtype=torch.bool, device=dev)
         for s in range(0, len(rows), head_rows):
             h = hidden.index_select(0, rows[s:s + head_rows])
-            logits = F.linear(h, w).float()  # [r, V]
+            logits = model.head(h)  # [r, V] float32
             y = targets[s:s + head_rows]
             logp[s:s + head_rows] = logits.log_softmax(-1).gather(1, y[:, None])[:, 0].double()
             greedy[s:s + head_rows] = logits.argmax(-1) == y

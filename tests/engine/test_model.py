@@ -1,4 +1,5 @@
-"""Transformer API contract the lockstep runner builds on: prepare / embed / layers / final_norm / lm_head_weight."""
+"""Transformer API contract the lockstep runner builds on: prepare / embed / layers / final_norm / lm_head_weight;
+head(), the one place logits are computed."""
 from __future__ import annotations
 
 import pytest
@@ -56,6 +57,11 @@ def test_lm_head_weight_tied_and_untied(model, tmp_path):
                       intermediate_size=96, tie=True)
     tied = load_model(tmp_path)
     assert tied.output is None and tied.lm_head_weight is tied.tok_embeddings.weight
+    ids, cu = _batch()
+    for m in (model, tied):  # head(): the one place logits are computed, the same op as F.linear on the head
+        hidden = m.forward(ids, cu).hidden
+        want = torch.nn.functional.linear(hidden, m.lm_head_weight).float()
+        assert torch.equal(m.head(hidden), want) and torch.equal(m.logits(ids), m.head(m.forward(ids).hidden))
 
 
 def test_no_autograd_state(model):
