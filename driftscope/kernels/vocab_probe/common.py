@@ -1,5 +1,5 @@
-"""The vocab_probe contract: the result type, input validation, the dispatching `vocab_probe()` entry and the
-recount merge that the fused backends (triton, cpp) share."""
+"""What the vocab_probe backends share: the result type, the input checks, the flagged (NaN/Inf) rows and the recount
+merge of the fused backends (triton's fused kernel, cpp). The dispatching `vocab_probe()` is the package's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
