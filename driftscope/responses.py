@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES, checkpoint_identity, file_digest
+from driftscope.util import DTYPE_NAMES, atomic_write_text, checkpoint_identity, file_digest
 
 log = logging.getLogger(__name__)
 PARTIAL_FORMAT = 1
@@ -112,39 +111,134 @@ def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: Generat
     }
 
 
-def _partial_name(out: Path, rank: int, size: int) -> Path:
-    """Where rank `rank` of `size` processes keeps its finished rows: OUT.partial, or OUT.partial.rank{r}."""
-    return out.with_name(out.name + ".partial" + (f".rank{rank}" if size > 1 else ""))
+class PartialFile:
+    """Where a run keeps its finished rows until OUT is written: OUT.partial for one process, OUT.partial.rank{r} for
+    rank r under torchrun. Its first line is the run's fingerprint, then one line per finished sequence."""
+
+    def __init__(self, out: Path, world: World, fingerprint: dict, restart: bool):
+        self.out, self.world, self.restart = out, world, restart
+        self.fp = fingerprint | ({"world_size": world.size} if world.size > 1 else {})
+        self.path = self._name(world.rank, world.size)
+        self.stale: set[Path] = set()  # an interrupted run's files by another number of processes: --restart
+        self.done = self._read()  # (index, sample) -> the row, finished here or by the interrupted run
+
+    def _name(self, rank: int, size: int) -> Path:
+        return self.out.with_name(self.out.name + ".partial" + (f".rank{rank}" if size > 1 else ""))
+
+    def _names(self, size: int) -> str:  # the partial files of a run of `size` processes, for messages
+        return str(self._name(0, 1)) + (".rank*" if size > 1 else "")
+
+    def _found(self) -> dict[int | None, Path]:
+        """The partial files beside OUT: {None: OUT.partial}, {r: OUT.partial.rank{r}} (a torchrun run's)."""
+        found: dict[int | None, Path] = {}
+        if (one := self._name(0, 1)).is_file():
+            found[None] = one
+        pattern = re.compile(re.escape(self.out.name) + r"\.partial\.rank(\d+)")
+        for p in self.out.parent.iterdir() if self.out.parent.is_dir() else ():  # not glob: OUT's name may hold [
+            if (m := pattern.fullmatch(p.name)) and p.is_file():
+                found[int(m[1])] = p
+        return found
+
+    def _read(self) -> dict[tuple[int, int], dict]:
+        """The finished rows of an interrupted run ({} when there is none, or with --restart); each partial file's
+        fingerprint is read once, this rank's file whole, the others' first lines only."""
+        w, found = self.world, self._found()
+        mine = None if w.size == 1 else w.rank
+        lines = {r: p.read_bytes().split(b"\n") if r == mine else _first_line(p) for r, p in found.items()}
+        heads = {r: _fingerprint_in(ls[0]) for r, ls in lines.items()}
+        sizes = (h.get("world_size") for h in heads.values() if h is not None)
+        saved = None if not found else 1 if None in found else next(  # a rank file's world_size, or its ranks'
+            (n for n in sizes if isinstance(n, int) and n > 1), max(max(found) + 1, 2))
+        if saved not in (None, w.size):
+            if not self.restart:
+                raise InputError(f"cannot continue {self._names(saved)}: the interrupted run ran as "
+                                 f"{processes(saved)}, this run as {processes(w.size)}; rerun it with {saved} process"
+                                 f"{'es' * (saved > 1)} to finish it, or pass --restart to discard it")
+            if w.main:  # rank 0 removes the others; each rank rewrites its own
+                log.warning("%s: discarding an interrupted run of %s (--restart)", self._names(saved),
+                            processes(saved))
+                self.stale = set(found.values()) - {self._name(r, w.size) for r in range(w.size)}
+            return {}
+        if mine not in found:
+            return {}
+        if (old := heads[mine]) is None:
+            if self.restart:
+                return {}
+            raise ValueError(f"{self.path}: not a driftscope partial responses file (first line is no fingerprint); "
+                             "remove it or pass --restart")
+        if old != self.fp:
+            if self.restart:
+                log.warning("%s: discarding an interrupted run with other inputs or options (--restart)", self.path)
+                return {}
+            keys = [k for k in self.fp if old.get(k) != self.fp[k]] + [k for k in old if k not in self.fp]
+            raise ValueError(f"{self.path}: an interrupted run with other inputs or options is there ("
+                             + "; ".join(f"{k}: {old.get(k)!r} then, {self.fp.get(k)!r} now" for k in keys)
+                             + "); rerun it with its own options to finish it, or pass --restart to discard it")
+        rows, done = lines[mine], {}
+        for n, raw in enumerate(rows[1:], start=2):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+                done[(row["index"], row["sample"])] = row
+            except (ValueError, KeyError, TypeError):
+                if n == len(rows) or (n == len(rows) - 1 and not rows[-1].strip()):
+                    break  # the line being written when the run was killed
+                raise ValueError(f"{self.path}:{n}: damaged line in the partial responses file; "
+                                 "remove it or pass --restart") from None
+        return done
+
+    def begin(self, resumed: int, todo: int) -> None:
+        """After every rank read the partial files: the stale ones go, the counts are said, and this rank's file is
+        rewritten whole (fingerprint, then the rows read back): a line cut by a kill is never appended to."""
+        w = self.world
+        w.barrier()  # every rank has looked at the partial files before any rank rewrites or removes one
+        for p in self.stale:
+            p.unlink(missing_ok=True)
+        counts = w.gather((resumed, todo))
+        if w.main and (every_resumed := sum(c[0] for c in counts)):
+            log.warning("continuing %s: %d of %d responses were done", self.path if w.size == 1 else
+                        f"{self._names(w.size)} ({processes(w.size)})", every_resumed,
+                        every_resumed + sum(c[1] for c in counts))
+        atomic_write_text(self.path, _jsonl([{"fingerprint": self.fp}, *self.done.values()]))
+
+    @contextmanager
+    def appending(self) -> Iterator[Callable[[dict], None]]:
+        """`append(row)`: a finished row, in `done` and on disk at once."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            def append(row: dict) -> None:
+                self.done[(row["index"], row["sample"])] = row
+                f.write(_jsonl([row]))
+                f.flush()
+
+            yield append
+
+    def finish(self, rows: list[dict] | None) -> None:
+        """Rank 0 writes OUT (`rows`); then every rank removes its partial file: a crash before that loses nothing."""
+        if rows is not None:
+            atomic_write_text(self.out, _jsonl(rows))
+        self.world.barrier()
+        self.path.unlink()
 
 
-def _partials(out: Path) -> dict[int | None, Path]:
-    """The partial files beside OUT: {None: OUT.partial} for one process, {r: OUT.partial.rank{r}} under torchrun."""
-    found: dict[int | None, Path] = {}
-    if (one := out.with_name(out.name + ".partial")).is_file():
-        found[None] = one
-    pattern = re.compile(re.escape(out.name) + r"\.partial\.rank(\d+)")
-    for p in out.parent.iterdir() if out.parent.is_dir() else ():  # not glob: OUT's name may hold [ or *
-        if (m := pattern.fullmatch(p.name)) and p.is_file():
-            found[int(m[1])] = p
-    return found
+def _first_line(path: Path) -> list[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return [f.readline()]
+    except OSError:  # another rank's file, read for its fingerprint only
+        return [b""]
 
 
-def _saved_world(found: dict[int | None, Path]) -> int | None:
-    """How many processes wrote the partial files `found` (None: there are none): 1 for OUT.partial, else the
-    world_size in a rank file's fingerprint (the highest rank + 1, at least 2, when no fingerprint can be read)."""
-    if not found:
+def _fingerprint_in(line: bytes) -> dict | None:
+    try:
+        fp = json.loads(line)["fingerprint"]
+    except (ValueError, KeyError, TypeError):
         return None
-    if None in found:
-        return 1
-    for path in found.values():
-        try:
-            with open(path, encoding="utf-8") as f:
-                n = json.loads(f.readline())["fingerprint"]["world_size"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if isinstance(n, int) and n > 1:
-            return n
-    return max(max(found) + 1, 2)  # rank files only here: a torchrun run's
+    return fp if isinstance(fp, dict) else None
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def shard_records(world: World, prompt_tokens: Sequence[int], params: SamplingParams, context: int) -> list[int]:
@@ -168,45 +262,6 @@ def _quiet(logger: logging.Logger, quiet: bool) -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
-
-
-def _diff(old: Mapping, new: Mapping) -> str:
-    keys = [k for k in new if old.get(k) != new[k]] + [k for k in old if k not in new]
-    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
-
-
-def _read_partial(path: Path, fp: dict, restart: bool) -> dict[tuple[int, int], dict]:
-    """Finished rows of an interrupted run, keyed by (index, sample); {} when there is none (or restart)."""
-    if not path.is_file():
-        return {}
-    lines = path.read_bytes().split(b"\n")
-    try:
-        head = json.loads(lines[0])
-        old = head["fingerprint"]
-    except (ValueError, KeyError, TypeError):
-        if restart:
-            return {}
-        raise ValueError(f"{path}: not a driftscope partial responses file (first line is no fingerprint); "
-                         "remove it or pass --restart") from None
-    if old != fp:
-        if restart:
-            log.warning("%s: discarding an interrupted run with other inputs or options (--restart)", path)
-            return {}
-        raise ValueError(f"{path}: an interrupted run with other inputs or options is there ({_diff(old, fp)}); "
-                         "rerun it with its own options to finish it, or pass --restart to discard it")
-    done = {}
-    for n, raw in enumerate(lines[1:], start=2):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            done[(row["index"], row["sample"])] = row
-        except (ValueError, KeyError, TypeError):
-            if n == len(lines) or (n == len(lines) - 1 and not lines[-1].strip()):
-                break  # the line being written when the run was killed
-            raise ValueError(f"{path}:{n}: damaged line in the partial responses file; "
-                             "remove it or pass --restart") from None
-    return done
 
 
 def _row(g: Generation) -> dict:
@@ -245,23 +300,8 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
         raise ValueError(f"--model {model_dir} is a file; pass the checkpoint folder (config.json + safetensors)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: checkpoint folder does not exist")
-    fp = _fingerprint(model_dir, data, params, o) | ({"world_size": world.size} if world.size > 1 else {})
-    partial = _partial_name(out, world.rank, world.size)
-    found = _partials(out)
-    stale: set[Path] = set()  # an interrupted run's files by another number of processes: --restart removes them
-    if (saved := _saved_world(found)) not in (None, world.size):
-        names = f"{out.name}.partial" + (".rank*" if saved > 1 else "")
-        if not o.restart:
-            raise InputError(f"cannot continue {out.parent / names}: the interrupted run ran as {processes(saved)}, "
-                             f"this run as {processes(world.size)}; rerun it with {saved} process"
-                             f"{'es' * (saved > 1)} to finish it, or pass --restart to discard it")
-        if world.main:
-            log.warning("%s: discarding an interrupted run of %s (--restart)", out.parent / names, processes(saved))
-        ours = {_partial_name(out, r, world.size) for r in range(world.size)}  # rewritten by their own ranks
-        stale = {p for p in found.values() if p not in ours} if world.main else set()  # rank 0 removes the others
-        done = {}
-    else:
-        done = _read_partial(partial, fp, o.restart)
+    partial = PartialFile(out, world, _fingerprint(model_dir, data, params, o), o.restart)
+    done = partial.done
     tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     rendered, texts = [], {}
     for r in records:  # rendered and checked against the context before the weights load
@@ -289,29 +329,12 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
         if (q.prompt_index, q.sample_index) not in done:  # on every rank (not only in its share)
             engine.check_request(q, q.where)
     requests = [q for q in make_requests(mine, params) if (q.prompt_index, q.sample_index) not in done]
-    world.barrier()  # every rank has looked at the partial files before any rank rewrites or removes one
-    for p in stale:
-        p.unlink(missing_ok=True)
-    counts = world.gather((resumed, len(requests)))
-    if world.main and (every_resumed := sum(c[0] for c in counts)):  # this rank's own `resumed` is gathered below
-        log.warning("continuing %s: %d of %d responses were done", partial if world.size == 1 else
-                    f"{out.parent / out.name}.partial.rank* ({processes(world.size)})", every_resumed,
-                    every_resumed + sum(c[1] for c in counts))
-    # rewritten whole (fingerprint, then the rows read back), so a line cut by a kill never gets appended to
-    tmp = partial.with_name(partial.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"fingerprint": fp}) + "\n")
-        for row in done.values():
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, partial)
-    with open(partial, "a", encoding="utf-8") as f:
-        bar = Progress(len(requests), "generate", o.progress if world.main else False, "seq")  # rank 0's share
+    partial.begin(resumed, len(requests))
+    bar = Progress(len(requests), "generate", o.progress if world.main else False, "seq")  # rank 0's share
+    with partial.appending() as append:
         try:
             for g in engine.run(requests, progress=bar):
-                row = _row(g)
-                done[(g.index, g.sample)] = row
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                f.flush()
+                append(_row(g))
         finally:
             bar.close()
     st = engine.stats
@@ -319,8 +342,7 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
              "preemptions": st.preemptions, "max_running": st.max_running, "cache_tokens": engine.cache_tokens}
     every = world.gather((done, resumed, stats))
     if not world.main:
-        world.barrier()  # rank 0 wrote OUT: this rank's partial is done with
-        partial.unlink()
+        partial.finish(None)
         return ResponsesReport(out, 0, resumed, problems, stats, world.rank, world.size)
     done = {key: row for rank_done, _, _ in every for key, row in rank_done.items()}
     rows = []
@@ -334,12 +356,6 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
             if inp is None or tok is None or tok.encode(inp, add_special_tokens=False) != ids:
                 rec["input_token_ids"] = ids
             rows.append(rec)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in rows:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    world.barrier()  # the other ranks remove their partial files only now: a crash before this loses nothing
-    partial.unlink()
+    partial.finish(rows)
     stats = {k: (max if k == "max_running" else sum)(e[2][k] for e in every) for k in stats}
     return ResponsesReport(out, len(rows), sum(e[1] for e in every), problems, stats, world.rank, world.size)
