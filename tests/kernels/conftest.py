@@ -3,8 +3,9 @@
 Triton decides interpreter-or-compiler when a @triton.jit function is *defined* — its own
 triton.language helpers (tl.sum, tl.zeros, ...) included, at `import triton`. If an earlier test file
 already imported triton without the interpreter (e.g. through driftscope.kernels), the pure-Python
-triton modules are dropped from sys.modules (its compiled extension stays loaded) and our kernel
-modules are reloaded, so that both are redefined as interpreted functions.
+triton modules are dropped from sys.modules (its compiled extension stays loaded), the one Triton import
+(driftscope.kernels._triton) is redone and every kernels module that holds a @triton.jit function is
+reloaded, each after the modules whose kernels it calls, so that all are redefined as interpreted functions.
 """
 from __future__ import annotations
 
@@ -15,12 +16,25 @@ import sys
 import pytest
 import torch
 
-# the modules that define the kernels first, each after the ones it imports them from (the tile helper, the
-# recount kernel, then the scan and its launcher), then the package that re-exports the launcher
-_KERNEL_MODULES = ("driftscope.kernels.vocab_probe.triton_tile", "driftscope.kernels.vocab_probe.triton_recount",
-                   "driftscope.kernels.vocab_probe.triton_fused", "driftscope.kernels.vocab_probe.triton_fold",
-                   "driftscope.kernels.vocab_probe",
-                   "driftscope.kernels.cov_update")
+
+def _jit_modules() -> list[str]:
+    """The loaded driftscope.kernels modules that hold a @triton.jit function, each after the modules it imports one
+    from (a kernel calls the function object bound when its module ran: the callee's module is reloaded first)."""
+    from triton.runtime.jit import JITFunction
+
+    deps = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("driftscope.kernels.") and module is not None:
+            found = {v.fn.__module__ for v in vars(module).values() if isinstance(v, JITFunction)}
+            if found:
+                deps[name] = found - {name}
+    order: list[str] = []
+    while deps:
+        ready = sorted(n for n, d in deps.items() if not d & deps.keys())
+        assert ready, f"kernel modules import each other's kernels in a circle: {deps}"
+        order += ready
+        deps = {n: d for n, d in deps.items() if n not in ready}
+    return order
 
 
 def _triton_defined_for_interpreter() -> bool:
@@ -35,10 +49,11 @@ def _triton_defined_for_interpreter() -> bool:
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     if not _triton_defined_for_interpreter():
+        _stale = _jit_modules()  # found while triton's JITFunction is still the compiler's
         for _name in [m for m in sys.modules
                       if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")]:
             del sys.modules[_name]
-        for _name in _KERNEL_MODULES:
+        for _name in ("driftscope.kernels._triton", *_stale):
             if _name in sys.modules:
                 importlib.reload(sys.modules[_name])
 

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional on CPU builds; the backend reports itself unavailable
-    triton = None
+from driftscope.kernels._triton import tl, triton
 
 # packed outputs, one [N] row per field: fp32 [len(FOLD_FIELDS), N], int64 [len(FOLD_INT_FIELDS), N]
 FOLD_FIELDS = ("lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb", "kl_bt", "logp_base", "logp_tuned")

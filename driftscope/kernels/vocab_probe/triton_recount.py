@@ -1,11 +1,7 @@
 """Triton backend, second pass: the recount kernel for the rows the fused scan (`triton_fused`) cannot decide."""
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional on CPU builds; the backend reports itself unavailable
-    triton = None
+from driftscope.kernels._triton import tl, triton
 
 if triton is not None:
     from driftscope.kernels.vocab_probe.triton_tile import _logits_tile

@@ -2,11 +2,7 @@
 recount in `triton_recount`), so that identical (rows, cols) shapes give identical bits on a deterministic GPU."""
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional on CPU builds; the backend reports itself unavailable
-    triton = None
+from driftscope.kernels._triton import tl, triton
 
 if triton is not None:
 
