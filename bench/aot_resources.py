@@ -32,7 +32,6 @@ if __name__ == "__main__":  # @triton.jit reads TRITON_INTERPRET when a kernel i
 
 import torch  # noqa: E402
 
-from driftscope.kernels import _dispatch  # noqa: E402
 from driftscope.kernels.vocab_probe import triton_fold, triton_fused, triton_panel  # noqa: E402
 
 N, D, V = 16384, 5120, 151_936  # the paper's shape: tokens, hidden size, vocabulary
@@ -58,7 +57,7 @@ class Config:
 
 
 def _model_operands(h: str, w: str) -> tuple[str, str, bool]:
-    """(h pointer dtype, w pointer dtype, UPCAST) of one model as `_vocab_probe_triton` passes them on CUDA: mixed
+    """(h pointer dtype, w pointer dtype, UPCAST) of one model as `vocab_probe_fused` passes them on CUDA: mixed
     dtypes are multiplied in fp32, h upcast by the launcher (h.float()) and w in the kernel."""
     up = h != w
     return ("fp32" if up else h), w, up
@@ -73,7 +72,7 @@ def configs() -> list[Config]:
     out = []
     # panel fold: fp32 panels whatever the input dtype; r0 = a later panel's first row, ld = V padded
     fold_launch = {"num_warps": triton_fold.CUDA_NUM_WARPS}
-    rows = _dispatch.vocab_path("cpu", N, V).rows
+    rows = triton_panel.vocab_path("cpu", N, V).rows
     ld = -(-V // triton_panel._LD_MULTIPLE) * triton_panel._LD_MULTIPLE
     for has_t in (True, False):
         out.append(Config(

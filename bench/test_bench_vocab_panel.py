@@ -6,7 +6,7 @@ Triton kernel vs the floor, the two bf16 cuBLAS GEMMs with fp32 output. Skipped 
   panel / gemm_panels is the cost of the fold alone).
 - `panel`, `fused`: vocab_probe on the triton backend, DRIFTSCOPE_VOCAB_PATH forcing the path.
 CUDA-event medians; each records cuda_event_ms, ratio_to_floor = t / t(gemm_floor), GEMM TFLOP/s (4·N·V·d / t),
-tokens/s and the device. Predicted (`_dispatch.vocab_path`): panel ≈ 1.1× the floor, fused 3–5×.
+tokens/s and the device. Predicted (`triton_panel.vocab_path`): panel ≈ 1.1× the floor, fused 3–5×.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def gemm_floor(hb, wb, ht, wt, y):
 
 
 def gemm_panels(hb, wb, ht, wt, y):
-    from driftscope.kernels._dispatch import vocab_path
+    from driftscope.kernels.vocab_probe.triton_panel import vocab_path
 
     rows = vocab_path(hb.device, hb.shape[0], wb.shape[0]).rows
     zb, zt = (torch.empty(rows, wb.shape[0], dtype=torch.float32, device=hb.device) for _ in range(2))
@@ -57,7 +57,7 @@ def floor_ms(gpu_inputs):
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_vocab_panel_gpu(benchmark, gpu_inputs, floor_ms, name, monkeypatch):
-    from driftscope.kernels._dispatch import vocab_path
+    from driftscope.kernels.vocab_probe.triton_panel import vocab_path
 
     if name in ("panel", "fused"):
         monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", name)

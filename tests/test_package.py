@@ -1,39 +1,41 @@
 """The package imports, exposes its public API lazily and reports its backends."""
 import driftscope
 from driftscope.kernels import backend_status, use_backend
-from driftscope.kernels._dispatch import forced_backend, select
+from driftscope.kernels._dispatch import OPS, forced_backend
 
 import pytest
 
 
 def test_backend_status_reports_every_backend_with_a_reason():
     st = backend_status()
-    for name in ("triton", "cpp", "torch", "attention"):
+    for name in ("triton", "cpp", "torch", "flash_attn"):
         assert name in st and st[name]["reason"]
+    for op in ("vocab_probe", "cov_update", "attention", "paged_attention", "linear"):
+        assert st["ops"][op]["cpu"]["runs"] in st["ops"][op]["cpu"] and "cuda" in st["ops"][op], st["ops"][op]
     assert st["torch"]["available"] is True
     assert st["cpp"]["available"] is True, st["cpp"]["reason"]  # the build must produce driftscope._C
 
 
 def test_use_backend_forces_and_restores(monkeypatch):
     monkeypatch.delenv("DRIFTSCOPE_BACKEND", raising=False)
-    assert select("cpu") == "cpp"
+    assert OPS["vocab_probe"].select("cpu") == "cpp"
     with use_backend("torch"):
-        assert forced_backend() == "torch" and select("cpu") == "torch"
+        assert forced_backend() == "torch" and OPS["vocab_probe"].select("cpu") == "torch"
     assert forced_backend() is None
 
 
 def test_env_override_and_bad_name(monkeypatch):
     monkeypatch.setenv("DRIFTSCOPE_BACKEND", "torch")
-    assert select("cpu") == "torch"
+    assert OPS["vocab_probe"].select("cpu") == "torch"
     monkeypatch.setenv("DRIFTSCOPE_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="DRIFTSCOPE_BACKEND='cuda-magic'"):
-        select("cpu")
+        OPS["vocab_probe"].select("cpu")
 
 
 def test_forced_unavailable_backend_raises_with_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with use_backend("triton"), pytest.raises(RuntimeError, match="unavailable"):
-        select("cpu")
+        OPS["vocab_probe"].select("cpu")
 
 
 def test_unknown_public_name():

@@ -1,8 +1,9 @@
 """Causal attention over packed variable-length sequences: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [B+1]
 -> [T, Hq, D].
 
-`varlen_attention` uses flash-attn's varlen kernel on CUDA when available, torch SDPA per sequence otherwise;
-`varlen_attention_torch` is the obviously-correct fp32 reference (explicit masked softmax), same signature.
+`varlen_attention`'s backends, the table ATTENTION: flash-attn's varlen kernel (fp16/bf16 CUDA tensors, when
+installed), torch SDPA per sequence otherwise; `varlen_attention_torch` is the obviously-correct fp32 reference
+(explicit masked softmax), same signature.
 `window` (sliding-window attention, transformers' overlay): query i sees keys i - window < j <= i of its sequence;
 flash-attn takes it as window_size=(window - 1, 0), SDPA as banded masks over blocks of WINDOW_BLOCK queries (a
 block's keys start window - 1 before it, so no mask is larger than WINDOW_BLOCK × (WINDOW_BLOCK + window - 1)).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from driftscope.kernels._dispatch import flash_attn_status
+from driftscope.kernels._dispatch import Op
 
 WINDOW_BLOCK = 1024  # queries per SDPA call when a sliding window cuts a sequence (tests lower it)
 
@@ -51,13 +52,21 @@ def varlen_attention(
     assert window is None or window > 0, f"window={window}"
     if window is not None and window >= max_seqlen:
         window = None  # no sequence is longer than the window
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_status():
-        from flash_attn import flash_attn_varlen_func
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return ATTENTION.impls[ATTENTION.select(q.device, flash_attn=half)](q, k, v, cu_seqlens, max_seqlen, scale, window)
 
-        return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
-            window_size=(-1, -1) if window is None else (window - 1, 0),
-        )
+
+def _flash_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
+        window_size=(-1, -1) if window is None else (window - 1, 0),
+    )
+
+
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
+    """SDPA per sequence; a sliding window as banded masks over blocks of WINDOW_BLOCK queries."""
     gqa = k.shape[1] != q.shape[1]
     bounds = cu_seqlens.tolist()  # one host sync per call; B is small
     if len(bounds) == 2 and window is None:  # one sequence: no output copy into a preallocated buffer
@@ -75,6 +84,10 @@ def varlen_attention(
             band = (kj <= qi) & (kj > qi - window)  # [i1 - i0, i1 - j0]
             out[i0:i1].copy_(_sdpa(q[i0:i1], k[j0:i1], v[j0:i1], scale, gqa, band))
     return out
+
+
+ATTENTION = Op("attention", {"flash_attn": _flash_varlen, "torch": _sdpa_varlen}, takes={"flash_attn": "fp16/bf16"},
+               strict=False)
 
 
 def _sdpa(q, k, v, scale: float, gqa: bool, mask: torch.Tensor | None = None) -> torch.Tensor:

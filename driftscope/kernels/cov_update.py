@@ -5,22 +5,17 @@ Contract: `cov_update(sum_x, sum_xxT, x)` adds x's column sums to sum_x [d] and 
 float64. Mean and covariance follow at finalize: μ = Σx/N, C = Σxxᵀ/N − μμᵀ (done in float64, so the
 large-mean data of real hidden states, where fp32 sums lose the covariance, stay exact enough).
 A function on two plain tensors rather than a class: the probes' accumulators own the tensors and
-merge them by addition. Backends via kernels._dispatch.select: `triton` (upper-triangle blocks mirrored; float32/
-float64 x: fp64 tl.dot; bfloat16/float16 x: tensor-core tl.dot with fp32 accumulation over TC_ROWS rows, folded into
-the fp64 block sums, see `_cov_update_kernel`), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d
+merge them by addition. Backends, the table COV_UPDATE: `triton` (upper-triangle blocks mirrored; float32/float64
+x: fp64 tl.dot; bfloat16/float16 x: tensor-core tl.dot with fp32 accumulation over TC_ROWS rows, folded into the
+fp64 block sums, see `_cov_update_kernel`), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d
 triangle), `torch`.
 """
 from __future__ import annotations
 
 import torch
 
-from driftscope.kernels._dispatch import select, triton_interpreter
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # optional on CPU builds
-    triton = None
+from driftscope.kernels._dispatch import Op
+from driftscope.kernels._triton import tl, triton, triton_interpreter
 
 _X_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -111,13 +106,7 @@ def cov_update(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> t
     _check(sum_x, sum_xxT, x)
     if x.shape[0] == 0 or x.shape[1] == 0:
         return sum_x, sum_xxT
-    backend = select(x.device, ("triton", "cpp", "torch"))
-    if backend == "triton":
-        _cov_update_triton(sum_x, sum_xxT, x)
-    elif backend == "cpp":
-        _cov_update_cpp(sum_x, sum_xxT, x)
-    else:
-        cov_update_torch(sum_x, sum_xxT, x)
+    COV_UPDATE.impls[COV_UPDATE.select(x.device)](sum_x, sum_xxT, x)
     return sum_x, sum_xxT
 
 
@@ -152,3 +141,6 @@ def cov_update_torch(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor
     sum_x += x64.sum(0)
     sum_xxT += x64.T @ x64
     return sum_x, sum_xxT
+
+
+COV_UPDATE = Op("cov_update", {"triton": _cov_update_triton, "cpp": _cov_update_cpp, "torch": cov_update_torch})

@@ -2,9 +2,10 @@
 
 A decode step multiplies a handful of rows (one per running sequence) by every weight matrix. MKL's float32 GEMM
 is slow for few rows on the CPUs measured here (bench/RESULTS.md: 4–6 ms for [16, 768]·[768, 4096], the time of
-~100 rows), so rows ≤ SMALL_M go through `driftscope._C.small_gemm` (AVX2 dot products on the weight's own [N, K]
-layout, OpenMP over N), which streams each weight once; larger inputs and other devices or dtypes take
-`F.linear` (BLAS, cuBLAS). `linear_torch` is the float64 reference, same signature.
+~100 rows), so float32 inputs of ≤ SMALL_M rows go through the cpp backend, `driftscope._C.small_gemm` (AVX2 dot
+products on the weight's own [N, K] layout, OpenMP over N), which streams each weight once: the op's own rule in the
+table LINEAR. Larger inputs and other devices or dtypes take torch's `F.linear` (BLAS, cuBLAS). `linear_torch` is
+the float64 reference, same signature.
 
 No Triton kernel (STYLE.md rule 4): on CUDA cuBLAS is the kernel. Roofline: 2·M·N·K FLOPs, N·K·4 bytes of weight
 (memory-bound below M ≈ 30 on a 2-core AVX2 machine).
@@ -14,30 +15,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from driftscope.kernels._dispatch import cpp_status, forced_backend
+from driftscope.kernels._dispatch import Op
 
 SMALL_M = 128  # measured crossover vs MKL at [M, 768]·[768, 4096]: ~192 rows (bench/RESULTS.md); a margin below
-
-
-_cpp_ok: bool | None = None  # cpp_status("cpu"), asked once: linear runs ~50 times per decode step
-
-
-def _use_small_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    global _cpp_ok
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 2
-            and x.shape[0] <= SMALL_M and forced_backend() in (None, "cpp")):
-        return False
-    if _cpp_ok is None:
-        _cpp_ok = bool(cpp_status("cpu"))
-    return _cpp_ok
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (or [..., K] through F.linear), weight [N, K], bias [N] -> [M, N] in x's dtype. `out` (tests fill it
     with NaN to see unwritten elements) is used by the small-M kernel only."""
-    if not _use_small_gemm(x, weight):
-        return F.linear(x, weight, bias)
+    small = x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= SMALL_M
+    return LINEAR.impls[LINEAR.select(x.device, cpp=small)](x, weight, bias, out)
+
+
+def _small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
     from driftscope import _C
 
     M, K = x.shape
@@ -53,6 +44,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     b = 0 if bias is None else bias.contiguous().data_ptr()
     _C.small_gemm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), b, M, N, K)
     return out
+
+
+LINEAR = Op("linear", {"cpp": _small_gemm, "torch": lambda x, weight, bias, out: F.linear(x, weight, bias)},
+            takes={"cpp": f"float32 x [M, K] with M <= {SMALL_M} rows"}, strict=False)
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

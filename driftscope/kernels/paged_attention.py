@@ -5,10 +5,10 @@ context_lens, block_size, scale, window=None) -> [B, Hq, D]`. The cache is `S = 
 sequence b's context is slots `block_tables[b, p // block_size] · block_size + p % block_size` for positions
 p < context_lens[b] (the last one is the query token's own key, already written). With a sliding `window` only
 positions p >= context_lens[b] - window count (transformers' overlay); the cache keeps the older blocks.
-Backends: flash-attn's `flash_attn_with_kvcache` (paged, block_table) on CUDA when installed and the block size is a
-multiple of 256; `driftscope._C.paged_decode_attention` for float32 CPU tensors (reads the blocks in place);
-otherwise the keys are gathered into [B, Lmax] and torch SDPA
-runs once with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
+Backends, the table PAGED_ATTENTION: flash-attn's `flash_attn_with_kvcache` (paged, block_table) on fp16/bf16 CUDA
+tensors when installed and the block size is a multiple of 256; `driftscope._C.paged_decode_attention` for float32
+CPU tensors (reads the blocks in place); otherwise torch: the keys are gathered into [B, Lmax] and SDPA runs once
+with a key-padding mask. `paged_decode_attention_torch` is the fp32 reference, same signature.
 
 No Triton kernel here (STYLE.md rule 4): flash-attn, the cpp kernel and SDPA are the fast paths; this file holds the
 launcher and the reference. Roofline per layer: reads Σ_b context_b · 2·Hkv·D·elt bytes of cache,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from driftscope.kernels._dispatch import cpp_status, flash_attn_status, forced_backend
+from driftscope.kernels._dispatch import Op
 
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2 accepts paged caches whose block size is a multiple of 256
 
@@ -38,10 +38,15 @@ def _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens) ->
     assert q.dtype == k_cache.dtype == v_cache.dtype, f"dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
 
 
+def _select(device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+    half = dtype in (torch.float16, torch.bfloat16)
+    return PAGED_ATTENTION.select(device, flash_attn=half and block_size % FLASH_PAGE_MULTIPLE == 0,
+                                  cpp=dtype == torch.float32)
+
+
 def use_flash_paged(device: torch.device, dtype: torch.dtype, block_size: int) -> bool:
     """Whether `paged_decode_attention` takes flash-attn's paged kernel for these caches."""
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and block_size % FLASH_PAGE_MULTIPLE == 0 and flash_attn_status())
+    return _select(device, dtype, block_size) == "flash_attn"
 
 
 def paged_decode_attention(
@@ -58,37 +63,50 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # [B, Hq, D], q.dtype
     _check(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens)
     assert window is None or window > 0, f"window={window}"
+    return PAGED_ATTENTION.impls[_select(q.device, q.dtype, block_size)](
+        q, k_cache, v_cache, gather, key_mask, block_tables, context_lens, block_size, scale, window)
+
+
+def _flash_paged(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens, block_size, scale, window):
+    from flash_attn import flash_attn_with_kvcache
+
+    paged = (k_cache.shape[0] // block_size, block_size, *k_cache.shape[1:])  # [blocks, block_size, Hkv, D]
+    o = flash_attn_with_kvcache(
+        q[:, None], k_cache.view(paged), v_cache.view(paged),
+        cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
+        window_size=(-1, -1) if window is None else (window - 1, 0),
+    )  # [B, 1, Hq, D]
+    return o[:, 0]
+
+
+def _cpp_paged(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens, block_size, scale, window):
+    from driftscope import _C
+
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    if use_flash_paged(q.device, q.dtype, block_size):
-        from flash_attn import flash_attn_with_kvcache
+    out = torch.empty(B, Hq, D, dtype=torch.float32)
+    qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    bt, ctx = block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
+    _C.paged_decode_attention(out.data_ptr(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(),
+                              ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale, window or 0)
+    return out
 
-        nb = k_cache.shape[0] // block_size
-        o = flash_attn_with_kvcache(
-            q[:, None], k_cache.view(nb, block_size, Hkv, D), v_cache.view(nb, block_size, Hkv, D),
-            cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
-            window_size=(-1, -1) if window is None else (window - 1, 0),
-        )  # [B, 1, Hq, D]
-        return o[:, 0]
-    if q.device.type == "cpu" and q.dtype == torch.float32 and forced_backend() in (None, "cpp") and cpp_status("cpu"):
-        from driftscope import _C
 
-        out = torch.empty(B, Hq, D, dtype=torch.float32)
-        qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-        bt, ctx = block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
-        _C.paged_decode_attention(out.data_ptr(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(),
-                                  ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale,
-                                  window or 0)
-        return out
+def _sdpa_paged(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens, block_size, scale, window):
     if window is not None:  # [B, Lmax]: within the context and the window
         p = torch.arange(key_mask.shape[1], device=key_mask.device)
         key_mask = key_mask & (p[None, :] >= (context_lens.to(key_mask.device).long() - window)[:, None])
     k = k_cache[gather].transpose(1, 2)  # [B, Hkv, Lmax, D]
     v = v_cache[gather].transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q[:, :, None], k, v, attn_mask=key_mask[:, None, None, :], scale=scale, enable_gqa=Hkv != Hq,
+        q[:, :, None], k, v, attn_mask=key_mask[:, None, None, :], scale=scale, enable_gqa=k.shape[1] != q.shape[1],
     )  # [B, Hq, 1, D]
     return o[:, :, 0]
+
+
+PAGED_ATTENTION = Op("paged_attention", {"flash_attn": _flash_paged, "cpp": _cpp_paged, "torch": _sdpa_paged},
+                     takes={"flash_attn": f"fp16/bf16 and a block size multiple of {FLASH_PAGE_MULTIPLE}",
+                            "cpp": "float32"}, strict=False)
 
 
 def paged_decode_attention_torch(

@@ -179,7 +179,7 @@ def test_cpp_vs_reference(case, layout):
         with use_backend("cpp"):
             got = vp.vocab_probe(hb, wb, ht, wt, y)
     else:
-        got = vp._vocab_probe_cpp(hb, wb, ht, wt, y, **CPP_LAYOUTS[layout])
+        got = vp.vocab_probe_cpp(hb, wb, ht, wt, y, **CPP_LAYOUTS[layout])
     assert_result_close(got, want, f"cpp[{layout}] vs torch [{case.id}]")
     check_structure(got, case)
     check_case_invariants(got, case)
@@ -261,9 +261,7 @@ def test_input_errors_name_the_argument():
 
 def test_default_backend_on_cpu_is_cpp():
     pytest.importorskip("driftscope._C")
-    from driftscope.kernels._dispatch import select
-
-    assert select("cpu", ("triton", "cpp", "torch")) == "cpp"
+    assert vp.VOCAB_PROBE.select("cpu") == "cpp"
 
 
 def test_prologue_mismatch_rows_are_recounted_exactly():
@@ -273,7 +271,7 @@ def test_prologue_mismatch_rows_are_recounted_exactly():
     case = Case(37, 1000, 48, kind="ties")
     hb, wb, ht, wt, y = make_inputs(case)
     want = vp.vocab_probe_torch(hb, wb, ht, wt, y)
-    got = vp._vocab_probe_cpp(hb, wb, ht, wt, y, tile=16, chunk=256, _perturb_prologue=True)
+    got = vp.vocab_probe_cpp(hb, wb, ht, wt, y, tile=16, chunk=256, _perturb_prologue=True)
     assert_close_verbose(got.rank_base, want.rank_base, what="rank_base")
     assert_close_verbose(got.rank_tuned, want.rank_tuned, what="rank_tuned")
 
@@ -287,7 +285,7 @@ def test_triton_recount_pass_is_exact(case, mode, triton_device):
     hb, wb, ht, wt, y = make_inputs(case)
     want = vp.vocab_probe_torch(hb, wb, ht, wt, y)
     kw = {"_force_recount": True} if mode == "forced" else {"topk": 2}
-    got = vp._vocab_probe_triton(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), **kw)
+    got = vp.vocab_probe_fused(*(t.to(triton_device) for t in (hb, wb, ht, wt, y)), **kw)
     for name in ("rank_base", "rank_tuned", "rank_shift_top"):
         assert_close_verbose(getattr(got, name), getattr(want, name).to(triton_device), what=name)
 

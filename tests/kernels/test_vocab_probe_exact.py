@@ -66,11 +66,11 @@ def _spy_fallback(monkeypatch) -> list[int]:
 
 def _run_cpp(inputs, **kw):
     pytest.importorskip("driftscope._C")
-    return vp._vocab_probe_cpp(*inputs, tile=5, chunk=100, topk=2, _perturb_prologue=True, **kw)
+    return vp.vocab_probe_cpp(*inputs, tile=5, chunk=100, topk=2, _perturb_prologue=True, **kw)
 
 
 def _run_triton(inputs, device, **kw):
-    return vp._vocab_probe_triton(*(t.to(device) for t in inputs), **kw)
+    return vp.vocab_probe_fused(*(t.to(device) for t in inputs), **kw)
 
 
 def _assert_ranks(got, want, what: str) -> None:

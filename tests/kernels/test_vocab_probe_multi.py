@@ -70,9 +70,9 @@ def test_j_heads_with_cut_vocabularies_and_forced_recount():
     hb, wb, hts, wts, y = _tuned_set(Case(33, 900, 32), 3)
     wts = [torch.cat([w, torch.randn(7, w.shape[1])]) for w in wts]  # padded heads: only valid_vocab ids count
     with use_backend("cpp"):
-        many = vp._vocab_probe_cpp(hb, wb, hts, [w[:900] for w in wts], y, tile=8, chunk=128, topk=2,
+        many = vp.vocab_probe_cpp(hb, wb, hts, [w[:900] for w in wts], y, tile=8, chunk=128, topk=2,
                                    _perturb_prologue=True)
-        singles = [vp._vocab_probe_cpp(hb, wb, h, w[:900], y, tile=8, chunk=128, topk=2, _perturb_prologue=True)
+        singles = [vp.vocab_probe_cpp(hb, wb, h, w[:900], y, tile=8, chunk=128, topk=2, _perturb_prologue=True)
                    for h, w in zip(hts, wts)]
         via_api = vp.vocab_probe(hb, wb, hts, wts, y, valid_vocab=900)
     for j in range(3):
@@ -125,10 +125,10 @@ def test_the_second_pass_recomputes_each_base_tile_once_for_all_pairs(monkeypatc
         return real(h, *a)
 
     monkeypatch.setattr(cpp, "_recount_gemm", counting)
-    many = cpp._vocab_probe_cpp(hb, wb, hts, wts, y, tile=8, chunk=128, topk=2, panel_bytes=0)
+    many = cpp.vocab_probe_cpp(hb, wb, hts, wts, y, tile=8, chunk=128, topk=2, panel_bytes=0)
     tiles, chunks = -(-33 // 8), -(-900 // 128)
     assert calls["base"] == tiles * chunks, calls  # once per (tile, chunk), not once per tuned model
-    singles = [cpp._vocab_probe_cpp(hb, wb, h, w, y, tile=8, chunk=128, topk=2, panel_bytes=0)
+    singles = [cpp.vocab_probe_cpp(hb, wb, h, w, y, tile=8, chunk=128, topk=2, panel_bytes=0)
                for h, w in zip(hts, wts)]
     for j, (a, b) in enumerate(zip(many, singles)):
         _assert_equal(a, b, f"shared second pass, tuned {j}")
@@ -144,9 +144,9 @@ def test_the_base_panel_makes_the_second_pass_unneeded(monkeypatch):
     calls = []
     real = cpp._recount_gemm
     monkeypatch.setattr(cpp, "_recount_gemm", lambda *a: calls.append(1) or real(*a))
-    panel = cpp._vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4)
+    panel = cpp.vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4)
     assert calls == []
-    second = cpp._vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4 - 1)
+    second = cpp.vocab_probe_cpp(hb, wb, hts, wts, None, tile=8, chunk=128, topk=2, panel_bytes=8 * 900 * 4 - 1)
     assert calls, "a budget below one panel must use the second pass"
     for j, (a, b) in enumerate(zip(panel, second)):
         _assert_equal(a, b, f"panel vs second pass, tuned {j}")

@@ -1,6 +1,6 @@
 """vocab_probe's panel path on the triton backend (fp32 logits panels from one GEMM each, folded by `triton_fold`)
 against the fp32 reference: random and adversarial inputs, several panels, J tuned models, padded heads; the
-selection rule (`_dispatch.vocab_path`), its override DRIFTSCOPE_VOCAB_PATH and what backend_status says of it.
+selection rule (`triton_panel.vocab_path`), its override DRIFTSCOPE_VOCAB_PATH and what backend_status says of it.
 Under TRITON_INTERPRET=1 on CPU (small shapes), plus one gpu-marked exactness test at the paper's vocabulary.
 
 Tolerances as in test_vocab_probe (assert_result_close); ranks, argmaxes and rank_shift_top exactly equal.
@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from driftscope.kernels import backend_status, use_backend
+from driftscope.kernels._dispatch import Availability
 from kernel_helpers import assert_close_verbose
 from test_vocab_probe import INT_FIELDS, Case, assert_result_close, check_structure, make_inputs, vp
 from test_vocab_probe_exact import KINDS, _assert_identities, make_exact
 
-dispatch = importlib.import_module("driftscope.kernels._dispatch")
 panel = importlib.import_module("driftscope.kernels.vocab_probe.triton_panel")
 
 CASES = [
@@ -40,7 +40,7 @@ def _to(device, *ts):
 
 def _panel(device, hb, wb, hts, wts, y, rows, **kw):
     """The panel launcher directly (inputs already valid, heads cut), results on the CPU."""
-    out = panel._vocab_probe_panel(*_to(device, hb, wb, hts, wts), None if y is None else y.to(device), rows, **kw)
+    out = panel.vocab_probe_panel(*_to(device, hb, wb, hts, wts), None if y is None else y.to(device), rows, **kw)
     return [vp.VocabProbeResult(**{k: None if t is None else t.cpu() for k, t in r.to_dict().items()}) for r in out]
 
 
@@ -164,49 +164,49 @@ def test_env_override_selects_the_path(path, triton_device, monkeypatch):
     """Both paths on the same inputs through vocab_probe, each spied on, each equal to the reference."""
     monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", path)
     calls = []
-    for name in ("_vocab_probe_panel", "_vocab_probe_triton"):
-        real = getattr(vp, name)
-        monkeypatch.setattr(vp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    for name in ("vocab_probe_panel", "vocab_probe_fused"):
+        real = getattr(panel, name)
+        monkeypatch.setattr(panel, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     hb, wb, hts, wts, y = _three_tuned(Case(9, 300, 32))
     with use_backend("triton"):
         got = vp.vocab_probe(*_to(triton_device, hb, wb, hts, wts, y))
-    assert calls == (["_vocab_probe_panel"] if path == "panel" else ["_vocab_probe_triton"] * 3), calls
+    assert calls == (["vocab_probe_panel"] if path == "panel" else ["vocab_probe_fused"] * 3), calls
     for g, r in zip(got, vp.vocab_probe_torch(hb, wb, hts, wts, y)):
         assert_result_close(g, r, f"{path} via the API")
-    st = backend_status()["triton"]["vocab_path"]
+    st = backend_status()["ops"]["vocab_probe"]["vocab_path"]
     assert st["path"] == path and f"DRIFTSCOPE_VOCAB_PATH={path}" in st["reason"], st
 
 
 def test_rule_budget_rows_and_fallback(monkeypatch):
     monkeypatch.delenv("DRIFTSCOPE_VOCAB_PATH", raising=False)
     v = 151_936
-    p = dispatch.vocab_path("cpu", 16384, v)  # 2 GiB: 1766 rows fit -> 10 even panels, rounded to 1664
-    assert (p.path, p.rows) == ("panel", 1664) and dispatch.panel_bytes(p.rows, v) <= dispatch.PANEL_MAX_BYTES
-    assert dispatch.vocab_path("cpu", 37, v).rows == 37
-    monkeypatch.setattr(dispatch, "PANEL_MAX_BYTES", dispatch.panel_bytes(100, v))
-    assert dispatch.vocab_path("cpu", 150, v).rows == 75  # 100 fit: two even panels of 75 (128 does not fit)
-    monkeypatch.setattr(dispatch, "PANEL_MAX_BYTES", dispatch.panel_bytes(63, v))
-    p = dispatch.vocab_path("cpu", 16384, v)
+    p = panel.vocab_path("cpu", 16384, v)  # 2 GiB: 1766 rows fit -> 10 even panels, rounded to 1664
+    assert (p.path, p.rows) == ("panel", 1664) and panel.panel_bytes(p.rows, v) <= panel.PANEL_MAX_BYTES
+    assert panel.vocab_path("cpu", 37, v).rows == 37
+    monkeypatch.setattr(panel, "PANEL_MAX_BYTES", panel.panel_bytes(100, v))
+    assert panel.vocab_path("cpu", 150, v).rows == 75  # 100 fit: two even panels of 75 (128 does not fit)
+    monkeypatch.setattr(panel, "PANEL_MAX_BYTES", panel.panel_bytes(63, v))
+    p = panel.vocab_path("cpu", 16384, v)
     assert p.path == "fused" and "do not fit" in p.reason, p
-    assert dispatch.vocab_path("cpu", 40, v).path == "panel"  # 40 tokens need only 40 rows
-    assert backend_status()["triton"]["vocab_path"]["path"] == "fused"
+    assert panel.vocab_path("cpu", 40, v).path == "panel"  # 40 tokens need only 40 rows
+    assert backend_status()["ops"]["vocab_probe"]["vocab_path"]["path"] == "fused"
     monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", "panel")  # forced: at least PANEL_MIN_ROWS rows
-    assert dispatch.vocab_path("cpu", 16384, v).rows == dispatch.PANEL_MIN_ROWS
+    assert panel.vocab_path("cpu", 16384, v).rows == panel.PANEL_MIN_ROWS
     monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", "chunked")
     with pytest.raises(ValueError, match="DRIFTSCOPE_VOCAB_PATH='chunked' is not a vocab path"):
-        dispatch.vocab_path("cpu", 10, v)
+        panel.vocab_path("cpu", 10, v)
 
 
 def test_rule_without_mm_out_dtype(monkeypatch):
     """torch < 2.8 has no torch.mm(out_dtype=float32): on CUDA the rule falls back to fused, a forced panel raises."""
-    monkeypatch.setattr(dispatch, "mm_out_dtype_status", lambda: dispatch.Availability(False, "torch 2.4 lacks it"))
+    monkeypatch.setattr(panel, "mm_out_dtype_status", lambda: Availability(False, "torch 2.4 lacks it"))
     monkeypatch.delenv("DRIFTSCOPE_VOCAB_PATH", raising=False)
-    p = dispatch.vocab_path("cuda", 100, 1000)
+    p = panel.vocab_path("cuda", 100, 1000)
     assert p.path == "fused" and "torch 2.4 lacks it" in p.reason, p
-    assert dispatch.vocab_path("cpu", 100, 1000).path == "panel"  # the CPU GEMM is an fp32 one: not needed
+    assert panel.vocab_path("cpu", 100, 1000).path == "panel"  # the CPU GEMM is an fp32 one: not needed
     monkeypatch.setenv("DRIFTSCOPE_VOCAB_PATH", "panel")
     with pytest.raises(RuntimeError, match="forced but unavailable: torch 2.4 lacks it"):
-        dispatch.vocab_path("cuda", 100, 1000)
+        panel.vocab_path("cuda", 100, 1000)
 
 
 # ------------------------------------------------------------------ GPU: the paper's vocabulary, exact data
@@ -225,7 +225,7 @@ def test_gpu_exact_at_qwen_vocab(path, monkeypatch):
     hb, wb, ht, wt = (t.to("cuda", torch.bfloat16) for t in (hb, wb, ht, wt))
     y = y.clamp(max=vocab - 1).cuda()
     hts, wts = [ht, hb.clone()], [wt, -wb]
-    rows = dispatch.vocab_path("cuda", 1024, vocab).rows
+    rows = panel.vocab_path("cuda", 1024, vocab).rows
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -239,4 +239,4 @@ def test_gpu_exact_at_qwen_vocab(path, monkeypatch):
         for name in INT_FIELDS:
             assert torch.equal(getattr(g, name), getattr(r, name)), name
     if path == "panel":
-        assert extra <= dispatch.panel_bytes(rows, vocab + 64) + (64 << 20), f"peak extra {extra / 2**20:.0f} MiB"
+        assert extra <= panel.panel_bytes(rows, vocab + 64) + (64 << 20), f"peak extra {extra / 2**20:.0f} MiB"

@@ -3,11 +3,11 @@ the tuned top-1, entropies and log-sum-exps of a base and a tuned LM head, witho
 
 Contract: `vocab_probe(h_base, w_base, h_tuned, w_tuned, targets=None, *, valid_vocab=None)` returns a
 `VocabProbeResult` of [N] tensors (definitions on the class; target metrics None without targets).
-`kernels._dispatch.select` picks the backend per call (CUDA tensors -> triton, CPU -> cpp, torch last;
-DRIFTSCOPE_BACKEND or `use_backend` force one): triton (`_dispatch.vocab_path` picks `triton_panel`, cuBLAS
-GEMMs into fp32 panels + the `triton_fold` kernel, or `triton_fused`, one fused kernel), `cpp` (torch GEMM +
-driftscope._C fold) and `reference` (`vocab_probe_torch`, the fp32 reference). `common` holds the type, the
-input checks and the recount merge shared by the fused backends; README: Architecture.
+Backends, the table VOCAB_PROBE (kernels._dispatch picks one per call; DRIFTSCOPE_BACKEND or `use_backend` force
+one): triton (`triton_panel.vocab_probe_triton`: its `vocab_path` rule picks the panel path, cuBLAS GEMMs into
+fp32 panels + the `triton_fold` kernel, or `triton_fused`, one fused kernel), `cpp` (torch GEMM + driftscope._C
+fold) and torch (`reference.vocab_probe_torch`, the fp32 reference). `common` holds the type, the input checks,
+the flagged rows and the recount merge shared by the fused backends; README: Architecture.
 """
 from __future__ import annotations
 
@@ -15,29 +15,20 @@ from collections.abc import Sequence
 
 import torch
 
-from driftscope.kernels._dispatch import select, vocab_path
+from driftscope.kernels._dispatch import Op
 from driftscope.kernels.vocab_probe.common import (FLAGGED, VocabProbeResult, _check_finite_head, _check_inputs,
                                                    _empty_result, _flag_rows)
-from driftscope.kernels.vocab_probe.cpp import _cpp_tile_sizes, _vocab_probe_cpp
+from driftscope.kernels.vocab_probe.cpp import vocab_probe_cpp
 from driftscope.kernels.vocab_probe.reference import vocab_probe_torch
-from driftscope.kernels.vocab_probe.triton_fused import PACKED_FIELDS, PACKED_INT_FIELDS, _vocab_probe_triton
-from driftscope.kernels.vocab_probe.triton_panel import _vocab_probe_panel
+from driftscope.kernels.vocab_probe.triton_fused import vocab_probe_fused
+from driftscope.kernels.vocab_probe.triton_panel import path_status, vocab_probe_panel, vocab_probe_triton
 
-__all__ = [
-    "vocab_probe",
-    "vocab_probe_torch",
-    "VocabProbeResult",
-    "FLAGGED",
-    # backend entry points and helpers that tests and benches call directly
-    "PACKED_FIELDS",
-    "PACKED_INT_FIELDS",
-    "_check_inputs",
-    "_cpp_tile_sizes",
-    "_empty_result",
-    "_vocab_probe_cpp",
-    "_vocab_probe_triton",
-    "_vocab_probe_panel",
-]
+__all__ = ["vocab_probe", "vocab_probe_torch", "VocabProbeResult", "FLAGGED", "VOCAB_PROBE",
+           "vocab_probe_cpp", "vocab_probe_fused", "vocab_probe_panel", "vocab_probe_triton"]  # backends, for tests
+
+# every backend: (h_base, w_base, h_tuned list, w_tuned list, targets) -> a list of results, inputs validated
+VOCAB_PROBE = Op("vocab_probe", {"triton": vocab_probe_triton, "cpp": vocab_probe_cpp, "torch": vocab_probe_torch},
+                 details=path_status)
 
 
 def vocab_probe(
@@ -54,7 +45,7 @@ def vocab_probe(
     h_*: [N, d_*] final normed hidden states; w_*: [V_*, d_*] LM-head rows (float32/bfloat16/float16);
     targets: [N] int64/int32 next-token ids or None (target metrics are then None). valid_vocab: the
     tokenizer's vocabulary size when the heads are padded (rows beyond it are never produced);
-    required when the heads' row counts differ. The backend comes from kernels._dispatch.select.
+    required when the heads' row counts differ. The backend comes from VOCAB_PROBE.select.
     h_tuned and w_tuned may be sequences of J tuned states and heads: then a list of J results, each equal
     to its single-pair call, with the base work (its GEMM, prologue) done once (cpp, torch, triton panel).
     A row with NaN/Inf in h_base or h_tuned (or overflowed logits) is flagged, not computed: its floats NaN, its
@@ -81,18 +72,10 @@ def vocab_probe(
     bad = [~torch.isfinite(h).all(1) for h in (h_base, *hts)]  # [N] each: rows with NaN/Inf, one reduction each
     if bool(torch.stack(bad).any()):  # zeroed for the backends (a NaN row must not reach a kernel)
         h_base, *hts = [h.masked_fill(b[:, None], 0) for h, b in zip((h_base, *hts), bad)]
-    backend = select(h_base.device, ("triton", "cpp", "torch"))
+    backend = VOCAB_PROBE.select(h_base.device)
     if h_base.shape[0] == 0:
         out = [_empty_result(0, h_base.device, targets is not None) for _ in pairs]
-    elif backend == "triton":  # panel path (all J pairs, base GEMM shared) or one fused launch per pair
-        path = vocab_path(h_base.device, h_base.shape[0], w_base.shape[0])
-        if path.path == "panel":
-            out = _vocab_probe_panel(h_base, w_base, hts, wts, targets, path.rows)
-        else:
-            out = [_vocab_probe_triton(h_base, w_base, h, w, targets) for h, w in zip(hts, wts)]
-    elif backend == "cpp":
-        out = _vocab_probe_cpp(h_base, w_base, hts, wts, targets)
     else:
-        out = vocab_probe_torch(h_base, w_base, hts, wts, targets)
+        out = VOCAB_PROBE.impls[backend](h_base, w_base, hts, wts, targets)
     out = [_flag_rows(r, bad[0] | b) for r, b in zip(out, bad[1:])]
     return out if many else out[0]

@@ -62,8 +62,8 @@ def _take(z, ids, c0, out):
     out.copy_(torch.where(inside, z.gather(1, j.clamp(0, z.shape[1] - 1)[:, None])[:, 0], out))
 
 
-def _vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
-                     topk: int = 32, panel_bytes: int | None = None, _perturb_prologue: bool = False):
+def vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None = None, chunk: int | None = None,
+                    topk: int = 32, panel_bytes: int | None = None, _perturb_prologue: bool = False):
     """CPU backend: torch GEMM per (chunk, tile) into fp32 buffers, fused fold in driftscope._C.
 
     `h_tuned`, `w_tuned` may be sequences of J tuned states and heads (then a list of J results): the base

@@ -1,17 +1,11 @@
 """Triton backend: one fused kernel (both GEMMs, online fold over V, in-kernel top-k) and the launcher
-`_vocab_probe_triton`, which runs the recount kernel (`triton_recount`) for the rows the scan cannot decide."""
+`vocab_probe_fused`, which runs the recount kernel (`triton_recount`) for the rows the scan cannot decide."""
 from __future__ import annotations
 
 import torch
 
-from driftscope.kernels._dispatch import triton_interpreter
+from driftscope.kernels._triton import tl, triton, triton_interpreter
 from driftscope.kernels.vocab_probe.common import _merge_recount
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton is optional on CPU builds; the backend reports itself unavailable
-    triton = None
 
 # The fused kernel's packed outputs, one [N] row per field: fp32 [len(PACKED_FIELDS), N] and int64
 # [len(PACKED_INT_FIELDS), N]. zb_top: base logit at the tuned top-1; top_vb: base max logit; zpre_*: prologue
@@ -252,9 +246,9 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _vocab_probe_triton(h_base, w_base, h_tuned, w_tuned, targets, block_n: int | None = None,
-                        block_v: int | None = None, block_d: int | None = None, topk: int = TOPK,
-                        _force_recount: bool = False):
+def vocab_probe_fused(h_base, w_base, h_tuned, w_tuned, targets, block_n: int | None = None,
+                      block_v: int | None = None, block_d: int | None = None, topk: int = TOPK,
+                      _force_recount: bool = False):
     """Launch the fused kernel over cdiv(N, block_n) programs, then the recount pass where needed.
     Inputs are already validated and cut to the vocabulary (w_*: [V, d_*]). Blocks: CUDA 64×128×64
     (two fp32 [64, 128] accumulators per program, 8 warps; untuned: no GPU was available when this
