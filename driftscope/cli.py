@@ -206,8 +206,11 @@ def _run(args: argparse.Namespace) -> int:
     """args.func(args) inside the error boundary (see the module docstring)."""
     try:
         _refuse_torchrun(args)
-        _threads(args)
-        return args.func(args)
+        note = _threads(args)
+        rc = args.func(args)
+        if note:  # after the run, so that a refused input stays one line
+            print(note, file=sys.stderr)
+        return rc
     except KeyboardInterrupt as exc:
         print(getattr(args, "interrupted", "interrupted").format(**vars(args)), file=sys.stderr)
         from driftscope.errors import Terminated
@@ -250,26 +253,27 @@ def _refuse_torchrun(args: argparse.Namespace) -> None:
                          "without torchrun; drift, generate and eval --model are the commands that scale out")
 
 
-def _threads(args: argparse.Namespace) -> None:
+def _threads(args: argparse.Namespace) -> str:
     """A model run on the CPU of a busy machine (1-minute load average >= the usable cores) with OMP_NUM_THREADS unset
     runs on one thread: torch's default, one per core, competes with the load (a 135M forward ran ~5x faster on 1
-    thread than on 2 on a loaded 2-core machine). One line on stderr says so."""
+    thread than on 2 on a loaded 2-core machine). Returns the line that says so (printed when the run ends), or ""."""
     import os
 
     if args.cmd not in ("drift", "generate", "eval", "demo") or "OMP_NUM_THREADS" in os.environ:
-        return
+        return ""
     import torch
 
     devices = [getattr(args, "device", None), getattr(args, "base_device", None), *getattr(args, "tuned_device", ())]
     auto = "cuda" if args.cmd == "eval" and torch.cuda.is_available() else "cpu"  # eval's default device
     if any(str(d or auto).split(":")[0] != "cpu" for d in devices) or not hasattr(os, "getloadavg"):
-        return
+        return ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0]
-    if load >= cores and (was := torch.get_num_threads()) > 1:
-        torch.set_num_threads(1)
-        print(f"driftscope {args.cmd}: the machine is busy (load average {load:.1f} on {cores} cores): running on 1 "
-              f"thread, not {was}; set OMP_NUM_THREADS=N to choose", file=sys.stderr)
+    if load < cores or (was := torch.get_num_threads()) == 1:
+        return ""
+    torch.set_num_threads(1)
+    return (f"driftscope {args.cmd}: ran on 1 thread, not {was}: the machine was busy (load average {load:.1f} on "
+            f"{cores} cores); set OMP_NUM_THREADS=N to choose")
 
 
 def main(argv: list[str] | None = None) -> int:

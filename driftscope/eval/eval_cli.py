@@ -121,6 +121,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value of `--name V` or `--name=V` in lm-eval's arguments (the last one given), else None."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith(name + "="):
+            found = a.split("=", 1)[1]
+    return found
+
+
+def _check_pretrained(argv: list[str]) -> None:
+    """`--model driftscope --model_args pretrained=DIR,...`: DIR must be a folder, said before lm-eval starts."""
+    args = _flag(argv, "--model_args") or ""
+    kv = dict(p.split("=", 1) for p in args.split(",") if "=" in p)
+    if _flag(argv, "--model") == "driftscope" and "pretrained" in kv and not Path(kv["pretrained"]).is_dir():
+        what = "is a file" if Path(kv["pretrained"]).exists() else "the folder does not exist"
+        raise InputError(f"--model_args pretrained={kv['pretrained']}: {what}; expected a checkpoint folder "
+                         "(config.json + safetensors + tokenizer.json)")
+
+
 def run_lm_eval(argv: list[str]) -> int:
     """lm-eval's CLI on `argv` with the driftscope model registered and our tasks included. lm-eval reports its own
     usage errors; an exception raised in the run goes to the caller (the CLI's error boundary)."""
@@ -134,6 +155,7 @@ def run_lm_eval(argv: list[str]) -> int:
     from driftscope.eval.run import TASKS_DIR
 
     argv = list(argv)
+    _check_pretrained(argv)
     if argv and argv[0] in ("run", "ls", "validate") or not argv or argv[0].startswith("-"):
         if "--include_path" not in argv and (not argv or argv[0] in ("run", "ls", "validate") or "--tasks" in argv):
             argv += ["--include_path", str(TASKS_DIR)]

@@ -43,7 +43,6 @@ def test_numeric_flags_out_of_range(tmp_path, capsys, no_model, flag, value):
 
 
 def test_lm_eval_pretrained_folder_that_does_not_exist(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval's own INFO lines aside
     rc = main(["lm-eval", "run", "--model", "driftscope", "--model_args", f"pretrained={tmp_path / 'nope'}",
                "--tasks", "ds_math500"])
     err = _error(rc, capsys.readouterr().err, f"pretrained={tmp_path / 'nope'}: the folder does not exist")
