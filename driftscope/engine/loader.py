@@ -7,9 +7,10 @@ allow_pickle=True (--allow-pickle). User-fixable failures are InputError.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -80,13 +81,10 @@ def expected_weights(config: ModelConfig, model: Transformer | None = None) -> d
     """HF tensor name -> where it goes and what shape it must have, in checkpoint order (embeddings first)."""
     model = model if model is not None else Transformer(config, device="meta")
     params = dict(model.named_parameters())
-    table: list[tuple[str, tuple[str, str | None, str | None]]] = []
-    table.append(("model.embed_tokens.weight", GLOBAL_WEIGHTS["model.embed_tokens.weight"]))
-    for i in range(config.num_layers):
-        for hf, (ours, part, cond) in LAYER_WEIGHTS.items():
-            table.append((f"model.layers.{i}.{hf}", (f"layers.{i}.{ours}", part, cond)))
-    table.append(("model.norm.weight", GLOBAL_WEIGHTS["model.norm.weight"]))
-    table.append(("lm_head.weight", GLOBAL_WEIGHTS["lm_head.weight"]))
+    table = [("model.embed_tokens.weight", GLOBAL_WEIGHTS["model.embed_tokens.weight"])]
+    table += [(f"model.layers.{i}.{hf}", (f"layers.{i}.{ours}", part, cond))
+              for i in range(config.num_layers) for hf, (ours, part, cond) in LAYER_WEIGHTS.items()]
+    table += [(hf, GLOBAL_WEIGHTS[hf]) for hf in ("model.norm.weight", "lm_head.weight")]
     out: dict[str, Target] = {}
     for hf, (ours, part, cond) in table:
         if not _condition(cond, config):
@@ -109,10 +107,13 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 
 # ------------------------------------------------------------------ checkpoint files
 class _Source:
-    """A set of tensor files: name -> file, with shape/dtype look-ups before any data is read."""
+    """A set of tensor files: name -> file, with shape/dtype look-ups before any data is read; `index` and
+    `weight_map`: the index file that lists the shards, and what it says is in each (None without one)."""
 
-    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], opener):
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], opener,
+                 index: Path | None = None, weight_map: dict[str, str] | None = None):
         self.files, self.shapes, self.dtypes, self._opener = files, shapes, dtypes, opener
+        self.index, self.weight_map = index, weight_map
 
     def iter_tensors(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one tensor at a time, file by file."""
@@ -120,35 +121,32 @@ class _Source:
         for n in sorted(names):
             by_file.setdefault(self.files[n], []).append(n)
         for f, ns in by_file.items():
-            with self._opener(f) as get:
+            with self._opener(f) as opened:
                 for n in ns:
-                    yield n, get(n)
+                    yield n, opened.get_tensor(n)
 
 
 @contextmanager
-def _open_safetensors(path: Path):
+def _safetensors(path: Path):
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            yield f.get_tensor
+            yield f
     except SafetensorError as exc:
         raise InputError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
 
 
-def _scan_safetensors(paths: list[Path]) -> _Source:
+def _scan_safetensors(paths: list[Path], weight_map: dict | None = None, index: Path | None = None) -> _Source:
     files: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
     for path in paths:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name in files:
-                        raise InputError(f"{path}: tensor {name!r} is also stored in {files[name]}")
-                    sl = f.get_slice(name)
-                    files[name], shapes[name], dtypes[name] = path, tuple(sl.get_shape()), sl.get_dtype()
-        except SafetensorError as exc:
-            raise InputError(f"{path}: cannot read safetensors file ({exc}); is it truncated or corrupt?") from exc
-    return _Source(files, shapes, dtypes, _open_safetensors)
+        with _safetensors(path) as f:
+            for name in f.keys():
+                if name in files:
+                    raise InputError(f"{path}: tensor {name!r} is also stored in {files[name]}")
+                sl = f.get_slice(name)
+                files[name], shapes[name], dtypes[name] = path, tuple(sl.get_shape()), sl.get_dtype()
+    return _Source(files, shapes, dtypes, _safetensors, index, weight_map)
 
 
 def _scan_pickle(paths: list[Path]) -> _Source:
@@ -168,12 +166,7 @@ def _scan_pickle(paths: list[Path]) -> _Source:
     shapes = {n: tuple(loaded[p][n].shape) for n, p in files.items()}
     rev = {v: k for k, v in STORED_DTYPES.items()}
     dtypes = {n: rev.get(loaded[p][n].dtype, str(loaded[p][n].dtype)) for n, p in files.items()}
-
-    @contextmanager
-    def opener(path: Path):
-        yield loaded[path].__getitem__
-
-    return _Source(files, shapes, dtypes, opener)
+    return _Source(files, shapes, dtypes, lambda p: nullcontext(SimpleNamespace(get_tensor=loaded[p].__getitem__)))
 
 
 def _index_files(index: Path, suffix: str) -> tuple[list[Path], dict[str, str]]:
@@ -191,29 +184,22 @@ def _index_files(index: Path, suffix: str) -> tuple[list[Path], dict[str, str]]:
     return [index.parent / s for s in shards], weight_map
 
 
-def _find_source(root: Path, allow_pickle: bool) -> tuple[_Source, dict[str, str] | None, Path | None]:
-    """(source, weight_map from the index or None, index path or None)."""
+def _find_source(root: Path, allow_pickle: bool) -> _Source:
     index = root / "model.safetensors.index.json"
-    single = root / "model.safetensors"
     if index.is_file():
-        paths, weight_map = _index_files(index, ".safetensors")
-        return _scan_safetensors(paths), weight_map, index
-    if single.is_file():
-        return _scan_safetensors([single]), None, None
+        return _scan_safetensors(*_index_files(index, ".safetensors"), index=index)
+    if (root / "model.safetensors").is_file():
+        return _scan_safetensors([root / "model.safetensors"])
     pickles = [root / n for n in PICKLE_NAMES if (root / n).is_file()] + sorted(root.glob("*.pt"))
     if pickles:
         if not allow_pickle:
-            raise InputError(
-                f"{pickles[0]}: pickle checkpoints can execute code when loaded, so they are refused; convert to "
-                "safetensors, or pass --allow-pickle (allow_pickle=True in Python) to load it with "
-                "torch.load(weights_only=True)"
-            )
+            raise InputError(f"{pickles[0]}: pickle checkpoints can execute code when loaded, so they are refused; "
+                             "convert to safetensors, or pass --allow-pickle (allow_pickle=True in Python) to load it "
+                             "with torch.load(weights_only=True)")
         pindex = root / "pytorch_model.bin.index.json"
-        paths = _index_files(pindex, ".bin")[0] if pindex.is_file() else [pickles[0]]
-        return _scan_pickle(paths), None, None
-    raise FileNotFoundError(
-        f"{root}: no model.safetensors or model.safetensors.index.json (nor a pickle checkpoint) found"
-    )
+        return _scan_pickle(_index_files(pindex, ".bin")[0] if pindex.is_file() else [pickles[0]])
+    raise FileNotFoundError(f"{root}: no model.safetensors or model.safetensors.index.json (nor a pickle checkpoint) "
+                            "found")
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -246,7 +232,7 @@ def _check_finite(name: str, file: Path, loaded: torch.Tensor, stored: torch.Ten
                      "the checkpoint is damaged or diverged")
 
 
-# ------------------------------------------------------------------ the entry point
+# ------------------------------------------------------------------ the entry point and its steps
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
     allow_pickle: bool = False, stream_layers: bool = False,
@@ -260,61 +246,71 @@ def load_model(
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint folder not found")
-    dtype = torch_dtype(dtype)
-    device = check_device(device)
+    dtype, device = torch_dtype(dtype), check_device(device)
     config = ModelConfig.from_file(root / "config.json")
-    source, weight_map, index = _find_source(root, allow_pickle)
-
+    source = _find_source(root, allow_pickle)
     model = Transformer(config, device="meta", dtype=dtype)
     expected = expected_weights(config, model)
+    _check_names(source, expected, config, root)
+    _check_shapes(source, expected, config)
+    if stream_layers:  # the layers' tensors go to StreamedLayers; the rest is loaded below
+        expected = _stream_layers(model, source, expected, dtype)
+    model.to_empty(device=device)
+    _copy_weights(model, source, expected)
+    if stream_layers:
+        model.layers.verify(_check_finite)
+    model.requires_grad_(False)
+    return model.eval()
 
-    # --- names: everything expected is stored (where the index says), nothing else is
-    if weight_map is not None:
-        for name, shard in weight_map.items():
-            if name not in source.files:
-                raise InputError(f"{index}: tensor {name!r} is listed in shard {shard} but not stored there")
-            if source.files[name].name != shard:
-                raise InputError(f"{index}: tensor {name!r} is listed in {shard} but stored in {source.files[name]}")
+
+def _check_names(source: _Source, expected: dict[str, Target], config: ModelConfig, root: Path) -> None:
+    """Everything expected is stored (where the index says), nothing else is."""
+    for name, shard in (source.weight_map or {}).items():
+        if name not in source.files:
+            raise InputError(f"{source.index}: tensor {name!r} is listed in shard {shard} but not stored there")
+        if source.files[name].name != shard:
+            raise InputError(f"{source.index}: tensor {name!r} is listed in {shard} but stored in "
+                             f"{source.files[name]}")
     for name in sorted(source.files):
         if name not in expected and not _ignored(name, config):
-            raise InputError(
-                f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} "
-                f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, "
-                f"qk_norm={config.qk_norm})"
-            )
+            raise InputError(f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} (tie_word_embeddings="
+                             f"{config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm})")
     for name in expected:
         if name not in source.files:
             stored = sorted({str(p) for p in source.files.values()})
-            where = index if index is not None else ", ".join(stored) if stored else root
+            where = source.index if source.index is not None else ", ".join(stored) if stored else root
             raise InputError(f"{where}: missing tensor {name!r} required by {config.source}")
-    # --- shapes and dtypes, before any data is read
-    for name, target in expected.items():
-        got = source.shapes[name]
-        if got != target.shape:
-            raise InputError(
-                f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected {list(target.shape)} "
-                f"from {config.source}"
-            )
-        if source.dtypes[name] not in STORED_DTYPES:
-            raise InputError(
-                f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; "
-                f"supported: {', '.join(STORED_DTYPES)}"
-            )
 
-    if stream_layers:
-        pickled = sorted({str(f) for f in source.files.values() if f.suffix != ".safetensors"})
-        if pickled:
-            raise InputError(f"{pickled[0]}: stream_layers=True (--stream-layers) maps safetensors files; convert "
-                             "this pickle checkpoint to safetensors")
-        layers: list[list[LayerTensor]] = [[] for _ in range(config.num_layers)]
-        for name, t in expected.items():
-            if t.param.startswith("layers."):  # "layers.{i}.{param inside the Block}"
-                _, i, local = t.param.split(".", 2)
-                layers[int(i)].append(LayerTensor(source.files[name], name, local, t.rows))
-        expected = {n: t for n, t in expected.items() if not t.param.startswith("layers.")}
-        model.layers = StreamedLayers(config, layers, dtype)
-    # --- data: allocate once, copy tensor by tensor (peak = model + one stored tensor)
-    model.to_empty(device=device)
+
+def _check_shapes(source: _Source, expected: dict[str, Target], config: ModelConfig) -> None:
+    """Every tensor's shape and stored dtype, before any data is read."""
+    for name, target in expected.items():
+        if (got := source.shapes[name]) != target.shape:
+            raise InputError(f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected "
+                             f"{list(target.shape)} from {config.source}")
+        if source.dtypes[name] not in STORED_DTYPES:
+            raise InputError(f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; "
+                             f"supported: {', '.join(STORED_DTYPES)}")
+
+
+def _stream_layers(model: Transformer, source: _Source, expected: dict[str, Target],
+                   dtype: torch.dtype) -> dict[str, Target]:
+    """`model.layers` read from the (mapped) safetensors files as they run; returns the tensors left to load."""
+    pickled = sorted({str(f) for f in source.files.values() if f.suffix != ".safetensors"})
+    if pickled:
+        raise InputError(f"{pickled[0]}: stream_layers=True (--stream-layers) maps safetensors files; convert "
+                         "this pickle checkpoint to safetensors")
+    layers: list[list[LayerTensor]] = [[] for _ in range(model.config.num_layers)]
+    for name, t in expected.items():
+        if t.param.startswith("layers."):  # "layers.{i}.{param inside the Block}"
+            _, i, local = t.param.split(".", 2)
+            layers[int(i)].append(LayerTensor(source.files[name], name, local, t.rows))
+    model.layers = StreamedLayers(model.config, layers, dtype)
+    return {n: t for n, t in expected.items() if not t.param.startswith("layers.")}
+
+
+def _copy_weights(model: Transformer, source: _Source, expected: dict[str, Target]) -> None:
+    """Into the allocated parameters, tensor by tensor (peak = model + one stored tensor), each checked finite."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     with torch.no_grad():
@@ -330,8 +326,3 @@ def load_model(
     for pname in {t.param for t in expected.values()}:
         rows = params[pname].shape[0]
         assert filled.get(pname) == rows, f"{pname}: filled {filled.get(pname)} of {rows} rows"
-    if stream_layers:
-        model.layers.verify(_check_finite)
-    model.requires_grad_(False)
-    model.eval()
-    return model
