@@ -70,18 +70,15 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
 
 def _sampling_names() -> list[str]:
-    """SamplingParams fields that `generate` takes from DriftOptions' decoding flags (n is its own flag)."""
-    from driftscope.drift_run.options import DriftOptions
+    """The SamplingParams fields that are flags of `generate` (the decoding options and -n)."""
     from driftscope.engine.sampling import SamplingParams
 
-    drift_names = {f.name for f in fields(DriftOptions)}
-    return [f.name for f in fields(SamplingParams) if f.name in drift_names]
+    return [f.name for f in fields(SamplingParams) if "cli" in f.metadata]
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import logging
 
-    from driftscope.drift_run.options import DriftOptions
     from driftscope.responses import GenerateOptions, generate_responses
     from driftscope.records import skipped
     from driftscope.engine.sampling import SamplingParams
@@ -90,9 +87,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if (world := _torchrun_size()) > 1:  # the Ctrl-C line (_run) then
         args.interrupted = (f"interrupted; rerun the same torchrun command ({world} processes) to continue "
                             "({out}.partial.rank* keep what was done)")
-    sampling = options_from(args, DriftOptions, _sampling_names())
-    check_ranges(DriftOptions, sampling)  # named with their flags, as drift's
-    params = SamplingParams(n=args.n, **sampling)
+    sampling = options_from(args, SamplingParams, _sampling_names())
+    check_ranges(SamplingParams, sampling)  # named with their flags, as drift's
+    params = SamplingParams(**sampling)
     report = generate_responses(args.model, args.data, args.out, params,
                                 GenerateOptions(**options_from(args, GenerateOptions)))
     if report.rank != 0:  # under torchrun rank 0 wrote OUT and prints the totals
@@ -126,12 +123,11 @@ def _add_generate(sub, with_options: bool) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
     p.add_argument("--data", required=True, help="prompts file: JSONL/JSON/parquet records")
     p.add_argument("--out", required=True, help="responses file (JSONL, the paper's {input, output} records)")
-    p.add_argument("-n", type=int, default=1, help="samples per prompt (default: %(default)s)")
     if with_options:
-        from driftscope.drift_run.options import DriftOptions
+        from driftscope.engine.sampling import SamplingParams
         from driftscope.responses import GenerateOptions
 
-        add_options(p, DriftOptions, _sampling_names())
+        add_options(p, SamplingParams, _sampling_names())
         add_options(p, GenerateOptions)
     p.set_defaults(func=_cmd_generate,
                    interrupted="interrupted; rerun the same command to continue ({out}.partial keeps what was done)")

@@ -18,15 +18,24 @@ from dataclasses import MISSING, Field, fields
 
 from driftscope.errors import InputError
 
-__all__ = ["cli", "add_options", "options_from", "check_ranges", "size", "json_object", "as_object", "on_off"]
+__all__ = ["cli", "add_options", "options_from", "options_doc", "check_ranges", "results", "size", "json_object",
+           "as_object", "on_off"]
 
 
 def cli(help: str, *, flag: str | None = None, group: str | None = None, ge=None, gt=None, le=None,
-        **argparse_kw) -> dict:
-    """A field's metadata: its help text; a number's range (ge: at least, gt: above, le: at most); and where the
-    defaults don't fit the flag name, the argparse group and add_argument keywords (type, choices, action, metavar)."""
+        cosmetic: bool = False, **argparse_kw) -> dict:
+    """A field's metadata: its help text; a number's range (ge: at least, gt: above, le: at most); `cosmetic`: the
+    option changes no number of the result (a resumed run may change it; see `results`); and where the defaults don't
+    fit the flag name, the argparse group and add_argument keywords (type, choices, action, metavar)."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
-    return {"cli": {"help": help, "flag": flag, "group": group, **argparse_kw}, "range": bounds}
+    return {"cli": {"help": help, "flag": flag, "group": group, **argparse_kw}, "range": bounds, "cosmetic": cosmetic}
+
+
+def results(options) -> dict:
+    """The fields of the dataclass instance `options` that change results (not `cli(..., cosmetic=True)`, not
+    `compare=False`), as JSON-able values: what a resumed run must share with the run it continues."""
+    kept = {f.name: getattr(options, f.name) for f in fields(options) if f.compare and not f.metadata.get("cosmetic")}
+    return json.loads(json.dumps(kept))
 
 
 _OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}

@@ -21,14 +21,14 @@ import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from driftscope.distributed import World, processes
 from driftscope.telemetry import Progress
-from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
+from driftscope.cli_options import cli, results
 from driftscope.engine.config import ModelConfig
-from driftscope.engine.data import OVERLONG, fit_prompts
+from driftscope.engine.data import fit_prompts
 from driftscope.records import skipped
 from driftscope.engine.decoding import GenerationEngine, Generation
 from driftscope.engine.generate import load_for_generation, make_requests
@@ -37,53 +37,26 @@ from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES, atomic_write_text, checkpoint_identity, file_digest
+from driftscope.options import GenerationOptions, RunOptions
+from driftscope.util import atomic_write_text, checkpoint_identity, file_digest
 
 log = logging.getLogger(__name__)
-PARTIAL_FORMAT = 1
+PARTIAL_FORMAT = 2  # 2: the options of the fingerprint are GenerateOptions' result fields, by name
 
 
 @dataclass
-class GenerateOptions:
-    """Options of `generate_responses` besides the sampling; each field's cli() metadata makes its flag."""
+class GenerateOptions(RunOptions, GenerationOptions):
+    """Options of `generate_responses` besides the sampling: the shared parts (driftscope.options) and its own; each
+    field's cli() metadata makes its flag."""
 
-    limit: int | None = field(default=None, metadata=cli("the first N usable records only", ge=1))
-    prompt_field: str | None = field(default=None, metadata=cli(  # default: see engine/prompts.py
-        "record field holding the prompt (default: messages, input, prompt, question, problem or text, the first "
-        "present)", flag="--field", metavar="FIELD"))
-    chat: bool = field(default=False, metadata=cli(
-        "render 'prompt' fields as a user message with the chat template", group="decoding"))
-    system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
-    thinking: bool | None = field(default=None, metadata=cli(
-        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
-    chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
-        "JSON object passed to the template", type=json_object, metavar="JSON"))
-    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
-    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
-    cache_memory: int | None = field(default=None, metadata=cli(
-        "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
-        group="decoding", ge=1))
-    block_size: int | None = field(default=None, metadata=cli(
-        "tokens per KV cache block (default: the engine's)", ge=1))
-    max_num_seqs: int = field(default=256, metadata=cli(
-        "sequences decoded together at most", group="decoding", ge=1))
-    max_step_tokens: int = field(default=8192, metadata=cli("tokens computed in one engine step at most", ge=1))
-    progress: bool | None = field(default=None, metadata=cli("progress bar on stderr (default: when it is a terminal)"))
+    limit: int | None = field(default=None, metadata=cli("the first N usable records only", ge=1, cosmetic=True))
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
         "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
-        "number of processes"))
-    overwrite: bool = field(default=False, metadata=cli("replace an existing (finished) OUT"))
-    dist_timeout: float = field(default=1800.0, metadata=cli(
-        "under torchrun: seconds a process waits for the others (rank 0 waits for the slowest share)", gt=0))
-    overlong: str = field(default="error", metadata=cli(
-        "prompts whose prompt + --max-new-tokens exceed the model's context (max_position_embeddings): error refuses "
-        "them, naming them; truncate stops generating at the context", choices=OVERLONG))
+        "number of processes", cosmetic=True))
 
     def __post_init__(self) -> None:
-        check_ranges(GenerateOptions, vars(self))  # every number, named with its flag
-        if self.overlong not in OVERLONG:
-            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
-        self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
+        GenerationOptions.__post_init__(self)
+        RunOptions.__post_init__(self)
 
 
 @dataclass
@@ -101,13 +74,9 @@ class ResponsesReport:
 
 
 def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: GenerateOptions) -> dict:
-    p = asdict(params)
-    p.pop("extra")
     return {
         "format": PARTIAL_FORMAT, "model": str(model_dir.resolve()), "checkpoint": checkpoint_identity(model_dir),
-        "data": str(data.resolve()), "data_sha256": file_digest(data), "field": o.prompt_field,
-        "sampling": json.loads(json.dumps(p)), "chat": o.chat, "system": o.system, "thinking": o.thinking,
-        "chat_template_kwargs": o.chat_template_kwargs, "dtype": o.dtype,
+        "data": str(data.resolve()), "data_sha256": file_digest(data), "sampling": results(params), **results(o),
     }
 
 
@@ -144,8 +113,8 @@ class PartialFile:
         fingerprint is read once, this rank's file whole, the others' first lines only."""
         w, found = self.world, self._found()
         mine = None if w.size == 1 else w.rank
-        lines = {r: p.read_bytes().split(b"\n") if r == mine else _first_line(p) for r, p in found.items()}
-        heads = {r: _fingerprint_in(ls[0]) for r, ls in lines.items()}
+        rows = self.path.read_bytes().split(b"\n") if mine in found else [b""]
+        heads = {r: _head(rows[0] if r == mine else p) for r, p in found.items()}
         sizes = (h.get("world_size") for h in heads.values() if h is not None)
         saved = None if not found else 1 if None in found else next(  # a rank file's world_size, or its ranks'
             (n for n in sizes if isinstance(n, int) and n > 1), max(max(found) + 1, 2))
@@ -174,7 +143,7 @@ class PartialFile:
             raise ValueError(f"{self.path}: an interrupted run with other inputs or options is there ("
                              + "; ".join(f"{k}: {old.get(k)!r} then, {self.fp.get(k)!r} now" for k in keys)
                              + "); rerun it with its own options to finish it, or pass --restart to discard it")
-        rows, done = lines[mine], {}
+        done = {}
         for n, raw in enumerate(rows[1:], start=2):
             if not raw.strip():
                 continue
@@ -221,18 +190,14 @@ class PartialFile:
         self.path.unlink()
 
 
-def _first_line(path: Path) -> list[bytes]:
+def _head(line: bytes | Path) -> dict | None:
+    """The fingerprint on a partial file's first line (read from the file when given its path), or None."""
     try:
-        with open(path, "rb") as f:
-            return [f.readline()]
-    except OSError:  # another rank's file, read for its fingerprint only
-        return [b""]
-
-
-def _fingerprint_in(line: bytes) -> dict | None:
-    try:
+        if isinstance(line, Path):  # another rank's file: only its fingerprint is read
+            with open(line, "rb") as f:
+                line = f.readline()
         fp = json.loads(line)["fingerprint"]
-    except (ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return fp if isinstance(fp, dict) else None
 

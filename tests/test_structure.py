@@ -123,7 +123,7 @@ def test_no_import_circle():
 LAYERS = (
     {"driftscope", "driftscope._C", "errors", "util", "cli_options"},
     {"kernels"},
-    {"engine"},
+    {"engine", "options"},
     {"records", "probes", "testing"},
     {"distributed", "telemetry"},
     {"report"},

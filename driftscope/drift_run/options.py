@@ -1,16 +1,16 @@
 """Options of a drift run, validated once; `fingerprint()` names what a resumed run must share with the original."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
-from driftscope.engine.data import OVERLONG
+from driftscope.cli_options import check_ranges, cli, results
+from driftscope.engine.sampling import Decoding, SamplingParams
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES, checkpoint_identity, dtype_name, file_digest
+from driftscope.options import EngineOptions, ModelOptions, PromptOptions, RunOptions
+from driftscope.util import checkpoint_identity, dtype_name, file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
@@ -18,28 +18,24 @@ STATE_FORMAT = 4  # layout of the resumable state (4: a probe bundle per task, h
 
 
 @dataclass
-class DriftOptions:
-    """Every option of a drift run; each field's cli() metadata makes its `driftscope drift` flag."""
+class DriftOptions(RunOptions, ModelOptions, PromptOptions, EngineOptions, Decoding):
+    """Every option of a drift run: the shared parts (driftscope.options, the decoding options of SamplingParams) and
+    the drift app's own; each field's cli() metadata makes its `driftscope drift` flag."""
 
     max_batch_tokens: int = field(default=8192, metadata=cli(
         "token budget of one packed batch: bounds activation memory", ge=1))
     max_seq_len: int | None = field(default=None, metadata=cli(
         "keep the first N tokens of each sample (default: all)", ge=2))
-    overlong: str = field(default="error", metadata=cli(
-        "records longer than the models' context (max_position_embeddings; with --generate: prompt + "
-        "--max-new-tokens): error refuses them, naming them; truncate scores their first tokens (with --generate: "
-        "stops generating at the context)", choices=OVERLONG))
-    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1"))
     # a model per device: layer i of each model runs on its device; probes run on the base's (see engine/runner.py)
     base_device: str | None = field(default=None, metadata=cli(
-        "device of the base model (default: --device); under torchrun cuda:i is the i-th GPU of each process's group"))
+        "device of the base model (default: --device); under torchrun cuda:i is the i-th GPU of each process's group",
+        cosmetic=True))
     tuned_device: tuple = field(default=(), metadata=cli(
         "device of the tuned models: once for all, or once per --tuned in order (default: --device; under torchrun "
-        "relative to each process's group of GPUs, like --base-device)"))
+        "relative to each process's group of GPUs, like --base-device)", cosmetic=True))
     stream_layers: bool = field(default=False, metadata=cli(
         "weights stay in host memory (memory-mapped safetensors); each layer is copied to its device just before it "
-        "runs, overlapped with the previous layer's compute: for models that do not fit device memory"))
-    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
+        "runs, overlapped with the previous layer's compute: for models that do not fit device memory", cosmetic=True))
     # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
     pca: str = field(default="streaming", metadata=cli(
         "hidden-state PCA: streaming (moments of the scored tokens), paper (the paper's k-query procedure) or none",
@@ -56,65 +52,30 @@ class DriftOptions:
     cka_proj_dim: int = field(default=256, metadata=cli(
         "projected CKA: dimension of the random projection", ge=1))
     top_tokens: int = field(default=200, metadata=cli(
-        "rows of the shifted-token table in summary.json (the token table file has all)", ge=0))
+        "rows of the shifted-token table in summary.json (the token table file has all)", ge=0, cosmetic=True))
     checkpoint_every: float = field(default=30.0, metadata=cli(
         "min seconds between resumable checkpoints, stretched to keep saving <= ~10% of the time (0: every batch)",
-        ge=0))
-    resume: bool = field(default=False, metadata=cli("continue an interrupted run in --out"))
-    overwrite: bool = field(default=False, metadata=cli(
-        "discard the interrupted run in --out and start over (without it, such a run is never discarded)"))
-    progress: bool = field(default=True, metadata=cli("progress bars on stderr"))
-    dist_timeout: float = field(default=1800.0, metadata=cli(
-        "under torchrun: seconds a process waits for the others (the merge waits for the slowest share)", gt=0))
+        ge=0, cosmetic=True))
+    resume: bool = field(default=False, metadata=cli("continue an interrupted run in --out", cosmetic=True))
     allow_pickle: bool = field(default=False, metadata=cli(
         "also load pickle checkpoints (.bin/.pt), with torch.load(weights_only=True)"))
-    chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
-        'JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\'', type=json_object,
-        metavar="JSON"))
     # drift while generating: each tuned model generates from the records' prompts, the base follows in lockstep
     generate: bool = field(default=False, metadata=cli(
         "each tuned model generates from the records' prompts and the base follows in lockstep: drift measured in "
         "the generation pass (no response files needed)"))
-    max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding", ge=1))
-    temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding", ge=0))
-    top_p: float = field(default=1.0, metadata=cli(
-        "nucleus sampling mass in (0, 1]", group="decoding", gt=0, le=1))
-    top_k: int = field(default=0, metadata=cli(
-        "keep the k most likely tokens; 0 = off", group="decoding", ge=0))
-    seed: int = field(default=0, metadata=cli(
-        "seed of the per-sequence random streams", group="decoding", ge=0))
-    stop: tuple = field(default=(), metadata=cli("stop string (repeatable); trimmed from the output", group="decoding"))
-    ignore_eos: bool = field(default=False, metadata=cli("do not stop at EOS (fixed-length benchmarks)",
-                                                         group="decoding"))
-    chat: bool = field(default=False, metadata=cli(
-        "render 'prompt' fields as a user message with the chat template", group="decoding"))
-    system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
-    thinking: bool | None = field(default=None, metadata=cli(
-        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
-    prompt_field: str | None = field(default=None, metadata=cli(
-        "--generate: record field holding the prompt", flag="--field", metavar="FIELD"))
     generate_chunk: int = field(default=256, metadata=cli("--generate: prompts per resumable unit", ge=1))
-    # KV cache bytes for base + tuned (default: see engine/kv_cache.py)
-    cache_memory: int | None = field(default=None, metadata=cli(
-        "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
-        group="decoding", ge=1))
-    max_num_seqs: int = field(default=256, metadata=cli(
-        "sequences decoded together at most", group="decoding", ge=1))
 
-    def sampling(self):
-        from driftscope.engine.sampling import SamplingParams
-
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(Decoding)})
 
     def __post_init__(self) -> None:
         check_ranges(DriftOptions, vars(self))  # every number, named with its flag
         self.stop = list(self.stop) if not isinstance(self.stop, str) else [self.stop]  # JSON-able in the fingerprint
+        self.progress = True if self.progress is None else self.progress  # drift's bars: on unless turned off
         if self.generate:
             self.sampling()  # refuse bad decoding options now, naming the value
-        if self.overlong not in OVERLONG:
-            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
-        self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
+        RunOptions.__post_init__(self)
+        PromptOptions.__post_init__(self)
         self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         self.device = _device_name("device", self.device)
         self.base_device = None if self.base_device is None else _device_name("base_device", self.base_device)
@@ -153,13 +114,6 @@ class DriftOptions:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    # fields that do not change any number of the result
-    _COSMETIC = ("checkpoint_every", "resume", "overwrite", "progress", "top_tokens", "device", "cache_memory",
-                 "max_num_seqs", "base_device", "tuned_device", "stream_layers", "dist_timeout")
-
-    def result_fields(self) -> dict:
-        return {k: v for k, v in self.as_dict().items() if k not in self._COSMETIC}
-
 
 def _device_name(name: str, value) -> str:
     """`value` as a device string, refused (InputError naming the option) when torch or this machine has no such
@@ -185,7 +139,7 @@ def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], optio
         "checkpoints": {"base": checkpoint_identity(base),
                         "tuned": {k: checkpoint_identity(v) for k, v in tuned.items()}},
         "data": {k: {"path": str(v.resolve()), "sha256": file_digest(v)} for k, v in data.items()},
-        "options": json.loads(json.dumps(options.result_fields())),
+        "options": results(options),
         "pca_texts": file_digest(Path(options.pca_texts)) if options.pca_texts is not None else None,
         "state_format": STATE_FORMAT,
     }

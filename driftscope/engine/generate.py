@@ -6,7 +6,8 @@ lists. Returns one `Generation` per (prompt, sample), ordered by prompt then sam
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from driftscope.engine.decoding import GenerationEngine, GenRequest, Generation
 from driftscope.engine.model import Transformer
 from driftscope.engine.prompts import render_prompt
 from driftscope.engine.sampling import SamplingParams
+from driftscope.options import GenerationOptions
 
-__all__ = ["generate", "load_for_generation", "make_requests", "progress_bar", "Generation", "SamplingParams"]
+__all__ = ["generate", "load_for_generation", "make_requests", "progress_bar", "Generation", "SamplingParams",
+           "GenerationOptions"]
 
 
 def load_for_generation(model: str | Path | Transformer, tokenizer=None, *, device: str = "cpu",
@@ -55,64 +58,55 @@ def progress_bar(total: int, enabled: bool | None, desc: str):
     return tqdm(total=total, desc=desc, unit="seq", disable=disable, dynamic_ncols=True)
 
 
-def generate(
-    model: str | Path | Transformer,
-    prompts: Sequence[Any],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    n: int = 1,
-    stop: Sequence[str] | str = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-    chat: bool = False,
-    system: str | None = None,
-    thinking: bool | None = None,
-    chat_template_kwargs: Mapping | None = None,
-    tokenizer=None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    cache_memory: int | None = None,
-    block_size: int | None = None,
-    max_num_seqs: int = 256,
-    max_step_tokens: int = 8192,
-    progress: bool | None = None,
-) -> list[Generation]:
+def _parts(sampling: SamplingParams | None, options: GenerationOptions | None,
+           shortcuts: dict) -> tuple[SamplingParams, GenerationOptions]:
+    """`sampling` and `options` with the keyword shortcuts (field names of either) put in."""
+    names = [{f.name for f in fields(c)} for c in (SamplingParams, GenerationOptions)]
+    if unknown := sorted(set(shortcuts) - names[0] - names[1]):
+        raise TypeError(f"generate() got unexpected keyword argument(s) {unknown}; the options are the fields of "
+                        "SamplingParams and driftscope.options.GenerationOptions")
+    kw = [{k: v for k, v in shortcuts.items() if k in n} for n in names]
+    if sampling is None and "max_new_tokens" not in kw[0]:
+        raise TypeError("generate() needs max_new_tokens= (or a SamplingParams)")
+    sampling = SamplingParams(**kw[0]) if sampling is None else replace(sampling, **kw[0])
+    options = GenerationOptions(**kw[1]) if options is None else replace(options, **kw[1])
+    return sampling, options
+
+
+def generate(model: str | Path | Transformer, prompts: Sequence[Any], sampling: SamplingParams | None = None,
+             options: GenerationOptions | None = None, *, tokenizer=None, progress: bool | None = None,
+             **shortcuts) -> list[Generation]:
     """Generate for every prompt (n samples each): a list of Generation, ordered by prompt, then sample.
 
     model: a checkpoint folder or a loaded Transformer; prompts: strings, token-id lists or chat message lists.
-    Decoding (SamplingParams checks each, naming a bad value):
-        max_new_tokens: tokens to generate at most (required)
-        temperature: 0 = greedy (argmax, lowest id on ties); top_p: nucleus mass in (0, 1]; top_k: 0 = off
-        seed: draws are keyed by (seed, prompt, sample, step), so outputs do not depend on batching; n: samples per
-        prompt; stop: strings that end a sequence, caught across tokens and cut from the text; stop_token_ids: extra
-        ids that end one (besides the model's EOS ids); ignore_eos: keep going past EOS
-    Prompts: chat: strings become one user message of the chat template; system: its system prompt;
-        thinking: the template's enable_thinking (Qwen3); chat_template_kwargs: more template variables;
-        tokenizer: a folder or tokenizer (default: the model folder's tokenizer.json)
-    Engine (GenerationEngine): device: a torch device; dtype: 'float32', 'bfloat16' or 'float16'; cache_memory:
-        KV cache bytes (default: 90% of free GPU memory, a quarter of RAM on the CPU); block_size: tokens per
-        cache block; max_num_seqs: sequences decoded together at most; max_step_tokens: tokens per engine step
-        at most; progress: a bar on stderr (None: when stderr is a terminal)
+    sampling: a SamplingParams (it checks each value, naming a bad one): max_new_tokens, temperature (0 = greedy:
+        argmax, lowest id on ties), top_p, top_k, seed (draws are keyed by (seed, prompt, sample, step), so outputs do
+        not depend on batching), n (samples per prompt), stop (strings that end a sequence, caught across tokens and
+        cut from the text), stop_token_ids (extra ids that end one, besides the model's EOS ids), ignore_eos
+    options: a driftscope.options.GenerationOptions: the model (device, dtype), the prompts (chat: strings become one
+        user message of the chat template; system: its system prompt; thinking: the template's enable_thinking;
+        chat_template_kwargs: more template variables) and the engine (cache_memory: KV cache bytes, default 90% of
+        free GPU memory, a quarter of RAM on the CPU; block_size: tokens per cache block; max_num_seqs: sequences
+        decoded together at most; max_step_tokens: tokens per engine step at most)
+    tokenizer: a folder or tokenizer (default: the model folder's tokenizer.json)
+    progress: a bar on stderr (None: when stderr is a terminal)
+    shortcuts: any field of either, by name, e.g. generate(model, prompts, max_new_tokens=16, temperature=0.7,
+        chat=True); given with `sampling` or `options`, it replaces that field there
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: nothing to generate")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, n=n, stop=stop, stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos)
-    m, tok = load_for_generation(model, tokenizer, device=device, dtype=dtype)
+    params, o = _parts(sampling, options, shortcuts)
+    m, tok = load_for_generation(model, tokenizer, device=o.device, dtype=o.dtype)
     texts, rendered = [], []
     for i, p in enumerate(prompts):
-        text, ids = render_prompt(p, tok, f"prompts[{i}]", chat=chat, system=system, thinking=thinking,
-                                  chat_template_kwargs=chat_template_kwargs)
+        text, ids = render_prompt(p, tok, f"prompts[{i}]", chat=o.chat, system=o.system, thinking=o.thinking,
+                                  chat_template_kwargs=o.chat_template_kwargs)
         texts.append(text)
         rendered.append((i, ids, f"prompts[{i}]"))
-    engine = GenerationEngine(m, tok, cache_memory=cache_memory, block_size=block_size, max_num_seqs=max_num_seqs,
-                              max_step_tokens=max_step_tokens)
+    engine = GenerationEngine(m, tok, cache_memory=o.cache_memory, block_size=o.block_size,
+                              max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_step_tokens)
     requests = make_requests(rendered, params)
     bar = progress_bar(len(requests), progress, "generate")
     try:

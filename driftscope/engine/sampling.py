@@ -18,29 +18,37 @@ from dataclasses import dataclass, field
 
 import torch
 
+from driftscope.cli_options import cli
+
 _M64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class SamplingParams:
+@dataclass
+class Decoding:
+    """The decoding options a user gives (the `driftscope drift --generate` and `generate` flags)."""
+
+    max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding", ge=1))
+    temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding", ge=0))
+    top_p: float = field(default=1.0, metadata=cli("nucleus sampling mass in (0, 1]", group="decoding", gt=0, le=1))
+    top_k: int = field(default=0, metadata=cli("keep the k most likely tokens; 0 = off", group="decoding", ge=0))
+    seed: int = field(default=0, metadata=cli("seed of the per-sequence random streams", group="decoding", ge=0))
+    stop: tuple[str, ...] = field(default=(), metadata=cli(  # caught across token boundaries
+        "stop string (repeatable); trimmed from the output", group="decoding"))
+    ignore_eos: bool = field(default=False, metadata=cli(  # benchmarks with fixed output lengths
+        "do not stop at EOS (fixed-length benchmarks)", group="decoding"))
+
+
+@dataclass
+class SamplingParams(Decoding):
     """How to decode one request; validated here so a bad value is refused before any work, naming the value."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    seed: int = 0
-    n: int = 1  # samples per prompt
-    stop: tuple[str, ...] = ()  # stop strings, caught across token boundaries and trimmed from the text
+    n: int = field(default=1, metadata=cli("samples per prompt", flag="-n", ge=1))
     stop_token_ids: tuple[int, ...] = ()  # extra ids that end a sequence (besides the model's EOS ids)
-    ignore_eos: bool = False  # keep going past EOS (benchmarks with fixed output lengths)
     extra: dict = field(default_factory=dict, compare=False)  # free-form, carried along (e.g. lm-eval's request)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         _require(isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0, "max_new_tokens",
                  self.max_new_tokens, "a positive integer")
         _require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,

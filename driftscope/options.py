@@ -1,0 +1,93 @@
+"""The option parts every command is built from, each field declared once: its help, default, range and whether it
+changes results (`cli(..., cosmetic=True)`: it does not). `DriftOptions`, `GenerateOptions` and the decoding part of
+`SamplingParams` (`engine.sampling.Decoding`) are made of these; `results(obj)` is what a resumed run must share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
+from driftscope.engine.data import OVERLONG
+from driftscope.errors import InputError
+from driftscope.util import DTYPE_NAMES
+
+__all__ = ["ModelOptions", "PromptOptions", "EngineOptions", "StepOptions", "RunOptions", "GenerationOptions"]
+
+
+@dataclass
+class ModelOptions:
+    """Where and in what precision the model runs."""
+
+    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1", cosmetic=True))
+    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
+
+
+@dataclass
+class PromptOptions:
+    """How a record becomes a prompt."""
+
+    prompt_field: str | None = field(default=None, metadata=cli(  # default: see engine/prompts.py
+        "record field holding the prompt (default: messages, input, prompt, question, problem or text, the first "
+        "present)", flag="--field", metavar="FIELD"))
+    chat: bool = field(default=False, metadata=cli(
+        "render 'prompt' fields as a user message with the chat template", group="decoding"))
+    system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
+    thinking: bool | None = field(default=None, metadata=cli(
+        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
+    chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
+        'JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\'', type=json_object,
+        metavar="JSON"))
+
+    def __post_init__(self) -> None:
+        self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
+
+
+@dataclass
+class EngineOptions:
+    """The generation engine's memory and batch limits (they change no result)."""
+
+    cache_memory: int | None = field(default=None, metadata=cli(  # default: see engine/kv_cache.py
+        "KV cache budget, e.g. 2GiB (default: 90% of free GPU memory, a quarter of RAM on the CPU)", type=size,
+        group="decoding", ge=1, cosmetic=True))
+    max_num_seqs: int = field(default=256, metadata=cli(
+        "sequences decoded together at most", group="decoding", ge=1, cosmetic=True))
+
+
+@dataclass
+class StepOptions:
+    """How the generation engine cuts its work (a drift run's step is its --max-batch-tokens)."""
+
+    block_size: int | None = field(default=None, metadata=cli(
+        "tokens per KV cache block (default: the engine's)", ge=1, cosmetic=True))
+    max_step_tokens: int = field(default=8192, metadata=cli(
+        "tokens computed in one engine step at most", ge=1, cosmetic=True))
+
+
+@dataclass
+class RunOptions:
+    """How a command runs: its output, its bars, its processes, its over-long inputs."""
+
+    overlong: str = field(default="error", metadata=cli(
+        "inputs longer than the model's context (max_position_embeddings; when generating: prompt + "
+        "--max-new-tokens): error refuses them, naming them; truncate scores their first tokens (when generating: "
+        "stops generating at the context)", choices=OVERLONG))
+    overwrite: bool = field(default=False, metadata=cli(
+        "start over: drift discards the interrupted run in --out (without it, such a run is never discarded); "
+        "generate replaces an existing (finished) OUT", cosmetic=True))
+    progress: bool | None = field(default=None, metadata=cli(
+        "progress bars on stderr (default: drift on; generate when stderr is a terminal)", cosmetic=True))
+    dist_timeout: float = field(default=1800.0, metadata=cli(
+        "under torchrun: seconds a process waits for the others (the merge, or rank 0, waits for the slowest share)",
+        gt=0, cosmetic=True))
+
+    def __post_init__(self) -> None:
+        if self.overlong not in OVERLONG:
+            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
+
+
+@dataclass
+class GenerationOptions(ModelOptions, PromptOptions, EngineOptions, StepOptions):
+    """Everything `driftscope.generate` takes besides the sampling: the model, prompt and engine parts."""
+
+    def __post_init__(self) -> None:
+        check_ranges(type(self), vars(self))  # every number, named with its flag
+        PromptOptions.__post_init__(self)
