@@ -43,7 +43,7 @@ def merge_kind(key: str) -> str:
     "first" (configurations, histogram edges, and paper-mode PCA, which one process computes for every batch)."""
     if ".paper_pca." in key or key.endswith("config") or ".edges." in key:
         return "first"
-    return "cat" if key.endswith((".sample_ids", ".sample_sums")) else "sum"
+    return "cat" if key.endswith(".sample_ids") or ".sample_sums." in key else "sum"
 
 
 class TaskProbes:

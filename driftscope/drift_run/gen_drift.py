@@ -19,14 +19,12 @@ from driftscope.engine.decoding import GenerationEngine, GenRequest, StepOutput
 from driftscope.engine.prompts import render_prompt
 from driftscope.records import read_prompts
 from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.probes.token_metrics import PROBE_FIELDS as _FIELDS
 
 if TYPE_CHECKING:  # annotations only
     from driftscope.drift_run.bundle import TaskProbes
     from driftscope.engine.model import Transformer
     from driftscope.engine.tokenizer import Tokenizer
-
-_FIELDS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned",
-           "rank_shift_top", "entropy_base", "entropy_tuned")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Shapes the probes' finalize() dicts into summary.json's per-task and per-model blocks (the report's contract)."""
+"""Shapes the probes' finalize() dicts into summary.json's per-task and per-model blocks (the report's contract).
+A task's means are token_metrics.MEANS, each {token_mean, sample_mean}."""
 from __future__ import annotations
 
-from driftscope.probes.token_metrics import mean_of_task_means
+from driftscope.probes.token_metrics import MEANS, mean_of_task_means
 from driftscope.util import json_float
 
 
@@ -29,13 +30,9 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
         })
     return {
         "tokens": tokens["tokens"], "samples": tokens["samples"],
-        "kl_tb": _means(tokens, "kl_tb"), "kl_bt": _means(tokens, "kl_bt"),
+        **{m: _means(tokens, m) for m in MEANS},
         "sampled_kl": tokens["sampled_kl"]["value"],
-        "rank_shift": _means(tokens, "rank_shift"),
-        "rank_shift_top": _means(tokens, "rank_shift_top"),
         "top1_agreement": tokens["token_mean"]["top1_agree"],
-        "entropy_base": _means(tokens, "entropy_base"), "entropy_tuned": _means(tokens, "entropy_tuned"),
-        "logp_base": _means(tokens, "logp_base"), "logp_tuned": _means(tokens, "logp_tuned"),
         "layers": layers,
         "pca": pca,
         "cka_mode": hidden["cka_mode"],
@@ -67,16 +64,12 @@ def generation_summary(rows: list[dict]) -> dict:
             "mean_tokens": sum(n) / len(n) if n else None, "max_tokens": max(n, default=None)}
 
 
-_TOKEN_MEANS = ("kl_tb", "kl_bt", "rank_shift", "rank_shift_top", "entropy_base", "entropy_tuned", "logp_base",
-                "logp_tuned")
-
-
 def mark_nonfinite(task: dict, bad_tokens: int, dtype: str) -> dict:
     """Scored tokens whose logits were NaN/Inf (an overflow in the forward pass) make every token mean of `task`
     null, never a number averaged over garbage, with a problem entry that counts them; a mean that is null for
     another reason (non-finite hidden states) gets a problem entry too. Returns `task`, changed in place."""
     if bad_tokens:
-        for m in _TOKEN_MEANS:
+        for m in MEANS:
             task[m] = {"token_mean": None, "sample_mean": None}
         task["sampled_kl"] = task["top1_agreement"] = None
         task["problems"].append(

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from driftscope.kernels.vocab_probe.common import METRICS
 from driftscope.probes.base import Accumulator, field, json_float
 
-__all__ = ["TokenMetrics", "KL_EDGES", "RANK_SHIFT_EDGES", "RANK_EDGES", "PAPER_EPS", "histogram_counts",
-           "mean_of_task_means"]
+__all__ = ["TokenMetrics", "MEANS", "PROBE_FIELDS", "KL_EDGES", "RANK_SHIFT_EDGES", "RANK_EDGES", "PAPER_EPS",
+           "histogram_counts", "mean_of_task_means"]
 
 PAPER_EPS = 1e-10  # the paper adds this to both probabilities before taking logs (calculate_KL.py)
 
@@ -32,16 +33,15 @@ RANK_EDGES: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 11.0, 21.0, 51.0,
 
 _HISTS = {"kl_tb": KL_EDGES, "kl_bt": KL_EDGES, "rank_shift": RANK_SHIFT_EDGES, "rank_shift_top": RANK_EDGES}
 
+# The means of summary.json and of the report's table, name -> label: the rank shift, then every vocab_probe
+# result with a `mean` (declared on VocabProbeResult, the one list of per-token metrics).
+MEANS: dict[str, str] = {"rank_shift": "rank shift (rank_base − rank_tuned)",
+                         **{m.name: m.mean for m in METRICS if m.mean is not None}}
+_DERIVED_FROM = ("rank_base", "rank_tuned", "top_base", "top_tuned")  # rank shift, top-1 agreement
+PROBE_FIELDS = tuple(m.name for m in METRICS if m.mean is not None or m.name in _DERIVED_FROM)  # what update reads
 # Per-sample float64 sums, one column each. "paper_*" columns skip the first response token.
-_COLS = (
-    "tokens", "kl_tb", "kl_bt", "entropy_base", "entropy_tuned", "logp_base", "logp_tuned",
-    "rank_shift", "rank_shift_top", "top1_agree", "paper_tokens", "paper_log_ratio", "paper_rank_shift",
-)
-_MEANS = _COLS[1:10]  # reported as token-mean and sample-mean
-_PROBE_FIELDS = (
-    "kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned",
-    "top_base", "top_tuned", "rank_shift_top", "entropy_base", "entropy_tuned",
-)
+_COLS = ("tokens", *MEANS, "top1_agree", "paper_tokens", "paper_log_ratio", "paper_rank_shift")
+_AVERAGED = _COLS[1:-3]  # finalize's token_mean and sample_mean
 
 
 def histogram_counts(values: torch.Tensor, edges: tuple[float, ...]) -> torch.Tensor:
@@ -65,8 +65,8 @@ class TokenMetrics(Accumulator):
 
     Assumption (asserted): every sample's scored tokens arrive in a single `update` call -- the runner packs
     whole samples into a batch -- so per-sample sums are complete when stored and a sample id is never seen
-    twice (not across updates, not across merged accumulators). Per-sample sums are kept (13 float64 per
-    sample, ~104 B) and dataset totals are summed at `finalize` in sample-id order, so the result is bitwise
+    twice (not across updates, not across merged accumulators). Per-sample sums are kept (a float64 per column
+    and sample) and dataset totals are summed at `finalize` in sample-id order, so the result is bitwise
     independent of batch order and of how the data was split before `merge`.
     """
 
@@ -80,13 +80,13 @@ class TokenMetrics(Accumulator):
     def update(self, probe: Any, sample_ids: torch.Tensor, first_response_token: torch.Tensor) -> None:
         """Fold in one batch.
 
-        probe: mapping or object with `[N]` tensors kl_tb, kl_bt, logp_base, logp_tuned, rank_base, rank_tuned,
-            top_base, top_tuned, rank_shift_top, entropy_base, entropy_tuned (the N scored positions).
+        probe: mapping or object (a VocabProbeResult) with the `[N]` tensors PROBE_FIELDS of the N scored
+            positions; its flagged rows (rank_shift_top < 1) make every mean they reach NaN.
         sample_ids: [N] int64, the global sample index of each scored token.
         first_response_token: [N] bool, True at the position predicting a sample's first response token
             (skipped by the paper's sampled KL).
         """
-        f = {k: field(probe, k).detach().to("cpu") for k in _PROBE_FIELDS}
+        f = {k: field(probe, k).detach().to("cpu") for k in PROBE_FIELDS}
         sample_ids = sample_ids.detach().to("cpu", torch.int64)
         first = first_response_token.detach().to("cpu", torch.bool)
         n = sample_ids.shape[0]
@@ -95,24 +95,23 @@ class TokenMetrics(Accumulator):
                 raise ValueError(f"{k} has shape {tuple(v.shape)}, expected ({n},) like sample_ids")
         if n == 0:
             return
-        d = {k: v.to(torch.float64) for k, v in f.items()}
+        flag = f["rank_shift_top"] < 1  # a row vocab_probe flagged (NaN/Inf): its integer values are NaN here too
+        d = {k: v.to(torch.float64) if v.is_floating_point() else v.to(torch.float64).masked_fill(flag, torch.nan)
+             for k, v in f.items()}
         keep = (~first).to(torch.float64)
         lp_t, lp_b = d["logp_tuned"], d["logp_base"]
         paper_lr = torch.log(torch.exp(lp_t) + PAPER_EPS) - torch.log(torch.exp(lp_b) + PAPER_EPS)
         rank_shift = (f["rank_base"].to(torch.int64) - f["rank_tuned"].to(torch.int64)).to(torch.float64)
-        flag = f["rank_shift_top"] < 1  # a row vocab_probe flagged (NaN/Inf): its rank-based values are NaN too
-        rank_shift, rank_top, agree = (t.masked_fill(flag, torch.nan) for t in (
-            rank_shift, d["rank_shift_top"], (f["top_base"] == f["top_tuned"]).double()))
-        vals = torch.stack([
-            torch.ones(n, dtype=torch.float64), d["kl_tb"], d["kl_bt"], d["entropy_base"], d["entropy_tuned"],
-            lp_b, lp_t, rank_shift, rank_top, agree,
-            keep, paper_lr * keep, rank_shift * keep,
-        ], dim=1)  # [N, len(_COLS)]
+        rank_shift, agree = (t.masked_fill(flag, torch.nan) for t in (
+            rank_shift, (f["top_base"] == f["top_tuned"]).double()))
+        col = {**d, "tokens": torch.ones(n, dtype=torch.float64), "rank_shift": rank_shift, "top1_agree": agree,
+               "paper_tokens": keep, "paper_log_ratio": paper_lr * keep, "paper_rank_shift": rank_shift * keep}
+        vals = torch.stack([col[c] for c in _COLS], dim=1)  # [N, len(_COLS)]
         ids, inverse = torch.unique(sample_ids, sorted=True, return_inverse=True)
         sums = torch.zeros(ids.shape[0], len(_COLS), dtype=torch.float64).index_add_(0, inverse, vals)
         self._add_samples(ids, sums)
         for k, v in (("kl_tb", d["kl_tb"]), ("kl_bt", d["kl_bt"]), ("rank_shift", rank_shift),
-                     ("rank_shift_top", rank_top)):
+                     ("rank_shift_top", d["rank_shift_top"])):
             self._hist[k] += histogram_counts(v, _HISTS[k])
 
     def _add_samples(self, ids: torch.Tensor, sums: torch.Tensor) -> None:
@@ -144,7 +143,7 @@ class TokenMetrics(Accumulator):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         ids, sums = self._table()
-        sd = {"sample_ids": ids, "sample_sums": sums}
+        sd = {"sample_ids": ids, **{f"sample_sums.{c}": sums[:, j].contiguous() for j, c in enumerate(_COLS)}}
         for k, e in _HISTS.items():
             sd[f"hist.{k}"] = self._hist[k].clone()
             sd[f"edges.{k}"] = torch.tensor(e, dtype=torch.float64)
@@ -154,9 +153,11 @@ class TokenMetrics(Accumulator):
         for k, e in _HISTS.items():
             if not torch.equal(state[f"edges.{k}"], torch.tensor(e, dtype=torch.float64)):
                 raise ValueError(f"state has different histogram edges for {k!r}; it was written by another version")
-        sums = state["sample_sums"].to(torch.float64)
-        if sums.ndim != 2 or sums.shape[1] != len(_COLS):
-            raise ValueError(f"sample_sums has shape {tuple(sums.shape)}, expected [S, {len(_COLS)}]")
+        cols = sorted(k.removeprefix("sample_sums.") for k in state if k.startswith("sample_sums."))
+        if cols != sorted(_COLS):
+            raise ValueError(f"state has the per-sample columns {cols}, expected {sorted(_COLS)}; it was written by "
+                             "another version")
+        sums = torch.stack([state[f"sample_sums.{c}"].to(torch.float64) for c in _COLS], dim=1)  # [S, len(_COLS)]
         self.__init__()
         if state["sample_ids"].numel():
             self._add_samples(state["sample_ids"].to(torch.int64).clone(), sums.clone())
@@ -170,7 +171,7 @@ class TokenMetrics(Accumulator):
         ids, s = self._table()
         col = {c: s[:, j] for j, c in enumerate(_COLS)}
         out: dict[str, list] = {"sample_id": ids.tolist(), "tokens": col["tokens"].to(torch.int64).tolist()}
-        for c in _MEANS:
+        for c in _AVERAGED:
             out[c] = (col[c] / col["tokens"]).tolist()
         ok = col["paper_tokens"] > 0
         lr = torch.where(ok, col["paper_log_ratio"] / col["paper_tokens"].clamp_min(1), torch.nan)
@@ -182,7 +183,7 @@ class TokenMetrics(Accumulator):
         _, s = self._table()
         col = {c: s[:, j] for j, c in enumerate(_COLS)}
         tokens = col["tokens"].sum()
-        per_sample = {c: col[c] / col["tokens"] for c in _MEANS}  # every stored sample has >= 1 token
+        per_sample = {c: col[c] / col["tokens"] for c in _AVERAGED}  # every stored sample has >= 1 token
         paper_ok = col["paper_tokens"] > 0  # the paper drops samples with no token left after the skip
         paper_per_sample = col["paper_log_ratio"][paper_ok] / col["paper_tokens"][paper_ok]
         signed = paper_per_sample.mean() if paper_per_sample.numel() else torch.tensor(float("nan"))
@@ -190,8 +191,8 @@ class TokenMetrics(Accumulator):
         return {
             "tokens": int(tokens.item()),
             "samples": int(s.shape[0]),
-            "token_mean": {c: json_float(col[c].sum() / tokens if s.shape[0] else nan) for c in _MEANS},
-            "sample_mean": {c: json_float(per_sample[c].mean() if s.shape[0] else nan) for c in _MEANS},
+            "token_mean": {c: json_float(col[c].sum() / tokens if s.shape[0] else nan) for c in _AVERAGED},
+            "sample_mean": {c: json_float(per_sample[c].mean() if s.shape[0] else nan) for c in _AVERAGED},
             "sampled_kl": {
                 "value": json_float(abs(signed)),
                 "signed": json_float(signed),

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from driftscope.probes.token_metrics import MEANS
 from driftscope.report import plots
 from driftscope.report.tables import visible_text
 from driftscope.util import atomic_write_text
@@ -262,16 +263,9 @@ def _rank_means(label: str, t: Mapping) -> str:
 
 
 # ---- one (model, task) section -------------------------------------------------------------------------------
-_MEAN_METRICS = (("KL(tuned ‖ base)", "kl_tb"), ("KL(base ‖ tuned)", "kl_bt"),
-                 ("rank shift (rank_base − rank_tuned)", "rank_shift"),
-                 ("base rank of the tuned top-1 token", "rank_shift_top"),
-                 ("entropy base", "entropy_base"), ("entropy tuned", "entropy_tuned"),
-                 ("log p base of the actual token", "logp_base"), ("log p tuned of the actual token", "logp_tuned"))
-
-
 def _metrics_table(t: Mapping) -> str:
     rows = [[label, fmt(_get(t, key, "token_mean")), fmt(_get(t, key, "sample_mean"))]
-            for label, key in _MEAN_METRICS if key in t]
+            for key, label in MEANS.items() if key in t]
     scalars = [["sampled KL (paper estimator)", fmt(t.get("sampled_kl"))],
                ["top-1 agreement", fmt(t.get("top1_agreement"))],
                ["tokens", fmt(t.get("tokens"))], ["samples", fmt(t.get("samples"))]]

@@ -5,8 +5,9 @@ from collections.abc import Sequence
 
 import torch
 
-FIELDS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "rank_base", "rank_tuned", "top_base", "top_tuned",
-          "rank_shift_top", "entropy_base", "entropy_tuned", "lse_base", "lse_tuned")
+from driftscope.kernels.vocab_probe.common import METRICS
+
+FIELDS = tuple(m.name for m in METRICS)
 
 
 def fake_probe(n: int, seed: int = 0, vocab: int = 50) -> dict[str, torch.Tensor]:

@@ -2,8 +2,8 @@
 merge of the fused backends (triton's fused kernel, cpp). The dispatching `vocab_probe()` is the package's."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -11,12 +11,19 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FLAGGED = -1  # the integer results of a flagged row: no id (>= 0) and no rank (>= 1) can be -1
+_F32, _I64 = torch.float32, torch.int64
+
+
+def _metric(dtype: torch.dtype, *, targets: bool = False, mean: str | None = None):
+    """A VocabProbeResult field: its dtype, whether it needs `targets` (None without them), and `mean`, the report's
+    label for its token and sample means in summary.json (None: not averaged)."""
+    return field(metadata={"dtype": dtype, "targets": targets, "mean": mean})
 
 
 @dataclass
 class VocabProbeResult:
-    """Per-token vocabulary metrics, all [N]; float32 except ranks/ids (int64). Target metrics (logp_*,
-    rank_*) are None when `targets` was None.
+    """Per-token vocabulary metrics, all [N]. The one list of them: a new metric is a line here and its computation
+    in each backend; TokenMetrics' columns, summary.json's means and the report's rows follow from `mean`.
 
     With z_b = h_base·w_baseᵀ, z_t = h_tuned·w_tunedᵀ (fp32 logits from fp32 accumulation; DESIGN.md §3),
     q = softmax(z_b), p = softmax(z_t), y = target:
@@ -28,24 +35,37 @@ class VocabProbeResult:
     equal to the target's logit (a duplicate LM-head row) never counts.
     Flagged rows: a token whose h_base or h_tuned row holds NaN/Inf, or whose logits overflowed (non-finite lse
     or KL), has every float result NaN and every integer result FLAGGED (-1), on every backend: never a rank
-    of 1 or another plausible number. Consumers leave such rows out (TokenMetrics, ShiftedTokens: rank < 1)."""
+    of 1 or another plausible number. Consumers never average them in (TokenMetrics: NaN means; ShiftedTokens:
+    left out)."""
 
-    kl_tb: torch.Tensor
-    kl_bt: torch.Tensor
-    logp_base: torch.Tensor | None
-    logp_tuned: torch.Tensor | None
-    rank_base: torch.Tensor | None
-    rank_tuned: torch.Tensor | None
-    top_base: torch.Tensor
-    top_tuned: torch.Tensor
-    rank_shift_top: torch.Tensor
-    entropy_base: torch.Tensor
-    entropy_tuned: torch.Tensor
-    lse_base: torch.Tensor
-    lse_tuned: torch.Tensor
+    kl_tb: torch.Tensor = _metric(_F32, mean="KL(tuned ‖ base)")
+    kl_bt: torch.Tensor = _metric(_F32, mean="KL(base ‖ tuned)")
+    logp_base: torch.Tensor | None = _metric(_F32, targets=True, mean="log p base of the actual token")
+    logp_tuned: torch.Tensor | None = _metric(_F32, targets=True, mean="log p tuned of the actual token")
+    rank_base: torch.Tensor | None = _metric(_I64, targets=True)
+    rank_tuned: torch.Tensor | None = _metric(_I64, targets=True)
+    top_base: torch.Tensor = _metric(_I64)
+    top_tuned: torch.Tensor = _metric(_I64)
+    rank_shift_top: torch.Tensor = _metric(_I64, mean="base rank of the tuned top-1 token")
+    entropy_base: torch.Tensor = _metric(_F32, mean="entropy base")
+    entropy_tuned: torch.Tensor = _metric(_F32, mean="entropy tuned")
+    lse_base: torch.Tensor = _metric(_F32)
+    lse_tuned: torch.Tensor = _metric(_F32)
 
     def to_dict(self) -> dict[str, torch.Tensor | None]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Metric(NamedTuple):
+    """A VocabProbeResult field as `_metric` declared it."""
+
+    name: str
+    dtype: torch.dtype
+    targets: bool
+    mean: str | None
+
+
+METRICS: tuple[Metric, ...] = tuple(Metric(f.name, **f.metadata) for f in fields(VocabProbeResult))
 
 
 def _check_inputs(h_base, w_base, h_tuned, w_tuned, targets, valid_vocab):
@@ -129,13 +149,8 @@ def _flag_rows(r: VocabProbeResult, rows: torch.Tensor) -> VocabProbeResult:
 
 
 def _empty_result(n: int, device, has_targets: bool) -> VocabProbeResult:
-    f = lambda: torch.empty(n, dtype=torch.float32, device=device)  # noqa: E731
-    i = lambda: torch.empty(n, dtype=torch.int64, device=device)  # noqa: E731
-    return VocabProbeResult(
-        kl_tb=f(), kl_bt=f(), logp_base=f() if has_targets else None, logp_tuned=f() if has_targets else None,
-        rank_base=i() if has_targets else None, rank_tuned=i() if has_targets else None, top_base=i(), top_tuned=i(),
-        rank_shift_top=i(), entropy_base=f(), entropy_tuned=f(), lse_base=f(), lse_tuned=f(),
-    )
+    return VocabProbeResult(**{m.name: torch.empty(n, dtype=m.dtype, device=device)
+                               if has_targets or not m.targets else None for m in METRICS})
 
 
 Counts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
