@@ -47,6 +47,9 @@ def test_token_metrics_match_float64_transformers(run, reference):
     assert run["rank_shift"]["sample_mean"] == pytest.approx(per(shift).mean().item(), abs=1e-12)
     assert run["top1_agreement"] == pytest.approx((r["top_base"] == r["top_tuned"]).double().mean().item(), abs=1e-12)
     assert run["rank_shift_top"]["token_mean"] == pytest.approx(r["rank_shift_top"].double().mean().item(), abs=1e-12)
+    for k in ("rank_base", "rank_tuned"):  # means added by a `mean` label on VocabProbeResult alone
+        assert run[k]["token_mean"] == pytest.approx(r[k].double().mean().item(), abs=1e-12), k
+        assert run[k]["sample_mean"] == pytest.approx(per(r[k]).mean().item(), abs=1e-12), k
     # the paper's sampled KL: per sample mean of log(p+1e-10) - log(q+1e-10) without the first token, mean, abs
     lr = torch.log(r["logp_tuned"].exp() + 1e-10) - torch.log(r["logp_base"].exp() + 1e-10)
     keep = ~r["first"]

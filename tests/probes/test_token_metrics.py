@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from driftscope.kernels.vocab_probe.common import FLAGGED
 from driftscope.probes.base import load_state, save_state
 from driftscope.probes.token_metrics import (
     KL_EDGES, RANK_SHIFT_EDGES, TokenMetrics, histogram_counts, mean_of_task_means,
@@ -41,7 +42,7 @@ def reference(probe, ids, first):
             return float(p["top_base"][t] == p["top_tuned"][t])
         return p[name][t]
     names = ["kl_tb", "kl_bt", "entropy_base", "entropy_tuned", "logp_base", "logp_tuned", "rank_shift",
-             "rank_shift_top", "top1_agree"]
+             "rank_shift_top", "top1_agree", "rank_base", "rank_tuned"]
     tok = {n: sum(metric(n, t) for t in range(len(ids))) / len(ids) for n in names}
     smp = {n: sum(sum(metric(n, t) for t in ts) / len(ts) for ts in per.values()) / len(per) for n in names}
     # the paper: probs = exp(-loss) + 1e-10 per token (first response token already dropped), np.mean, mean, abs
@@ -108,6 +109,31 @@ def test_state_dict_round_trip(tmp_path):
     full = TokenMetrics()
     full.update(probe, ids, first)
     assert resumed.finalize() == acc.finalize() == full.finalize()
+
+
+def test_rank_means_leave_flagged_rows_out():
+    """The rank_base / rank_tuned means (a `mean` label on VocabProbeResult, nothing else): brute-force token and
+    sample means over the unflagged tokens. A flagged row (ranks FLAGGED = -1, floats NaN) never averages in as a
+    number: its sample's mean and the task's means are NaN (null), like every other mean's."""
+    probe, ids, first = make_batch(37, 9, seed=4)
+    bad = torch.zeros(len(ids), dtype=torch.bool)
+    bad[::5] = True
+    spoiled = {k: v.masked_fill(bad, math.nan if v.is_floating_point() else FLAGGED) for k, v in probe.items()}
+    clean, every = TokenMetrics(), TokenMetrics()
+    clean.update(subset(probe, ~bad), ids[~bad], first[~bad])
+    every.update(spoiled, ids, first)
+    out, table = clean.finalize(), every.per_sample()
+    assert out["tokens"] == int((~bad).sum())
+    s = ids[~bad]
+    for k in ("rank_base", "rank_tuned"):
+        v = probe[k][~bad].double()
+        assert_close(out["token_mean"][k], v.mean().item(), rtol=1e-12, what=f"token_mean.{k}")
+        want = torch.stack([v[s == i].mean() for i in s.unique()]).mean().item()
+        assert_close(out["sample_mean"][k], want, rtol=1e-12, what=f"sample_mean.{k}")
+        assert every.finalize()["token_mean"][k] is None and every.finalize()["sample_mean"][k] is None
+        for i, got in zip(table["sample_id"], table[k]):  # a sample without a flagged row keeps its own mean
+            mine = ids == i
+            assert math.isnan(got) if bad[mine].any() else got == probe[k][mine].double().mean().item(), (k, i)
 
 
 def test_sample_seen_twice_is_refused():
