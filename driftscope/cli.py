@@ -134,8 +134,8 @@ def _add_generate(sub, with_options: bool) -> None:
 
 
 def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
-    """The `driftscope` parser. drift's and generate's flags come from their options dataclasses (whose modules import
-    torch); given `cmd`, the subcommand about to run, only that one gets them."""
+    """The `driftscope` parser. drift's, generate's and eval's flags come from their options dataclasses (whose modules
+    import torch); given `cmd`, the subcommand about to run, only that one gets them."""
     parser = _Parser(prog="driftscope", description="lockstep base-vs-tuned LLM drift probing")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -150,7 +150,7 @@ def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
 
     from driftscope.eval import eval_cli, ti_cli
 
-    eval_cli.add_parser(sub)
+    eval_cli.add_parser(sub, cmd in (None, "eval"))
     ti_cli.add_parser(sub)
     sub.add_parser("lm-eval", help="lm-eval's own CLI with the 'driftscope' model registered and driftscope's tasks "
                    "(ds_*) on the include path; every argument goes to lm-eval", add_help=False)

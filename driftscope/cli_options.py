@@ -41,6 +41,15 @@ def results(options) -> dict:
 _OPS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le)}
 
 
+def _expected(bounds: Mapping, integer: bool) -> str:
+    return f"{'an integer' if integer else 'a number'} " + " and ".join(f"{_OPS[k][0]} {b}" for k, b in bounds.items())
+
+
+def _within(v, bounds: Mapping, integer: bool) -> bool:
+    return isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and all(
+        _OPS[k][1](v, b) for k, b in bounds.items())  # NaN fails every comparison
+
+
 def check_ranges(cls: type, values: Mapping) -> None:
     """InputError naming the field, its flag and the value, for the first of `values` (field name -> value) that is
     not a number of its field's type within the field's declared range; None (an optional field unset) passes."""
@@ -49,12 +58,22 @@ def check_ranges(cls: type, values: Mapping) -> None:
         if not (bounds := f.metadata.get("range")) or values.get(f.name) is None:
             continue
         v, integer = values[f.name], int in (hints[f.name], *typing.get_args(hints[f.name]))
-        if isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and all(
-                _OPS[k][1](v, b) for k, b in bounds.items()):  # NaN fails every comparison
-            continue
-        expected = " and ".join(f"{_OPS[k][0]} {b}" for k, b in bounds.items())
-        raise InputError(f"{f.name}={v!r} is invalid: expected {'an integer' if integer else 'a number'} {expected} "
-                         f"({f.metadata['cli']['flag'] or '--' + f.name.replace('_', '-')})")
+        if not _within(v, bounds, integer):
+            raise InputError(f"{f.name}={v!r} is invalid: expected {_expected(bounds, integer)} "
+                             f"({f.metadata['cli']['flag'] or '--' + f.name.replace('_', '-')})")
+
+
+def _ranged(parse, bounds: Mapping, integer: bool):
+    """An argparse type: `parse`, then the range check (a usage error naming the text)."""
+    def ranged(text: str):
+        try:
+            v = parse(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            v = None
+        if not _within(v, bounds, integer):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {_expected(bounds, integer)}")
+        return v
+    return ranged
 
 
 def size(text: str) -> int:
@@ -99,10 +118,10 @@ def json_object(text: str) -> dict:
 
 
 def on_off(text: str) -> bool:
-    """'on' -> True, 'off' -> False."""
-    if text not in ("on", "off"):
+    """'on' -> True, 'off' -> False (and true/false, yes/no, 1/0, in any case)."""
+    if text.lower() not in ("on", "true", "yes", "1", "off", "false", "no", "0"):
         raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
-    return text == "on"
+    return text.lower() in ("on", "true", "yes", "1")
 
 
 class _AppendTuple(argparse.Action):
@@ -137,8 +156,10 @@ def _group(parser: argparse.ArgumentParser, title: str | None):
     return found[0] if found else parser.add_argument_group(title)
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[str] | None = None) -> None:
-    """Add a flag for each field of the dataclass `cls` (only `names` when given), from its cli() metadata."""
+def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[str] | None = None, *,
+                parse_ranges: bool = False) -> None:
+    """Add a flag for each field of the dataclass `cls` (only `names` when given), from its cli() metadata; with
+    `parse_ranges` a number out of its range is a usage error of the parser (else check_ranges names it)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if names is not None and f.name not in names:
@@ -149,10 +170,12 @@ def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[st
         flag, group, default = meta.pop("flag"), meta.pop("group"), _default(f)
         if "type" not in meta and "action" not in meta:
             meta.update(_inferred(f, hints[f.name], default))
+        if parse_ranges and (bounds := f.metadata.get("range")):
+            meta["type"] = _ranged(meta["type"], bounds, int in (hints[f.name], *typing.get_args(hints[f.name])))
         meta["help"] = meta["help"].replace("%", "%%")
         action = _group(parser, group).add_argument(flag or "--" + f.name.replace("_", "-"), dest=f.name,
                                                     default=default, **meta)
-        shown = default is not None and default is not False and default != () and default != {}
+        shown = not (default is None or isinstance(default, bool) or default in ((), {}))  # --no-x: True
         if shown and "%(default)" not in action.help:
             action.help += " (default: %(default)s)"
 

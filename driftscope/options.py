@@ -1,6 +1,7 @@
 """The option parts every command is built from, each field declared once: its help, default, range and whether it
-changes results (`cli(..., cosmetic=True)`: it does not). `DriftOptions`, `GenerateOptions` and the decoding part of
-`SamplingParams` (`engine.sampling.Decoding`) are made of these; `results(obj)` is what a resumed run must share."""
+changes results (`cli(..., cosmetic=True)`: it does not). `DriftOptions`, `GenerateOptions`, `EvalOptions` and the
+decoding part of `SamplingParams` (`engine.sampling.Decoding`) are made of these; `results(obj)` is what a resumed run
+must share with the run it continues."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,15 +11,27 @@ from driftscope.engine.data import OVERLONG
 from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES
 
-__all__ = ["ModelOptions", "PromptOptions", "EngineOptions", "StepOptions", "RunOptions", "GenerationOptions"]
+__all__ = ["ModelOptions", "PromptOptions", "ThinkingOptions", "EngineOptions", "StepOptions", "BatchOptions",
+           "LimitOptions", "SeedOptions", "RunOptions", "GenerationOptions", "LMOptions"]
 
 
 @dataclass
 class ModelOptions:
-    """Where and in what precision the model runs."""
+    """Where and in what precision the model runs (None and auto: each command's default, resolved once)."""
 
-    device: str = field(default="cpu", metadata=cli("torch device, e.g. cpu, cuda, cuda:1", cosmetic=True))
-    dtype: str = field(default="float32", metadata=cli("dtype of the weights and the computation", choices=DTYPE_NAMES))
+    device: str | None = field(default=None, metadata=cli(
+        "torch device, e.g. cpu, cuda, cuda:1 (default: cpu; eval: cuda when there is one)", cosmetic=True))
+    dtype: str = field(default="auto", metadata=cli(
+        "dtype of the weights and the computation; auto: float32 (eval: on a GPU the checkpoint's torch_dtype, else "
+        "bfloat16)", choices=("auto", *DTYPE_NAMES)))
+    dist_timeout: float = field(default=1800.0, metadata=cli(
+        "under torchrun: seconds a process waits for the others (the merge, or rank 0, waits for the slowest share)",
+        gt=0, cosmetic=True))
+
+    def resolve_model(self) -> None:
+        """drift's and generate's defaults: the CPU, float32."""
+        self.device = "cpu" if self.device is None else self.device
+        self.dtype = "float32" if self.dtype == "auto" else self.dtype
 
 
 @dataclass
@@ -31,14 +44,18 @@ class PromptOptions:
     chat: bool = field(default=False, metadata=cli(
         "render 'prompt' fields as a user message with the chat template", group="decoding"))
     system: str | None = field(default=None, metadata=cli("system prompt for --chat", group="decoding"))
-    thinking: bool | None = field(default=None, metadata=cli(
-        "on/off: the template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
     chat_template_kwargs: dict = field(default_factory=dict, metadata=cli(
         'JSON object passed to the chat template, e.g. \'{"enable_thinking": false}\'', type=json_object,
         metavar="JSON"))
 
     def __post_init__(self) -> None:
         self.chat_template_kwargs = as_object(self.chat_template_kwargs, "chat_template_kwargs=")
+
+
+@dataclass
+class ThinkingOptions:
+    thinking: bool | None = field(default=None, metadata=cli(
+        "on/off: the chat template's enable_thinking (Qwen3)", type=on_off, metavar="{on,off}", group="decoding"))
 
 
 @dataclass
@@ -54,7 +71,7 @@ class EngineOptions:
 
 @dataclass
 class StepOptions:
-    """How the generation engine cuts its work (a drift run's step is its --max-batch-tokens)."""
+    """How the generation engine cuts its work (drift's and eval's step is their --max-batch-tokens)."""
 
     block_size: int | None = field(default=None, metadata=cli(
         "tokens per KV cache block (default: the engine's)", ge=1, cosmetic=True))
@@ -63,8 +80,26 @@ class StepOptions:
 
 
 @dataclass
+class BatchOptions:
+    max_batch_tokens: int = field(default=8192, metadata=cli(
+        "token budget of one packed batch (and of one generation step): bounds activation memory", ge=1))
+
+
+@dataclass
+class LimitOptions:
+    limit: int | None = field(default=None, metadata=cli(
+        "the first N usable records only (eval: the first N docs of each benchmark)", ge=1))
+
+
+@dataclass
+class SeedOptions:
+    seed: int = field(default=0, metadata=cli(  # < 2**32: numpy's seeds (lm-eval's)
+        "seed of the per-sequence random streams (eval: and of lm-eval)", group="decoding", ge=0, le=2**32 - 1))
+
+
+@dataclass
 class RunOptions:
-    """How a command runs: its output, its bars, its processes, its over-long inputs."""
+    """How a command runs: its output, its bars, its over-long inputs."""
 
     overlong: str = field(default="error", metadata=cli(
         "inputs longer than the model's context (max_position_embeddings; when generating: prompt + "
@@ -75,9 +110,6 @@ class RunOptions:
         "generate replaces an existing (finished) OUT", cosmetic=True))
     progress: bool | None = field(default=None, metadata=cli(
         "progress bars on stderr (default: drift on; generate when stderr is a terminal)", cosmetic=True))
-    dist_timeout: float = field(default=1800.0, metadata=cli(
-        "under torchrun: seconds a process waits for the others (the merge, or rank 0, waits for the slowest share)",
-        gt=0, cosmetic=True))
 
     def __post_init__(self) -> None:
         if self.overlong not in OVERLONG:
@@ -85,9 +117,18 @@ class RunOptions:
 
 
 @dataclass
-class GenerationOptions(ModelOptions, PromptOptions, EngineOptions, StepOptions):
+class GenerationOptions(ModelOptions, PromptOptions, ThinkingOptions, EngineOptions, StepOptions):
     """Everything `driftscope.generate` takes besides the sampling: the model, prompt and engine parts."""
 
     def __post_init__(self) -> None:
         check_ranges(type(self), vars(self))  # every number, named with its flag
+        self.resolve_model()
         PromptOptions.__post_init__(self)
+
+
+@dataclass
+class LMOptions(ModelOptions, ThinkingOptions, EngineOptions, BatchOptions, SeedOptions):
+    """The options of lm-eval's `driftscope` model (its model_args, besides pretrained and gen_cache)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(type(self), vars(self))

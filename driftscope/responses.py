@@ -37,19 +37,18 @@ from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
-from driftscope.options import GenerationOptions, RunOptions
-from driftscope.util import atomic_write_text, checkpoint_identity, file_digest
+from driftscope.options import GenerationOptions, LimitOptions, RunOptions
+from driftscope.util import checkpoint_identity, file_digest, write_jsonl
 
 log = logging.getLogger(__name__)
 PARTIAL_FORMAT = 2  # 2: the options of the fingerprint are GenerateOptions' result fields, by name
 
 
 @dataclass
-class GenerateOptions(RunOptions, GenerationOptions):
+class GenerateOptions(RunOptions, LimitOptions, GenerationOptions):
     """Options of `generate_responses` besides the sampling: the shared parts (driftscope.options) and its own; each
     field's cli() metadata makes its flag."""
 
-    limit: int | None = field(default=None, metadata=cli("the first N usable records only", ge=1, cosmetic=True))
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
         "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
         "number of processes", cosmetic=True))
@@ -169,7 +168,7 @@ class PartialFile:
             log.warning("continuing %s: %d of %d responses were done", self.path if w.size == 1 else
                         f"{self._names(w.size)} ({processes(w.size)})", every_resumed,
                         every_resumed + sum(c[1] for c in counts))
-        atomic_write_text(self.path, _jsonl([{"fingerprint": self.fp}, *self.done.values()]))
+        write_jsonl(self.path, [{"fingerprint": self.fp}, *self.done.values()])
 
     @contextmanager
     def appending(self) -> Iterator[Callable[[dict], None]]:
@@ -177,7 +176,7 @@ class PartialFile:
         with open(self.path, "a", encoding="utf-8") as f:
             def append(row: dict) -> None:
                 self.done[(row["index"], row["sample"])] = row
-                f.write(_jsonl([row]))
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
 
             yield append
@@ -185,7 +184,7 @@ class PartialFile:
     def finish(self, rows: list[dict] | None) -> None:
         """Rank 0 writes OUT (`rows`); then every rank removes its partial file: a crash before that loses nothing."""
         if rows is not None:
-            atomic_write_text(self.out, _jsonl(rows))
+            write_jsonl(self.out, rows)
         self.world.barrier()
         self.path.unlink()
 
@@ -200,10 +199,6 @@ def _head(line: bytes | Path) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return fp if isinstance(fp, dict) else None
-
-
-def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def shard_records(world: World, prompt_tokens: Sequence[int], params: SamplingParams, context: int) -> list[int]:

@@ -11,12 +11,14 @@ from driftscope import options
 from driftscope.cli import build_parser
 from driftscope.drift_run.options import DriftOptions
 from driftscope.engine.sampling import Decoding, SamplingParams
+from driftscope.eval.run import EvalOptions
 from driftscope.responses import GenerateOptions
 
 OPTION_CLASSES = [*(c for c in vars(options).values() if isinstance(c, type) and is_dataclass(c)), Decoding,
-                  SamplingParams, DriftOptions, GenerateOptions]
+                  SamplingParams, DriftOptions, GenerateOptions, EvalOptions]
 # the arguments that name what a command runs on (its inputs and outputs), not options
-SUBJECTS = {"drift": {"help", "base", "tuned", "data", "out"}, "generate": {"help", "model", "data", "out"}}
+SUBJECTS = {"drift": {"help", "base", "tuned", "data", "out"}, "generate": {"help", "model", "data", "out"},
+            "eval": {"help", "model", "responses", "tasks", "benchmark", "out", "data_dir"}}
 
 
 def _declared(cls: type) -> set[str]:

@@ -9,7 +9,8 @@ import torch
 from driftscope.cli_options import check_ranges, cli, results
 from driftscope.engine.sampling import Decoding, SamplingParams
 from driftscope.errors import InputError
-from driftscope.options import EngineOptions, ModelOptions, PromptOptions, RunOptions
+from driftscope.options import (BatchOptions, EngineOptions, ModelOptions, PromptOptions, RunOptions,
+                                ThinkingOptions)
 from driftscope.util import checkpoint_identity, dtype_name, file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
@@ -18,12 +19,10 @@ STATE_FORMAT = 4  # layout of the resumable state (4: a probe bundle per task, h
 
 
 @dataclass
-class DriftOptions(RunOptions, ModelOptions, PromptOptions, EngineOptions, Decoding):
+class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, EngineOptions, BatchOptions, Decoding):
     """Every option of a drift run: the shared parts (driftscope.options, the decoding options of SamplingParams) and
     the drift app's own; each field's cli() metadata makes its `driftscope drift` flag."""
 
-    max_batch_tokens: int = field(default=8192, metadata=cli(
-        "token budget of one packed batch: bounds activation memory", ge=1))
     max_seq_len: int | None = field(default=None, metadata=cli(
         "keep the first N tokens of each sample (default: all)", ge=2))
     # a model per device: layer i of each model runs on its device; probes run on the base's (see engine/runner.py)
@@ -76,6 +75,7 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, EngineOptions, Decod
             self.sampling()  # refuse bad decoding options now, naming the value
         RunOptions.__post_init__(self)
         PromptOptions.__post_init__(self)
+        self.resolve_model()
         self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         self.device = _device_name("device", self.device)
         self.base_device = None if self.base_device is None else _device_name("base_device", self.base_device)

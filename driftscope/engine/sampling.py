@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 import torch
 
 from driftscope.cli_options import cli
+from driftscope.options import SeedOptions
 
 _M64 = (1 << 64) - 1
 
 
 @dataclass
-class Decoding:
+class Decoding(SeedOptions):
     """The decoding options a user gives (the `driftscope drift --generate` and `generate` flags)."""
 
     max_new_tokens: int = field(default=512, metadata=cli("tokens to generate at most", group="decoding", ge=1))
     temperature: float = field(default=0.0, metadata=cli("0 = greedy", group="decoding", ge=0))
     top_p: float = field(default=1.0, metadata=cli("nucleus sampling mass in (0, 1]", group="decoding", gt=0, le=1))
     top_k: int = field(default=0, metadata=cli("keep the k most likely tokens; 0 = off", group="decoding", ge=0))
-    seed: int = field(default=0, metadata=cli("seed of the per-sequence random streams", group="decoding", ge=0))
     stop: tuple[str, ...] = field(default=(), metadata=cli(  # caught across token boundaries
         "stop string (repeatable); trimmed from the output", group="decoding"))
     ignore_eos: bool = field(default=False, metadata=cli(  # benchmarks with fixed output lengths

@@ -3,41 +3,16 @@ with the `driftscope` model registered and driftscope's tasks on the include pat
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
+from driftscope.cli_options import add_options, options_from
 from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES
 
 __all__ = ["add_parser", "run", "run_lm_eval"]
 
-def _on_off(text: str) -> bool:
-    if text.lower() in ("on", "true", "1", "yes"):
-        return True
-    if text.lower() in ("off", "false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r}: expected on or off")
-
-
-def _ranged(kind: type, low: float, high: float | None = None, *, above: bool = False):
-    """An argparse type: an int or float from `low` (excluded when `above`) to `high`; the error names the value."""
-    what = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {low}" + (
-        f" and <= {high}" if high is not None else "")
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            v = math.nan
-        if not (v == v and v != math.inf and (v > low if above else v >= low) and (high is None or v <= high)):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {what}")
-        return v
-    return parse
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers, with_options: bool = True) -> argparse.ArgumentParser:
     from driftscope.eval.benchmarks import BENCHMARKS
 
     names = ", ".join(BENCHMARKS)
@@ -54,20 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (scores.json, samples/, lm_eval/)")
     p.add_argument("--data-dir", default=None, help="folder with the benchmark files (like ../shared/data/benchmarks); "
                    "default: the Hugging Face datasets (online)")
-    p.add_argument("--limit", type=_ranged(int, 1), default=None, help="--model: the first N docs of each benchmark")
-    p.add_argument("--max-gen-toks", type=_ranged(int, 1), default=None,
-                   help="--model: cap on generated tokens (the paper: 32768)")
-    p.add_argument("--thinking", type=_on_off, default=None, help="--model: the chat template's enable_thinking")
-    p.add_argument("--no-chat", action="store_true", help="--model: do not apply the chat template")
-    p.add_argument("--upstream", action="store_true", help="--model: lm-eval's own tasks (ifeval, mc_taco, headqa_en, "
-                   "hendrycks_math500, aime25, gpqa_diamond_cot_zeroshot, acp_*_mcq) on the local files, "
-                   "not the ds_* tasks")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
-    p.add_argument("--seed", type=_ranged(int, 0, 2**32 - 1), default=0)
-    p.add_argument("--max-batch-tokens", type=_ranged(int, 1), default=8192)
-    p.add_argument("--dist-timeout", type=_ranged(float, 0, above=True), default=1800.0,
-                   help="--model under torchrun: seconds a process waits for the others in a collective")
+    if with_options:  # EvalOptions' module imports torch: only when eval is the command
+        from driftscope.eval.run import EvalOptions
+
+        add_options(p, EvalOptions, parse_ranges=True)  # a number out of range: a usage error, as argparse's
     p.set_defaults(func=run, interrupted="interrupted; rerun the same command to continue (state in {out})")
     return p
 
@@ -104,13 +69,10 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--model {args.model} {'is a file' if Path(args.model).exists() else 'does not exist'}; "
                              "a checkpoint folder (config.json + safetensors + tokenizer) is expected")
         names = _tasks(args.tasks, args.data_dir)
-        from driftscope.eval.run import evaluate
+        from driftscope.eval.run import EvalOptions, evaluate
 
-        result = evaluate(args.model, names, args.out, data_dir=args.data_dir, limit=args.limit,
-                          max_gen_toks=args.max_gen_toks, thinking=args.thinking, chat=not args.no_chat,
-                          device=args.device, dtype=args.dtype, seed=args.seed,
-                          max_batch_tokens=args.max_batch_tokens, upstream=args.upstream,
-                          dist_timeout=args.dist_timeout)
+        result = evaluate(args.model, names, args.out, options=EvalOptions(**options_from(args, EvalOptions)),
+                          data_dir=args.data_dir)
         if result.get("rank", 0) != 0:  # under torchrun rank 0 wrote OUT and prints the scores
             return 0
     for name, score in result["scores"].items():

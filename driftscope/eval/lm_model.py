@@ -32,6 +32,8 @@ import json
 import logging
 import os
 import subprocess
+import typing
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from tqdm.auto import tqdm
 from driftscope.distributed import World
 from driftscope.errors import InputError
 from driftscope.eval.loglik import score_continuations
+from driftscope.options import LMOptions
 from driftscope.util import DTYPE_NAMES, read_json
 
 __all__ = ["DriftscopeLM"]
@@ -80,6 +83,27 @@ def _flag(value: Any, name: str) -> bool | None:
     raise ValueError(f"model argument {name}={value!r}: expected true or false")
 
 
+def _lm_options(options: LMOptions, model_args: dict) -> LMOptions:
+    """`options` with lm-eval's model_args (strings, or what lm-eval made of them: 1e9 is a float) put in, each
+    converted to its field's type."""
+    if "enable_thinking" in model_args:
+        model_args["thinking"] = model_args.pop("enable_thinking")
+    hints = typing.get_type_hints(LMOptions)
+    if unknown := sorted(set(model_args) - set(hints)):
+        raise ValueError(f"unknown model argument(s) {unknown} for model 'driftscope'; see "
+                         "driftscope.eval.lm_model's docstring for the accepted ones")
+    kw = {}
+    for name, value in model_args.items():
+        kinds = typing.get_args(hints[name]) or (hints[name],)
+        if value is None or isinstance(value, bool) or str in kinds:
+            kw[name] = value
+        elif bool in kinds:
+            kw[name] = _flag(value, "enable_thinking" if name == "thinking" else name)
+        else:
+            kw[name] = int(float(value)) if int in kinds else float(value)
+    return replace(options, **kw)
+
+
 def _resolve_dtype(dtype: str, device: str, config_dtype: str | None) -> str:
     if dtype != "auto":
         return dtype
@@ -108,31 +132,17 @@ def _pads(requests) -> dict[int, int]:
 
 @register_model("driftscope")
 class DriftscopeLM(TemplateLM):
-    def __init__(
-        self,
-        pretrained: str,
-        dtype: str = "auto",
-        device: str | None = None,
-        max_length: int | None = None,
-        max_batch_tokens: int = 8192,
-        cache_memory: int | None = None,
-        max_num_seqs: int = 256,
-        seed: int = 0,
-        enable_thinking: bool | str | None = None,
-        allow_pickle: bool | str = False,
-        gen_cache: str | None = None,
-        dist_timeout: float = 1800.0,
-        batch_size: Any = None,
-        max_batch_size: Any = None,
-        **unused: Any,
-    ):
+    def __init__(self, pretrained: str, options: LMOptions | None = None, *, gen_cache: str | None = None,
+                 max_length: int | None = None, allow_pickle: bool | str = False, **model_args: Any):
+        """`options`: an LMOptions (an EvalOptions is one); `model_args`: lm-eval's strings, any LMOptions field by
+        name (enable_thinking for thinking), replacing it there; lm-eval's batch_size and max_batch_size are ignored
+        (batches are sized in tokens)."""
         super().__init__()
         from driftscope.engine.decoding import GenerationEngine
         from driftscope.engine.generate import load_for_generation
 
-        if unused:
-            raise ValueError(f"unknown model argument(s) {sorted(unused)} for model 'driftscope'; see "
-                             "driftscope.eval.lm_model's docstring for the accepted ones")
+        batch_size, max_batch_size = model_args.pop("batch_size", None), model_args.pop("max_batch_size", None)
+        o = _lm_options(options or LMOptions(), model_args)
         folder = Path(pretrained)
         if not folder.is_dir():
             what = "is a file" if folder.exists() else "the folder does not exist"
@@ -145,29 +155,27 @@ class DriftscopeLM(TemplateLM):
             for name in ("lm_eval", "driftscope.eval"):
                 logging.getLogger(name).setLevel(logging.ERROR)
             lm_eval.api.task.tqdm = partial(tqdm, disable=True)
+        device = o.device
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             if device is not None:  # lm-eval's CLI asks for cuda by default; its hf model falls back the same way
                 log.warning("device=%s is not available here; using cpu", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # torchrun: join the process group (an existing one is reused); this rank's device is cuda:LOCAL_RANK
-        device = self.world.join(str(device), float(dist_timeout), "device")
+        device = self.world.join(str(device), o.dist_timeout, "device")
         self._rank, self._world_size = self.world.rank, self.world.size
         self._padded: list = []  # the Instances lm-eval padded this rank with: barrier() trims their responses
         config_dtype = read_json(folder / "config.json", "config", dict).get("torch_dtype") \
             if (folder / "config.json").is_file() else None
-        self._dtype = _resolve_dtype(str(dtype), str(device), config_dtype)
+        self._dtype = _resolve_dtype(o.dtype, str(device), config_dtype)
         self.model, self.tokenizer = load_for_generation(folder, device=str(device), dtype=self._dtype,
                                                          allow_pickle=bool(_flag(allow_pickle, "allow_pickle")))
         self.pretrained = str(folder)
         self._device = torch.device(device)
         self._max_length = int(max_length) if max_length else int(self.model.config.max_position_embeddings)
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.seed = int(seed)
-        self.enable_thinking = _flag(enable_thinking, "enable_thinking")
+        self.max_batch_tokens, self.seed, self.enable_thinking = o.max_batch_tokens, o.seed, o.thinking
         self.gen_cache = Path(gen_cache) if gen_cache else None
-        self.engine = GenerationEngine(self.model, self.tokenizer,
-                                       cache_memory=int(float(cache_memory)) if cache_memory else None,
-                                       max_num_seqs=int(max_num_seqs), max_step_tokens=self.max_batch_tokens)
+        self.engine = GenerationEngine(self.model, self.tokenizer, cache_memory=o.cache_memory,
+                                       max_num_seqs=o.max_num_seqs, max_step_tokens=self.max_batch_tokens)
         if batch_size not in (None, "auto", 1, "1") or max_batch_size is not None:
             log.info("driftscope batches by tokens (max_batch_tokens=%d); batch_size=%s is ignored",
                      self.max_batch_tokens, batch_size)

@@ -18,17 +18,36 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from driftscope.cli_options import cli, results
 from driftscope.eval import benchmarks as B
 from driftscope.eval.outputs import write_json, write_jsonl, write_scores
+from driftscope.options import LimitOptions, LMOptions
 from driftscope.util import read_json
 
-__all__ = ["evaluate", "TASKS_DIR", "task_name"]
+__all__ = ["evaluate", "EvalOptions", "TASKS_DIR", "task_name"]
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 log = logging.getLogger("driftscope.eval")
+
+
+@dataclass
+class EvalOptions(LMOptions, LimitOptions):
+    """Options of `driftscope eval --model` (the model's, lm-eval's `driftscope` model_args, and the run's); each
+    field's cli() metadata makes its flag."""
+
+    max_gen_toks: int | None = field(default=None, metadata=cli(
+        "--model: cap on generated tokens (the paper: 32768)", ge=1))
+    apply_chat_template: bool = field(default=True, metadata=cli(
+        "--model: do not apply the chat template", flag="--no-chat", action="store_false"))
+    upstream: bool = field(default=False, metadata=cli(
+        "--model: lm-eval's own tasks (ifeval, mc_taco, headqa_en, hendrycks_math500, aime25, "
+        "gpqa_diamond_cot_zeroshot, acp_*_mcq) on the local files, not the ds_* tasks"))
+    bootstrap_iters: int = field(default=1000, metadata=cli(  # lm-eval's default, 100,000, takes minutes on a CPU
+        "lm-eval's bootstrap for the stderr of non-mean metrics (0 skips it)", ge=0, cosmetic=True))
 
 
 def task_name(benchmark: str) -> str:
@@ -62,19 +81,20 @@ def _doc_order(samples: list[dict]) -> list[dict]:
     return sorted(samples, key=lambda s: (first[s["task"], s.get("filter")], s.get("doc_id", 0)))
 
 
-def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, data_dir: str | Path | None = None,
-             limit: int | None = None, max_gen_toks: int | None = None, thinking: bool | None = None,
-             chat: bool = True, device: str | None = None, dtype: str = "auto", seed: int = 0,
-             max_batch_tokens: int = 8192, cache_memory: int | None = None, upstream: bool = False,
-             bootstrap_iters: int = 1000, progress: bool = True, dist_timeout: float = 1800.0) -> dict[str, Any]:
+def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, options: EvalOptions | None = None, *,
+             data_dir: str | Path | None = None, **shortcuts) -> dict[str, Any]:
     """Evaluate one model; returns the scores.json content (under torchrun, on the other ranks: empty scores and
-    their `rank`). `upstream`: lm-eval's own tasks (eval.upstream) instead of the ds_* tasks, for the benchmarks
-    lm-eval ships. `bootstrap_iters`: lm-eval's bootstrap for the stderr of non-mean metrics (its default, 100,000,
-    takes minutes per F1 on a CPU; 0 skips it). `dist_timeout`: seconds a rank waits in a collective."""
+    their `rank`). `options`: an EvalOptions; `shortcuts`: any of its fields by name (e.g. limit=2, max_gen_toks=8,
+    thinking=False; chat= for apply_chat_template), replacing it there. `upstream`: lm-eval's own tasks
+    (eval.upstream) instead of the ds_* tasks, for the benchmarks lm-eval ships. `dist_timeout`: seconds a rank
+    waits in a collective."""
     from driftscope.distributed import World
     from driftscope.eval.lm_model import DriftscopeLM
 
-    out = Path(out)
+    if "chat" in shortcuts:
+        shortcuts["apply_chat_template"] = shortcuts.pop("chat")
+    o = replace(options or EvalOptions(), **shortcuts)
+    out, limit = Path(out), o.limit
     world = World.from_env()
     names = [B.get(b).name for b in benchmarks]
     if not names:
@@ -92,30 +112,26 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, *, d
             raise ValueError(f"{name} has {n} doc{'s' * (n != 1)}{f' (--limit {limit})' if limit else ''} for "
                              f"{world.size} processes: lm-eval deals doc i to process i mod {world.size} and fails "
                              "on a process without any; run fewer processes or more docs")
-        if upstream:
+        if o.upstream:
             from driftscope.eval.upstream import upstream_configs
 
             if data_dir is None:
                 raise ValueError("--upstream runs lm-eval's tasks on local files: pass --data-dir")
             upstream_configs(name, data_dir)
-    options = {"model": str(Path(model).resolve()), "data_dir": str(data_dir) if data_dir else None, "limit": limit,
-               "max_gen_toks": max_gen_toks, "thinking": thinking, "chat": chat, "seed": seed, "dtype": dtype,
-               "upstream": upstream, "benchmarks": names}
+    state = {"model": str(Path(model).resolve()), "data_dir": str(data_dir) if data_dir else None, **results(o),
+             "benchmarks": names}
     out.mkdir(parents=True, exist_ok=True)
-    _check_options(out, options, write=world.main)
-    lm = DriftscopeLM(pretrained=str(model), dtype=dtype, device=device, seed=seed, enable_thinking=thinking,
-                      max_batch_tokens=max_batch_tokens, cache_memory=cache_memory, dist_timeout=dist_timeout)
+    _check_options(out, state, write=world.main)
+    lm = DriftscopeLM(pretrained=str(model), options=o)  # an EvalOptions is the model's LMOptions too
     try:
-        result = _evaluate(lm, names, out, model, data_dir, limit, max_gen_toks, chat, seed, upstream,
-                           bootstrap_iters)
+        result = _evaluate(lm, names, out, model, data_dir, o)
         lm.world.barrier()  # no rank leaves before rank 0 has written everything
         return result
     finally:
         lm.world.close()
 
 
-def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_toks, chat, seed, upstream,
-              bootstrap_iters) -> dict[str, Any]:
+def _evaluate(lm, names: list[str], out: Path, model, data_dir, o: EvalOptions) -> dict[str, Any]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -124,7 +140,7 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}
     for name in names:
-        if upstream:
+        if o.upstream:
             from driftscope.eval.upstream import upstream_configs
 
             tasks: list = upstream_configs(name, data_dir)
@@ -136,17 +152,17 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
             log.warning("%s: already evaluated in %s; kept", name, done)
             continue
         lm.gen_cache = out / "generations" / f"{label}.jsonl"
-        gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks is not None else None
-        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
-                                      apply_chat_template=chat, gen_kwargs=gen_kwargs, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                      bootstrap_iters=bootstrap_iters)
+        gen_kwargs = f"max_gen_toks={o.max_gen_toks}" if o.max_gen_toks is not None else None
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=o.limit, log_samples=True,
+                                      apply_chat_template=o.apply_chat_template, gen_kwargs=gen_kwargs,
+                                      random_seed=o.seed, numpy_random_seed=o.seed, torch_random_seed=o.seed,
+                                      fewshot_random_seed=o.seed, bootstrap_iters=o.bootstrap_iters)
         if res is None:  # a rank other than 0: lm-eval gathered its samples and metrics there
             continue
         samples = _doc_order([dict(s, task=t) for t, rows in res.pop("samples", {}).items() for s in rows])
         write_jsonl(out / "samples" / f"{name}.jsonl", samples)
         write_json(done, res)
-        if upstream:  # lm-eval's own metrics: the primary one per benchmark, as `driftscope ti` reads them
+        if o.upstream:  # lm-eval's own metrics: the primary one per benchmark, as `driftscope ti` reads them
             from driftscope.eval.scores import load_scores
 
             read = load_scores(done)
@@ -155,9 +171,9 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, limit, max_gen_t
             metrics = res["results"][label]
             key = next(k for k in metrics if k.split(",")[0] in ("score", "acc") and "stderr" not in k)
             score = 100.0 * float(metrics[key])
-        details = {"metric": B.get(name).metric if not upstream else f"lm-eval {key}", "lm_eval_metric": key,
-                   "docs": len(samples), "k": B.get(name).k if not upstream else 1, "tasks": sorted(res["results"]),
-                   "limit": limit, "upstream": upstream}
+        details = {"metric": B.get(name).metric if not o.upstream else f"lm-eval {key}", "lm_eval_metric": key,
+                   "docs": len(samples), "k": B.get(name).k if not o.upstream else 1, "tasks": sorted(res["results"]),
+                   "limit": o.limit, "upstream": o.upstream}
         write_scores(out, {"scores": {name: score}, "details": {name: details}}, model=str(model))
         result["scores"][name], result["details"][name] = score, details
     if not lm.world.main:
