@@ -6,10 +6,6 @@ from driftscope.probes.token_metrics import MEANS, mean_of_task_means
 from driftscope.util import json_float
 
 
-def _means(tokens: dict, metric: str) -> dict:
-    return {"token_mean": tokens["token_mean"][metric], "sample_mean": tokens["sample_mean"][metric]}
-
-
 def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str]) -> dict:
     by_layer: dict[int, dict] = {}
     if pca is not None:
@@ -30,7 +26,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
         })
     return {
         "tokens": tokens["tokens"], "samples": tokens["samples"],
-        **{m: _means(tokens, m) for m in MEANS},
+        **{m: {"token_mean": tokens["token_mean"][m], "sample_mean": tokens["sample_mean"][m]} for m in MEANS},
         "sampled_kl": tokens["sampled_kl"]["value"],
         "top1_agreement": tokens["token_mean"]["top1_agree"],
         "layers": layers,
@@ -44,8 +40,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
 
 
 def model_summary(path: str, tasks: dict[str, dict]) -> dict:
-    per_task = {name: {"token_mean": {"rank_shift": t["rank_shift"]["token_mean"]},
-                       "sample_mean": {"rank_shift": t["rank_shift"]["sample_mean"]}} for name, t in tasks.items()}
+    per_task = {name: {mean: {"rank_shift": v} for mean, v in t["rank_shift"].items()} for name, t in tasks.items()}
     return {
         "path": path,
         "rank_shift_mean_of_task_means": json_float(mean_of_task_means(per_task, "rank_shift", "token_mean")),

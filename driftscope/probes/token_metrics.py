@@ -133,17 +133,17 @@ class TokenMetrics(Accumulator):
             self._hist[k] += other._hist[k]
         return self
 
-    def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [S], sums [S, C]) sorted by sample id."""
+    def _table(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(ids [S], {column: sums [S]}) sorted by sample id."""
         if not self._ids:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, len(_COLS), dtype=torch.float64)
+            return torch.zeros(0, dtype=torch.int64), dict(zip(_COLS, torch.zeros(len(_COLS), 0, dtype=torch.float64)))
         ids, sums = torch.cat(self._ids), torch.cat(self._sums)
         order = torch.argsort(ids)
-        return ids[order], sums[order]
+        return ids[order], dict(zip(_COLS, sums[order].unbind(1)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        ids, sums = self._table()
-        sd = {"sample_ids": ids, **{f"sample_sums.{c}": sums[:, j].contiguous() for j, c in enumerate(_COLS)}}
+        ids, col = self._table()
+        sd = {"sample_ids": ids, **{f"sample_sums.{c}": v.contiguous() for c, v in col.items()}}
         for k, e in _HISTS.items():
             sd[f"hist.{k}"] = self._hist[k].clone()
             sd[f"edges.{k}"] = torch.tensor(e, dtype=torch.float64)
@@ -168,8 +168,7 @@ class TokenMetrics(Accumulator):
     def per_sample(self) -> dict[str, list]:
         """Per-sample table (columns as lists, sorted by sample id): sample_id, tokens, the mean of each metric,
         and paper_log_ratio (the sample's sampled-KL term, None when no token is left after the skip)."""
-        ids, s = self._table()
-        col = {c: s[:, j] for j, c in enumerate(_COLS)}
+        ids, col = self._table()
         out: dict[str, list] = {"sample_id": ids.tolist(), "tokens": col["tokens"].to(torch.int64).tolist()}
         for c in _AVERAGED:
             out[c] = (col[c] / col["tokens"]).tolist()
@@ -180,9 +179,8 @@ class TokenMetrics(Accumulator):
 
     def finalize(self) -> dict:
         """JSON dict: tokens, samples, token_mean{...}, sample_mean{...}, sampled_kl{...}, histograms{...}."""
-        _, s = self._table()
-        col = {c: s[:, j] for j, c in enumerate(_COLS)}
-        tokens = col["tokens"].sum()
+        _, col = self._table()
+        tokens, samples = col["tokens"].sum(), col["tokens"].shape[0]
         per_sample = {c: col[c] / col["tokens"] for c in _AVERAGED}  # every stored sample has >= 1 token
         paper_ok = col["paper_tokens"] > 0  # the paper drops samples with no token left after the skip
         paper_per_sample = col["paper_log_ratio"][paper_ok] / col["paper_tokens"][paper_ok]
@@ -190,9 +188,9 @@ class TokenMetrics(Accumulator):
         nan = float("nan")
         return {
             "tokens": int(tokens.item()),
-            "samples": int(s.shape[0]),
-            "token_mean": {c: json_float(col[c].sum() / tokens if s.shape[0] else nan) for c in _AVERAGED},
-            "sample_mean": {c: json_float(per_sample[c].mean() if s.shape[0] else nan) for c in _AVERAGED},
+            "samples": samples,
+            "token_mean": {c: json_float(col[c].sum() / tokens if samples else nan) for c in _AVERAGED},
+            "sample_mean": {c: json_float(per_sample[c].mean() if samples else nan) for c in _AVERAGED},
             "sampled_kl": {
                 "value": json_float(abs(signed)),
                 "signed": json_float(signed),
