@@ -1,7 +1,7 @@
 """Token metrics for one dataset: token- and sample-means of the vocab-probe outputs, the paper's sampled KL,
 rank shift, top-1 agreement and fixed-edge histograms; per-sample float64 sums, so merge is exact.
 
-Definitions are DESIGN.md §3. Use one `TokenMetrics` per dataset (the runner keys them by dataset name).
+Definitions are DESIGN.md §3. Use one `TokenMetrics` per dataset (drift_run.bundle: one per task and tuned model).
 """
 from __future__ import annotations
 

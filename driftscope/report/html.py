@@ -1,6 +1,6 @@
 """`write_report(out_dir, summary)` writes out_dir/report.html: one self-contained file (inline CSS, PNG plots as
 base64 data URIs, no script, no external resource); every data string is escaped. `summary` is summary.json's
-schema: per model `analysis.summary.model_summary`, per task `analysis.summary.task_summary`.
+schema: per model `drift_run.summary.model_summary`, per task `drift_run.summary.task_summary`.
 
 Without matplotlib the report still has every table, and says how to get the plots. Missing optional parts
 (no PCA, CKA None, NaN written as None) show as "—" or are left out with a note; they never fail the report.
