@@ -14,6 +14,7 @@ from driftscope.probes.base import Accumulator, json_float
 __all__ = ["ShiftedTokens"]
 
 _SORT_KEYS = ("count_shifted", "count", "sum_abs_shift")
+_TABLES = dict(count=torch.int64, count_shifted=torch.int64, sum_shift=torch.float64, sum_abs_shift=torch.float64)
 
 
 class ShiftedTokens(Accumulator):
@@ -27,10 +28,8 @@ class ShiftedTokens(Accumulator):
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.vocab_size = int(vocab_size)
-        self.count = torch.zeros(vocab_size, dtype=torch.int64)
-        self.count_shifted = torch.zeros(vocab_size, dtype=torch.int64)
-        self.sum_shift = torch.zeros(vocab_size, dtype=torch.float64)
-        self.sum_abs_shift = torch.zeros(vocab_size, dtype=torch.float64)
+        for k, dtype in _TABLES.items():  # count, count_shifted, sum_shift, sum_abs_shift: [vocab_size] each
+            setattr(self, k, torch.zeros(vocab_size, dtype=dtype))
 
     def update(self, token_ids: torch.Tensor, rank_base: torch.Tensor, rank_tuned: torch.Tensor) -> None:
         """token_ids [N]: the actual next token at each scored position (the batch's targets[score_mask]);
@@ -57,23 +56,17 @@ class ShiftedTokens(Accumulator):
         self._check_mergeable(other)
         if other.vocab_size != self.vocab_size:
             raise ValueError(f"cannot merge vocab_size {other.vocab_size} into {self.vocab_size}")
-        self.count += other.count
-        self.count_shifted += other.count_shifted
-        self.sum_shift += other.sum_shift
-        self.sum_abs_shift += other.sum_abs_shift
+        for k in _TABLES:
+            getattr(self, k).add_(getattr(other, k))
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count.clone(), "count_shifted": self.count_shifted.clone(),
-                "sum_shift": self.sum_shift.clone(), "sum_abs_shift": self.sum_abs_shift.clone()}
+        return {k: getattr(self, k).clone() for k in _TABLES}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        v = int(state["count"].shape[0])
-        self.__init__(v)
-        self.count = state["count"].to(torch.int64).clone()
-        self.count_shifted = state["count_shifted"].to(torch.int64).clone()
-        self.sum_shift = state["sum_shift"].to(torch.float64).clone()
-        self.sum_abs_shift = state["sum_abs_shift"].to(torch.float64).clone()
+        self.__init__(int(state["count"].shape[0]))
+        for k, dtype in _TABLES.items():
+            setattr(self, k, state[k].to(dtype).clone())
 
     def finalize(self, decode: Callable[[int], str] | None = None, top_k: int | None = 100,
                  sort_by: str = "count_shifted") -> dict:
