@@ -37,7 +37,7 @@ from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
 from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
-from driftscope.options import GenerationOptions, RunOptions
+from driftscope.options import GenerationOptions, LimitOptions, RunOptions
 from driftscope.util import checkpoint_identity, file_digest, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,10 @@ PARTIAL_FORMAT = 2  # 2: the options of the fingerprint are GenerateOptions' res
 
 
 @dataclass
-class GenerateOptions(RunOptions, GenerationOptions):
+class GenerateOptions(RunOptions, LimitOptions, GenerationOptions):
     """Options of `generate_responses` besides the sampling: the shared parts (driftscope.options) and its own; each
     field's cli() metadata makes its flag."""
 
-    limit: int | None = field(default=None, metadata=cli("the first N usable records only", ge=1, cosmetic=True))
     restart: bool = field(default=False, metadata=cli(  # instead of refusing
         "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
         "number of processes", cosmetic=True))
