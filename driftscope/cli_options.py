@@ -9,6 +9,7 @@ API alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import operator
 import types
@@ -66,13 +67,10 @@ def check_ranges(cls: type, values: Mapping) -> None:
 def _ranged(parse, bounds: Mapping, integer: bool):
     """An argparse type: `parse`, then the range check (a usage error naming the text)."""
     def ranged(text: str):
-        try:
-            v = parse(text)
-        except (ValueError, argparse.ArgumentTypeError):
-            v = None
-        if not _within(v, bounds, integer):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {_expected(bounds, integer)}")
-        return v
+        with contextlib.suppress(ValueError, argparse.ArgumentTypeError):
+            if _within(v := parse(text), bounds, integer):
+                return v
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {_expected(bounds, integer)}")
     return ranged
 
 
@@ -189,8 +187,8 @@ def options_doc(cls: type) -> str:
     """The fields of the options dataclass `cls` as lines to append to a function's docstring (indented 4, as a
     function's docstring is): name=default (--flag): help, one line each."""
     lines = ["", f"    Options ({cls.__name__}; keyword arguments here, the flag on the command line):"]
-    for f in fields(cls):
-        meta = f.metadata.get("cli") or {}
+    for f in (f for f in fields(cls) if "cli" in f.metadata):
+        meta = f.metadata["cli"]
         choices = f" (one of: {', '.join(meta['choices'])})" if meta.get("choices") else ""
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         lines.append(f"        {f.name}={_default(f)!r} ({flag}): {meta.get('help', '')}{choices}")

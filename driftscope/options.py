@@ -1,7 +1,5 @@
-"""The option parts every command is built from, each field declared once: its help, default, range and whether it
-changes results (`cli(..., cosmetic=True)`: it does not). `DriftOptions`, `GenerateOptions`, `EvalOptions` and the
-decoding part of `SamplingParams` (`engine.sampling.Decoding`) are made of these; `results(obj)` is what a resumed run
-must share with the run it continues."""
+"""The parts that DriftOptions, GenerateOptions, EvalOptions and SamplingParams are built from: each option declared
+once, with its help, default, range and whether it changes results (`cli(..., cosmetic=True)`: it does not)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +9,7 @@ from driftscope.engine.data import OVERLONG
 from driftscope.errors import InputError
 from driftscope.util import DTYPE_NAMES
 
-__all__ = ["ModelOptions", "PromptOptions", "ThinkingOptions", "EngineOptions", "StepOptions", "BatchOptions",
+__all__ = ["ModelOptions", "PromptOptions", "ThinkingOptions", "EngineOptions", "BatchOptions",
            "LimitOptions", "SeedOptions", "RunOptions", "GenerationOptions", "LMOptions"]
 
 
@@ -70,16 +68,6 @@ class EngineOptions:
 
 
 @dataclass
-class StepOptions:
-    """How the generation engine cuts its work (drift's and eval's step is their --max-batch-tokens)."""
-
-    block_size: int | None = field(default=None, metadata=cli(
-        "tokens per KV cache block (default: the engine's)", ge=1, cosmetic=True))
-    max_step_tokens: int = field(default=8192, metadata=cli(
-        "tokens computed in one engine step at most", ge=1, cosmetic=True))
-
-
-@dataclass
 class BatchOptions:
     max_batch_tokens: int = field(default=8192, metadata=cli(
         "token budget of one packed batch (and of one generation step): bounds activation memory", ge=1))
@@ -117,8 +105,14 @@ class RunOptions:
 
 
 @dataclass
-class GenerationOptions(ModelOptions, PromptOptions, ThinkingOptions, EngineOptions, StepOptions):
-    """Everything `driftscope.generate` takes besides the sampling: the model, prompt and engine parts."""
+class GenerationOptions(ModelOptions, PromptOptions, ThinkingOptions, EngineOptions):
+    """Everything `driftscope.generate` takes besides the sampling: the model, prompt and engine parts, and how the
+    engine cuts its work (drift's and eval's step is their --max-batch-tokens)."""
+
+    block_size: int | None = field(default=None, metadata=cli(
+        "tokens per KV cache block (default: the engine's)", ge=1, cosmetic=True))
+    max_step_tokens: int = field(default=8192, metadata=cli(
+        "tokens computed in one engine step at most", ge=1, cosmetic=True))
 
     def __post_init__(self) -> None:
         check_ranges(type(self), vars(self))  # every number, named with its flag

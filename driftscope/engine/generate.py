@@ -11,6 +11,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from driftscope.cli_options import options_doc
 from driftscope.engine.decoding import GenerationEngine, GenRequest, Generation
 from driftscope.engine.model import Transformer
 from driftscope.engine.prompts import render_prompt
@@ -79,19 +80,13 @@ def generate(model: str | Path | Transformer, prompts: Sequence[Any], sampling: 
     """Generate for every prompt (n samples each): a list of Generation, ordered by prompt, then sample.
 
     model: a checkpoint folder or a loaded Transformer; prompts: strings, token-id lists or chat message lists.
-    sampling: a SamplingParams (it checks each value, naming a bad one): max_new_tokens, temperature (0 = greedy:
-        argmax, lowest id on ties), top_p, top_k, seed (draws are keyed by (seed, prompt, sample, step), so outputs do
-        not depend on batching), n (samples per prompt), stop (strings that end a sequence, caught across tokens and
-        cut from the text), stop_token_ids (extra ids that end one, besides the model's EOS ids), ignore_eos
-    options: a driftscope.options.GenerationOptions: the model (device, dtype), the prompts (chat: strings become one
-        user message of the chat template; system: its system prompt; thinking: the template's enable_thinking;
-        chat_template_kwargs: more template variables) and the engine (cache_memory: KV cache bytes, default 90% of
-        free GPU memory, a quarter of RAM on the CPU; block_size: tokens per cache block; max_num_seqs: sequences
-        decoded together at most; max_step_tokens: tokens per engine step at most)
+    sampling: a SamplingParams (it checks each value, naming a bad one; also stop_token_ids: ids that end a sequence
+        besides the model's EOS ids); draws are keyed by (seed, prompt, sample, step): outputs do not depend on batching
+    options: a driftscope.options.GenerationOptions: the model, how prompts are rendered, the engine's limits
     tokenizer: a folder or tokenizer (default: the model folder's tokenizer.json)
     progress: a bar on stderr (None: when stderr is a terminal)
-    shortcuts: any field of either, by name, e.g. generate(model, prompts, max_new_tokens=16, temperature=0.7,
-        chat=True); given with `sampling` or `options`, it replaces that field there
+    shortcuts: any field of either by name (listed below), e.g. generate(model, prompts, max_new_tokens=16, chat=True);
+        given with `sampling` or `options`, it replaces that field there
     """
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
@@ -116,3 +111,6 @@ def generate(model: str | Path | Transformer, prompts: Sequence[Any], sampling: 
     for g in out:
         g.prompt = texts[g.index]
     return sorted(out, key=lambda g: (g.index, g.sample))
+
+
+generate.__doc__ += options_doc(SamplingParams) + options_doc(GenerationOptions)  # every option, never stale

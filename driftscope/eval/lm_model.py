@@ -18,11 +18,11 @@ runs lm-eval's own CLI with the model registered and driftscope's tasks on the i
   pads a short rank with are not computed and their responses are removed again (`_pads`, `barrier`).
 - Chat templates: the checkpoint's (sandboxed), `enable_thinking=True|False` passed to it.
 
-Model arguments: pretrained (folder), dtype (auto|float32|bfloat16|float16), device, max_length,
-max_batch_tokens, cache_memory (bytes), max_num_seqs, seed, enable_thinking, allow_pickle, gen_cache (a JSONL
-file where every finished generation is appended and from which a rerun takes them: resume; under torchrun rank r
-appends to `<stem>.rank{r}.jsonl` and every rank reads them all), dist_timeout (seconds in a collective). lm-eval's
-`batch_size` is accepted and ignored: batches are sized in tokens.
+Model arguments: pretrained (folder), max_length, allow_pickle, gen_cache (a JSONL file where every finished
+generation is appended and from which a rerun takes them: resume; under torchrun rank r appends to
+`<stem>.rank{r}.jsonl` and every rank reads them all), and the fields of driftscope.options.LMOptions (device, dtype
+auto|float32|bfloat16|float16, dist_timeout, max_batch_tokens, cache_memory in bytes, max_num_seqs, seed,
+enable_thinking for thinking). lm-eval's `batch_size` is accepted and ignored: batches are sized in tokens.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import subprocess
-import typing
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -84,24 +83,15 @@ def _flag(value: Any, name: str) -> bool | None:
 
 
 def _lm_options(options: LMOptions, model_args: dict) -> LMOptions:
-    """`options` with lm-eval's model_args (strings, or what lm-eval made of them: 1e9 is a float) put in, each
-    converted to its field's type."""
-    if "enable_thinking" in model_args:
-        model_args["thinking"] = model_args.pop("enable_thinking")
-    hints = typing.get_type_hints(LMOptions)
-    if unknown := sorted(set(model_args) - set(hints)):
+    """`options` with lm-eval's model_args put in: strings, or what lm-eval made of them (1e9 is a float)."""
+    args = {"thinking" if k == "enable_thinking" else k: v for k, v in model_args.items()}
+    kinds = {k: f.type.split(" ")[0] for k, f in LMOptions.__dataclass_fields__.items()}  # "int | None" -> int
+    if unknown := sorted(set(args) - set(kinds)):
         raise ValueError(f"unknown model argument(s) {unknown} for model 'driftscope'; see "
                          "driftscope.eval.lm_model's docstring for the accepted ones")
-    kw = {}
-    for name, value in model_args.items():
-        kinds = typing.get_args(hints[name]) or (hints[name],)
-        if value is None or isinstance(value, bool) or str in kinds:
-            kw[name] = value
-        elif bool in kinds:
-            kw[name] = _flag(value, "enable_thinking" if name == "thinking" else name)
-        else:
-            kw[name] = int(float(value)) if int in kinds else float(value)
-    return replace(options, **kw)
+    cast = {"int": lambda v: int(float(v)), "float": float, "bool": lambda v: _flag(v, "enable_thinking")}
+    return replace(options, **{k: cast[kinds[k]](v) if v is not None and kinds[k] in cast else v
+                               for k, v in args.items()})
 
 
 def _resolve_dtype(dtype: str, device: str, config_dtype: str | None) -> str:
