@@ -15,7 +15,7 @@ from driftscope.util import checkpoint_identity, dtype_name, file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-STATE_FORMAT = 4  # layout of the resumable state (4: a probe bundle per task, hidden-state sums with the base once)
+STATE_FORMAT = 5  # layout of the resumable state (5: TokenMetrics' per-sample sums one key per column, rank means)
 
 
 @dataclass
