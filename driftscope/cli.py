@@ -12,7 +12,6 @@ import json
 import math
 import sys
 import traceback
-from dataclasses import fields
 
 from driftscope.cli_options import add_options, check_ranges, options_from
 
@@ -69,13 +68,6 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_names() -> list[str]:
-    """The SamplingParams fields that are flags of `generate` (the decoding options and -n)."""
-    from driftscope.engine.sampling import SamplingParams
-
-    return [f.name for f in fields(SamplingParams) if "cli" in f.metadata]
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
     import logging
 
@@ -87,7 +79,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if (world := _torchrun_size()) > 1:  # the Ctrl-C line (_run) then
         args.interrupted = (f"interrupted; rerun the same torchrun command ({world} processes) to continue "
                             "({out}.partial.rank* keep what was done)")
-    sampling = options_from(args, SamplingParams, _sampling_names())
+    sampling = options_from(args, SamplingParams)
     check_ranges(SamplingParams, sampling)  # named with their flags, as drift's
     params = SamplingParams(**sampling)
     report = generate_responses(args.model, args.data, args.out, params,
@@ -127,7 +119,7 @@ def _add_generate(sub, with_options: bool) -> None:
         from driftscope.engine.sampling import SamplingParams
         from driftscope.responses import GenerateOptions
 
-        add_options(p, SamplingParams, _sampling_names())
+        add_options(p, SamplingParams)
         add_options(p, GenerateOptions)
     p.set_defaults(func=_cmd_generate,
                    interrupted="interrupted; rerun the same command to continue ({out}.partial keeps what was done)")

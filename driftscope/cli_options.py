@@ -156,15 +156,13 @@ def _group(parser: argparse.ArgumentParser, title: str | None):
 
 def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[str] | None = None, *,
                 parse_ranges: bool = False) -> None:
-    """Add a flag for each field of the dataclass `cls` (only `names` when given), from its cli() metadata; with
+    """Add a flag for each field of the dataclass `cls` with cli() metadata (only `names` when given); with
     `parse_ranges` a number out of its range is a usage error of the parser (else check_ranges names it)."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        meta = dict(f.metadata.get("cli") or {})
-        if not meta.get("help"):
-            raise TypeError(f"option {cls.__name__}.{f.name} has no cli(help) metadata")
+        if "cli" not in f.metadata or names is not None and f.name not in names:
+            continue  # no cli(): not an option (tests/drift_run/test_cli.py: every DriftOptions field is one)
+        meta = dict(f.metadata["cli"])
         flag, group, default = meta.pop("flag"), meta.pop("group"), _default(f)
         if "type" not in meta and "action" not in meta:
             meta.update(_inferred(f, hints[f.name], default))
@@ -180,7 +178,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, names: Collection[st
 
 def options_from(args: argparse.Namespace, cls: type, names: Collection[str] | None = None) -> dict:
     """The keyword arguments of `cls` (only `names` when given) from arguments parsed by add_options."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if names is None or f.name in names}
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if "cli" in f.metadata and (names is None or f.name in names)}
 
 
 def options_doc(cls: type) -> str:

@@ -26,8 +26,7 @@ class ModelOptions:
         "under torchrun: seconds a process waits for the others (the merge, or rank 0, waits for the slowest share)",
         gt=0, cosmetic=True))
 
-    def resolve_model(self) -> None:
-        """drift's and generate's defaults: the CPU, float32."""
+    def resolve_model(self) -> None:  # drift's and generate's defaults: the CPU, float32
         self.device = "cpu" if self.device is None else self.device
         self.dtype = "float32" if self.dtype == "auto" else self.dtype
 

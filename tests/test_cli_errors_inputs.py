@@ -21,7 +21,8 @@ from driftscope.telemetry import Progress
 from driftscope.drift_run.options import DriftOptions
 from driftscope.drift_run.plan import plan
 from driftscope.responses import GenerateOptions
-from driftscope.cli import _sampling_names, main
+from driftscope.cli import main
+from driftscope.engine.sampling import SamplingParams
 from driftscope.errors import InputError
 from test_cli_errors import TEXTS, _checkpoint, _drift, _error, _generate, _variant, _write
 
@@ -40,6 +41,11 @@ def _numbers(cls) -> list[str]:
     hints = typing.get_type_hints(cls)
     return [f.name for f in fields(cls)
             if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])} and hints[f.name] is not bool]
+
+
+def _sampling_names() -> list[str]:
+    """The SamplingParams fields that are generate's flags (its decoding options)."""
+    return [f.name for f in fields(SamplingParams) if "cli" in f.metadata]
 
 
 _CASES = ([("drift", DriftOptions, n) for n in _numbers(DriftOptions)]

@@ -17,6 +17,7 @@ from driftscope.responses import GenerateOptions
 OPTION_CLASSES = [*(c for c in vars(options).values() if isinstance(c, type) and is_dataclass(c)), Decoding,
                   SamplingParams, DriftOptions, GenerateOptions, EvalOptions]
 # the arguments that name what a command runs on (its inputs and outputs), not options
+COMMAND_OPTIONS = {"drift": [DriftOptions], "generate": [SamplingParams, GenerateOptions], "eval": [EvalOptions]}
 SUBJECTS = {"drift": {"help", "base", "tuned", "data", "out"}, "generate": {"help", "model", "data", "out"},
             "eval": {"help", "model", "responses", "tasks", "benchmark", "out", "data_dir"}}
 
@@ -47,3 +48,6 @@ def test_every_flag_maps_to_exactly_one_field(cmd):
     flags = {a.dest: a.option_strings for a in sub._actions if a.dest not in SUBJECTS[cmd]}
     unmapped = {d: f for d, f in flags.items() if len(_declaring(d)) != 1}
     assert not unmapped, f"{cmd} flags that map to no field, or to several: {unmapped}"
+    options = {f.name for c in COMMAND_OPTIONS[cmd] for f in fields(c) if "cli" in f.metadata}
+    assert set(flags) == options, f"{cmd}: options without a flag {options - set(flags)}, flags of no option " \
+        f"{set(flags) - options}"

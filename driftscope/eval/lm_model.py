@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import subprocess
+from argparse import ArgumentTypeError
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -47,6 +48,7 @@ from lm_eval.loggers.utils import get_commit_from_path
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
+from driftscope.cli_options import on_off
 from driftscope.distributed import World
 from driftscope.errors import InputError
 from driftscope.eval.loglik import score_continuations
@@ -72,14 +74,10 @@ lm_eval.evaluator.get_git_commit_hash = _git_hash
 
 
 def _flag(value: Any, name: str) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ValueError(f"model argument {name}={value!r}: expected true or false")
+    try:
+        return value if value is None or isinstance(value, bool) else on_off(str(value).strip())
+    except ArgumentTypeError:
+        raise ValueError(f"model argument {name}={value!r}: expected true or false") from None
 
 
 def _lm_options(options: LMOptions, model_args: dict) -> LMOptions:
