@@ -53,12 +53,17 @@ def _within(v, bounds: Mapping, integer: bool) -> bool:
 
 def check_ranges(cls: type, values: Mapping) -> None:
     """InputError naming the field, its flag and the value, for the first of `values` (field name -> value) that is
-    not a number of its field's type within the field's declared range; None (an optional field unset) passes."""
+    not a number of its field's type within the field's declared range, or a text not among its choices; None (an
+    optional field unset) passes."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
-        if not (bounds := f.metadata.get("range")) or values.get(f.name) is None:
+        v, choices = values.get(f.name), f.metadata.get("cli", {}).get("choices")
+        if isinstance(v, str) and choices and v not in choices:
+            raise InputError(f"{f.name}={v!r} is not supported; expected one of {', '.join(choices)} "
+                             f"({f.metadata['cli']['flag'] or '--' + f.name.replace('_', '-')})")
+        if not (bounds := f.metadata.get("range")) or v is None:
             continue
-        v, integer = values[f.name], int in (hints[f.name], *typing.get_args(hints[f.name]))
+        integer = int in (hints[f.name], *typing.get_args(hints[f.name]))
         if not _within(v, bounds, integer):
             raise InputError(f"{f.name}={v!r} is invalid: expected {_expected(bounds, integer)} "
                              f"({f.metadata['cli']['flag'] or '--' + f.name.replace('_', '-')})")

@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 
 from driftscope.cli_options import as_object, check_ranges, cli, json_object, on_off, size
 from driftscope.engine.data import OVERLONG
-from driftscope.errors import InputError
-from driftscope.util import DTYPE_NAMES
+from driftscope.util import DTYPE_NAMES, dtype_name
 
 __all__ = ["ModelOptions", "PromptOptions", "ThinkingOptions", "EngineOptions", "BatchOptions",
            "LimitOptions", "SeedOptions", "RunOptions", "GenerationOptions", "LMOptions"]
@@ -26,9 +25,9 @@ class ModelOptions:
         "under torchrun: seconds a process waits for the others (the merge, or rank 0, waits for the slowest share)",
         gt=0, cosmetic=True))
 
-    def resolve_model(self) -> None:  # drift's and generate's defaults: the CPU, float32
+    def resolve_model(self) -> None:  # drift's and generate's defaults (the CPU, float32); torch.float16 -> float16
         self.device = "cpu" if self.device is None else self.device
-        self.dtype = "float32" if self.dtype == "auto" else self.dtype
+        self.dtype = dtype_name("float32" if self.dtype == "auto" else self.dtype)
 
 
 @dataclass
@@ -98,10 +97,6 @@ class RunOptions:
     progress: bool | None = field(default=None, metadata=cli(
         "progress bars on stderr (default: drift on; generate when stderr is a terminal)", cosmetic=True))
 
-    def __post_init__(self) -> None:
-        if self.overlong not in OVERLONG:
-            raise InputError(f"overlong={self.overlong!r} is invalid: expected one of {', '.join(OVERLONG)}")
-
 
 @dataclass
 class GenerationOptions(ModelOptions, PromptOptions, ThinkingOptions, EngineOptions):
@@ -114,8 +109,8 @@ class GenerationOptions(ModelOptions, PromptOptions, ThinkingOptions, EngineOpti
         "tokens computed in one engine step at most", ge=1, cosmetic=True))
 
     def __post_init__(self) -> None:
-        check_ranges(type(self), vars(self))  # every number, named with its flag
         self.resolve_model()
+        check_ranges(type(self), vars(self))  # every number and choice, named with its flag
         PromptOptions.__post_init__(self)
 
 

@@ -53,10 +53,6 @@ class GenerateOptions(RunOptions, LimitOptions, GenerationOptions):
         "discard an interrupted run in OUT.partial (OUT.partial.rank* under torchrun) with other inputs, options or "
         "number of processes", cosmetic=True))
 
-    def __post_init__(self) -> None:
-        GenerationOptions.__post_init__(self)
-        RunOptions.__post_init__(self)
-
 
 @dataclass
 class ResponsesReport:

@@ -11,7 +11,7 @@ from driftscope.engine.sampling import Decoding, SamplingParams
 from driftscope.errors import InputError
 from driftscope.options import (BatchOptions, EngineOptions, ModelOptions, PromptOptions, RunOptions,
                                 ThinkingOptions)
-from driftscope.util import checkpoint_identity, dtype_name, file_digest
+from driftscope.util import checkpoint_identity, file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
@@ -68,15 +68,13 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(Decoding)})
 
     def __post_init__(self) -> None:
-        check_ranges(DriftOptions, vars(self))  # every number, named with its flag
+        self.resolve_model()  # dtype: a JSON-able name in the config and fingerprint
+        check_ranges(DriftOptions, vars(self))  # every number and choice, named with its flag
         self.stop = list(self.stop) if not isinstance(self.stop, str) else [self.stop]  # JSON-able in the fingerprint
         self.progress = True if self.progress is None else self.progress  # drift's bars: on unless turned off
         if self.generate:
             self.sampling()  # refuse bad decoding options now, naming the value
-        RunOptions.__post_init__(self)
         PromptOptions.__post_init__(self)
-        self.resolve_model()
-        self.dtype = dtype_name(self.dtype)  # a JSON-able name in the config and fingerprint
         self.device = _device_name("device", self.device)
         self.base_device = None if self.base_device is None else _device_name("base_device", self.base_device)
         tuned = [self.tuned_device] if isinstance(self.tuned_device, (str, torch.device)) else self.tuned_device
@@ -84,10 +82,6 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         if self.stream_layers and self.generate:
             raise InputError("stream_layers=True (--stream-layers) with generate=True: generation runs every layer "
                              "once per decoded token, so streamed weights would be copied once per token; drop one")
-        if self.pca not in PCA_MODES:
-            raise ValueError(f"pca must be one of {PCA_MODES}, got {self.pca!r}")
-        if self.cka not in CKA_MODES:
-            raise ValueError(f"cka must be one of {CKA_MODES}, got {self.cka!r}")
         if self.pca_texts is not None and not Path(self.pca_texts).is_file():
             raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")
 
