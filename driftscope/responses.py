@@ -30,7 +30,7 @@ from driftscope.cli_options import cli, results
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.data import fit_prompts
 from driftscope.records import skipped
-from driftscope.engine.decoding import GenerationEngine, Generation
+from driftscope.engine.decoding import GenerationEngine
 from driftscope.engine.generate import load_for_generation, make_requests
 from driftscope.engine.prompts import render_prompt
 from driftscope.records import read_prompts
@@ -220,11 +220,6 @@ def _quiet(logger: logging.Logger, quiet: bool) -> Iterator[None]:
         logger.removeFilter(drop)
 
 
-def _row(g: Generation) -> dict:
-    return {"index": g.index, "sample": g.sample, "output": g.text, "output_token_ids": g.token_ids,
-            "finish_reason": g.finish_reason, "stop_reason": g.stop_reason}
-
-
 def generate_responses(model: str | Path, data: str | Path, out: str | Path, params: SamplingParams,
                        options: GenerateOptions | None = None) -> ResponsesReport:
     """Generate responses for every usable prompt of `data` into `out` (see the module docstring); under torchrun
@@ -290,7 +285,8 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
     with partial.appending() as append:
         try:
             for g in engine.run(requests, progress=bar):
-                append(_row(g))
+                append({"index": g.index, "sample": g.sample, "output": g.text, "output_token_ids": g.token_ids,
+                        "finish_reason": g.finish_reason, "stop_reason": g.stop_reason})
         finally:
             bar.close()
     st = engine.stats

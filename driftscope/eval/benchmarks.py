@@ -258,10 +258,6 @@ def _halu_read(folder: Path) -> list[dict]:
     return out
 
 
-def _halu_prompt(doc: dict) -> str:
-    return HALU_INSTRUCTIONS[doc["part"]].format(**doc)
-
-
 def _coqa_read(path: Path) -> list[dict]:
     """The official CoQA JSON (`coqa-dev-v1.0.json`): one doc per story, its last question."""
     data = read_json(path, "CoQA file", dict).get("data")
@@ -272,20 +268,16 @@ def _coqa_read(path: Path) -> list[dict]:
         qs, ans = story["questions"], story["answers"]
         if not qs or len(qs) != len(ans):
             raise ValueError(f"{path}: data[{s}] has {len(qs)} questions and {len(ans)} answers")
-        golds = [ans[-1]["input_text"]]
-        for extra in (story.get("additional_answers") or {}).values():
-            if len(extra) == len(qs):
-                golds.append(extra[-1]["input_text"])
+        golds = [ans[-1]["input_text"]] + [extra[-1]["input_text"] for extra in
+                                           (story.get("additional_answers") or {}).values() if len(extra) == len(qs)]
         turns = [(q["input_text"], a["input_text"]) for q, a in zip(qs, ans)]
         out.append({"id": story.get("id", str(s)), "story": story["story"], "turns": turns, "golds": golds})
     return out
 
 
 def _coqa_prompt(doc: dict) -> str:  # lm-eval's coqa doc_to_text, stopped before the gold last answer
-    text = doc["story"] + "\n\n"
-    for q, a in doc["turns"][:-1]:
-        text += f"Q: {q}\n\nA: {a}\n\n"
-    return text + f"Q: {doc['turns'][-1][0]}\n\nA:"
+    turns = "".join(f"Q: {q}\n\nA: {a}\n\n" for q, a in doc["turns"][:-1])
+    return f"{doc['story']}\n\n{turns}Q: {doc['turns'][-1][0]}\n\nA:"
 
 
 def _lcb_prompt(doc: dict) -> str:
@@ -342,7 +334,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               lambda d: d["instruction_id_list"],
               lambda r, d: list(map(float, grade_ifeval(d, r)["inst_level_strict"])),
               metric="instruction-level strict accuracy"),
-    Benchmark("halueval", "HaluEval", "non", "generate", _loader("halueval", _halu_read), _halu_prompt,
+    Benchmark("halueval", "HaluEval", "non", "generate", _loader("halueval", _halu_read),
+              lambda d: HALU_INSTRUCTIONS[d["part"]].format(**d),
               lambda d: d["gold"], lambda r, d: grade_halueval(r, d["gold"]), aliases=("halu_eval", "halueval_qa")),
     Benchmark("mctaco", "MC-TACO", "non", "loglikelihood", _loader("mctaco", _mctaco_read),
               lambda d: f"{d['sentence']}\nQuestion: {d['question']}\nAnswer: {d['answer']}\nPlausible:",

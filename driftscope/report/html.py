@@ -67,10 +67,6 @@ def fmt(value: Any, digits: int = 4) -> str:
     return esc(value)
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
 def _get(d: Mapping | None, *path: str) -> Any:
     """d[path[0]][path[1]]..., None where any level is missing or None."""
     for key in path:
@@ -146,8 +142,8 @@ def _header(summary: Mapping, figures: _Figures) -> str:
     n_problems = len({(name, p) for m in models.values() for name, t in (m.get("tasks") or {}).items()
                       for p in t.get("problems") or []})
     if n_problems:
-        out.append(f'<p class="note">{_plural(n_problems, "problem")} (skipped records, non-finite results); '
-                   f"see “Problems” in each task section.</p>\n")
+        out.append(f'<p class="note">{n_problems:,} problem{"" if n_problems == 1 else "s"} (skipped records, '
+                   f"non-finite results); see “Problems” in each task section.</p>\n")
     if figures.missing:
         out.append(f'<p class="note">No plots in this report: {esc(figures.missing)}. '
                    f"All tables are complete.</p>\n")
@@ -163,12 +159,9 @@ def _run_details(summary: Mapping) -> str:
     """config, versions, machine, then every other top-level entry (gpu_telemetry, backends, ...) as a table."""
     keys = ["config", "versions", "machine"]
     keys += [k for k in summary if k not in keys and k not in _SHOWN_ELSEWHERE and summary[k] is not None]
-    out = []
-    for k in keys:
-        v = summary.get(k)
-        out.append(f"<h3>{esc(k)}</h3>\n" + (_kv_table(v) if isinstance(v, Mapping) or v is None
-                                             else f"<p>{esc(json.dumps(v, ensure_ascii=False, default=str))}</p>\n"))
-    return "".join(out)
+    return "".join(f"<h3>{esc(k)}</h3>\n" + (_kv_table(v) if isinstance(v, Mapping) or v is None
+                                            else f"<p>{esc(json.dumps(v, ensure_ascii=False, default=str))}</p>\n")
+                   for k, v in ((k, summary.get(k)) for k in keys))
 
 
 def _timing(timing: Mapping | None) -> str:
@@ -363,9 +356,8 @@ def render_report(summary: Mapping) -> str:
     models = summary.get("models") or {}
     pairs = [(m, t) for m, mv in models.items() for t in mv.get("tasks") or {}]
     ids = {pair: f"s{i}" for i, pair in enumerate(pairs)}
-    body = [_header(summary, figures), _toc([(sid, m, t) for (m, t), sid in ids.items()]), _overview(models, ids)]
-    for (m, t), sid in ids.items():
-        body.append(_section(sid, m, t, models[m]["tasks"][t], figures))
+    body = [_header(summary, figures), _toc([(sid, m, t) for (m, t), sid in ids.items()]), _overview(models, ids),
+            *(_section(sid, m, t, models[m]["tasks"][t], figures) for (m, t), sid in ids.items())]
     if not models:
         body.append('<p class="note">The summary has no models: nothing was compared.</p>\n')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"

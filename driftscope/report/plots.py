@@ -114,11 +114,9 @@ def pca_shift_png(records: Sequence[Mapping], centroid_distance: float | None = 
         ax.plot([x0, x1], [y0, y1], color="#999999", lw=0.7, zorder=1)
     sc = None
     for state, marker in (("Original", "o"), ("Updated", "^")):
-        ls = sorted(pts[state])
-        if ls:
-            xy = [pts[state][i] for i in ls]
-            sc = ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=ls, cmap=cmap, norm=norm, marker=marker,
-                            s=36, edgecolors="black", linewidths=0.4, zorder=2)
+        if ls := sorted(pts[state]):
+            sc = ax.scatter([pts[state][i][0] for i in ls], [pts[state][i][1] for i in ls], c=ls, cmap=cmap,
+                            norm=norm, marker=marker, s=36, edgecolors="black", linewidths=0.4, zorder=2)
     cents = {s: _centroid(list(p.values())) for s, p in pts.items() if p}
     for state, style in (("Original", dict(marker="X", color="black")), ("Updated", dict(marker="*", color="red"))):
         if state in cents:
@@ -146,11 +144,6 @@ def _centroid(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 # ---- (b) per-layer hidden-state drift --------------------------------------------------------------------------
-def _layer_series(layers: Sequence[Mapping], key: str) -> list[float]:
-    """row[key] of each row (nan where missing or None)."""
-    return [_num(row.get(key)) for row in layers]
-
-
 def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
     """Per layer (summary.json's `layers` rows): cosine and linear CKA (similarity, 1 = unchanged) on the left,
     relative L2 (0 = unchanged) on the right. A metric that is None for every layer (e.g. CKA not computed) is left
@@ -160,7 +153,7 @@ def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
     x = [int(row["layer"]) for row in layers]
     fig, (ax_sim, ax_l2) = _figure(9.0, 3.6, ncols=2)
     for label, key, style in (("cosine", "cosine", "o-"), ("linear CKA", "cka", "s-")):
-        y = _layer_series(layers, key)
+        y = [_num(row.get(key)) for row in layers]
         if all(math.isnan(v) for v in y):
             ax_sim.plot([], [], " ", label=f"{label}: not computed")
         else:
@@ -168,8 +161,7 @@ def layer_drift_png(layers: Sequence[Mapping], title: str = "") -> bytes:
     ax_sim.set_title("similarity base vs tuned", fontsize=10)
     ax_sim.set_ylabel("similarity")
     ax_sim.legend(fontsize=8)
-    y = _layer_series(layers, "rel_l2")
-    ax_l2.plot(x, y, "o-", ms=3, color="C3", label="‖h_t − h_b‖ / ‖h_b‖")
+    ax_l2.plot(x, [_num(row.get("rel_l2")) for row in layers], "o-", ms=3, color="C3", label="‖h_t − h_b‖ / ‖h_b‖")
     ax_l2.set_title("relative L2 distance", fontsize=10)
     ax_l2.set_ylim(bottom=0)
     ax_l2.legend(fontsize=8)
@@ -272,14 +264,9 @@ def bin_labels(edges: Sequence[float]) -> list[str]:
     Integer edges give integer ranges ("6..10", "≤ -100001", "≥ 100001"); others give "[a, b)"."""
     ints = all(float(e).is_integer() for e in edges)
     fmt = (lambda v: f"{int(v)}") if ints else (lambda v: f"{v:.3g}")
-    labels = [f"≤ {fmt(edges[0] - 1)}" if ints else f"< {fmt(edges[0])}"]
-    for a, b in zip(edges, edges[1:]):
-        if ints:
-            labels.append(fmt(a) if b - a == 1 else f"{fmt(a)}..{fmt(b - 1)}")
-        else:
-            labels.append(f"[{fmt(a)}, {fmt(b)})")
-    labels.append(f"≥ {fmt(edges[-1])}")
-    return labels
+    inner = [(fmt(a) if b - a == 1 else f"{fmt(a)}..{fmt(b - 1)}") if ints else f"[{fmt(a)}, {fmt(b)})"
+             for a, b in zip(edges, edges[1:])]
+    return [f"≤ {fmt(edges[0] - 1)}" if ints else f"< {fmt(edges[0])}", *inner, f"≥ {fmt(edges[-1])}"]
 
 
 _RANK_TITLES = {  # name: (title, x label)
@@ -339,7 +326,7 @@ def top_tokens_png(top: Sequence[Mapping], key: str = "count_shifted", n: int = 
         ax.barh(pos, [r["count"] for r in rows], color="#c6dbef", label="occurrences")
     ax.barh(pos, [_num(r.get(key)) for r in rows], color="C0",
             label="rank changed" if key == "count_shifted" else "mean |rank shift|")
-    ax.set_yticks(pos, [_token_label(r) for r in rows], fontsize=8)
+    ax.set_yticks(pos, [f"'{mpl_text(r.get('text'), max_chars=24)}'  #{r['id']}" for r in rows], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("tokens" if key == "count_shifted" else "mean |rank_base − rank_tuned|")
     ax.legend(fontsize=8, loc="lower right")
@@ -347,7 +334,3 @@ def top_tokens_png(top: Sequence[Mapping], key: str = "count_shifted", n: int = 
     ax.set_title(f"top {len(rows)} shifted tokens by {key}", fontsize=10)
     _title(fig, title)
     return _png(fig)
-
-
-def _token_label(row: Mapping) -> str:
-    return f"'{mpl_text(row.get('text'), max_chars=24)}'  #{row['id']}"
