@@ -40,10 +40,7 @@ def write_checkpoint(
         raise ValueError(f"shards={shards} must be between 1 and the number of tensors ({len(state_dict)})")
     tdtype = torch_dtype(dtype)
     config = dict(config)
-    if "torch_dtype" in config and "dtype" not in config:
-        config["torch_dtype"] = dtype
-    else:
-        config["dtype"] = dtype
+    config["torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"] = dtype  # in its style
     (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tensors = {k: v.detach().to("cpu", tdtype).contiguous() for k, v in state_dict.items()}
     if shards == 1:
@@ -52,14 +49,12 @@ def write_checkpoint(
     names = list(tensors)
     per = -(-len(names) // shards)  # ceil: contiguous runs of names, as save_pretrained does
     weight_map: dict[str, str] = {}
-    total = 0
     for s in range(shards):
         chunk = names[s * per : (s + 1) * per]
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         save_file({k: tensors[k] for k in chunk}, str(root / fname), metadata={"format": "pt"})
-        for k in chunk:
-            weight_map[k] = fname
-            total += tensors[k].numel() * tensors[k].element_size()
+        weight_map |= dict.fromkeys(chunk, fname)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return root
@@ -108,12 +103,9 @@ def hf_config(
     if arch == "mistral":
         cfg["sliding_window"] = None
     if config_style == "rope_parameters":
-        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
-        cfg["dtype"] = dtype
+        cfg.update(rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, dtype=dtype)
     else:
-        cfg["rope_theta"] = rope_theta
-        cfg["rope_scaling"] = None
-        cfg["torch_dtype"] = dtype
+        cfg.update(rope_theta=rope_theta, rope_scaling=None, torch_dtype=dtype)
     return cfg
 
 
@@ -150,12 +142,8 @@ def write_tokenizer(path: str | Path, corpus: list[str], vocab_size: int = 300) 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.save(str(root / "tokenizer.json"))
     tcfg = {

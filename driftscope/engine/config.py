@@ -164,9 +164,6 @@ class ModelConfig:
         attention_bias = bool(d.get("attention_bias", False))
         rope_type, rope_theta, rope_scaling, partial = _rope_of(d, source)
         sliding, layer_types = _window_of(arch, d, source)
-        head_dim = d.get("head_dim")
-        if head_dim is None:
-            head_dim = flags["head_dim"]
         dtype = d.get("dtype", d.get("torch_dtype")) or "float32"
         eos = d.get("eos_token_id")
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -180,7 +177,7 @@ class ModelConfig:
             num_layers=need("num_hidden_layers"),
             num_heads=need("num_attention_heads"),
             num_kv_heads=d.get("num_key_value_heads"),
-            head_dim=head_dim,
+            head_dim=flags["head_dim"] if d.get("head_dim") is None else d["head_dim"],
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_type=rope_type,
@@ -256,14 +253,12 @@ def _rope_of(d: dict[str, Any], source: str) -> tuple[str, float, dict[str, Any]
     if rope_type not in ROPE_KEYS:
         raise ValueError(f"{source}: rope type {rope_type!r} is not supported; "
                          f"supported rope types: {', '.join(ROPE_TYPES)}")
-    theta = params.pop("rope_theta", None)
-    if theta is None:
-        theta = d.get("rope_theta", 10000.0)
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
-    if rope_type in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None:
-        if "max_position_embeddings" in d:
-            params["original_max_position_embeddings"] = d["max_position_embeddings"]
+    if (rope_type in ("llama3", "yarn", "longrope") and params.get("original_max_position_embeddings") is None
+            and "max_position_embeddings" in d):
+        params["original_max_position_embeddings"] = d["max_position_embeddings"]
     required, optional = ROPE_KEYS[rope_type]
     scaling = {k: params[k] if isinstance(params[k], (bool, list)) else float(params[k])
                for k in required + optional if params.get(k) is not None}
+    theta = params["rope_theta"] if params.get("rope_theta") is not None else d.get("rope_theta", 10000.0)
     return rope_type, float(theta), scaling, float(1.0 if partial is None else partial)

@@ -56,11 +56,7 @@ PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt",
 
 
 def _condition(name: str | None, c: ModelConfig) -> bool:
-    if name is None:
-        return True
-    if name == "untied":
-        return not c.tie_word_embeddings
-    return bool(getattr(c, name))
+    return name is None or (not c.tie_word_embeddings if name == "untied" else bool(getattr(c, name)))
 
 
 def _part_rows(c: ModelConfig, part: str) -> tuple[int, int]:
