@@ -171,9 +171,7 @@ class DriftscopeLM(TemplateLM):
     # ------------------------------------------------------------------ what lm-eval asks of a model
     @property
     def eot_token_id(self) -> int:
-        eos = self.tokenizer.eos_token_id
-        if eos is None:
-            eos = next(iter(self.model.config.eos_token_ids), None)
+        eos = next((e for e in (self.tokenizer.eos_token_id, *self.model.config.eos_token_ids) if e is not None), None)
         if eos is None:
             raise ValueError(f"{self.pretrained}: neither the tokenizer nor config.json names an EOS token")
         return int(eos)
@@ -288,8 +286,7 @@ class DriftscopeLM(TemplateLM):
         from driftscope.engine.sampling import SamplingParams
 
         kw = copy.deepcopy(dict(gen_kwargs))
-        unknown = set(kw) - _GEN_KEYS
-        if unknown:
+        if unknown := set(kw) - _GEN_KEYS:
             log.warning("%s: generation kwargs %s are not supported by driftscope and are ignored",
                         where, sorted(unknown))
         until = kw.get("until") or []
@@ -354,12 +351,9 @@ class DriftscopeLM(TemplateLM):
                 continue
             context, gen_kwargs = req.args
             params = self._sampling(gen_kwargs, f"request {i}")
-            ids = self.tok_encode(context)
             # lm-eval's hf model cuts the context from the left to leave max_gen_toks of room; here never below half
             # the context (a 32k max_gen_toks must not cut a prompt to nothing): generation then ends at "context"
-            keep = max(self.max_length - params.max_new_tokens, self.max_length // 2)
-            if len(ids) > keep:
-                ids = ids[-keep:]
+            ids = self.tok_encode(context)[-max(self.max_length - params.max_new_tokens, self.max_length // 2):]
             # the random stream is keyed by content (digest, occurrence), not by the place in this rank's list: the
             # same samples whichever rank lm-eval deals the doc to, and in whatever order
             stream = (int(keys[i][0][:16], 16), keys[i][1])
