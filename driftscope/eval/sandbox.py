@@ -8,6 +8,7 @@ most nproc * memory_bytes in all; no cgroup). Nothing is ever unpickled here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -88,11 +89,6 @@ def _interpreter() -> tuple[str, str, str | None]:
     return prefix, exe, None if lib is None or lib.startswith("..") else lib
 
 
-def _limits(timeout_s: float, memory_bytes: int, nproc: int, nofile: int, file_bytes: int) -> dict[str, int]:
-    return {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_bytes, "RLIMIT_NPROC": nproc,
-            "RLIMIT_NOFILE": nofile, "RLIMIT_FSIZE": file_bytes, "RLIMIT_CORE": 0}
-
-
 def _rmtree(path: str) -> None:
     def fix(func, p, exc):  # a directory the code made unreadable (matters when it ran as our own uid)
         os.chmod(os.path.dirname(p), 0o700)
@@ -102,14 +98,9 @@ def _rmtree(path: str) -> None:
         for d in dirnames:
             sub = os.path.join(dirpath, d)
             if not os.path.islink(sub):
-                try:
+                with contextlib.suppress(OSError):
                     os.chmod(sub, 0o700)
-                except OSError:
-                    pass
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=fix)
-    else:
-        shutil.rmtree(path, onerror=fix)
+    shutil.rmtree(path, **({"onexc": fix} if sys.version_info >= (3, 12) else {"onerror": fix}))
 
 
 def _level(name: str | None) -> Isolation:
@@ -117,8 +108,7 @@ def _level(name: str | None) -> Isolation:
         return LEVELS[isolation()]
     if name not in LEVELS:
         raise ValueError(f"isolation={name!r}: expected one of {sorted(LEVELS)}")
-    why = unavailable_reason(name)
-    if why is not None:
+    if (why := unavailable_reason(name)) is not None:
         raise ValueError(f"isolation={name!r} is not available on this machine: {why}")
     return LEVELS[name]
 
@@ -181,8 +171,9 @@ def _run(code: str, stdin: str | bytes, level: Isolation, *, timeout_s: float, m
         status_r, status_w = os.pipe()
         cfg = {"work": work, "py_prefix": prefix, "py_mount": py_mount, "exe": os.path.join(base, exe_rel),
                "env": env, "uid": uid, "namespaces": level.namespaces, "nested_userns": level.name == "userns",
-               "limits": _limits(timeout_s, memory_bytes, nproc, nofile, file_bytes), "timeout_s": timeout_s,
-               "status_fd": status_w}
+               "limits": {"RLIMIT_CPU": math.ceil(timeout_s) + 1, "RLIMIT_AS": memory_bytes, "RLIMIT_NPROC": nproc,
+                          "RLIMIT_NOFILE": nofile, "RLIMIT_FSIZE": file_bytes, "RLIMIT_CORE": 0},
+               "timeout_s": timeout_s, "status_fd": status_w}
         argv = (_unshare_argv(level) if level.namespaces else []) + [
             sys.executable, "-I", "-S", os.path.join(os.path.dirname(os.path.abspath(__file__)), _SUPERVISOR),
             json.dumps(cfg)]
@@ -229,10 +220,8 @@ def _spawn(argv: list[str], root: str, env: dict[str, str], status_r: int, statu
                 dropped[key.fd] += max(len(data) - max(room, 0), 0)
     groups = [proc.pid] + _orphaned_group(bytes(bufs[status_r]))
     for group in groups:  # the supervisor's (in a pid namespace all die with it, their init), and the code's
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
     wall = time.monotonic() - start
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
