@@ -86,14 +86,12 @@ class GenerationEngine:
             if m.device != dev:
                 raise ValueError(f"models must be on one device: {self.driver.config.source} on {dev}, "
                                  f"{m.config.source} on {m.device}")
-        if max_num_seqs <= 0:
-            raise ValueError(f"max_num_seqs={max_num_seqs} is invalid: expected a positive integer")
-        if max_step_tokens <= 0:
-            raise ValueError(f"max_step_tokens={max_step_tokens} is invalid: expected a positive integer")
         if block_size is None:
             block_size = FLASH_PAGE_MULTIPLE if use_flash_paged(dev, self.driver.dtype, FLASH_PAGE_MULTIPLE) else 16
-        if block_size <= 0:
-            raise ValueError(f"block_size={block_size} is invalid: expected a positive integer")
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_step_tokens", max_step_tokens),
+                            ("block_size", block_size)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} is invalid: expected a positive integer")
         if cache_memory is not None and cache_memory <= 0:
             raise ValueError(f"cache_memory={cache_memory} is invalid: expected a positive number of bytes")
         self.block_size, self.max_num_seqs, self.max_step_tokens = block_size, max_num_seqs, max_step_tokens
@@ -118,8 +116,7 @@ class GenerationEngine:
             raise ValueError(f"{where}: the prompt has {n} tokens, which leaves no room to generate within the "
                              f"context of {self.context_len} tokens (max_position_embeddings of {src})")
         vocab = min(m.config.vocab_size for m in self.models)
-        bad = [t for t in r.prompt_ids if not 0 <= t < vocab]
-        if bad:
+        if bad := [t for t in r.prompt_ids if not 0 <= t < vocab]:
             raise ValueError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab}) of {src}")
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -175,9 +172,8 @@ class GenerationEngine:
         return BlockAllocator(num_blocks, bs), [KVCache(m, num_blocks, bs) for m in self.models]
 
     def _generation(self, seq: Seq) -> Generation:
-        text = None
-        if self.tokenizer is not None:
-            text = final_text(self.tokenizer, seq.generated, seq.finish_reason, seq.stop_reason, seq.params.stop)
+        text = None if self.tokenizer is None else final_text(self.tokenizer, seq.generated, seq.finish_reason,
+                                                              seq.stop_reason, seq.params.stop)
         return Generation(seq.prompt_index, seq.sample_index, seq.tokens[:seq.n_prompt], seq.generated, text,
                           seq.finish_reason, seq.stop_reason)
 
