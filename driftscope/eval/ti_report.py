@@ -67,12 +67,9 @@ def format_table(base_name: str, base_scores: Scores, tuned: Mapping[str, Scores
         bounds.append(range(start, start + len(block)))
         start += len(block)
 
-    def line(cells: list[str]) -> str:
-        parts = []
-        for k, cols in enumerate(bounds):
-            just = str.ljust if k == 0 else str.rjust
-            parts.append(" ".join(just(cells[j], widths[j]) for j in cols))
-        return " | ".join(parts).rstrip()
+    def line(cells: list[str]) -> str:  # the first block (the model's name) left-justified, the numbers right
+        return " | ".join(" ".join((str.ljust if k == 0 else str.rjust)(cells[j], widths[j]) for j in cols)
+                          for k, cols in enumerate(bounds)).rstrip()
 
     rule = "-+-".join("-" * (sum(widths[j] for j in cols) + len(cols) - 1) for cols in bounds)
     method = next(iter(results.values())).method if results else None

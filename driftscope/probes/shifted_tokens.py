@@ -78,10 +78,8 @@ class ShiftedTokens(Accumulator):
         key = {"count_shifted": self.count_shifted.to(torch.float64), "count": self.count.to(torch.float64),
                "sum_abs_shift": self.sum_abs_shift}[sort_by]
         ids = torch.nonzero(self.count_shifted > 0).flatten()
-        # stable sort by id (already ascending), then by key descending: ties keep ascending id
-        ids = ids[torch.argsort(-key[ids], stable=True)]
-        if top_k is not None:
-            ids = ids[:top_k]
+        # stable sort by id (already ascending), then by key descending: ties keep ascending id; top_k None: all
+        ids = ids[torch.argsort(-key[ids], stable=True)][:top_k]
         rows = []
         for i in ids.tolist():
             c = int(self.count[i])
