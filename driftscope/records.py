@@ -56,7 +56,6 @@ PROMPT_FIELDS = ("messages", "input", "prompt", "question", "problem", "text")
 RENDERED_FIELDS = ("input",)  # already chat-templated text: used verbatim
 
 
-
 @dataclass(frozen=True)
 class PromptRecord:
     where: str  # "path:line" or "path[i]"
@@ -95,10 +94,7 @@ def _parse(obj: Any, where: str, index: int) -> Record:
     for k in keys:
         if not isinstance(obj[k], str):
             raise ValueError(f"field {k!r} must be a string, got {type(obj[k]).__name__}")
-    if fmt == "text":
-        prompt, response = "", obj["text"]
-    else:
-        prompt, response = obj[keys[0]], obj[keys[1]]
+    prompt, response = ("", obj["text"]) if fmt == "text" else (obj[keys[0]], obj[keys[1]])
     prompt_ids, response_ids = _ids_field(obj, "input_token_ids"), _ids_field(obj, "output_token_ids")
     if not response and not response_ids:
         raise ValueError(f"field {keys[-1]!r} is empty: nothing to score")
@@ -109,9 +105,8 @@ def _parse(obj: Any, where: str, index: int) -> Record:
 
 def _ids_field(obj: Mapping, name: str) -> tuple[int, ...] | None:
     """An optional list of token ids (what `driftscope generate` writes beside the text)."""
-    if name not in obj or obj[name] is None:
+    if (v := obj.get(name)) is None:
         return None
-    v = obj[name]
     if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v):
         raise ValueError(f"field {name!r} must be a list of token ids (integers >= 0)")
     return tuple(v)
@@ -128,8 +123,7 @@ def raw_objects(path: Path) -> Iterable[tuple[str, Any, str | None]]:
         for i, row in enumerate(pq.read_table(path).to_pylist()):
             yield f"{path}[{i}]", row, None
         return
-    data = path.read_bytes()
-    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first record
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the first record
     if data.lstrip().startswith(b"["):  # a JSON list; one bad item cannot be skipped without the others
         try:
             items = json.loads(data.decode("utf-8"))
