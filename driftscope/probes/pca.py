@@ -58,11 +58,9 @@ def pca_components_from_moments(n: int, sum_x: torch.Tensor, sum_xxT: torch.Tens
 def pca_shift_records(m1_base, m2_base, m1_tuned, m2_tuned) -> list[dict]:
     """The paper's per-layer records: Original (shift 0.0, principle m2_base),
     Updated (m1_tuned − m1_base, m2_tuned)."""
-    recs = []
-    for layer, (a, b, c, d) in enumerate(zip(m1_base, m2_base, m1_tuned, m2_tuned, strict=True)):
-        recs.append({"layer": layer, "state": "Original", "shift": 0.0, "principle": float(b)})
-        recs.append({"layer": layer, "state": "Updated", "shift": float(c) - float(a), "principle": float(d)})
-    return recs
+    return [rec for layer, (a, b, c, d) in enumerate(zip(m1_base, m2_base, m1_tuned, m2_tuned, strict=True))
+            for rec in ({"layer": layer, "state": "Original", "shift": 0.0, "principle": float(b)},
+                        {"layer": layer, "state": "Updated", "shift": float(c) - float(a), "principle": float(d)})]
 
 
 def centroid_distance(records: Sequence[Mapping]) -> float:
