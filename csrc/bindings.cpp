@@ -2,6 +2,7 @@
 // Tensors cross as raw pointers (int from tensor.data_ptr()) plus sizes; the Python launchers in
 // driftscope/kernels/ check shapes, dtypes, devices and contiguity before calling in.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "common.h"
 #include "cov_update.h"
@@ -27,10 +28,10 @@ PYBIND11_MODULE(_C, m) {
       .def("fold", &driftscope::VocabFold::fold, py::arg("zb"), py::arg("zt"), py::arg("ld"), py::arg("rows"),
            py::arg("cols"), py::arg("row0"), py::arg("col0"), py::arg("targets"), py::arg("zpre_b"),
            py::arg("zpre_t"), py::call_guard<py::gil_scoped_release>())
-      .def("finalize", &driftscope::VocabFold::finalize, py::arg("lse_b"), py::arg("lse_t"), py::arg("ent_b"),
-           py::arg("ent_t"), py::arg("kl_tb"), py::arg("kl_bt"), py::arg("top_b"), py::arg("top_t"),
-           py::arg("zb_at_top_t"), py::arg("shift_top"), py::arg("zy_b"), py::arg("zy_t"), py::arg("gt_b"),
-           py::arg("gt_t"), py::arg("logp_b"), py::arg("logp_t"), py::call_guard<py::gil_scoped_release>())
+      .def("finalize", &driftscope::VocabFold::finalize, py::arg("out_f"), py::arg("out_i"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_static("float_fields", &driftscope::VocabFold::float_fields)
+      .def_static("int_fields", &driftscope::VocabFold::int_fields)
       .def("tuned_top", &driftscope::VocabFold::tuned_top, py::arg("row0"), py::arg("rows"), py::arg("top_t"),
            py::arg("zb_at_top_t"), py::arg("shift_top"))
       .def_property_readonly("n_rows", &driftscope::VocabFold::n_rows)

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
 
 #include "common.h"
@@ -50,6 +51,14 @@ inline int64_t first_index_of(const float* z, int64_t cols, float v) {
 }
 
 }  // namespace
+
+struct VocabFold::Row {
+  double m_b, s_b, a_b, m_t, s_t, a_t, k_tb, k_bt;  // running max, Σe^{z-m}, Σe^{z-m}(z-m), KL sums
+  float top_v_b, top_v_t, zb_at_top_t, zy_b, zy_t;
+  int64_t top_b, top_t, gt_b, gt_t, nk;  // argmaxes, counts above the target, filled top-k slots
+};
+
+VocabFold::~VocabFold() = default;
 
 VocabFold::VocabFold(int64_t n_rows, int64_t topk) : n_(n_rows), k_(topk) {
   check(n_rows >= 0, "VocabFold: n_rows must be >= 0, got " + std::to_string(n_rows));
@@ -200,37 +209,50 @@ void VocabFold::tuned_top(int64_t row0, int64_t rows, uintptr_t top_t, uintptr_t
   }
 }
 
-// lse = m + log s; entropy = log s - a/s; KL as in the file comment; shift_top as shift_of (-1: the launcher
-// counts those rows, from its stored base panel or in a second pass).
-void VocabFold::finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uintptr_t ent_t, uintptr_t kl_tb,
-                         uintptr_t kl_bt, uintptr_t top_b, uintptr_t top_t, uintptr_t zb_at_top_t,
-                         uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
-                         uintptr_t gt_t, uintptr_t logp_b, uintptr_t logp_t) const {
-  check(lse_b && lse_t && ent_b && ent_t && kl_tb && kl_bt && top_b && top_t && zb_at_top_t && shift_top,
-        "VocabFold.finalize: output pointers must be non-null");
-  auto F = [](uintptr_t p) { return reinterpret_cast<float*>(p); };
-  auto I = [](uintptr_t p) { return reinterpret_cast<int64_t*>(p); };
+// The packed outputs of finalize, one [N] row each, in enum order; kFloatNames / kIntNames name the rows for
+// the launcher (VocabFold::float_fields / int_fields). A new per-row result is a row here and its line below.
+namespace {
+enum FloatRow { kLseB, kLseT, kEntB, kEntT, kKlTb, kKlBt, kZbTop, kZyB, kZyT, kLogpB, kLogpT, kFloatRows };
+enum IntRow { kTopB, kTopT, kShift, kGtB, kGtT, kIntRows };
+const char* const kFloatNames[] = {"lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb", "kl_bt",
+                                   "zb_top", "zy_b", "zy_t", "logp_base", "logp_tuned"};
+const char* const kIntNames[] = {"top_base", "top_tuned", "shift", "gt_b", "gt_t"};
+static_assert(sizeof(kFloatNames) / sizeof(*kFloatNames) == kFloatRows, "one name per FloatRow");
+static_assert(sizeof(kIntNames) / sizeof(*kIntNames) == kIntRows, "one name per IntRow");
+}  // namespace
+
+std::vector<std::string> VocabFold::float_fields() { return {std::begin(kFloatNames), std::end(kFloatNames)}; }
+std::vector<std::string> VocabFold::int_fields() { return {std::begin(kIntNames), std::end(kIntNames)}; }
+
+// lse = m + log s; entropy = log s - a/s; KL as in the file comment; shift as shift_of (-1: the launcher counts
+// those rows, from its stored base panel or in a second pass); zb_top: the base logit at the tuned top-1; zy_*:
+// the scanned target logits, gt_*: the counts above zpre_* (NaN and 0 when no targets were folded).
+void VocabFold::finalize(uintptr_t out_f, uintptr_t out_i) const {
+  check(out_f && out_i, "VocabFold.finalize: out_f and out_i must be non-null");
+  float* F = reinterpret_cast<float*>(out_f);
+  int64_t* I = reinterpret_cast<int64_t*>(out_i);
+  const int64_t n = n_;
 #pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < n_; ++g) {
+  for (int64_t g = 0; g < n; ++g) {
     const Row& st = rows_[g];
     const double lsb = std::log(st.s_b), lst = std::log(st.s_t);
-    F(lse_b)[g] = static_cast<float>(st.m_b + lsb);
-    F(lse_t)[g] = static_cast<float>(st.m_t + lst);
-    F(ent_b)[g] = static_cast<float>(lsb - st.a_b / st.s_b);
-    F(ent_t)[g] = static_cast<float>(lst - st.a_t / st.s_t);
-    F(kl_tb)[g] = static_cast<float>(st.k_tb / st.s_t - lst + lsb);
-    F(kl_bt)[g] = static_cast<float>(st.k_bt / st.s_b - lsb + lst);
-    I(top_b)[g] = st.top_b;
-    I(top_t)[g] = st.top_t;
-    F(zb_at_top_t)[g] = st.zb_at_top_t;
-    I(shift_top)[g] = shift_of(g);
-    if (zy_b) F(zy_b)[g] = st.zy_b;
-    if (zy_t) F(zy_t)[g] = st.zy_t;
+    F[kLseB * n + g] = static_cast<float>(st.m_b + lsb);
+    F[kLseT * n + g] = static_cast<float>(st.m_t + lst);
+    F[kEntB * n + g] = static_cast<float>(lsb - st.a_b / st.s_b);
+    F[kEntT * n + g] = static_cast<float>(lst - st.a_t / st.s_t);
+    F[kKlTb * n + g] = static_cast<float>(st.k_tb / st.s_t - lst + lsb);
+    F[kKlBt * n + g] = static_cast<float>(st.k_bt / st.s_b - lsb + lst);
+    F[kZbTop * n + g] = st.zb_at_top_t;
+    F[kZyB * n + g] = st.zy_b;
+    F[kZyT * n + g] = st.zy_t;
     // log-prob relative to the max: (z_y - m) - log s, never z_y - lse (lse ~1e4 would round it)
-    if (logp_b) F(logp_b)[g] = static_cast<float>((static_cast<double>(st.zy_b) - st.m_b) - lsb);
-    if (logp_t) F(logp_t)[g] = static_cast<float>((static_cast<double>(st.zy_t) - st.m_t) - lst);
-    if (gt_b) I(gt_b)[g] = st.gt_b;
-    if (gt_t) I(gt_t)[g] = st.gt_t;
+    F[kLogpB * n + g] = static_cast<float>((static_cast<double>(st.zy_b) - st.m_b) - lsb);
+    F[kLogpT * n + g] = static_cast<float>((static_cast<double>(st.zy_t) - st.m_t) - lst);
+    I[kTopB * n + g] = st.top_b;
+    I[kTopT * n + g] = st.top_t;
+    I[kShift * n + g] = shift_of(g);
+    I[kGtB * n + g] = st.gt_b;
+    I[kGtT * n + g] = st.gt_t;
   }
 }
 

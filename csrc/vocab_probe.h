@@ -4,6 +4,7 @@
 // pointers (uintptr_t from tensor.data_ptr()) plus sizes, the launcher guarantees dtype/contiguity.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace driftscope {
@@ -12,6 +13,7 @@ class VocabFold {
  public:
   // n_rows: N tokens; topk: size of the per-row list of the largest base logits (rank_shift_top).
   VocabFold(int64_t n_rows, int64_t topk);
+  ~VocabFold();  // defined where Row is complete
 
   // Fold one tile: zb/zt [rows, cols] fp32 with row stride ld, covering token rows
   // [row0, row0+rows) and vocabulary ids [col0, col0+cols). Chunks must arrive in increasing col0
@@ -20,11 +22,11 @@ class VocabFold {
   void fold(uintptr_t zb, uintptr_t zt, int64_t ld, int64_t rows, int64_t cols, int64_t row0,
             int64_t col0, uintptr_t targets, uintptr_t zpre_b, uintptr_t zpre_t);
 
-  // Write the per-row results (all [N]); see VocabFold::finalize in vocab_probe.cpp for the fields.
-  void finalize(uintptr_t lse_b, uintptr_t lse_t, uintptr_t ent_b, uintptr_t ent_t, uintptr_t kl_tb,
-                uintptr_t kl_bt, uintptr_t top_b, uintptr_t top_t, uintptr_t zb_at_top_t,
-                uintptr_t shift_top, uintptr_t zy_b, uintptr_t zy_t, uintptr_t gt_b,
-                uintptr_t gt_t, uintptr_t logp_b, uintptr_t logp_t) const;
+  // Write the per-row results: out_f [len(float_fields()), N] fp32 and out_i [len(int_fields()), N] int64, one
+  // row per named field in that order (see VocabFold::finalize in vocab_probe.cpp for the fields).
+  void finalize(uintptr_t out_f, uintptr_t out_i) const;
+  static std::vector<std::string> float_fields();
+  static std::vector<std::string> int_fields();
 
   // For rows [row0, row0+rows) once all their chunks are folded: the tuned top-1, the base logit there as
   // scanned, and rank_shift_top from the top-k list or -1 (all [rows], pointers at the first row).
@@ -34,11 +36,7 @@ class VocabFold {
   int64_t topk() const { return k_; }
 
  private:
-  struct Row {
-    double m_b, s_b, a_b, m_t, s_t, a_t, k_tb, k_bt;  // running max, Σe^{z-m}, Σe^{z-m}(z-m), KL sums
-    float top_v_b, top_v_t, zb_at_top_t, zy_b, zy_t;
-    int64_t top_b, top_t, gt_b, gt_t, nk;  // argmaxes, counts above the target, filled top-k slots
-  };
+  struct Row;  // one token's running state, defined in vocab_probe.cpp (a new metric's state goes there)
   int64_t shift_of(int64_t g) const;
   int64_t n_, k_;
   std::vector<Row> rows_;

@@ -28,23 +28,14 @@ class VocabFold:
     ) -> None: ...
     def finalize(
         self,
-        lse_b: int,  # [N] fp32 out
-        lse_t: int,  # [N] fp32 out
-        ent_b: int,  # [N] fp32 out
-        ent_t: int,  # [N] fp32 out
-        kl_tb: int,  # [N] fp32 out
-        kl_bt: int,  # [N] fp32 out
-        top_b: int,  # [N] int64 out
-        top_t: int,  # [N] int64 out
-        zb_at_top_t: int,  # [N] fp32 out: base logit at the tuned top-1
-        shift_top: int,  # [N] int64 out: rank_shift_top, -1 where the top-k cannot decide
-        zy_b: int,  # [N] fp32 out (scanned target logits) or 0
-        zy_t: int,  # [N] fp32 out or 0
-        gt_b: int,  # [N] int64 out (#{v != y: z_b > zpre_b}) or 0
-        gt_t: int,  # [N] int64 out or 0
-        logp_b: int,  # [N] fp32 out: (z_y - m) - log s, or 0
-        logp_t: int,  # [N] fp32 out or 0
+        out_f: int,  # [len(float_fields()), N] fp32 out, one row per field in that order
+        out_i: int,  # [len(int_fields()), N] int64 out
     ) -> None: ...
+    @staticmethod
+    def float_fields() -> list[str]: ...
+    @staticmethod
+    def int_fields() -> list[str]: ...
+    def tuned_top(self, row0: int, rows: int, top_t: int, zb_at_top_t: int, shift_top: int) -> None: ...
 
 def count_greater(
     z: int,  # [rows, ld] fp32

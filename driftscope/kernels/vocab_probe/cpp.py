@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from driftscope.kernels.vocab_probe.common import _merge_recount
+from driftscope.kernels.vocab_probe.common import METRICS, _merge_recount
 
 
 def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
@@ -132,27 +132,19 @@ def vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None 
     results = [_merge_recount(
         lambda ns, nb, nt, j=j: shared.counts(j), st["shift"], st["gt_b"], st["gt_t"], zpre_b, zpre_ts[j],
         st["zy_b"], st["zy_t"], zb_top=st["zb_top"], heads=(hb, w_base, hts[j], wts[j]), targets=targets,
-        **{k: st[k] for k in _METRICS}) for j, st in enumerate(states)]
+        **{m.name: st[m.name] for m in METRICS if m.name in st}) for j, st in enumerate(states)]
     return results if many else results[0]
 
 
-_METRICS = ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "top_base", "top_tuned", "entropy_base", "entropy_tuned",
-            "lse_base", "lse_tuned")
-
-
 def _finalize(fold, n: int, has_t: bool) -> dict:
-    """One pair's per-row results from its fold (names as VocabProbeResult, plus the scan's raw rank state)."""
-    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-    f = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
-    i = lambda: torch.full((n,), -7, dtype=torch.int64)  # noqa: E731
-    st = {k: f() for k in ("lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb", "kl_bt", "zb_top")}
-    st.update(top_base=i(), top_tuned=i(), shift=i())
-    st.update(zip(("zy_b", "zy_t", "gt_b", "gt_t", "logp_base", "logp_tuned"),
-                  (f(), f(), i(), i(), f(), f()) if has_t else (None,) * 6))
-    fold.finalize(*(st[k].data_ptr() for k in ("lse_base", "lse_tuned", "entropy_base", "entropy_tuned", "kl_tb",
-                                               "kl_bt", "top_base", "top_tuned", "zb_top", "shift")),
-                  *(ptr(st[k]) for k in ("zy_b", "zy_t", "gt_b", "gt_t", "logp_base", "logp_tuned")))
-    return st
+    """One pair's per-row results from its fold (names as VocabProbeResult, plus the scan's raw rank state): rows
+    of the packed buffers the fold writes, by the names it gives them; the target ones None without targets."""
+    outf = torch.empty((len(fold.float_fields()), n), dtype=torch.float32)
+    outi = torch.empty((len(fold.int_fields()), n), dtype=torch.int64)
+    fold.finalize(outf.data_ptr(), outi.data_ptr())
+    st = dict(zip(fold.float_fields(), outf)) | dict(zip(fold.int_fields(), outi))
+    no_t = {m.name for m in METRICS if m.targets} | {"zy_b", "zy_t", "gt_b", "gt_t"}
+    return st if has_t else {k: None if k in no_t else t for k, t in st.items()}
 
 
 class _SharedRecount:
