@@ -144,10 +144,9 @@ def _plain_items(path: Path, mapping: Mapping, prefix: str, fraction: bool):
             ignored[key] = "not a known benchmark"
         elif value is None:
             ignored[key] = "null score (not scored)"
-        elif fraction:
-            items.append((key, target, 100.0 * _number(path, f"{prefix}{key}", value, 0.0, 1.0, "a fraction"), key))
         else:
-            items.append((key, target, _number(path, f"{prefix}{key}", value, 0.0, 100.0, "a percentage"), key))
+            hi, what = (1.0, "a fraction") if fraction else (100.0, "a percentage")
+            items.append((key, target, 100.0 / hi * _number(path, f"{prefix}{key}", value, 0.0, hi, what), key))
     return items, ignored
 
 
