@@ -206,15 +206,13 @@ class World:
                     dist.reduce(t, dst=0)
                     merged[key] = t.cpu()
                 elif kind == "cat":  # TokenMetrics' per-sample rows: every rank's, in rank order
-                    parts: list | None = [None] * self.size if self.main else None
-                    dist.gather_object(t, parts, dst=0)
+                    parts = self.gather(t)
                     merged[key] = torch.cat(parts) if self.main else t
                 else:
                     merged[key] = t
             if self.main:
                 acc.load_state_dict(merged)
-        every: list | None = [None] * self.size if self.main else None
-        dist.gather_object(counts, every, dst=0)
+        every = self.gather(counts)
         if not self.main:
             return counts
         nonfinite: dict[str, int] = {}
