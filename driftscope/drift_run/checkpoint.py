@@ -209,8 +209,7 @@ class RunState:
     def append_rows(self, key: str, rows: list[dict]) -> None:
         try:
             with open(self.dir / f"gen.{key}.jsonl", "a", encoding="utf-8") as f:
-                for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         except OSError as exc:
             exc.filename = exc.filename or str(self.dir / f"gen.{key}.jsonl")
             raise disk_error(exc, "the resumable state", _CONTINUE) from exc

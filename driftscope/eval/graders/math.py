@@ -159,14 +159,11 @@ class MathGrader:
             running: dict[Future, tuple[int, float, bool]] = {}  # future -> (item, deadline, ran alone)
             while pending or suspects or running:
                 pool = self._ensure_pool()
-                if suspects:
-                    if not running:
-                        i = suspects.popleft()
-                        running[pool.submit(self.grade_fn, *pairs[i])] = (i, time.monotonic() + self.timeout_s, True)
-                else:
-                    while pending and len(running) < self.workers:
-                        i = pending.popleft()
-                        running[pool.submit(self.grade_fn, *pairs[i])] = (i, time.monotonic() + self.timeout_s, False)
+                alone = bool(suspects)  # a suspect runs with nothing else in flight
+                queue, room = (suspects, 1) if alone else (pending, self.workers)
+                while queue and len(running) < room:
+                    i = queue.popleft()
+                    running[pool.submit(self.grade_fn, *pairs[i])] = (i, time.monotonic() + self.timeout_s, alone)
                 first_deadline = min(deadline for _, deadline, _ in running.values())
                 done, _ = wait(running, timeout=max(0.0, first_deadline - time.monotonic()),
                                return_when=FIRST_COMPLETED)
