@@ -46,8 +46,7 @@ def _check_name(name: str, source: str) -> str:
 
 def forced_backend() -> str | None:
     """The backend forced by `use_backend` (innermost wins) or DRIFTSCOPE_BACKEND, else None."""
-    name = _forced.get()
-    if name is not None:
+    if (name := _forced.get()) is not None:
         return name
     env = os.environ.get("DRIFTSCOPE_BACKEND", "").strip()
     return _check_name(env, "DRIFTSCOPE_BACKEND") if env else None
@@ -86,8 +85,7 @@ def triton_status(device: torch.device | str | None = None) -> Availability:
 
 
 def cpp_status(device: torch.device | str | None = None) -> Availability:
-    imp = _import_status("driftscope._C")
-    if not imp:
+    if not (imp := _import_status("driftscope._C")):
         return Availability(False, imp.reason + " (build with `make build` / `pip install -e .`)")
     if device is not None and (device if isinstance(device, torch.device) else torch.device(device)).type != "cpu":
         return Availability(False, f"cpp runs on CPU tensors only, got {torch.device(device)}")
@@ -140,8 +138,7 @@ class Op:
         if forced is not None and self.strict:
             if forced not in self.impls:
                 raise RuntimeError(f"backend {forced!r} is forced but {self.name} implements only {tuple(self.impls)}")
-            st = STATUS[forced](device)
-            if not st:
+            if not (st := STATUS[forced](device)):
                 raise RuntimeError(f"backend {forced!r} is forced but unavailable on {device}: {st.reason}")
             return forced
         for name in PREFERENCE.get(device.type, PREFERENCE["cpu"]):
