@@ -162,11 +162,8 @@ def _domain_group(group: str, base, tuned, sigma: float, deltas: dict, reasons: 
     if bad:
         reasons[f"gains.{group}"] = f"DI_{group} undefined: " + "; ".join(bad)
         return math.nan
-    total = 0.0
-    for b in GROUPS[group]:
-        delta = deltas[b] / sigma
-        total += (100.0 - base[b]) / headroom * math.copysign(math.sqrt(abs(delta)), delta)
-    return total
+    scaled = {b: deltas[b] / sigma for b in GROUPS[group]}  # δ_b
+    return sum((100.0 - base[b]) / headroom * math.copysign(math.sqrt(abs(d)), d) for b, d in scaled.items())
 
 
 def transferability_index(base_scores: Mapping[str, float], tuned_scores: Mapping[str, float],
