@@ -92,9 +92,7 @@ def compile_template(source: str) -> jinja2.Template:
     """The sandboxed template for `source`, compiled once per source (rendering is what a prompt costs)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["namespace"] = _Namespace
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, namespace=_Namespace)
     return env.from_string(source)
 
 

@@ -208,8 +208,7 @@ def _acp_read(folder: Path) -> list[dict]:
         if not p.is_file():
             raise FileNotFoundError(f"acpbench: {p} not found "
                                     f"(expected one JSON file per task: {', '.join(ACP_TASKS)})")
-        rows = read_json(p, "acpbench file", list)
-        out += [dict(d, acp_task=task) for d in rows]
+        out += [dict(d, acp_task=task) for d in read_json(p, "acpbench file", list)]
     return out
 
 
