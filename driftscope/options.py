@@ -34,7 +34,7 @@ class ModelOptions:
 class PromptOptions:
     """How a record becomes a prompt."""
 
-    prompt_field: str | None = field(default=None, metadata=cli(  # default: see engine/prompts.py
+    prompt_field: str | None = field(default=None, metadata=cli(  # default: records.PROMPT_FIELDS
         "record field holding the prompt (default: messages, input, prompt, question, problem or text, the first "
         "present)", flag="--field", metavar="FIELD"))
     chat: bool = field(default=False, metadata=cli(
