@@ -30,7 +30,6 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 CACHE = ROOT / "bench" / ".cache"
 
 WORKLOAD = r"""
@@ -85,21 +84,12 @@ def build(rev: str) -> Path:
 def fixtures() -> tuple[Path, Path, Path]:
     """The bench-drift pair and data (written once, by the working tree's driftscope.testing)."""
     root = CACHE / "fixtures"
-    data = root / "math500.jsonl"
-    if data.is_file():
-        return root / "base", root / "tuned", data
-    from driftscope.testing import random_checkpoint
+    if (root / "math500.jsonl").is_file():
+        return root / "base", root / "tuned", root / "math500.jsonl"
+    sys.path.insert(0, str(ROOT / "bench"))
+    from drift_workloads import write_pair
 
-    src = SHARED / "data" / "responses" / "UniReason-RL_hendrycks_math_500.jsonl"
-    subprocess.run([sys.executable, str(SHARED / "tools" / "qwen_tokenizer_json.py"), str(root / "base")], check=True,
-                   capture_output=True)
-    for name, seed in (("base", 0), ("tuned", 1)):
-        random_checkpoint(root / name, arch="qwen3", vocab_size=151936, hidden_size=256, num_layers=4, num_heads=4,
-                          num_kv_heads=2, head_dim=64, intermediate_size=768, tie=False, seed=seed)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(root / "base" / f, root / "tuned" / f)
-    data.write_text("\n".join(src.read_text().splitlines()[:3]) + "\n")
-    return root / "base", root / "tuned", data
+    return write_pair(root, 3)
 
 
 def run_once(site: Path | None, kind: str, args: list[str], threads: int) -> float:

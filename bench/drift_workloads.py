@@ -54,6 +54,28 @@ def paper(base: Path, tuned: Path, data: Path) -> int:
 
 
 WAYS = {"lockstep": lockstep, "paper": paper}
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def write_pair(root: Path, n_records: int) -> tuple[Path, Path, Path]:
+    """The bench pair: tiny random Qwen3 weights (hidden 256, 4 layers, seeds 0 and 1) at the real vocabulary size
+    V = 151,936 with the real Qwen tokenizer, and the first `n_records` real MATH500 responses. (base, tuned, data)."""
+    import shutil
+    import subprocess
+
+    from driftscope.testing import random_checkpoint
+
+    src = SHARED / "data" / "responses" / "UniReason-RL_hendrycks_math_500.jsonl"
+    subprocess.run([sys.executable, str(SHARED / "tools" / "qwen_tokenizer_json.py"), str(root / "base")], check=True,
+                   capture_output=True)
+    for name, seed in (("base", 0), ("tuned", 1)):
+        random_checkpoint(root / name, arch="qwen3", vocab_size=151936, hidden_size=256, num_layers=4, num_heads=4,
+                          num_kv_heads=2, head_dim=64, intermediate_size=768, tie=False, seed=seed)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(root / "base" / f, root / "tuned" / f)
+    data = root / "math500.jsonl"
+    data.write_text("\n".join(src.read_text().splitlines()[:n_records]) + "\n")
+    return root / "base", root / "tuned", data
 
 
 def _kb(field: str) -> int:

