@@ -337,3 +337,10 @@ def test_a_collective_broken_by_another_process_is_one_line_not_a_bug(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no other process to blame
     monkeypatch.setattr(responses, "generate_responses", broken)
     assert main(args) == 1
+
+
+def cli_pair(root: Path) -> dict:
+    """A base/tuned checkpoint pair sharing a tokenizer and a 4-record data file under `root` (for the CLI tests)."""
+    return {"root": root, "base": _checkpoint(root / "base", TEXTS, seed=0),
+            "tuned": _checkpoint(root / "tuned", TEXTS, seed=1),
+            "data": _write(root / "data.jsonl", [{"prompt": "the cat", "response": " sat on the mat"}] * 4)}

@@ -24,15 +24,12 @@ from driftscope.responses import GenerateOptions
 from driftscope.cli import main
 from driftscope.engine.sampling import SamplingParams
 from driftscope.errors import InputError
-from test_cli_errors import TEXTS, _checkpoint, _drift, _error, _generate, _variant, _write
+from test_cli_errors import cli_pair, _drift, _error, _generate, _variant, _write
 
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("cli-inputs")
-    return {"root": root, "base": _checkpoint(root / "base", TEXTS, seed=0),
-            "tuned": _checkpoint(root / "tuned", TEXTS, seed=1),
-            "data": _write(root / "data.jsonl", [{"prompt": "the cat", "response": " sat on the mat"}] * 4)}
+    return cli_pair(tmp_path_factory.mktemp("cli-inputs"))
 
 
 # ---- every numeric option has a range, checked before anything else ---------------------------------------------

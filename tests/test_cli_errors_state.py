@@ -10,17 +10,14 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from driftscope.probes import TokenMetrics
-from test_cli_errors import TEXTS, _checkpoint, _drift, _error, _variant, _write
+from test_cli_errors import cli_pair, _drift, _error, _variant
 
 FAST = ("--max-batch-tokens", "16", "--checkpoint-every", "0")
 
 
 @pytest.fixture(scope="module")
 def ck(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("cli-state")
-    return {"root": root, "base": _checkpoint(root / "base", TEXTS, seed=0),
-            "tuned": _checkpoint(root / "tuned", TEXTS, seed=1),
-            "data": _write(root / "data.jsonl", [{"prompt": "the cat", "response": " sat on the mat"}] * 4)}
+    return cli_pair(tmp_path_factory.mktemp("cli-state"))
 
 
 def _interrupted(ck, out, monkeypatch) -> None:
