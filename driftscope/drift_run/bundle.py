@@ -1,6 +1,6 @@
-"""The probes of one task: a `PairProbes` per tuned model (token metrics, shifted tokens, paper-mode PCA), the
-hidden-state similarity and, in streaming mode, the PCA over the base states (both with the base's sums once for
-every tuned model when they share the base states).
+"""The probes of one task: a `PairProbes` per tuned model (token metrics, llama.cpp's KLD statistics, shifted tokens,
+paper-mode PCA), the hidden-state similarity and, in streaming mode, the PCA over the base states (both with the
+base's sums once for every tuned model when they share the base states).
 
 A bundle owns its accumulators' updates (`on_layer`, `on_vocab`), its checkpoint (`state_dict`, flat tensors)
 and its summary (`finalize`): the run only routes batches to it.
@@ -8,12 +8,12 @@ and its summary (`finalize`): the run only routes batches to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 
 import torch
 
 from driftscope.drift_run.summary import task_summary
-from driftscope.probes import HiddenSimilarity, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
+from driftscope.probes import HiddenSimilarity, KLDStats, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
 from driftscope.probes.base import field
 
 
@@ -24,6 +24,7 @@ class PairProbes:
     tokens: TokenMetrics
     shifted: ShiftedTokens
     paper_pca: PaperPCAShift | None = None
+    kld: KLDStats = dc_field(default_factory=KLDStats)  # llama.cpp's --kl-divergence statistics
 
     def parts(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -39,11 +40,13 @@ def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def merge_kind(key: str) -> str:
     """How a key of `TaskProbes.state_dict()` combines over processes that each ran part of the batches: "sum" (the
-    float64/int64 sums and counts), "cat" (TokenMetrics' per-sample rows: each sample is in one process only) or
-    "first" (configurations, histogram edges, and paper-mode PCA, which one process computes for every batch)."""
+    float64/int64 sums and counts), "cat" (TokenMetrics' per-sample rows: each sample is in one process only;
+    KLDStats' per-token values) or "first" (configurations, histogram edges, and paper-mode PCA, which one process
+    computes for every batch)."""
     if ".paper_pca." in key or key.endswith("config") or ".edges." in key:
         return "first"
-    return "cat" if key.endswith(".sample_ids") or ".sample_sums." in key else "sum"
+    cat = key.endswith(".sample_ids") or ".sample_sums." in key or ".kld.values." in key
+    return "cat" if cat else "sum"
 
 
 class TaskProbes:
@@ -91,6 +94,7 @@ class TaskProbes:
         """One vocab-probe result of tuned model j (a VocabProbeResult or a dict of its [N] fields)."""
         pair = self.pairs[j]
         pair.tokens.update(result, sample_ids, first)
+        pair.kld.update(result)
         pair.shifted.update(targets, field(result, "rank_base"), field(result, "rank_tuned"))
 
     def set_paper_vectors(self, vectors: Sequence[torch.Tensor]) -> None:
@@ -119,7 +123,7 @@ class TaskProbes:
         hidden = self.hidden[0].finalize(j) if self.shared_base else self.hidden[j].finalize()
         return task_summary(tokens=pair.tokens.finalize(), hidden=hidden,
                             shifted=pair.shifted.finalize(decode=decode, top_k=top_tokens), pca=self.pca(j),
-                            problems=problems)
+                            problems=problems, llama_cpp=pair.kld.finalize())
 
     # ---- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,12 +1,14 @@
 """Shapes the probes' finalize() dicts into summary.json's per-task and per-model blocks (the report's contract).
-A task's means are token_metrics.MEANS, each {token_mean, sample_mean}."""
+A task's means are token_metrics.MEANS, each {token_mean, sample_mean}; "llama_cpp" is KLDStats.finalize() (llama.cpp's
+--kl-divergence statistics, base = the reference)."""
 from __future__ import annotations
 
 from driftscope.probes.token_metrics import MEANS, mean_of_task_means
 from driftscope.util import json_float
 
 
-def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str]) -> dict:
+def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str],
+                 llama_cpp: dict | None = None) -> dict:
     by_layer: dict[int, dict] = {}
     if pca is not None:
         for r in pca["records"]:
@@ -29,6 +31,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
         **{m: {"token_mean": tokens["token_mean"][m], "sample_mean": tokens["sample_mean"][m]} for m in MEANS},
         "sampled_kl": tokens["sampled_kl"]["value"],
         "top1_agreement": tokens["token_mean"]["top1_agree"],
+        "llama_cpp": llama_cpp,
         "layers": layers,
         "pca": pca,
         "cka_mode": hidden["cka_mode"],

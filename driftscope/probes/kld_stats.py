@@ -35,7 +35,7 @@ import torch
 from driftscope.probes.base import Accumulator, field, json_float
 
 __all__ = ["KLDStats", "KLD_PERCENTILES", "DP_PERCENTILES", "PROBE_FIELDS", "llama_percentile", "llama_median",
-           "llama_cpp_line"]
+           "llama_cpp_line", "llama_cpp_rows"]
 
 KLD_PERCENTILES = ("99.9", "99.0", "95.0", "90.0", "10.0", "5.0", "1.0", "0.1")  # llama.cpp's order; median apart
 DP_PERCENTILES = ("99.9", "99.0", "95.0", "90.0", "75.0", "25.0", "10.0", "5.0", "1.0", "0.1")
@@ -213,3 +213,39 @@ def llama_cpp_line(block: Mapping | None) -> str:
     return (f"KLD mean {num(block['mean_kld'], '.6f')} p99 {num(p99, '.6f')} max {num(block['max_kld'], '.6f')}, "
             f"same top {num(block['same_top_p'], '.3f', 100)} %, Δp mean {num(block['mean_dp'], '.3f', 100)} % "
             f"rms {num(block['rms_dp'], '.3f', 100)} %, PPL(Q)/PPL(base) {num(block['ppl_ratio'], '.6f')}")
+
+
+def _pm(block: Mapping, key: str, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    v, e = block.get(key), block.get(f"{key}_err", "absent")
+    text = "n/a" if v is None else format(v * scale, spec)
+    if e != "absent":
+        text += " ± " + ("n/a" if e is None else format(e * scale, spec))
+    return text + unit
+
+
+def llama_cpp_rows(block: Mapping | None) -> dict[str, list[tuple[str, str]]]:
+    """A finalize() dict as llama.cpp prints it: {section: [(label, value text)]}, its sections, labels, order and
+    precision (KLD and PPL to 6 decimals, Δp and same top p in % to 3); {} when there is no scored token."""
+    if not block or not block.get("tokens"):
+        return {}
+    kp, dpp = block["kld_percentiles"], block["dp_percentiles"]
+    cor = block.get("cor_ln_ppl")
+    ppl = [("Mean PPL(Q)", _pm(block, "ppl_q", ".6f")), ("Mean PPL(base)", _pm(block, "ppl_base", ".6f")),
+           ("Cor(ln(PPL(Q)), ln(PPL(base)))", "n/a" if cor is None else f"{100 * cor:.2f}%"),
+           ("Mean ln(PPL(Q)/PPL(base))", _pm(block, "ln_ppl_ratio", ".6f")),
+           ("Mean PPL(Q)/PPL(base)", _pm(block, "ppl_ratio", ".6f")),
+           ("Mean PPL(Q)-PPL(base)", _pm(block, "ppl_diff", ".6f"))]
+    one = lambda v, s, scale=1.0, unit="": _pm({"v": v}, "v", s, scale, unit)  # noqa: E731
+    kld = [("Mean KLD", _pm(block, "mean_kld", ".6f")), ("Maximum KLD", one(block["max_kld"], ".6f"))]
+    kld += [(f"{k}% KLD", one(kp[k], ".6f")) for k in KLD_PERCENTILES[:4]]
+    kld += [("Median KLD", one(block["median_kld"], ".6f"))]
+    kld += [(f"{k}% KLD", one(kp[k], ".6f")) for k in KLD_PERCENTILES[4:]]
+    kld += [("Minimum KLD", one(block["min_kld"], ".6f"))]
+    pct = lambda v: one(v, ".3f", 100, "%")  # noqa: E731
+    dp = [("Mean Δp", _pm(block, "mean_dp", ".3f", 100, " %")), ("Maximum Δp", pct(block["max_dp"]))]
+    dp += [(f"{k}% Δp", pct(dpp[k])) for k in DP_PERCENTILES[:5]]
+    dp += [("Median Δp", pct(block["median_dp"]))]
+    dp += [(f"{k}% Δp", pct(dpp[k])) for k in DP_PERCENTILES[5:]]
+    dp += [("Minimum Δp", pct(block["min_dp"])), ("RMS Δp", _pm(block, "rms_dp", ".3f", 100, " %")),
+           ("Same top p", _pm(block, "same_top_p", ".3f", 100, " %"))]
+    return {"Perplexity statistics": ppl, "KL divergence statistics": kld, "Token probability statistics": dp}

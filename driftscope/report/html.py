@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from driftscope.probes.kld_stats import llama_cpp_rows
 from driftscope.probes.token_metrics import MEANS
 from driftscope.report import plots
 from driftscope.report.tables import visible_text
@@ -271,6 +272,18 @@ def _metrics_table(t: Mapping) -> str:
             f"{_rank_means('Here', t)}</p>\n" + html_table(["metric", "value"], scalars))
 
 
+def _llama_cpp(t: Mapping) -> str:
+    """llama.cpp's `llama-perplexity --kl-divergence` statistics, in its order and with its labels."""
+    sections = llama_cpp_rows(t.get("llama_cpp"))
+    if not sections:
+        return ""
+    body = "".join(f"<h4>{esc(name)}</h4>\n" + html_table(["", "value"], [[esc(a), esc(b)] for a, b in rows])
+                   for name, rows in sections.items())
+    note = ('<p class="muted">As llama.cpp prints them, with base = the base model and Q = the tuned model, over '
+            "the scored tokens; exact fp32 logits (llama.cpp quantizes the base log-probs to 16 bits).</p>\n")
+    return _details("llama.cpp --kl-divergence statistics", note + body)
+
+
 _LAYER_COLS = ("layer", "cosine", "rel_l2", "cka", "pca_shift", "pca_principle_base", "pca_principle_tuned")
 
 
@@ -319,7 +332,7 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
     layers = t.get("layers") or []
     pca = t.get("pca")
     st = t.get("shifted_tokens") or {}
-    out = [f'<h2 id="{sid}">{esc(model_name)} / {esc(task_name)}</h2>\n', _metrics_table(t)]
+    out = [f'<h2 id="{sid}">{esc(model_name)} / {esc(task_name)}</h2>\n', _metrics_table(t), _llama_cpp(t)]
     out.append("<h3>Hidden states per layer</h3>\n")
     if pca and pca.get("records"):
         out.append(figures(f"PCA shift, {label}", _CAPTIONS["pca"].format(d=fmt(pca.get("centroid_distance"))),

@@ -230,3 +230,25 @@ def test_terminal_line():
     line = llama_cpp_line(r)
     assert f"KLD mean {r['mean_kld']:.6f} p99 {r['kld_percentiles']['99.0']:.6f} max {r['max_kld']:.6f}" in line
     assert f"same top {100 * r['same_top_p']:.3f} %" in line and f"rms {100 * r['rms_dp']:.3f} %" in line
+
+
+def test_rows_in_llama_cpp_order():
+    from driftscope.probes.kld_stats import llama_cpp_rows
+
+    assert llama_cpp_rows(KLDStats().finalize()) == {}
+    acc = KLDStats()
+    acc.update(fake_probe(200, 8))
+    r = acc.finalize()
+    rows = llama_cpp_rows(r)
+    assert list(rows) == ["Perplexity statistics", "KL divergence statistics", "Token probability statistics"]
+    kld = [label for label, _ in rows["KL divergence statistics"]]
+    assert kld == ["Mean KLD", "Maximum KLD", "99.9% KLD", "99.0% KLD", "95.0% KLD", "90.0% KLD", "Median KLD",
+                   "10.0% KLD", "5.0% KLD", "1.0% KLD", "0.1% KLD", "Minimum KLD"]
+    dp = [label for label, _ in rows["Token probability statistics"]]
+    assert dp == ["Mean Δp", "Maximum Δp", "99.9% Δp", "99.0% Δp", "95.0% Δp", "90.0% Δp", "75.0% Δp", "Median Δp",
+                  "25.0% Δp", "10.0% Δp", "5.0% Δp", "1.0% Δp", "0.1% Δp", "Minimum Δp", "RMS Δp", "Same top p"]
+    d = dict(rows["Token probability statistics"])
+    assert d["Same top p"] == f"{100 * r['same_top_p']:.3f} ± {100 * r['same_top_p_err']:.3f} %"
+    assert d["25.0% Δp"] == f"{100 * r['dp_percentiles']['25.0']:.3f}%"
+    assert dict(rows["Perplexity statistics"])["Mean PPL(Q)/PPL(base)"] == \
+        f"{r['ppl_ratio']:.6f} ± {r['ppl_ratio_err']:.6f}"
