@@ -57,6 +57,22 @@ class LayerBatch:
 
 
 @dataclass
+class LowRank:
+    """A low-rank side path on one linear site: y += (x · aᵀ) · bᵀ, a [R, in], b [out, R] in the model dtype, the
+    LoRA scaling folded into b (engine/lora.py builds them; fused sites stack their parts' a and place b by rows)."""
+
+    a: torch.Tensor  # [R, in]
+    b: torch.Tensor  # [out, R]
+
+
+def _side_(y: torch.Tensor, lora: dict[str, LowRank] | None, site: str, x: torch.Tensor) -> torch.Tensor:
+    """y [T, out] += the side path of `site` applied to x [T, in], in place; y itself when there is none."""
+    if lora is not None and (f := lora.get(site)) is not None:
+        y.add_(linear(linear(x, f.a), f.b))
+    return y
+
+
+@dataclass
 class ForwardOutput:
     hidden: torch.Tensor  # [T, d] after the final norm
     hidden_states: tuple[torch.Tensor, ...] | None  # L+1 × [T, d] (transformers' convention) or None
@@ -105,11 +121,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
+        self.lora: dict[str, LowRank] | None = None  # side paths on "wqkv" / "wo" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
         T = x.shape[0]
         hq, hkv = self.n_heads, self.n_kv_heads
-        qkv = linear(x, self.wqkv.weight, self.wqkv.bias).view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
+        qkv = _side_(linear(x, self.wqkv.weight, self.wqkv.bias), self.lora, "wqkv", x)  # [T, (Hq + 2·Hkv)·D]
+        qkv = qkv.view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
         if self.q_norm is not None:
             rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
             rms_norm_(qkv[:, hq : hq + hkv], self.k_norm.weight, self.eps)
@@ -124,7 +142,8 @@ class Attention(nn.Module):
             o = varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, self.scale, self.window)  # [T, Hq, D]
         else:
             o = self._cached_attention(q, k, v, batch, kv)
-        return linear(o.reshape(T, hq * self.head_dim), self.wo.weight, self.wo.bias)
+        o = o.reshape(T, hq * self.head_dim)
+        return _side_(linear(o, self.wo.weight, self.wo.bias), self.lora, "wo", o)
 
     def _cached_attention(self, q, k, v, batch: LayerBatch, kv: KVStep) -> torch.Tensor:  # -> [T, Hq, D]
         """Write the step's keys/values into the cache; decode tokens attend to their cached context, prefill
@@ -153,13 +172,14 @@ class MLP(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.w_gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias, **kw)  # rows: gate | up
         self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
+        self.lora: dict[str, LowRank] | None = None  # side paths on "w_gate_up" / "w_down" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
-        gu = linear(x, self.w_gate_up.weight, self.w_gate_up.bias)  # [T, 2I]
+        gu = _side_(linear(x, self.w_gate_up.weight, self.w_gate_up.bias), self.lora, "w_gate_up", x)  # [T, 2I]
         g = gu[:, : self.inter]  # [T, I] view with row stride 2I: BLAS takes it without a copy
         F.silu(g, inplace=True)
         g.mul_(gu[:, self.inter :])
-        return linear(g, self.w_down.weight, self.w_down.bias)
+        return _side_(linear(g, self.w_down.weight, self.w_down.bias), self.lora, "w_down", g)
 
 
 class Block(nn.Module):
