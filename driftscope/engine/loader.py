@@ -1,4 +1,5 @@
-"""load_model(path) -> Transformer: reads an HF checkpoint folder (config.json + safetensors, single or sharded).
+"""load_model(path) -> Transformer: reads an HF checkpoint folder (config.json + safetensors, single or sharded) or a
+GGUF file (engine/gguf.py maps its tensors to HF names and layout; the same table and checks apply).
 
 Strict: every expected tensor present once with its exact shape, nothing unexpected, errors name the file and tensor.
 Loads tensor by tensor into preallocated (fused) parameters, refusing NaN/Inf; pickle checkpoints only with
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import SafetensorError, safe_open
 
+from driftscope.engine import gguf
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
 from driftscope.engine.streaming import LayerTensor, StreamedLayers
@@ -180,6 +182,14 @@ def _index_files(index: Path, suffix: str) -> tuple[list[Path], dict[str, str]]:
     return [index.parent / s for s in shards], weight_map
 
 
+def _gguf_source(path: Path, config: ModelConfig) -> _Source:
+    """A GGUF file's tensors under HF names; they yield float32 (dequantized), hence the stored dtype F32."""
+    tensors = gguf.GGUFTensors(path, config)
+    names = list(tensors.shapes)
+    return _Source(dict.fromkeys(names, path), tensors.shapes, dict.fromkeys(names, "F32"),
+                   lambda _: nullcontext(tensors))
+
+
 def _find_source(root: Path, allow_pickle: bool) -> _Source:
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -233,18 +243,27 @@ def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
     allow_pickle: bool = False, stream_layers: bool = False,
 ) -> Transformer:
-    """Load an HF-layout checkpoint folder into a Transformer on `device` in `dtype` (stored weights are cast).
+    """Load an HF-layout checkpoint folder, or a GGUF file (engine/gguf.py: tensors dequantized, mapped to HF names),
+    into a Transformer on `device` in `dtype` (stored weights are cast).
 
     `stream_layers`: only the embedding, final norm and LM head are loaded; the decoder layers stay in the
     (memory-mapped) safetensors files and are copied to the device as they run (engine/streaming.py), after one pass
     that checks them. Never executes code from the checkpoint (auto_map / trust_remote_code are ignored).
     """
     root = Path(path)
-    if not root.is_dir():
+    if gguf.is_gguf(root):
+        if stream_layers:
+            raise InputError(f"{root}: stream_layers=True (--stream-layers) is not supported for GGUF files (their "
+                             "tensors are dequantized as they load); use an HF checkpoint folder")
+        dtype, device = torch_dtype(dtype), check_device(device)
+        config = gguf.read_config(root)
+        source = _gguf_source(root, config)
+    elif not root.is_dir():
         raise FileNotFoundError(f"{root}: checkpoint folder not found")
-    dtype, device = torch_dtype(dtype), check_device(device)
-    config = ModelConfig.from_file(root / "config.json")
-    source = _find_source(root, allow_pickle)
+    else:
+        dtype, device = torch_dtype(dtype), check_device(device)
+        config = ModelConfig.from_file(root / "config.json")
+        source = _find_source(root, allow_pickle)
     model = Transformer(config, device="meta", dtype=dtype)
     expected = expected_weights(config, model)
     _check_names(source, expected, config, root)

@@ -103,10 +103,47 @@ def _token_str(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer` with the special tokens and chat template of the checkpoint."""
+def _read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path`, {} when the (optional) file is absent."""
+    return read_json(path, what, dict) if path.is_file() else {}
 
-    def __init__(self, path: str | Path):
+
+def _find_templates(root: Path, config: dict) -> tuple[dict[str, str], str | None]:
+    """name -> template source; chat_template.jinja wins over tokenizer_config.json's chat_template."""
+    jinja_file = root / "chat_template.jinja"
+    if jinja_file.is_file():
+        return {"default": jinja_file.read_text(encoding="utf-8")}, str(jinja_file)
+    t = config.get("chat_template")
+    src = str(root / "tokenizer_config.json")
+    if t is None:
+        return {}, None
+    if isinstance(t, str):
+        return {"default": t}, src
+    if isinstance(t, list) and all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
+        return {x["name"]: x["template"] for x in t}, src
+    raise ValueError(f"{src}: chat_template must be a string or a list of {{name, template}} objects")
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with the special tokens and chat template of the checkpoint.
+
+    Built from parts (`load_tokenizer` reads them from a checkpoint folder or a GGUF file): `tok`, the
+    `tokenizers.Tokenizer`; `path`, what messages name; special token strings and ids; every id that ends generation;
+    the chat templates (name -> source) and where they came from."""
+
+    def __init__(self, tok, path: str | Path, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, unk_token: str | None = None, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, eos_token_ids: tuple[int, ...] = (),
+                 chat_template: dict[str, str] | None = None, chat_template_source: str | None = None):
+        self._tok, self.path = tok, Path(path)
+        self.bos_token, self.eos_token, self.pad_token, self.unk_token = bos_token, eos_token, pad_token, unk_token
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.chat_template, self.chat_template_source = dict(chat_template or {}), chat_template_source
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> Tokenizer:
+        """tokenizer.json (+ tokenizer_config.json, generation_config.json, chat_template.jinja) of a folder."""
         from tokenizers import Tokenizer as _HFTokenizer
 
         root = Path(path)
@@ -114,61 +151,37 @@ class Tokenizer:
         if not tjson.is_file():
             raise FileNotFoundError(f"{tjson}: tokenizer.json not found (only fast tokenizers are supported)")
         root = tjson.parent
-        self.path = root
         try:
-            self._tok = _HFTokenizer.from_file(str(tjson))
+            tok = _HFTokenizer.from_file(str(tjson))
         except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
             raise InputError(f"{tjson}: not a valid tokenizer.json ({e}); the file is damaged or truncated") from e
-        self._config = self._read_json(root / "tokenizer_config.json", "tokenizer config")
-        gen = self._read_json(root / "generation_config.json", "generation config")
+        config = _read_json(root / "tokenizer_config.json", "tokenizer config")
+        gen = _read_json(root / "generation_config.json", "generation config")
 
-        self.bos_token = _token_str(self._config.get("bos_token"))
-        self.eos_token = _token_str(self._config.get("eos_token"))
-        self.pad_token = _token_str(self._config.get("pad_token"))
-        self.unk_token = _token_str(self._config.get("unk_token"))
-        self.bos_token_id = self._id_of(self.bos_token, "bos_token")
-        self.eos_token_id = self._id_of(self.eos_token, "eos_token")
-        self.pad_token_id = self._id_of(self.pad_token, "pad_token")
+        def id_of(what: str) -> int | None:
+            token = _token_str(config.get(what))
+            if token is None:
+                return None
+            if (tid := tok.token_to_id(token)) is None:
+                raise ValueError(f"{root / 'tokenizer_config.json'}: {what}={token!r} is not in the vocabulary")
+            return tid
+
+        bos_id, eos_id, pad_id = id_of("bos_token"), id_of("eos_token"), id_of("pad_token")
         gen_eos = gen.get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-        if self.eos_token_id is None and gen_eos:
-            self.eos_token_id = gen_eos[0]
-        if self.bos_token_id is None and isinstance(gen.get("bos_token_id"), int):
-            self.bos_token_id = gen["bos_token_id"]
-        if self.pad_token_id is None and isinstance(gen.get("pad_token_id"), int):
-            self.pad_token_id = gen["pad_token_id"]
-        # every id that ends generation: the tokenizer's eos plus generation_config's list
-        own_eos = [self.eos_token_id] if self.eos_token_id is not None else []
-        self.eos_token_ids = tuple(dict.fromkeys(own_eos + gen_eos))
-        self.chat_template, self.chat_template_source = self._find_templates(root)
-
-    @staticmethod
-    def _read_json(path: Path, what: str) -> dict:
-        """The JSON object in `path`, {} when the (optional) file is absent."""
-        return read_json(path, what, dict) if path.is_file() else {}
-
-    def _id_of(self, token: str | None, what: str) -> int | None:
-        if token is None:
-            return None
-        tid = self._tok.token_to_id(token)
-        if tid is None:
-            raise ValueError(f"{self.path / 'tokenizer_config.json'}: {what}={token!r} is not in the vocabulary")
-        return tid
-
-    def _find_templates(self, root: Path) -> tuple[dict[str, str], str | None]:
-        """name -> template source; chat_template.jinja wins over tokenizer_config.json's chat_template."""
-        jinja_file = root / "chat_template.jinja"
-        if jinja_file.is_file():
-            return {"default": jinja_file.read_text(encoding="utf-8")}, str(jinja_file)
-        t = self._config.get("chat_template")
-        src = str(root / "tokenizer_config.json")
-        if t is None:
-            return {}, None
-        if isinstance(t, str):
-            return {"default": t}, src
-        if isinstance(t, list) and all(isinstance(x, dict) and "name" in x and "template" in x for x in t):
-            return {x["name"]: x["template"] for x in t}, src
-        raise ValueError(f"{src}: chat_template must be a string or a list of {{name, template}} objects")
+        if eos_id is None and gen_eos:
+            eos_id = gen_eos[0]
+        if bos_id is None and isinstance(gen.get("bos_token_id"), int):
+            bos_id = gen["bos_token_id"]
+        if pad_id is None and isinstance(gen.get("pad_token_id"), int):
+            pad_id = gen["pad_token_id"]
+        own_eos = [eos_id] if eos_id is not None else []  # every id that ends generation: eos + generation_config's
+        templates, source = _find_templates(root, config)
+        return cls(tok, root, bos_token=_token_str(config.get("bos_token")),
+                   eos_token=_token_str(config.get("eos_token")), pad_token=_token_str(config.get("pad_token")),
+                   unk_token=_token_str(config.get("unk_token")), bos_token_id=bos_id, eos_token_id=eos_id,
+                   pad_token_id=pad_id, eos_token_ids=tuple(dict.fromkeys(own_eos + gen_eos)),
+                   chat_template=templates, chat_template_source=source)
 
     # ------------------------------------------------------------ encoding
     @property
@@ -244,10 +257,9 @@ class Tokenizer:
             raise ValueError(f"chat_template={chat_template!r} is neither a template nor one of "
                              f"{sorted(self.chat_template)}")
         if not self.chat_template:
-            raise ValueError(
-                f"{self.path}: no chat template (looked for chat_template.jinja and 'chat_template' in "
-                "tokenizer_config.json)"
-            )
+            looked = ("tokenizer.chat_template in its metadata" if self.path.is_file() else
+                      "chat_template.jinja and 'chat_template' in tokenizer_config.json")
+            raise ValueError(f"{self.path}: no chat template (looked for {looked})")
         if "default" in self.chat_template:
             return self.chat_template["default"]
         if len(self.chat_template) == 1:
@@ -257,5 +269,12 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load the tokenizer of a checkpoint folder (tokenizer.json, tokenizer_config.json, generation_config.json)."""
-    return Tokenizer(path)
+    """Load the tokenizer of a checkpoint folder (tokenizer.json, tokenizer_config.json, generation_config.json) or of
+    a GGUF file (its tokenizer.ggml.* metadata and tokenizer.chat_template, engine/gguf_tokenizer.py)."""
+    from driftscope.engine import gguf
+
+    if gguf.is_gguf(path):
+        from driftscope.engine.gguf_tokenizer import gguf_tokenizer
+
+        return gguf_tokenizer(Path(path), Tokenizer)
+    return Tokenizer.from_folder(path)
