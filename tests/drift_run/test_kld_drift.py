@@ -78,3 +78,16 @@ def test_report_and_state_carry_the_block(run_and_reference):
     with pytest.raises(ValueError, match="tuned model 1's kld"):
         probes.load_state_dict(bad)
     assert got["tokens"] > 0 and torch.is_tensor(keys["m0.kld.sums"])
+
+
+def test_generate_mode_has_the_block(models, records, tmp_path):
+    """drift --generate feeds KLDStats from the same vocab-probe results as TokenMetrics: the shared numbers agree."""
+    run = drift(models["base"], [models["tuned"]], [records], tmp_path / "gen", generate=True, max_new_tokens=6,
+                generate_chunk=4, progress=False, checkpoint_every=0)
+    t = run.summary["models"]["tuned"]["tasks"]["mixed"]
+    b = t["llama_cpp"]
+    assert b["tokens"] == t["tokens"] > 0 and b["flagged"] == 0
+    assert b["same_top_p"] == pytest.approx(t["top1_agreement"], abs=1e-12)
+    assert b["mean_kld"] == pytest.approx(t["kl_bt"]["token_mean"], rel=1e-9)
+    assert b["ln_ppl_ratio"] == pytest.approx(t["logp_base"]["token_mean"] - t["logp_tuned"]["token_mean"], abs=1e-9)
+    assert b["min_kld"] <= b["median_kld"] <= b["max_kld"]
