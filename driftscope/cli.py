@@ -98,8 +98,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_drift(sub, with_options: bool) -> None:
     p = sub.add_parser("drift", help="compare a base model with tuned models on records files, in lockstep")
-    p.add_argument("--base", required=True, help="base checkpoint folder (config.json + safetensors + tokenizer)")
-    p.add_argument("--tuned", required=True, action="append", help="tuned checkpoint folder (repeatable)")
+    p.add_argument("--base", required=True, help="base checkpoint: an HF folder (config.json + safetensors + "
+                   "tokenizer) or a .gguf file")
+    p.add_argument("--tuned", required=True, action="append", help="tuned checkpoint (repeatable): an HF folder, a "
+                   ".gguf file, or a LoRA adapter folder (adapter_config.json) for --base")
     p.add_argument("--data", required=True, action="append", help="records file: JSONL/JSON/parquet (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
     if with_options:
@@ -112,7 +114,8 @@ def _add_drift(sub, with_options: bool) -> None:
 
 def _add_generate(sub, with_options: bool) -> None:
     p = sub.add_parser("generate", help="generate responses for a prompts file with continuous batching")
-    p.add_argument("--model", required=True, help="checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--model", required=True, help="checkpoint: an HF folder (config.json + safetensors + "
+                   "tokenizer), a .gguf file, or a LoRA adapter folder whose adapter_config.json names a local base")
     p.add_argument("--data", required=True, help="prompts file: JSONL/JSON/parquet records")
     p.add_argument("--out", required=True, help="responses file (JSONL, the paper's {input, output} records)")
     if with_options:

@@ -27,7 +27,7 @@ from pathlib import Path
 from driftscope.distributed import World, processes
 from driftscope.telemetry import Progress
 from driftscope.cli_options import cli, results
-from driftscope.engine.config import ModelConfig
+from driftscope.engine.checkpoint import Checkpoint
 from driftscope.engine.data import fit_prompts
 from driftscope.records import skipped
 from driftscope.engine.decoding import GenerationEngine
@@ -35,10 +35,9 @@ from driftscope.engine.generate import load_for_generation, make_requests
 from driftscope.engine.prompts import render_prompt
 from driftscope.records import read_prompts
 from driftscope.engine.sampling import SamplingParams
-from driftscope.engine.tokenizer import load_tokenizer
 from driftscope.errors import InputError
 from driftscope.options import GenerationOptions, LimitOptions, RunOptions
-from driftscope.util import checkpoint_identity, file_digest, write_jsonl
+from driftscope.util import file_digest, write_jsonl
 
 log = logging.getLogger(__name__)
 PARTIAL_FORMAT = 2  # 2: the options of the fingerprint are GenerateOptions' result fields, by name
@@ -68,9 +67,9 @@ class ResponsesReport:
     processes: int = 1
 
 
-def _fingerprint(model_dir: Path, data: Path, params: SamplingParams, o: GenerateOptions) -> dict:
+def _fingerprint(ckpt: Checkpoint, data: Path, params: SamplingParams, o: GenerateOptions) -> dict:
     return {
-        "format": PARTIAL_FORMAT, "model": str(model_dir.resolve()), "checkpoint": checkpoint_identity(model_dir),
+        "format": PARTIAL_FORMAT, "model": str(ckpt.path.resolve()), "checkpoint": ckpt.identity(),
         "data": str(data.resolve()), "data_sha256": file_digest(data), "sampling": results(params), **results(o),
     }
 
@@ -247,20 +246,17 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
         raise InputError(f"{data}: no usable prompt record ({skipped(problems) if problems else 'no records'})")
     if o.limit is not None:
         records = records[: o.limit]
-    if model_dir.is_file():
-        raise ValueError(f"--model {model_dir} is a file; pass the checkpoint folder (config.json + safetensors)")
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: checkpoint folder does not exist")
-    partial = PartialFile(out, world, _fingerprint(model_dir, data, params, o), o.restart)
+    ckpt = Checkpoint.open(model_dir, "--model")
+    partial = PartialFile(out, world, _fingerprint(ckpt, data, params, o), o.restart)
     done = partial.done
-    tok = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+    tok = ckpt.tokenizer()
     rendered, texts = [], {}
     for r in records:  # rendered and checked against the context before the weights load
         text, ids = render_prompt(r.prompt, tok, r.where, chat=o.chat, system=o.system, thinking=o.thinking,
                                   chat_template_kwargs=o.chat_template_kwargs, rendered=r.rendered)
         texts[r.index] = (text, ids)
         rendered.append((r.index, ids, r.where))
-    config = ModelConfig.from_file(model_dir / "config.json")
+    config = ckpt.config()
     with _quiet(logging.getLogger(fit_prompts.__module__), not world.main):
         skip = fit_prompts([(where, len(ids)) for _, ids, where in rendered], params.max_new_tokens,
                            config.max_position_embeddings, config.source, o.overlong, problems)
@@ -273,7 +269,7 @@ def _generate(model_dir: Path, data: Path, out: Path, params: SamplingParams, o:
     share = {index for index, _, _ in mine}
     resumed = sum(1 for key in done if key[0] in share)
     device = world.join(o.device, o.dist_timeout, "--device")
-    m, tok = load_for_generation(model_dir, tok, device=device, dtype=o.dtype)
+    m, tok = load_for_generation(model_dir, tok, device=device, dtype=o.dtype, flag="--model")
     engine = GenerationEngine(m, tok, cache_memory=o.cache_memory, block_size=o.block_size,
                               max_num_seqs=o.max_num_seqs, max_step_tokens=o.max_step_tokens)
     for q in make_requests(rendered, params):  # every bad prompt is refused before the first token is generated,

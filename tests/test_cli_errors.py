@@ -96,7 +96,7 @@ def test_missing_or_directory_data(ck, capsys):
 def test_a_checkpoint_flag_naming_a_file(ck, capsys, flag):
     config = ck["base"] / "config.json"
     assert _drift(ck, **{flag[2:]: config}) == 2
-    _error(capsys, "drift", f"{flag} {config} is a file; a checkpoint folder")
+    _error(capsys, "drift", f"{flag} {config} is a file but not a GGUF file")
 
 
 def test_eval_and_generate_model_naming_a_file(ck, capsys):

@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from driftscope.cli_options import check_ranges, cli, results
+from driftscope.engine.checkpoint import LORA_MODES, Checkpoint
 from driftscope.engine.sampling import Decoding, SamplingParams
 from driftscope.errors import InputError
 from driftscope.options import (BatchOptions, EngineOptions, ModelOptions, PromptOptions, RunOptions,
                                 ThinkingOptions)
-from driftscope.util import checkpoint_identity, file_digest
+from driftscope.util import file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
@@ -35,6 +36,11 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
     stream_layers: bool = field(default=False, metadata=cli(
         "weights stay in host memory (memory-mapped safetensors); each layer is copied to its device just before it "
         "runs, overlapped with the previous layer's compute: for models that do not fit device memory", cosmetic=True))
+    lora: str = field(default="auto", metadata=cli(
+        "LoRA adapters given as --tuned: merge (each into a copy of the base's weights: fastest per token), side "
+        "(low-rank side paths on the base's shared weights: J adapters cost one base + J adapters; equal to merge "
+        "within float32 rounding) or auto (merge while a copy per adapter fits in half the free memory)",
+        choices=LORA_MODES))
     # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
     pca: str = field(default="streaming", metadata=cli(
         "hidden-state PCA: streaming (moments of the scored tokens), paper (the paper's k-query procedure) or none",
@@ -125,13 +131,12 @@ def _device_name(name: str, value) -> str:
     return value
 
 
-def fingerprint(base: Path, tuned: dict[str, Path], data: dict[str, Path], options: DriftOptions) -> dict:
+def fingerprint(base: Checkpoint, tuned: dict[str, Checkpoint], data: dict[str, Path], options: DriftOptions) -> dict:
     """Everything a resumed run must share with the run it continues, as a JSON-able dict."""
     return {
-        "base": str(base.resolve()),
-        "tuned": {k: str(v.resolve()) for k, v in tuned.items()},
-        "checkpoints": {"base": checkpoint_identity(base),
-                        "tuned": {k: checkpoint_identity(v) for k, v in tuned.items()}},
+        "base": str(base.path.resolve()),
+        "tuned": {k: str(v.path.resolve()) for k, v in tuned.items()},
+        "checkpoints": {"base": base.identity(), "tuned": {k: v.identity() for k, v in tuned.items()}},
         "data": {k: {"path": str(v.resolve()), "sha256": file_digest(v)} for k, v in data.items()},
         "options": results(options),
         "pca_texts": file_digest(Path(options.pca_texts)) if options.pca_texts is not None else None,

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from driftscope.drift_run import gen_drift
 from driftscope.drift_run.options import DriftOptions
 from driftscope.drift_run.paper_pca import query_texts
+from driftscope.engine.checkpoint import Checkpoint, lora_mode
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.data import (PackedBatch, Sample, fit_context, fit_prompts, next_fit, pack_batches,
                                     tokenize_records)
+from driftscope.engine.model import Transformer
 from driftscope.engine.runner import check_compatible_configs
-from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
+from driftscope.engine.tokenizer import Tokenizer
 from driftscope.errors import InputError
 from driftscope.records import read_records, skipped
-from driftscope.util import file_digest
+from driftscope.util import torch_dtype
 
 log = logging.getLogger(__name__)
 PathLike = str | Path
@@ -62,14 +66,17 @@ class Task:
 
 @dataclass
 class Plan:
-    base_dir: Path
-    tuned_dirs: dict[str, Path]
+    base_dir: Path  # the base checkpoint's path (a folder or a .gguf file)
+    tuned_dirs: dict[str, Path]  # label -> each tuned checkpoint's path
     data: dict[str, Path]
     opts: DriftOptions
     tok: Tokenizer
     configs: list[ModelConfig]  # base first
     tasks: list[Task]
-    tokenizers: dict[str, str]  # tuned model -> the tokenizer.json it is read with (summary.json says it)
+    tokenizers: dict[str, str]  # tuned model -> the tokenizer it is read with (summary.json says it)
+    base: Checkpoint | None = None
+    tuned: dict[str, Checkpoint] = field(default_factory=dict)  # label -> checkpoint, as tuned_dirs
+    lora: str = "merge"  # how the LoRA adapters among `tuned` apply: "merge" or "side" (checkpoint.lora_mode)
 
 
 def _batch_groups(samples: Sequence[Sample], budget: int) -> list[list[Sample]]:
@@ -165,13 +172,14 @@ def _check_ids_fit(tasks: list[Task], tok: Tokenizer, configs: list[ModelConfig]
                 )
 
 
-def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
-    for flag, p in [("--base", base), *(("--tuned", t) for t in tuned)]:
-        if p.is_file():
-            raise InputError(f"{flag} {p} is a file; a checkpoint folder (config.json + safetensors + tokenizer) "
-                             "is expected")
-        if not p.is_dir():
-            raise FileNotFoundError(f"{flag}: checkpoint folder {p} does not exist")
+def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The checkpoints (each an HF folder, a GGUF file or an adapter over --base) and the records files exist, each
+    given once."""
+    base_ckpt = Checkpoint.open(base, "--base")
+    if base_ckpt.kind == "lora":
+        raise InputError(f"--base {base} is a LoRA adapter; the base must be a full checkpoint (its adapters go in "
+                         "--tuned)")
+    tuned_ckpts = [Checkpoint.open(t, "--tuned", base=base_ckpt) for t in tuned]
     for p in data:
         if p.is_dir():
             raise InputError(f"--data {p} is a directory; pass the JSONL/JSON/parquet file(s) in it")
@@ -183,6 +191,7 @@ def check_paths(base: Path, tuned: list[Path], data: list[Path]) -> None:
             if (first := given[resolved.index(r)]) is not p:
                 raise InputError(f"{flag} {p} is given twice" + (f" (as {first})" if str(first) != str(p) else "")
                                  + f": give each {'checkpoint' if flag == '--tuned' else 'records file'} once")
+    return base_ckpt, tuned_ckpts
 
 
 def check_out(out: Path) -> None:
@@ -195,38 +204,61 @@ def check_out(out: Path) -> None:
                          "exist yet")
 
 
-def _own_tokenizer(base_dir: Path, tuned_dir: Path) -> bool:
-    """Whether tuned_dir ships a tokenizer.json of its own to check against the base's: none, or a byte-identical
-    copy (the usual case; loading and comparing a 151k-entry tokenizer costs ~1 s), needs no check."""
-    f = tuned_dir / "tokenizer.json"
-    if not f.is_file():
+def _own_tokenizer(base: Checkpoint, tuned: Checkpoint) -> bool:
+    """Whether `tuned` has a tokenizer of its own to check against the base's: none, or a byte-identical copy (the
+    usual case; loading and comparing a 151k-entry tokenizer costs ~1 s), needs no check."""
+    if tuned.tokenizer_file() is None:
         return False
-    b = base_dir / "tokenizer.json"
-    return not (b.is_file() and b.stat().st_size == f.stat().st_size and file_digest(b) == file_digest(f))
+    b, f = base.tokenizer_file(), tuned.tokenizer_file()
+    return not (b is not None and b.stat().st_size == f.stat().st_size and base.tokenizer_digest() ==
+                tuned.tokenizer_digest())
+
+
+def _model_bytes(config: ModelConfig, dtype: str) -> int:
+    n = sum(p.numel() for p in Transformer(config, device="meta").parameters())
+    return n * torch.empty((), dtype=torch_dtype(dtype)).element_size()
 
 
 def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | Sequence[PathLike],
          opts: DriftOptions, out: PathLike | None = None) -> Plan:
     """Check everything that can be checked without weights, each once; the tasks come back tokenized."""
     base_dir = Path(base)
-    check_paths(base_dir, as_list(tuned), as_list(data))
+    base_ckpt, tuned_list = check_paths(base_dir, as_list(tuned), as_list(data))
     if out is not None:
         check_out(Path(out))
-    tuned_dirs = unique_names(as_list(tuned), key=lambda p: p.resolve().name)
+    by_path = {c.path: c for c in tuned_list}
+    tuned_dirs = unique_names([c.path for c in tuned_list], key=lambda p: by_path[p].name)
+    ckpts = {k: by_path[p] for k, p in tuned_dirs.items()}
     opts.model_devices(len(tuned_dirs))  # a device per model, or one for all
     data_map = unique_names(as_list(data), key=lambda p: p.stem)
-    tok = load_tokenizer(base_dir)
-    tokenizers = {k: str(d / "tokenizer.json") for k, d in tuned_dirs.items() if (d / "tokenizer.json").is_file()}
-    for k, d in tuned_dirs.items():
+    if base_ckpt.tokenizer_file() is None:
+        raise FileNotFoundError(f"--base {base_dir}: no tokenizer.json in that folder; drift reads its records with "
+                                "the base's tokenizer")
+    tok = base_ckpt.tokenizer()
+    tokenizers = {k: str(c.tokenizer_file()) for k, c in ckpts.items() if c.tokenizer_file() is not None}
+    for k, c in ckpts.items():
         if k not in tokenizers:
-            tokenizers[k] = f"base's ({d} has no tokenizer.json)"
-            log.warning("--tuned %s has no tokenizer.json: its texts are read with the base's (%s)", d,
-                        base_dir / "tokenizer.json")
-    others = [load_tokenizer(d) for d in tuned_dirs.values() if _own_tokenizer(base_dir, d)]
+            tokenizers[k] = f"base's ({c.path} has no tokenizer.json)"
+            if c.kind != "lora":  # an adapter without one is the usual case: it has its base's
+                log.warning("--tuned %s has no tokenizer.json: its texts are read with the base's (%s)", c.path,
+                            base_ckpt.tokenizer_file())
+    others = [c.tokenizer() for c in ckpts.values() if _own_tokenizer(base_ckpt, c)]
     for other in others:  # vocabularies first: fail before the records are tokenized
         check_same_vocab(tok, other)
-    configs = [ModelConfig.from_file(d / "config.json") for d in (base_dir, *tuned_dirs.values())]
+    configs = [base_ckpt.config(), *(c.config() for c in ckpts.values())]
     check_compatible_configs(configs[0], configs[1:])
+    adapters = [c for c in ckpts.values() if c.kind == "lora"]
+    for c in adapters:  # every adapter read and checked against the base before any weights load
+        c.adapter(configs[0], allow_pickle=opts.allow_pickle)
+    if adapters and opts.stream_layers:
+        raise InputError(f"--tuned {adapters[0].path} is a LoRA adapter: it needs the base's layers in memory; drop "
+                         "--stream-layers")
+    base_dev, tuned_devs = opts.model_devices(len(ckpts))
+    for c, dev in zip(ckpts.values(), tuned_devs):
+        if c.kind == "lora" and dev != base_dev:
+            raise InputError(f"--tuned {c.path} is a LoRA adapter: it runs on the base's device {base_dev}, not "
+                             f"{dev} (--tuned-device)")
+    mode = lora_mode(opts.lora, adapters, _model_bytes(configs[0], opts.dtype), base_dev)
     read = _read_prompt_task if opts.generate else _read_task
     tasks = [read(name, path, tok, opts, _context(configs)) for name, path in data_map.items()]
     _check_ids_fit(tasks, tok, configs)
@@ -240,4 +272,4 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
     texts = [x for t in tasks for x in t.check_texts]
     for other in others:
         check_same_encoding(tok, other, texts)
-    return Plan(base_dir, tuned_dirs, data_map, opts, tok, configs, tasks, tokenizers)
+    return Plan(base_dir, tuned_dirs, data_map, opts, tok, configs, tasks, tokenizers, base_ckpt, ckpts, mode)

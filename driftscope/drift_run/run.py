@@ -31,7 +31,6 @@ from driftscope.drift_run.summary import generation_summary, mark_nonfinite, mod
 from driftscope.cli_options import options_doc
 from driftscope.engine.data import PackedBatch
 from driftscope.errors import Terminated
-from driftscope.engine.loader import load_model
 from driftscope.engine.runner import LockstepRunner
 from driftscope.kernels import backend_status
 from driftscope.kernels.vocab_probe import vocab_probe
@@ -72,8 +71,9 @@ class _Run:
         note(f"loading base + {n} tuned model{'s' * (n > 1)} ({p.opts.dtype} on {where}"
              f"{', layers streamed' if p.opts.stream_layers else ''}) ...", p.opts.progress)
         with times("load"):
-            self.base = load_model(p.base_dir, device=self.device, **kw)
-            self.tuned = [load_model(d, device=dev, **kw) for d, dev in zip(p.tuned_dirs.values(), tuned_devs)]
+            self.base = p.base.load(self.device, **kw)
+            self.tuned = [c.load(dev, **kw, base_model=self.base, lora_mode=p.lora)
+                          for c, dev in zip(p.tuned.values(), tuned_devs)]
             for t in self.tuned:  # the vocab probe runs on the base's device, beside the tuned final states
                 t.place_head(self.device)
         self.runner = LockstepRunner(self.base, self.tuned)
@@ -259,6 +259,8 @@ class _Run:
                 "base": str(p.base_dir), "tuned": {k: str(v) for k, v in p.tuned_dirs.items()},
                 "data": {k: str(v) for k, v in p.data.items()}, **o.as_dict(),
                 "valid_vocab": dict(zip(p.tuned_dirs, self.valid_vocab)),
+                "kinds": {"base": p.base.kind, "tuned": {k: c.kind for k, c in p.tuned.items()}},  # hf, gguf or lora
+                "lora_applied": p.lora if any(c.kind == "lora" for c in p.tuned.values()) else None,
             },
             "versions": versions(), "machine": machine(self.device), "backends": backend_status(),
             "gpu_telemetry": telemetry.summary(),
@@ -340,7 +342,7 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftRep
     with times("plan"):
         p = plan(base, tuned, data, opts, out=out)
     out_dir = Path(out) if out is not None else None
-    progress = {"fingerprint": fingerprint(p.base_dir, p.tuned_dirs, p.data, opts), "done": {}, "pca_done": [],
+    progress = {"fingerprint": fingerprint(p.base, p.tuned, p.data, opts), "done": {}, "pca_done": [],
                 "generation": 0, "gen_done": {}, "gen_rows": {}, "nonfinite": {},
                 **({"world_size": world.size} if world.size > 1 else {})}
     state = RunState(out_dir, world.rank, world.size) if out_dir is not None else None

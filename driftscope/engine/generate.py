@@ -23,24 +23,24 @@ __all__ = ["generate", "load_for_generation", "make_requests", "progress_bar", "
 
 
 def load_for_generation(model: str | Path | Transformer, tokenizer=None, *, device: str = "cpu",
-                        dtype: str = "float32", allow_pickle: bool = False) -> tuple[Transformer, Any]:
-    """(model, tokenizer or None): a folder is loaded; the tokenizer comes from the model's folder when not given
-    (None when that folder has no tokenizer.json, which is fine for token-id prompts)."""
-    from driftscope.engine.loader import load_model
+                        dtype: str = "float32", allow_pickle: bool = False,
+                        flag: str = "model") -> tuple[Transformer, Any]:
+    """(model, tokenizer or None): a checkpoint (an HF folder, a .gguf file, a LoRA adapter folder whose
+    adapter_config.json names a local base) is loaded; the tokenizer comes from the checkpoint when not given (None
+    when it has none, which is fine for token-id prompts). `flag` names the argument in messages."""
+    from driftscope.engine.checkpoint import Checkpoint
     from driftscope.engine.tokenizer import load_tokenizer
 
     if isinstance(model, Transformer):
-        folder = Path(model.config.source).parent if model.config.source != "<dict>" else None
+        source = Path(model.config.source) if model.config.source != "<dict>" else None
+        source = source if source is None or source.suffix == ".gguf" else source.parent
+        ckpt = Checkpoint.open(source, flag) if source is not None and source.exists() else None
         m = model
     else:
-        folder = Path(model)
-        if folder.is_file():
-            raise ValueError(f"model {folder} is a file; pass the checkpoint folder (config.json + safetensors)")
-        if not folder.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-        m = load_model(folder, device=device, dtype=dtype, allow_pickle=allow_pickle)
-    if tokenizer is None and folder is not None and (folder / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(folder)
+        ckpt = Checkpoint.open(model, flag)
+        m = ckpt.load(device, dtype, allow_pickle=allow_pickle)
+    if tokenizer is None and ckpt is not None:
+        tokenizer = ckpt.tokenizer()
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
     return m, tokenizer

@@ -21,7 +21,8 @@ def add_parser(subparsers, with_options: bool = True) -> argparse.ArgumentParser
         description=f"Benchmarks: {names}. With --model: generation and log-likelihood through lm-eval; with "
                     "--responses: grade a file of {input, output} records (no model).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint folder (config.json + safetensors + tokenizer)")
+    src.add_argument("--model", help="checkpoint: an HF folder (config.json + safetensors + tokenizer), a .gguf "
+                     "file, or a LoRA adapter folder whose adapter_config.json names a local base")
     src.add_argument("--responses", help="JSONL of responses to grade, in the benchmark's order or with an id field")
     p.add_argument("--tasks", default=None, help=f"comma-separated benchmarks for --model ({names}), or 'all': "
                    "those whose data is in --data-dir (one line names the others)")
@@ -65,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         if not args.tasks:
             raise InputError("--model needs --tasks (comma-separated benchmarks, or 'all')")
-        if not Path(args.model).is_dir():
-            raise InputError(f"--model {args.model} {'is a file' if Path(args.model).exists() else 'does not exist'}; "
-                             "a checkpoint folder (config.json + safetensors + tokenizer) is expected")
+        from driftscope.engine.checkpoint import Checkpoint
+
+        Checkpoint.open(args.model, "--model")
         names = _tasks(args.tasks, args.data_dir)
         from driftscope.eval.run import EvalOptions, evaluate
 
@@ -95,13 +96,13 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def _check_pretrained(argv: list[str]) -> None:
-    """`--model driftscope --model_args pretrained=DIR,...`: DIR must be a folder, said before lm-eval starts."""
+    """`--model driftscope --model_args pretrained=PATH,...`: PATH must be a checkpoint, said before lm-eval starts."""
     args = _flag(argv, "--model_args") or ""
     kv = dict(p.split("=", 1) for p in args.split(",") if "=" in p)
-    if _flag(argv, "--model") == "driftscope" and "pretrained" in kv and not Path(kv["pretrained"]).is_dir():
-        what = "is a file" if Path(kv["pretrained"]).exists() else "the folder does not exist"
-        raise InputError(f"--model_args pretrained={kv['pretrained']}: {what}; expected a checkpoint folder "
-                         "(config.json + safetensors + tokenizer.json)")
+    if _flag(argv, "--model") == "driftscope" and "pretrained" in kv:
+        from driftscope.engine.checkpoint import Checkpoint
+
+        Checkpoint.open(kv["pretrained"], "--model_args pretrained=")
 
 
 def run_lm_eval(argv: list[str]) -> int:

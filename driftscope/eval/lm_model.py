@@ -50,10 +50,10 @@ from tqdm.auto import tqdm
 
 from driftscope.cli_options import on_off
 from driftscope.distributed import World
-from driftscope.errors import InputError
+from driftscope.engine.checkpoint import Checkpoint
 from driftscope.eval.loglik import score_continuations
 from driftscope.options import LMOptions
-from driftscope.util import DTYPE_NAMES, read_json
+from driftscope.util import DTYPE_NAMES
 
 __all__ = ["DriftscopeLM"]
 
@@ -132,11 +132,8 @@ class DriftscopeLM(TemplateLM):
         batch_size, max_batch_size = model_args.pop("batch_size", None), model_args.pop("max_batch_size", None)
         o = _lm_options(options or LMOptions(), model_args)
         folder = Path(pretrained)
-        if not folder.is_dir():
-            what = "is a file" if folder.exists() else "the folder does not exist"
-            raise InputError(f"pretrained={pretrained}: {what}; expected a checkpoint folder (config.json + "
-                             "safetensors + tokenizer.json)")
-        if not (folder / "tokenizer.json").is_file():
+        ckpt = Checkpoint.open(folder, "pretrained=")
+        if ckpt.tokenizer_file() is None and (ckpt.kind != "lora" or ckpt.base.tokenizer_file() is None):
             raise FileNotFoundError(f"pretrained={pretrained}: no tokenizer.json in that folder")
         self.world = World.from_env()
         if self.world.rank != 0:  # under torchrun every process would log and show lm-eval's bars: rank 0 does
@@ -152,11 +149,11 @@ class DriftscopeLM(TemplateLM):
         device = self.world.join(str(device), o.dist_timeout, "device")
         self._rank, self._world_size = self.world.rank, self.world.size
         self._padded: list = []  # the Instances lm-eval padded this rank with: barrier() trims their responses
-        config_dtype = read_json(folder / "config.json", "config", dict).get("torch_dtype") \
-            if (folder / "config.json").is_file() else None
+        config_dtype = ckpt.config().torch_dtype
         self._dtype = _resolve_dtype(o.dtype, str(device), config_dtype)
         self.model, self.tokenizer = load_for_generation(folder, device=str(device), dtype=self._dtype,
-                                                         allow_pickle=bool(_flag(allow_pickle, "allow_pickle")))
+                                                         allow_pickle=bool(_flag(allow_pickle, "allow_pickle")),
+                                                         flag="pretrained=")
         self.pretrained = str(folder)
         self._device = torch.device(device)
         self._max_length = int(max_length) if max_length else int(self.model.config.max_position_embeddings)

@@ -45,7 +45,7 @@ def test_cli_drift_reports_bad_lines_and_missing_files(models, tmp_path, capsys)
     assert [p.split(": ")[0] for p in problems] == [f"{data}:2", f"{data}:3"], problems
     rc = main(["drift", "--base", str(models["base"]), "--tuned", str(tmp_path / "nope"), "--data", str(data),
                "--out", str(tmp_path / "o2"), "--no-progress"])
-    assert rc == 2 and f"checkpoint folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+    assert rc == 2 and f"--tuned {tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
 
 
 def _subparser(cmd: str) -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from test_drift import _assert_same
 
 from driftscope import drift, load_tokenizer
 from driftscope.drift_run import DriftOptions
+from driftscope.engine import checkpoint as engine_checkpoint
+from driftscope.engine import loader as loader_mod
 from driftscope.engine.runner import LockstepRunner
 from driftscope.testing import write_checkpoint
 from driftscope.errors import InputError
@@ -228,13 +230,13 @@ def test_a_byte_identical_tokenizer_copy_is_not_loaded_again(models, records, mo
     from driftscope.drift_run import plan as plan_mod
 
     loaded = []
-    real = plan_mod.load_tokenizer
+    real = engine_checkpoint.load_tokenizer
 
     def counting(path):
         loaded.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(plan_mod, "load_tokenizer", counting)
+    monkeypatch.setattr(engine_checkpoint, "load_tokenizer", counting)
     plan_mod.plan(models["base"], [models["tuned"], models["late"]], records, plan_mod.DriftOptions(progress=False))
     assert (models["tuned"] / "tokenizer.json").read_bytes() == (models["base"] / "tokenizer.json").read_bytes()
     assert loaded == [Path(models["base"])], "identical copies need no second load and no comparison"
@@ -372,17 +374,16 @@ def test_bfloat16_run_agrees_with_float32(models, records):
 
 
 def test_a_layer_count_mismatch_is_refused_before_any_weights_load(models, records, tmp_path, monkeypatch):
-    from driftscope.drift_run import run as run_mod
 
     other = write_base(tmp_path / "two-layers", layers=2)
     loads = {"n": 0}
-    load_model = run_mod.load_model
+    load_model = loader_mod.load_model
 
     def counting(*a, **kw):
         loads["n"] += 1
         return load_model(*a, **kw)
 
-    monkeypatch.setattr(run_mod, "load_model", counting)
+    monkeypatch.setattr(loader_mod, "load_model", counting)
     with pytest.raises(ValueError) as e:
         drift(models["base"], [models["tuned"], other], records, **OPTS)
     msg = str(e.value)
@@ -427,17 +428,15 @@ def test_a_tokenizer_with_ids_beyond_the_checkpoints_vocabulary_is_named(records
 
 @pytest.mark.parametrize("content", ["", "not json\n{\"a\": 1}\n"], ids=["empty", "all-bad"])
 def test_unusable_data_is_refused_before_any_weights_load(models, tmp_path, monkeypatch, content):
-    from driftscope.drift_run import run as run_mod
 
     data = tmp_path / "data.jsonl"
     data.write_text(content)
-    monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for unusable data"))
+    monkeypatch.setattr(loader_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for unusable data"))
     with pytest.raises(ValueError, match=f"{data}: no usable record"):
         drift(models["base"], models["tuned"], data, **OPTS)
 
 
 def test_a_single_scored_token_gives_an_undefined_pca_not_a_crash_at_the_end(models, tmp_path, monkeypatch):
-    from driftscope.drift_run import run as run_mod
 
     data = tmp_path / "one.jsonl"
     data.write_text('{"prompt": "The sum of", "response": " the"}\n')
@@ -446,7 +445,7 @@ def test_a_single_scored_token_gives_an_undefined_pca_not_a_crash_at_the_end(mod
     assert task["tokens"] == 1 and task["pca"]["records"] == [] and "at least 2" in task["pca"]["undefined"]
     assert _strict((tmp_path / "out" / "summary.json").read_text()) == report.summary
     # paper mode with one query text: refused before any weights load, not after the batches
-    monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for an impossible PCA"))
+    monkeypatch.setattr(loader_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded for an impossible PCA"))
     with pytest.raises(ValueError, match="at least 2 query texts"):
         drift(models["base"], models["tuned"], data, pca="paper", **OPTS)
 

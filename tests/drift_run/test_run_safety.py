@@ -18,6 +18,7 @@ from driftscope import drift
 from driftscope.drift_run import DriftOptions
 from driftscope.drift_run import checkpoint as checkpoint_mod
 from driftscope.drift_run import run as run_mod
+from driftscope.engine import loader as loader_mod
 from driftscope.telemetry import Progress
 from driftscope.errors import InputError
 from driftscope.util import atomic_write
@@ -63,7 +64,7 @@ def test_a_rerun_without_resume_refuses_to_discard_an_interrupted_run(models, re
                                                                       no_html):
     state = _interrupt(models, records, tmp_path, monkeypatch)
     saved = {f.name: f.read_bytes() for f in state.iterdir()}
-    monkeypatch.setattr(run_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded before the refusal"))
+    monkeypatch.setattr(loader_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded before the refusal"))
     with pytest.raises(InputError) as exc:
         drift(models["base"], models["tuned"], records, tmp_path, **OPTS)
     msg = str(exc.value)

@@ -68,11 +68,11 @@ def test_bad_input_is_one_clear_error(ckpt, prompts, kw, match):
 
 
 def test_missing_checkpoint_and_file_are_named(ckpt, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="nope: no such file or folder"):
         driftscope.generate(tmp_path / "nope", ["x"], max_new_tokens=2)
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(ValueError, match="is a file; pass the checkpoint folder"):
+    with pytest.raises(ValueError, match="file is a file but not a GGUF file"):
         driftscope.generate(f, ["x"], max_new_tokens=2)
 
 

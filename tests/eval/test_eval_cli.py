@@ -12,6 +12,13 @@ from eval_helpers import write_model  # noqa: E402
 from driftscope.cli import main  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _model_folder(tmp_path):
+    """`--model tmp_path` names a checkpoint folder (its config.json is enough for the up-front check): these tests
+    are about what is refused after it."""
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-cli")

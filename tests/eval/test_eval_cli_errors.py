@@ -13,6 +13,13 @@ pytest.importorskip("lm_eval")
 from driftscope.cli import main  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _model_folder(tmp_path):
+    """`--model tmp_path` names a checkpoint folder (its config.json is enough for the up-front check): these tests
+    are about what is refused after it."""
+    (tmp_path / "config.json").write_text("{}", encoding="utf-8")
+
+
 def _error(rc: int, err: str, *named: str) -> str:
     """The one error line, after checking exit 2, one line, no traceback, and that it names every one of `named`."""
     assert rc == 2, err
@@ -45,13 +52,13 @@ def test_numeric_flags_out_of_range(tmp_path, capsys, no_model, flag, value):
 def test_lm_eval_pretrained_folder_that_does_not_exist(tmp_path, capsys, monkeypatch):
     rc = main(["lm-eval", "run", "--model", "driftscope", "--model_args", f"pretrained={tmp_path / 'nope'}",
                "--tasks", "ds_math500"])
-    err = _error(rc, capsys.readouterr().err, f"pretrained={tmp_path / 'nope'}: the folder does not exist")
+    err = _error(rc, capsys.readouterr().err, f"pretrained={tmp_path / 'nope'}: no such file or folder")
     assert err.startswith("driftscope lm-eval: error:")
 
 
 def test_model_folder_that_does_not_exist(tmp_path, capsys):
     rc = main(["eval", "--model", str(tmp_path / "nope"), "--tasks", "math500", "--out", str(tmp_path / "o")])
-    _error(rc, capsys.readouterr().err, f"--model {tmp_path / 'nope'} does not exist")
+    _error(rc, capsys.readouterr().err, f"--model {tmp_path / 'nope'}: no such file or folder")
 
 
 def test_responses_that_is_a_directory(tmp_path, capsys):
