@@ -303,15 +303,10 @@ def attach(base: Transformer, adapter: Adapter) -> Transformer:
     for (i, n), f in sorted(adapter.factors.items()):
         sites.setdefault((i, MODULES[n][1]), []).append((MODULES[n][2], f))
     for (i, site), parts in sites.items():
-        a = torch.cat([f.a.to(dev, torch.float32) for _, f in parts]).to(dt)  # [R, in]
-        out = getattr(model.layers[i].attn if site in ("wqkv", "wo") else model.layers[i].mlp, site).weight.shape[0]
-        b = torch.zeros(out, a.shape[0], device=dev, dtype=torch.float32)  # [out, R], block-diagonal over parts
-        col = 0
-        for part, f in parts:
-            r0, r1 = (0, out) if part is None else _rows(c, part)
-            b[r0:r1, col : col + f.a.shape[0]] = f.b.to(dev, torch.float32) * f.scaling
-            col += f.a.shape[0]
+        a = torch.cat([f.a.to(dev, dt) for _, f in parts]) if len(parts) > 1 else parts[0][1].a.to(dev, dt)  # [R, in]
+        bs = tuple((f.b.to(dev, torch.float32) * f.scaling).to(dt) for _, f in parts)  # [out_p, r_p] each
+        rows = tuple(0 if part is None else _rows(c, part)[0] for part, _ in parts)
         mod = model.layers[i].attn if site in ("wqkv", "wo") else model.layers[i].mlp
-        mod.lora = (mod.lora or {}) | {site: LowRank(a, b.to(dt))}
+        mod.lora = (mod.lora or {}) | {site: LowRank(a, bs, rows)}
     _apply_saved(model, adapter, copy_fused=True)
     return model

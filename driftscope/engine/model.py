@@ -58,17 +58,29 @@ class LayerBatch:
 
 @dataclass
 class LowRank:
-    """A low-rank side path on one linear site: y += (x · aᵀ) · bᵀ, a [R, in], b [out, R] in the model dtype, the
-    LoRA scaling folded into b (engine/lora.py builds them; fused sites stack their parts' a and place b by rows)."""
+    """A low-rank side path on one linear site: h = x · aᵀ, then y[rows of part p] += h[:, cols of p] · b[p]ᵀ. A fused
+    site (q|k|v, gate|up) stacks its parts' a; each part's b [out_p, r_p] (LoRA scaling folded in) writes its own rows,
+    so the block-diagonal b is never stored. Built by engine/lora.attach."""
 
-    a: torch.Tensor  # [R, in]
-    b: torch.Tensor  # [out, R]
+    a: torch.Tensor  # [R, in], R = Σ r_p
+    b: tuple[torch.Tensor, ...]  # per part [out_p, r_p]
+    rows: tuple[int, ...]  # per part: the first output row it writes
+
+    def add_(self, y: torch.Tensor, x: torch.Tensor) -> None:  # y [T, out] += side path of x [T, in], in place
+        h = linear(x, self.a)  # [T, R]
+        if len(self.b) == 1 and self.b[0].shape == (y.shape[1], h.shape[1]):
+            y.add_(linear(h, self.b[0]))
+            return
+        col = 0
+        for b, row in zip(self.b, self.rows):
+            y[:, row : row + b.shape[0]].add_(linear(h[:, col : col + b.shape[1]], b))
+            col += b.shape[1]
 
 
 def _side_(y: torch.Tensor, lora: dict[str, LowRank] | None, site: str, x: torch.Tensor) -> torch.Tensor:
     """y [T, out] += the side path of `site` applied to x [T, in], in place; y itself when there is none."""
     if lora is not None and (f := lora.get(site)) is not None:
-        y.add_(linear(linear(x, f.a), f.b))
+        f.add_(y, x)
     return y
 
 
