@@ -23,7 +23,7 @@ $(VENV)/.torch:
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.torch pyproject.toml CMakeLists.txt $(wildcard csrc/*)
-	$(PIP) install -q --no-build-isolation -e ".[test,bench,report,eval]"
+	$(PIP) install -q --no-build-isolation -e ".[test,bench,report,eval,gguf]"
 	touch $@
 
 build: $(VENV)/.installed
