@@ -270,3 +270,36 @@ def test_key_forms_pickle_and_streamed_base(qv, tmp_path):
         with pytest.raises(InputError) as e:
             fn(streamed, ref)
         _one_line(e, "--stream-layers")
+
+
+def test_merged_bfloat16_equals_peft_merge(qv):
+    """In bfloat16 PEFT keeps the factors in float32 and adds the float32 delta into the bf16 weight: bit for bit."""
+    from driftscope.engine.loader import expected_weights
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(qv["base"], dtype=torch.bfloat16)
+    ref = peft.PeftModel.from_pretrained(hf, qv["adapter"]).merge_and_unload().state_dict()
+    base = load_model(qv["base"], dtype="bfloat16")
+    m = merged(base, read_adapter(qv["adapter"], base.config, "b"))
+    params = dict(m.named_parameters())
+    for name, t in expected_weights(m.config, m).items():
+        w = params[t.param] if t.rows is None else params[t.param][t.rows[0] : t.rows[1]]
+        assert w.dtype == torch.bfloat16 and torch.equal(w, ref[name]), name
+
+
+def test_side_paths_in_shared_prefix_trees(qv):
+    """A tree batch (prefix 0..3, two branches of 2 tokens at positions 4, 5): attach == merged within rounding."""
+    base = load_model(qv["base"])
+    adapter = read_adapter(qv["adapter"], base.config, "b")
+    ids = _ids(8)
+    pos = torch.tensor([0, 1, 2, 3, 4, 5, 4, 5])
+    mask = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask[6:, 4:6] = False  # the second branch does not see the first
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    out = {}
+    for name, m in (("attach", attach(base, adapter)), ("merged", merged(base, adapter)), ("base", base)):
+        batch = m.prepare_tree(ids, cu, pos, (mask,))
+        out[name] = m.head(m.forward(ids, cu, batch=batch).hidden)
+    _close(out["attach"], out["merged"], "tree: attach vs merged")
+    assert not torch.allclose(out["attach"], out["base"], atol=1e-4)
+    linear_run = attach(base, adapter).logits(ids[[0, 1, 2, 3, 6, 7]])  # the second branch as one plain sequence
+    _close(out["attach"][6:], linear_run[4:], "tree branch vs plain sequence, attached")
