@@ -54,6 +54,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
 
     from driftscope.drift_run.options import DriftOptions
     from driftscope.drift_run.run import drift
+    from driftscope.probes.kld_stats import llama_cpp_line
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
     report = drift(args.base, args.tuned, args.data, args.out, **options_from(args, DriftOptions))
@@ -63,6 +64,8 @@ def _cmd_drift(args: argparse.Namespace) -> int:
             print(f"{model} / {task}: {t.get('tokens')} tokens, {t.get('samples')} samples, "
                   f"KL(tuned||base) {_num(kl, '.5f')}, sampled KL {_num(t.get('sampled_kl'), '.5f')}, "
                   f"rank shift {_num(rank, '.3f')}, top-1 agreement {_num(t.get('top1_agreement'), '.1%')}")
+            if t.get("llama_cpp") is not None:  # llama.cpp's --kl-divergence headline, base = the reference
+                print(f"  llama.cpp: {llama_cpp_line(t['llama_cpp'])}")
     for kind, path in report.files.items():
         print(f"{kind}: {path}")
     return 0

@@ -16,7 +16,7 @@ from driftscope.util import file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-STATE_FORMAT = 5  # layout of the resumable state (5: TokenMetrics' per-sample sums one key per column, rank means)
+STATE_FORMAT = 6  # layout of the resumable state (6: each PairProbes has KLDStats, llama.cpp's KLD statistics)
 
 
 @dataclass

@@ -204,7 +204,7 @@ class KLDStats(Accumulator):
 def llama_cpp_line(block: Mapping | None) -> str:
     """One line of a finalize() dict for a terminal: "KLD mean … p99 … max …, same top …%, Δp mean …% rms …%"."""
     if not block or not block.get("tokens"):
-        return "llama.cpp KLD: no scored tokens"
+        return "no scored tokens"
 
     def num(v, spec: str, scale: float = 1.0) -> str:
         return "n/a" if v is None else format(v * scale, spec)

@@ -91,3 +91,21 @@ def test_generate_mode_has_the_block(models, records, tmp_path):
     assert b["mean_kld"] == pytest.approx(t["kl_bt"]["token_mean"], rel=1e-9)
     assert b["ln_ppl_ratio"] == pytest.approx(t["logp_base"]["token_mean"] - t["logp_tuned"]["token_mean"], abs=1e-9)
     assert b["min_kld"] <= b["median_kld"] <= b["max_kld"]
+
+
+def test_cli_prints_the_headline_per_model_and_task(models, records, tmp_path, capsys):
+    from driftscope.cli import main
+
+    out = tmp_path / "out"
+    assert main(["drift", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--tuned",
+                 str(models["late"]), "--data", str(records), "--out", str(out), "--max-batch-tokens", "96"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    lines = [x for x in printed if x.startswith("  llama.cpp: ")]
+    assert len(lines) == 2, printed
+    for line, model in zip(lines, ("tuned", "late")):
+        b = summary["models"][model]["tasks"]["mixed"]["llama_cpp"]
+        assert line == (f"  llama.cpp: KLD mean {b['mean_kld']:.6f} p99 {b['kld_percentiles']['99.0']:.6f} "
+                        f"max {b['max_kld']:.6f}, same top {100 * b['same_top_p']:.3f} %, "
+                        f"Δp mean {100 * b['mean_dp']:.3f} % rms {100 * b['rms_dp']:.3f} %, "
+                        f"PPL(Q)/PPL(base) {b['ppl_ratio']:.6f}")
