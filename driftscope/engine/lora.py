@@ -22,16 +22,13 @@ from driftscope.errors import InputError
 from driftscope.util import file_digest, read_json, sampled_digest
 
 CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-# HF module name -> (block part, our fused site, fused part or None): the module table as data
-MODULES: dict[str, tuple[str, str, str | None]] = {
-    "q_proj": ("self_attn", "wqkv", "q"), "k_proj": ("self_attn", "wqkv", "k"), "v_proj": ("self_attn", "wqkv", "v"),
-    "o_proj": ("self_attn", "wo", None),
-    "gate_proj": ("mlp", "w_gate_up", "gate"), "up_proj": ("mlp", "w_gate_up", "up"),
-    "down_proj": ("mlp", "w_down", None),
-}
+# HF module name -> its parent in a decoder layer; where its weight goes (fused rows) is the loader's weight table
+MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # config fields whose non-default values change the arithmetic in ways this module does not implement
 REFUSED = {"use_dora": False, "lora_bias": False, "target_parameters": None, "trainable_token_indices": None,
            "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None}
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")  # inits that rewrite the base weights
 _PREFIX = "base_model.model."
 
 
@@ -74,7 +71,7 @@ def identity(path: Path) -> dict:
 
 
 def _module_key(i: int, name: str) -> str:
-    return f"model.layers.{i}.{MODULES[name][0]}.{name}"
+    return f"model.layers.{i}.{MODULES[name]}.{name}"
 
 
 def _targeted(cfg: dict, key: str) -> bool:
@@ -117,12 +114,6 @@ def _pattern(patterns: dict, key: str, default):
     return default
 
 
-def _shapes(c: ModelConfig, name: str) -> tuple[int, int]:  # (in, out) of an HF module
-    h, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
-            "up_proj": (h, inter), "down_proj": (inter, h)}[name]
-
-
 def _read_config(root: Path) -> dict:
     cfile = root / CONFIG_NAME
     try:
@@ -136,12 +127,22 @@ def _read_config(root: Path) -> dict:
     for k, default in REFUSED.items():
         if cfg.get(k, default) not in (default, [], {}):
             raise InputError(f"{cfile}: {k}={cfg[k]!r} is not supported (plain LoRA only); expected {default!r}")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(RESIDUAL_INITS):  # PEFT saved it against its changed (residual/quantized) base weights
+        raise InputError(f"{cfile}: init_lora_weights={cfg['init_lora_weights']!r}: this adapter applies to PEFT's "
+                         "modified base, not the original; save it with path_initial_model_for_weight_conversion")
     for k in ("r", "lora_alpha"):
         if not isinstance(cfg.get(k), (int, float)) or isinstance(cfg.get(k), bool) or cfg[k] <= 0:
             raise InputError(f"{cfile}: {k}={cfg.get(k)!r}; expected a positive number")
     tm = cfg.get("target_modules")
     if not (isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
         raise InputError(f"{cfile}: target_modules={tm!r}; expected a list of module names or a regex string")
+    for k in ("target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_pattern"):
+        for pattern in [cfg[k]] if isinstance(cfg.get(k), str) else cfg.get(k) or ():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise InputError(f"{cfile}: {k} holds {pattern!r}, not a regular expression ({exc})") from None
     return cfg
 
 
@@ -173,7 +174,10 @@ def _open_weights(root: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch
         if not allow_pickle:
             raise InputError(f"{root / PICKLE_NAME}: pickle files can execute code when loaded, so they are refused; "
                              "convert to adapter_model.safetensors or pass --allow-pickle (allow_pickle=True)")
-        sd = torch.load(root / PICKLE_NAME, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(root / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError) as exc:
+            raise InputError(f"{root / PICKLE_NAME}: cannot load with torch.load(weights_only=True): {exc}") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
             raise InputError(f"{root / PICKLE_NAME}: expected a flat dict of tensors")
         return root / PICKLE_NAME, sd
@@ -189,13 +193,14 @@ def read_adapter(path: Path, config: ModelConfig, base: str, *, allow_pickle: bo
     cfile = root / CONFIG_NAME
     wfile, tensors = _open_weights(root, allow_pickle)
     adapter = Adapter(root, cfg, cfg.get("base_model_name_or_path"))
-    made_for = f"the adapter was made for {adapter.base_name!r}, not {base!r}"
+    made_for = f"the adapter was made for {adapter.base_name!r}, not {base!r}" if adapter.base_name else \
+        f"{CONFIG_NAME} names no base_model_name_or_path; is it for {base!r}?"
     targets = _targets(cfg, config, cfile)
     weights = expected_weights(config)
     save = cfg.get("modules_to_save") or ()
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        if str(t.dtype).removeprefix("torch.") not in ("float32", "bfloat16", "float16"):
+        if t.dtype not in STORED_DTYPES.values():
             raise InputError(f"{wfile}: tensor {key!r} is {t.dtype}; supported: {', '.join(STORED_DTYPES)}")
         if not bool(torch.isfinite(t).all()):
             raise InputError(f"{wfile}: tensor {key!r} holds {int((~torch.isfinite(t)).sum())} non-finite values")
@@ -215,7 +220,7 @@ def read_adapter(path: Path, config: ModelConfig, base: str, *, allow_pickle: bo
         else:
             raise InputError(f"{wfile}: tensor {key!r} matches no module targeted by {cfile.name} "
                              f"(target_modules={cfg['target_modules']!r}, modules_to_save={list(save)!r}) "
-                             f"in base {base!r} with {config.num_layers} layers ({made_for}?)")
+                             f"in base {base!r} with {config.num_layers} layers ({made_for})")
     rslora = bool(cfg.get("use_rslora", False))
     for i, n in sorted(targets):
         k = _module_key(i, n)
@@ -225,7 +230,7 @@ def read_adapter(path: Path, config: ModelConfig, base: str, *, allow_pickle: bo
             raise InputError(f"{wfile}: tensor {_PREFIX}{k}.{missing[0]}.weight is missing; {cfile.name} targets {k}")
         r = _pattern(cfg.get("rank_pattern") or {}, k, cfg["r"])
         alpha = _pattern(cfg.get("alpha_pattern") or {}, k, cfg["lora_alpha"])
-        fin, fout = _shapes(config, n)
+        fout, fin = weights[f"{k}.weight"].shape
         for ab, want in (("lora_A", (r, fin)), ("lora_B", (fout, r))):
             if tuple(got[ab].shape) != want:
                 raise InputError(f"{wfile}: tensor {_PREFIX}{k}.{ab}.weight has shape {list(got[ab].shape)}, expected "
@@ -275,38 +280,33 @@ def merged(base: Transformer, adapter: Adapter) -> Transformer:
     model = _rebuild(base, {k: v.clone() for k, v in base.state_dict().items()})
     if base._head is not None:
         model._head = base._head.clone()
+    targets, params = expected_weights(model.config, model), dict(model.named_parameters())
     with torch.no_grad():
         for (i, n), f in adapter.factors.items():
-            _, site, part = MODULES[n]
-            block = model.layers[i]
-            w = getattr(block.attn if n in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, site).weight.data
+            tg = targets[f"{_module_key(i, n)}.weight"]
+            w = params[tg.param].data
+            r0, r1 = tg.rows or (0, w.shape[0])
             # PEFT holds the factors in float32 (autocast_adapter_dtype) and adds the float32 delta into W in place
-            delta = (f.b.to(w.device, torch.float32) @ f.a.to(w.device, torch.float32)) * f.scaling
-            rows = (0, w.shape[0]) if part is None else _rows(model.config, part)
-            w[rows[0] : rows[1]] += delta
+            w[r0:r1] += (f.b.to(w.device, torch.float32) @ f.a.to(w.device, torch.float32)) * f.scaling
     _apply_saved(model, adapter, copy_fused=False)
     return model
-
-
-def _rows(c: ModelConfig, part: str) -> tuple[int, int]:
-    q, kv, inter = c.q_size, c.kv_size, c.intermediate_size
-    rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv), "gate": (0, inter), "up": (inter, 2 * inter)}
-    return rows[part]
 
 
 def attach(base: Transformer, adapter: Adapter) -> Transformer:
     """A new Transformer that shares the base's weight tensors and adds the adapter as side paths (model.LowRank)."""
     _check_base(base)
     model = _rebuild(base, base.state_dict())
-    dev, dt, c = base.device, base.dtype, base.config
-    sites: dict[tuple[int, str], list[tuple[str | None, Factor]]] = {}
+    dev, dt, targets = base.device, base.dtype, expected_weights(base.config, model)
+    sites: dict[str, list[tuple[int, Factor]]] = {}  # fused parameter -> (first row, factors) per part
     for (i, n), f in sorted(adapter.factors.items()):
-        sites.setdefault((i, MODULES[n][1]), []).append((MODULES[n][2], f))
-    for (i, site), parts in sites.items():
-        a = torch.cat([f.a.to(dev, dt) for _, f in parts]) if len(parts) > 1 else parts[0][1].a.to(dev, dt)  # [R, in]
-        bs = tuple((f.b.to(dev, torch.float32) * f.scaling).to(dt) for _, f in parts)  # [out_p, r_p] each
-        rows = tuple(0 if part is None else _rows(c, part)[0] for part, _ in parts)
-        mod = model.layers[i].attn if site in ("wqkv", "wo") else model.layers[i].mlp
-        mod.lora = (mod.lora or {}) | {site: LowRank(a, bs, rows)}
+        tg = targets[f"{_module_key(i, n)}.weight"]
+        sites.setdefault(tg.param, []).append((tg.rows[0] if tg.rows else 0, f))
+    for param, parts in sites.items():
+        fs = [f for _, f in parts]
+        a = torch.cat([f.a.to(dev, dt) for f in fs]) if len(fs) > 1 else fs[0].a.to(dev, dt)  # [R, in]
+        bs = tuple((f.b.to(dev, torch.float32) * f.scaling).to(dt) for f in fs)  # [out_p, r_p] each
+        owner, site, _ = param.rsplit(".", 2)  # "layers.{i}.attn", "wqkv", "weight"
+        mod = model.get_submodule(owner)
+        mod.lora = (mod.lora or {}) | {site: LowRank(a, bs, tuple(row for row, _ in parts))}
     _apply_saved(model, adapter, copy_fused=True)
     return model

@@ -162,7 +162,7 @@ def test_target_matching_equals_peft(kw):
         cfg["exclude_modules"]
     for i in range(4):
         for n in MODULES:
-            key = f"model.layers.{i}.{MODULES[n][0]}.{n}"
+            key = f"model.layers.{i}.{MODULES[n]}.{n}"
             ref = check_target_module_exists(ref_cfg, key)
             expected = bool(ref) and type(ref).__name__ != "_ExcludedModule"  # PEFT's exclusion marker is truthy
             assert _targeted(cfg, key) == expected, key
@@ -174,7 +174,7 @@ def test_pattern_matching_equals_peft():
     pats = {"v_proj": 2, r"layers\.1\.mlp\.down_proj": 3, "proj": 7, r".*\.2\.self_attn\..*": 9}
     for i in range(3):
         for n in MODULES:
-            key = f"model.layers.{i}.{MODULES[n][0]}.{n}"
+            key = f"model.layers.{i}.{MODULES[n]}.{n}"
             assert _pattern(pats, key, 1) == pats.get(get_pattern_key(pats.keys(), key), 1), key
 
 
@@ -228,7 +228,8 @@ def test_bad_adapters_refused_in_one_line(qv, tmp_path):
     with pytest.raises(InputError) as e:
         read_adapter(d, c, "b")
     _one_line(e, d / "adapter_model.safetensors", "layers.1.self_attn.v_proj.lora_B", "non-finite")
-    for field, value in (("use_dora", True), ("bias", "all"), ("peft_type", "IA3"), ("lora_bias", True)):
+    for field, value in (("use_dora", True), ("bias", "all"), ("peft_type", "IA3"), ("lora_bias", True),
+                         ("init_lora_weights", "pissa_niter_4"), ("target_modules", "(q_proj")):
         d = _copy(src, tmp_path / f"cfg-{field}", config={field: value})
         with pytest.raises(InputError) as e:
             read_adapter(d, c, "b")
