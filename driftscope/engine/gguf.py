@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from driftscope.engine.config import ModelConfig
+from driftscope.engine.gguf_file import GGUFFile
 from driftscope.errors import InputError
 from driftscope.util import sampled_digest
 
@@ -62,18 +63,13 @@ def is_gguf(path: str | Path) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _open(path: Path, mtime_ns: int, size: int):
-    """The GGUFReader of `path` (memory-mapped; metadata parsed once per file version)."""
-    gguf = _gguf()
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, OSError) as exc:  # GGUFReader's errors on truncated/corrupt files
-        raise InputError(f"{path}: cannot read GGUF file ({type(exc).__name__}: {exc}); is it truncated or "
-                         "corrupt?") from None
+def _open(path: Path, mtime_ns: int, size: int) -> GGUFFile:
+    """The parsed header of `path` (tensors stay memory-mapped), once per file version."""
+    return GGUFFile(path, {int(k): v for k, v in _gguf().GGML_QUANT_SIZES.items()})
 
 
-def reader(path: str | Path):
-    """The (cached) GGUFReader of an existing GGUF file."""
+def reader(path: str | Path) -> GGUFFile:
+    """The (cached) GGUFFile of an existing GGUF file."""
     p = Path(path)
     if not is_gguf(p):
         raise InputError(f"{p}: not a GGUF file (expected the magic {MAGIC!r})")
@@ -81,14 +77,13 @@ def reader(path: str | Path):
     return _open(p, st.st_mtime_ns, st.st_size)
 
 
-def field(r, path: Path, key: str, default: Any = None, required: bool = False) -> Any:
+def field(r: GGUFFile, path: Path, key: str, default: Any = None, required: bool = False) -> Any:
     """The value of metadata `key` (scalar, string or list), `default` when absent."""
-    f = r.fields.get(key)
-    if f is None:
+    if key not in r.metadata:
         if required:
             raise InputError(f"{path}: metadata key {key!r} is missing")
         return default
-    return f.contents()
+    return r.metadata[key]
 
 
 def _positive(r, path: Path, key: str) -> int:
@@ -109,7 +104,7 @@ def read_config(path: Path) -> ModelConfig:
     arch = field(r, path, "general.architecture", required=True)
     if arch not in ARCHS:
         raise InputError(f"{path}: general.architecture={arch!r} is not supported; supported: {', '.join(ARCHS)}")
-    names = {t.name for t in r.tensors}
+    names = set(r.tensors)
     if "rope_freqs.weight" in names:
         raise InputError(f"{path}: tensor 'rope_freqs.weight' (per-dimension rope frequency factors, e.g. llama3 "
                          "rope) is not supported; use the HF checkpoint folder")
@@ -136,7 +131,7 @@ def read_config(path: Path) -> ModelConfig:
             intermediate_size=_positive(r, path, f"{arch}.feed_forward_length"),
             num_layers=_positive(r, path, f"{arch}.block_count"), num_heads=heads,
             num_kv_heads=_positive(r, path, f"{arch}.attention.head_count_kv") if
-            f"{arch}.attention.head_count_kv" in r.fields else heads,
+            f"{arch}.attention.head_count_kv" in r.metadata else heads,
             head_dim=head_dim, rms_norm_eps=float(k(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(k(f"{arch}.rope.freq_base", 10000.0)), rope_type=ROPE_SCALING[scaling_type],
             rope_scaling=scaling, partial_rotary_factor=rotary / head_dim,
@@ -160,46 +155,50 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _dequantizable(qtype) -> bool:
-    """Whether gguf.quants.dequantize handles `qtype` (probed on one zero block)."""
-    gguf = _gguf()
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+def _type_name(type_id: int) -> str:
     try:
-        gguf.quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
-    except NotImplementedError:
+        return _gguf().GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"id {type_id} (unknown to the gguf library)"
+
+
+@functools.lru_cache(maxsize=None)
+def _dequantizable(type_id: int) -> bool:
+    """Whether gguf.quants.dequantize handles the type (probed on one zero block)."""
+    gguf = _gguf()
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except (ValueError, KeyError, NotImplementedError):  # unknown to the library, or no dequantizer
         return False
     return True
 
 
 class GGUFTensors:
-    """The tensors of a GGUF file under HF names: `shapes` (HF [out, in] order), `types` (GGML type names) and
-    `get_tensor(hf_name)`: float32, dequantized, llama's q/k row permutation undone."""
+    """The tensors of a GGUF file under HF names: `shapes` (HF [out, in] order) and `get_tensor(hf_name)`: float32,
+    dequantized, llama's q/k row permutation undone."""
 
     def __init__(self, path: Path, config: ModelConfig):
         self.path, self.config = Path(path), config
-        r = reader(self.path)
-        self.arch = field(r, self.path, "general.architecture")
-        self._tensors: dict[str, Any] = {}
+        self._file = reader(self.path)
+        self.arch = field(self._file, self.path, "general.architecture")
+        self._names: dict[str, str] = {}  # HF name -> GGUF name
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.types: dict[str, str] = {}
-        for t in r.tensors:
-            name = hf_name(t.name)
+        for gname, t in self._file.tensors.items():
+            name = hf_name(gname)
             if name is None:
-                raise InputError(f"{self.path}: unexpected tensor {t.name!r} for {self.arch}")
-            if not _dequantizable(t.tensor_type):
-                raise InputError(f"{self.path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf "
+                raise InputError(f"{self.path}: unexpected tensor {gname!r} for {self.arch}")
+            if not _dequantizable(t.type_id):
+                raise InputError(f"{self.path}: tensor {gname!r} has type {_type_name(t.type_id)}, which the gguf "
                                  "library cannot dequantize; requantize it to another type (e.g. Q8_0, Q4_K, F16)")
-            self._tensors[name] = t
-            self.shapes[name] = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne: innermost first
-            self.types[name] = t.tensor_type.name
+            self._names[name] = gname
+            self.shapes[name] = t.shape
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        t = self._tensors[name]
-        try:
-            w = _gguf().quants.dequantize(t.data, t.tensor_type).reshape(self.shapes[name])
-        except ValueError as exc:  # numpy's error when a tensor's bytes are short
-            raise InputError(f"{self.path}: tensor {t.name!r} cannot be read ({exc}); is the file truncated?") from None
+        gguf, t = _gguf(), self._file.tensors[self._names[name]]
+        qtype = gguf.GGMLQuantizationType(t.type_id)
+        raw = self._file.data(t.name, gguf.quants.quant_shape_to_byte_shape(t.shape, qtype))
+        w = gguf.quants.dequantize(raw, qtype).reshape(t.shape)
         c = self.config
         if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             # convert_hf_to_gguf.py interleaves each head's rotary halves: rows (h, 2, d/2) -> (h, d/2, 2); undo it

@@ -82,7 +82,20 @@ def _texts(shared_data: Path, per_file: int = 60) -> list[str]:
     return out
 
 
-# ------------------------------------------------------------------ config and weights
+# ------------------------------------------------------------------ the container, config and weights
+def test_header_equals_gguf_readers(files):
+    """engine/gguf_file.py parses the header itself (fast); gguf.GGUFReader is the reference for every value."""
+    path = files.gguf("qwen2-bias-tied", Q.Q4_1)
+    ours, ref = dgguf.reader(path), gguf.GGUFReader(path)
+    assert ours.metadata == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        info = ours.tensors[t.name]
+        assert (info.shape, info.type_id, info.nbytes) == (tuple(reversed(t.shape.tolist())), t.tensor_type, t.n_bytes)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(info.shape, t.tensor_type)
+        assert ours.data(t.name, byte_shape).tobytes() == t.data.tobytes(), t.name
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_config_from_metadata_equals_the_folders(files, case):
     ours, ref = dgguf.read_config(files.gguf(case)), ModelConfig.from_file(files.folder(case))
@@ -218,7 +231,17 @@ def test_refuses_a_truncated_file(files, tmp_path, keep):
     data = src.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: max(8, int(len(data) * keep))])
-    _refused(InputError, lambda: driftscope.load_model(cut), cut)
+    _refused(InputError, lambda: driftscope.load_model(cut), cut, "truncated")
+
+
+def test_refuses_a_damaged_header(files, tmp_path):
+    data = bytearray(files.gguf("llama-gqa-untied").read_bytes())
+    bad = tmp_path / "v7.gguf"
+    bad.write_bytes(data[:4] + (7).to_bytes(4, "little") + data[8:])
+    _refused(InputError, lambda: dgguf.read_config(bad), bad, "GGUF version 7")
+    bad = tmp_path / "counts.gguf"
+    bad.write_bytes(data[:8] + (2**60).to_bytes(8, "little") + data[16:])
+    _refused(InputError, lambda: dgguf.read_config(bad), bad, "damaged GGUF header")
 
 
 def test_refuses_missing_and_non_gguf_files(files, tmp_path):
