@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "driftscope.engine.loader",
+    "load_model": "driftscope.engine.checkpoint",
     "load_tokenizer": "driftscope.engine.tokenizer",
     "ModelConfig": "driftscope.engine.config",
     "vocab_probe": "driftscope.kernels.vocab_probe",

@@ -18,7 +18,10 @@ MAX_FILE_LINES = 450
 # error boundary and input checks of [9] (~700), the shared-base probes, and the architecture features of [8].
 # 14,000 -> 14,500 for the rest of [8]: generate, eval (lm-eval's data-parallel interface) and drift --generate under
 # torchrun, a group of GPUs per process (~420 lines), and the torch reference's reused buffers of [7] (~60).
-PACKAGE_BUDGET = 14_500
+# 14,500 -> 16,000 for [12] (14,366 before it): the checkpoints people have as inputs: GGUF reading and its tokenizer
+# (~325), LoRA adapters merged or as side paths (~330), one Checkpoint type for every command (~190), llama.cpp's
+# KL-divergence statistics in every drift (~300), and the wiring (~170).
+PACKAGE_BUDGET = 16_000
 
 
 def _py_files() -> list[Path]:

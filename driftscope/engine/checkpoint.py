@@ -19,7 +19,7 @@ from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
 from driftscope.errors import InputError
 from driftscope.util import checkpoint_identity, file_digest, read_json, sampled_digest
 
-__all__ = ["Checkpoint", "LORA_MODES", "lora_mode", "FORMS"]
+__all__ = ["Checkpoint", "LORA_MODES", "lora_mode", "FORMS", "load_model"]
 
 LORA_MODES = ("auto", "merge", "side")
 FORMS = "an HF checkpoint folder (config.json + safetensors), a .gguf file or a LoRA adapter folder"
@@ -46,8 +46,8 @@ class Checkpoint:
         if (p / "adapter_config.json").is_file():
             return cls(p, "lora", flag, base if base is not None else _declared_base(p, flag))
         if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{_named(flag, p)}: no config.json or adapter_config.json in that folder; expected "
-                                    f"{FORMS}")
+            raise FileNotFoundError(f"{_named(flag, p)}: no config.json or adapter_config.json in that folder; "
+                                    f"expected {FORMS}")
         return cls(p, "hf", flag)
 
     @property
@@ -160,3 +160,17 @@ def _free_bytes(device: torch.device) -> int:
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return 0  # unknown: side paths, which never need more than the base
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,
+               allow_pickle: bool = False, stream_layers: bool = False, base: str | Path | Transformer | None = None,
+               lora: str = "merge") -> Transformer:
+    """Load any checkpoint: an HF folder, a .gguf file, or a LoRA adapter folder applied to `base` (a checkpoint
+    path or a loaded Transformer; default: the local base its adapter_config.json names) by `lora` = "merge" (a
+    merged copy) or "side" (side paths on the base's own tensors). Never executes code from the checkpoint."""
+    base_model = base if isinstance(base, Transformer) else None
+    base_ckpt = None if base is None or base_model is not None else Checkpoint.open(base, "base=")
+    ckpt = Checkpoint.open(path, "path", base=base_ckpt)
+    if ckpt.kind == "lora" and base_model is not None:
+        return ckpt.load(device, dtype, allow_pickle=allow_pickle, base_model=base_model, lora_mode=lora)
+    return ckpt.load(device, dtype, allow_pickle=allow_pickle, stream_layers=stream_layers, lora_mode=lora)
