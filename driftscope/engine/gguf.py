@@ -34,6 +34,7 @@ LAYER_TENSORS = {
     "ffn_down.weight": "mlp.down_proj.weight", "ffn_gate.bias": "mlp.gate_proj.bias",
     "ffn_up.bias": "mlp.up_proj.bias", "ffn_down.bias": "mlp.down_proj.bias",
 }
+_GLOBAL_HF, _LAYER_HF = ({v: k for k, v in table.items()} for table in (GLOBAL_TENSORS, LAYER_TENSORS))
 # llama.cpp's rope.scaling.type -> our rope type (llama3 rope is stored as a rope_freqs tensor: refused below)
 ROPE_SCALING = {"none": "default", "linear": "linear", "yarn": "yarn"}
 
@@ -160,6 +161,16 @@ def _type_name(type_id: int) -> str:
         return _gguf().GGMLQuantizationType(type_id).name
     except ValueError:
         return f"id {type_id} (unknown to the gguf library)"
+
+
+def gguf_name(name: str) -> str:
+    """The GGUF tensor name of an HF tensor name (the name itself for names outside the table)."""
+    if name in _GLOBAL_HF:
+        return _GLOBAL_HF[name]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_HF:
+        return f"blk.{parts[2]}.{_LAYER_HF[parts[3]]}"
+    return name
 
 
 @functools.lru_cache(maxsize=None)

@@ -106,12 +106,14 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 # ------------------------------------------------------------------ checkpoint files
 class _Source:
     """A set of tensor files: name -> file, with shape/dtype look-ups before any data is read; `index` and
-    `weight_map`: the index file that lists the shards, and what it says is in each (None without one)."""
+    `weight_map`: the index file that lists the shards, and what it says is in each (None without one); `label`:
+    the file's own name of an HF tensor name, for messages."""
 
     def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], opener,
-                 index: Path | None = None, weight_map: dict[str, str] | None = None):
+                 index: Path | None = None, weight_map: dict[str, str] | None = None, label=None):
         self.files, self.shapes, self.dtypes, self._opener = files, shapes, dtypes, opener
         self.index, self.weight_map = index, weight_map
+        self.label = label or (lambda name: name)  # HF name -> the name the file uses (GGUF: blk.N.attn_q.weight)
 
     def iter_tensors(self, names: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one tensor at a time, file by file."""
@@ -187,7 +189,7 @@ def _gguf_source(path: Path, config: ModelConfig) -> _Source:
     tensors = gguf.GGUFTensors(path, config)
     names = list(tensors.shapes)
     return _Source(dict.fromkeys(names, path), tensors.shapes, dict.fromkeys(names, "F32"),
-                   lambda _: nullcontext(tensors))
+                   lambda _: nullcontext(tensors), label=gguf.gguf_name)
 
 
 def _find_source(root: Path, allow_pickle: bool) -> _Source:
@@ -288,20 +290,21 @@ def _check_names(source: _Source, expected: dict[str, Target], config: ModelConf
                              f"{source.files[name]}")
     for name in sorted(source.files):
         if name not in expected and not _ignored(name, config):
-            raise InputError(f"{source.files[name]}: unexpected tensor {name!r} for {config.arch} (tie_word_embeddings="
-                             f"{config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm})")
+            raise InputError(f"{source.files[name]}: unexpected tensor {source.label(name)!r} for {config.arch} "
+                             f"(tie_word_embeddings={config.tie_word_embeddings}, qkv_bias={config.qkv_bias}, "
+                             f"qk_norm={config.qk_norm})")
     for name in expected:
         if name not in source.files:
             stored = sorted({str(p) for p in source.files.values()})
             where = source.index if source.index is not None else ", ".join(stored) if stored else root
-            raise InputError(f"{where}: missing tensor {name!r} required by {config.source}")
+            raise InputError(f"{where}: missing tensor {source.label(name)!r} required by {config.source}")
 
 
 def _check_shapes(source: _Source, expected: dict[str, Target], config: ModelConfig) -> None:
     """Every tensor's shape and stored dtype, before any data is read."""
     for name, target in expected.items():
         if (got := source.shapes[name]) != target.shape:
-            raise InputError(f"{source.files[name]}: tensor {name!r} has shape {list(got)}, expected "
+            raise InputError(f"{source.files[name]}: tensor {source.label(name)!r} has shape {list(got)}, expected "
                              f"{list(target.shape)} from {config.source}")
         if source.dtypes[name] not in STORED_DTYPES:
             raise InputError(f"{source.files[name]}: tensor {name!r} is stored as {source.dtypes[name]}; "
@@ -335,7 +338,7 @@ def _copy_weights(model: Transformer, source: _Source, expected: dict[str, Targe
             if target.rows is not None:
                 dst = dst[target.rows[0] : target.rows[1]]
             dst.copy_(tensor)  # casts to the requested dtype and moves to the device
-            _check_finite(name, source.files[name], dst, tensor)
+            _check_finite(source.label(name), source.files[name], dst, tensor)
             filled[target.param] = filled.get(target.param, 0) + target.shape[0]
             del tensor
     for pname in {t.param for t in expected.values()}:

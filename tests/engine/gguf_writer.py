@@ -70,10 +70,10 @@ def _tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int, pre: str, mode
 
 
 def write_gguf(folder: Path, out: Path, qtype: Q = Q.F32, *, pre: str = "gpt-2", arch: str | None = None,
-               tokenizer_model: str = "gpt2", tensors: dict[str, np.ndarray] | None = None) -> Path:
+               tokenizer_model: str = "gpt2", tensors: dict[str, np.ndarray | None] | None = None) -> Path:
     """Convert the HF checkpoint `folder` (config.json, model.safetensors, tokenizer files) to the GGUF `out`.
     For refusal tests: `arch` overrides general.architecture, `tokenizer_model` tokenizer.ggml.model, and `tensors`
-    (GGUF name -> array, its numpy dtype giving the GGML type) replaces or adds tensors."""
+    (GGUF name -> array, its numpy dtype giving the GGML type, or None) replaces, adds or drops tensors."""
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     model_type = cfg["model_type"]
     name = arch or model_type
@@ -113,7 +113,8 @@ def write_gguf(folder: Path, out: Path, qtype: Q = Q.F32, *, pre: str = "gpt-2",
         if gname not in (tensors or {}):
             w.add_tensor(gname, gguf.quants.quantize(data, t), raw_dtype=t)  # a uint8 array: byte shape -> shape
     for gname, raw in (tensors or {}).items():
-        w.add_tensor(gname, raw)
+        if raw is not None:
+            w.add_tensor(gname, raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -130,9 +130,11 @@ def test_weights_equal_the_dequantized_hf_weights(files, case, qtype):
         got = params[target.param].data
         got = got[target.rows[0]:target.rows[1]] if target.rows else got
         assert torch.equal(got, ref[name]), f"{case}/{qtype.name} {name}: max|Δ| {(got - ref[name]).abs().max()}"
-    if qtype == Q.F32:  # and the same model as the folder's
-        folder = dict(driftscope.load_model(files.folder(case)).named_parameters())
-        assert all(torch.equal(p, folder[n]) for n, p in params.items())
+    if qtype == Q.F32:  # and the same model as the folder's, in float32 and when cast to bfloat16
+        for dtype in ("float32", "bfloat16"):
+            ours = driftscope.load_model(files.gguf(case, qtype), dtype=dtype).named_parameters()
+            folder = dict(driftscope.load_model(files.folder(case), dtype=dtype).named_parameters())
+            assert all(p.dtype == getattr(torch, dtype) and torch.equal(p, folder[n]) for n, p in ours)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -216,6 +218,16 @@ def test_refuses_an_unsupported_architecture(files):
 def test_refuses_a_type_gguf_cannot_dequantize(files):
     path = files.gguf("llama-gqa-untied", tensors={"blk.0.attn_norm.weight": np.ones(64, dtype=np.int8)})
     _refused(InputError, lambda: driftscope.load_model(path), path, "blk.0.attn_norm.weight", "I8")
+
+
+@pytest.mark.parametrize("what,tensors,needles", [
+    ("missing", {"blk.1.ffn_up.weight": None}, ["missing tensor 'blk.1.ffn_up.weight'"]),
+    ("shape", {"blk.0.ffn_norm.weight": np.ones(63, np.float32)}, ["'blk.0.ffn_norm.weight' has shape [63]", "[64]"]),
+    ("nan", {"output_norm.weight": np.full(64, np.nan, np.float32)}, ["'output_norm.weight'", "non-finite"]),
+])
+def test_refuses_missing_misshapen_and_non_finite_tensors_by_their_gguf_names(files, what, tensors, needles):
+    path = files.gguf("llama-gqa-untied", tensors=tensors)
+    _refused(InputError, lambda: driftscope.load_model(path), path, *needles)
 
 
 def test_refuses_unexpected_tensors_and_llama3_rope_factors(files):
