@@ -286,8 +286,10 @@ def merged(base: Transformer, adapter: Adapter) -> Transformer:
             tg = targets[f"{_module_key(i, n)}.weight"]
             w = params[tg.param].data
             r0, r1 = tg.rows or (0, w.shape[0])
-            # PEFT holds the factors in float32 (autocast_adapter_dtype) and adds the float32 delta into W in place
-            w[r0:r1] += (f.b.to(w.device, torch.float32) @ f.a.to(w.device, torch.float32)) * f.scaling
+            # PEFT holds the factors in float32 (autocast_adapter_dtype; float64 for a float64 base) and adds the delta
+            # into W in place
+            ft = torch.promote_types(w.dtype, torch.float32)
+            w[r0:r1] += (f.b.to(w.device, ft) @ f.a.to(w.device, ft)) * f.scaling
     _apply_saved(model, adapter, copy_fused=False)
     return model
 
@@ -307,6 +309,8 @@ def attach(base: Transformer, adapter: Adapter) -> Transformer:
         bs = tuple((f.b.to(dev, torch.float32) * f.scaling).to(dt) for f in fs)  # [out_p, r_p] each
         owner, site, _ = param.rsplit(".", 2)  # "layers.{i}.attn", "wqkv", "weight"
         mod = model.get_submodule(owner)
-        mod.lora = (mod.lora or {}) | {site: LowRank(a, bs, tuple(row for row, _ in parts))}
+        if mod.lora is None:
+            mod.lora = torch.nn.ModuleDict()
+        mod.lora[site] = LowRank(a, bs, [row for row, _ in parts])
     _apply_saved(model, adapter, copy_fused=True)
     return model

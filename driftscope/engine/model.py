@@ -56,20 +56,28 @@ class LayerBatch:
     window_masks: tuple | None = None  # `masks` restricted to the sliding window (by position), for windowed layers
 
 
-@dataclass
-class LowRank:
-    """A low-rank side path on one linear site: h = x · aᵀ, then y[rows of part p] += h[:, cols of p] · b[p]ᵀ. A fused
-    site (q|k|v, gate|up) stacks its parts' a; each part's b [out_p, r_p] (LoRA scaling folded in) writes its own rows,
-    so the block-diagonal b is never stored. Built by engine/lora.attach."""
+class LowRank(nn.Module):
+    """A low-rank side path on one linear site: h = x · aᵀ, then y[rows of part p] += h[:, cols of p] · b_pᵀ. A fused
+    site (q|k|v, gate|up) stacks its parts' a; each part's b_p [out_p, r_p] (LoRA scaling folded in) writes its own
+    rows, so no block-diagonal b is stored. Non-persistent buffers: they follow .to() and stay out of state_dict.
+    Built by engine/lora.attach."""
 
-    a: torch.Tensor  # [R, in], R = Σ r_p
-    b: tuple[torch.Tensor, ...]  # per part [out_p, r_p]
-    rows: tuple[int, ...]  # per part: the first output row it writes
+    def __init__(self, a: torch.Tensor, b: Sequence[torch.Tensor], rows: Sequence[int]):
+        super().__init__()
+        assert len(b) == len(rows) and a.shape[0] == sum(t.shape[1] for t in b), (a.shape, [t.shape for t in b])
+        self.register_buffer("a", a, persistent=False)  # [R, in], R = Σ r_p
+        for p, t in enumerate(b):
+            self.register_buffer(f"b{p}", t, persistent=False)  # [out_p, r_p]
+        self.rows = tuple(rows)  # per part: the first output row it writes
+
+    @property
+    def b(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, f"b{p}") for p in range(len(self.rows)))
 
     def add_(self, y: torch.Tensor, x: torch.Tensor) -> None:  # y [T, out] += side path of x [T, in], in place
         h = linear(x, self.a)  # [T, R]
-        if len(self.b) == 1 and self.b[0].shape == (y.shape[1], h.shape[1]):
-            y.add_(linear(h, self.b[0]))
+        if len(self.rows) == 1 and self.b0.shape[0] == y.shape[1]:
+            y.add_(linear(h, self.b0))
             return
         col = 0
         for b, row in zip(self.b, self.rows):
@@ -77,10 +85,10 @@ class LowRank:
             col += b.shape[1]
 
 
-def _side_(y: torch.Tensor, lora: dict[str, LowRank] | None, site: str, x: torch.Tensor) -> torch.Tensor:
+def _side_(y: torch.Tensor, lora: nn.ModuleDict | None, site: str, x: torch.Tensor) -> torch.Tensor:
     """y [T, out] += the side path of `site` applied to x [T, in], in place; y itself when there is none."""
-    if lora is not None and (f := lora.get(site)) is not None:
-        f.add_(y, x)
+    if lora is not None and site in lora:
+        lora[site].add_(y, x)
     return y
 
 
@@ -133,7 +141,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(c.q_size, c.hidden_size, bias=c.o_bias, **kw)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
-        self.lora: dict[str, LowRank] | None = None  # side paths on "wqkv" / "wo" (engine/lora.attach)
+        self.lora: nn.ModuleDict | None = None  # LowRank side paths on "wqkv" / "wo" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
         T = x.shape[0]
@@ -184,7 +192,7 @@ class MLP(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.w_gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias, **kw)  # rows: gate | up
         self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias, **kw)
-        self.lora: dict[str, LowRank] | None = None  # side paths on "w_gate_up" / "w_down" (engine/lora.attach)
+        self.lora: nn.ModuleDict | None = None  # LowRank side paths on "w_gate_up" / "w_down" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
         gu = _side_(linear(x, self.w_gate_up.weight, self.w_gate_up.bias), self.lora, "w_gate_up", x)  # [T, 2I]

@@ -304,3 +304,15 @@ def test_side_paths_in_shared_prefix_trees(qv):
     assert not torch.allclose(out["attach"], out["base"], atol=1e-4)
     linear_run = attach(base, adapter).logits(ids[[0, 1, 2, 3, 6, 7]])  # the second branch as one plain sequence
     _close(out["attach"][6:], linear_run[4:], "tree branch vs plain sequence, attached")
+
+
+def test_side_paths_follow_to_and_stay_out_of_state_dict(qv):
+    base = load_model(qv["base"])
+    adapter = read_adapter(qv["adapter"], base.config, "b")
+    side = attach(base, adapter)
+    assert side.state_dict().keys() == base.state_dict().keys()
+    ref = merged(load_model(qv["base"]).to(torch.float64), adapter).logits(_ids())  # merged in float64
+    got = side.to(torch.float64).logits(_ids())  # the side-path factors are cast with the weights
+    assert got.dtype == torch.float32 and side.layers[0].attn.lora["wqkv"].a.dtype == torch.float64
+    _close(got, ref, "float64: attach vs merged", rtol=1e-6)  # b·scaling was rounded to float32 before the cast
+    assert base.dtype == torch.float32, "moving the attached model moved the base"
