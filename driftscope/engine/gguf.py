@@ -7,6 +7,7 @@ Every failure on a bad file is one InputError line naming the file and the offen
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +217,9 @@ class GGUFTensors:
             heads = c.num_heads if "q_proj" in name else c.num_kv_heads
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         w = np.ascontiguousarray(w, dtype=np.float32)
-        return torch.from_numpy(w if w.flags.writeable else w.copy())  # F32 tensors are read-only views of the map
+        with warnings.catch_warnings():  # F32 tensors are read-only views of the map: the loader only copies from them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(w)
 
 
 def identity(path: str | Path) -> dict:

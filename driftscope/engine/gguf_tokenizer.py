@@ -1,11 +1,14 @@
 """The tokenizer of a GGUF file, rebuilt from its tokenizer.ggml.* metadata with the `tokenizers` library: byte-level
 BPE (tokenizer.ggml.model "gpt2") from the tokens and merges, split first by llama.cpp's pre-tokenizer regexes for
-tokenizer.ggml.pre (src/llama-vocab.cpp); control and user-defined tokens as added tokens; tokenizer.chat_template.
+tokenizer.ggml.pre (src/llama-vocab.cpp), or SentencePiece BPE ("llama") from the tokens and scores; control and
+user-defined tokens as added tokens; tokenizer.chat_template.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from tokenizers import AddedToken
 
 from driftscope.engine.gguf import field, reader
 from driftscope.errors import InputError
@@ -32,35 +35,64 @@ PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "qwen2": ((_QWEN2,), False, True),
     "deepseek-r1-qwen": ((_QWEN2,), False, True),
 }
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 
 
-def _build(path: Path, tokens: list[str], merges: list[str], pre: str, types: list[int]):
-    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    if pre not in PRE_TOKENIZERS:
-        raise InputError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
-                         f"{', '.join(PRE_TOKENIZERS)}")
-    regexes, ignore_merges, nfc = PRE_TOKENIZERS[pre]
+def _merge_pairs(path: Path, merges: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for i, m in enumerate(merges):
         pair = tuple(m.split(" ", 1))
         if len(pair) != 2:
             raise InputError(f"{path}: tokenizer.ggml.merges[{i}]={m!r} is not two tokens separated by a space")
         pairs.append(pair)
+    return pairs
+
+
+def _bpe(path: Path, tokens: list[str], merges: list[str], pre: str):
+    """Byte-level BPE ("gpt2"): llama.cpp's regexes for `pre`, then bytes -> the GPT-2 unicode alphabet."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if pre not in PRE_TOKENIZERS:
+        raise InputError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
+                         f"{', '.join(PRE_TOKENIZERS)}")
+    regexes, ignore_merges, nfc = PRE_TOKENIZERS[pre]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(path, merges), ignore_merges=ignore_merges,
+                                 fuse_unk=False))
     if nfc:
         tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
-    tok.add_special_tokens(special)
-    tok.add_tokens(user)
+    return tok
+
+
+def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merges: every split of a token into two tokens, the best-scored result first (the pair
+    llama.cpp's SPM tokenizer merges first); ties as transformers orders them (longer left piece first)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    found = [((-score, -i, i - len(t), vocab[t], vocab[t[:i]]), t[:i], t[i:])  # the key is unique per pair
+             for t, score in zip(tokens, scores) for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab]
+    return [(left, right) for _, left, right in sorted(found)]
+
+
+def _spm(path: Path, tokens: list[str], scores: list[float], unk: int | None, prefix: bool):
+    """SentencePiece ("llama"): spaces as "▁", a leading "▁" per text piece when add_space_prefix (as llama.cpp and
+    Llama-2's tokenizer.json do), BPE by score, byte tokens <0xXX> for anything else."""
+    from tokenizers import decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if len(scores) != len(tokens):
+        raise InputError(f"{path}: tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_spm_merges(tokens, scores), byte_fallback=True,
+                                 fuse_unk=True, unk_token=None if unk is None else tokens[unk]))
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return tok
 
 
@@ -72,16 +104,15 @@ def gguf_tokenizer(path: Path, cls: type) -> Any:
         return field(r, path, key, default)
 
     model = get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise InputError(f"{path}: tokenizer.ggml.model={model!r} is not supported; supported: 'gpt2' (byte-level "
-                         "BPE); use the HF checkpoint folder's tokenizer")
+                         "BPE), 'llama' (SentencePiece BPE); use the HF checkpoint folder's tokenizer")
     tokens = get("tokenizer.ggml.tokens") or []
     if not tokens:
         raise InputError(f"{path}: metadata key 'tokenizer.ggml.tokens' is missing or empty")
-    types = get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise InputError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
-    tok = _build(path, tokens, get("tokenizer.ggml.merges") or [], get("tokenizer.ggml.pre", "default"), types)
 
     def special(key: str) -> int | None:
         tid = get(f"tokenizer.ggml.{key}")
@@ -90,7 +121,16 @@ def gguf_tokenizer(path: Path, cls: type) -> Any:
         return tid
 
     ids = {k: special(f"{k}_token_id") for k in ("bos", "eos", "padding", "unknown", "eot", "eom")}
-    if get("tokenizer.ggml.add_bos_token", False) and ids["bos"] is not None:
+    if model == "gpt2":
+        tok = _bpe(path, tokens, get("tokenizer.ggml.merges") or [], get("tokenizer.ggml.pre", "default"))
+    else:
+        tok = _spm(path, tokens, get("tokenizer.ggml.scores") or [], ids["unknown"],
+                   get("tokenizer.ggml.add_space_prefix", True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types)
+                            if k == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types)
+                    if k == USER_DEFINED])
+    if get("tokenizer.ggml.add_bos_token", model == "llama") and ids["bos"] is not None:  # llama.cpp's defaults
         from tokenizers import processors
 
         bos = tokens[ids["bos"]]

@@ -35,6 +35,8 @@ def _rope(cfg: dict) -> tuple[float, dict]:
 def _tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int, pre: str, model: str) -> None:
     tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     tcfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    if tj["model"].get("byte_fallback"):
+        return _spm_tokenizer(w, tj, tcfg)
     by_id = {i: t for t, i in tj["model"]["vocab"].items()}
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     by_id |= {i: a["content"] for i, a in added.items()}
@@ -65,6 +67,38 @@ def _tokenizer(w: gguf.GGUFWriter, folder: Path, vocab_size: int, pre: str, mode
             add(ids[tok])
     if "add_bos_token" in tcfg:
         w.add_add_bos_token(bool(tcfg["add_bos_token"]))
+    if tcfg.get("chat_template") is not None:
+        w.add_chat_template(tcfg["chat_template"])
+
+
+def _spm_tokenizer(w: gguf.GGUFWriter, tj: dict, tcfg: dict) -> None:
+    """A SentencePiece-style BPE (byte_fallback, <0xXX> byte tokens) as convert_hf_to_gguf.py's
+    _set_vocab_sentencepiece writes one: model "llama", scores as in a SentencePiece BPE model (-merge rank; 0 for
+    pieces no merge makes), token types NORMAL / UNKNOWN / CONTROL / BYTE, add_space_prefix."""
+    vocab, added = tj["model"]["vocab"], {a["content"]: a for a in tj.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    rank = {m.replace(" ", ""): -1.0 - j for j, m in enumerate(merges)}
+    tokens = sorted(vocab, key=vocab.get)
+    unk = tj["model"].get("unk_token")
+
+    def kind(t: str) -> gguf.TokenType:
+        if t == unk:
+            return gguf.TokenType.UNKNOWN
+        if t in added:
+            return gguf.TokenType.CONTROL
+        return gguf.TokenType.BYTE if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else gguf.TokenType.NORMAL
+
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([rank.get(t, 0.0) for t in tokens])
+    w.add_token_types([kind(t) for t in tokens])
+    w.add_add_space_prefix(True)
+    for key, add in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
+                     ("unk_token", w.add_unk_token_id)):
+        if tcfg.get(key) is not None:
+            add(vocab[tcfg[key]])
+    w.add_add_bos_token(bool(tcfg.get("add_bos_token", True)))
     if tcfg.get("chat_template") is not None:
         w.add_chat_template(tcfg["chat_template"])
 
