@@ -124,6 +124,9 @@ def read_config(path: Path) -> ModelConfig:
         scaling["factor"] = float(k(f"{arch}.rope.scaling.factor", 1.0))
         if (orig := k(f"{arch}.rope.scaling.original_context_length")) is not None:
             scaling["original_max_position_embeddings"] = float(orig)
+        for ours, theirs in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if scaling_type == "yarn" and (v := k(f"{arch}.rope.scaling.{theirs}")) is not None:
+                scaling[ours] = float(v)
     vocab = k(f"{arch}.vocab_size") or len(k("tokenizer.ggml.tokens", []))
     window = k(f"{arch}.attention.sliding_window")
     eos = [k(f"tokenizer.ggml.{t}_token_id") for t in ("eos", "eot", "eom")]

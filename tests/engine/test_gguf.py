@@ -107,6 +107,20 @@ def test_config_from_metadata_equals_the_folders(files, case):
     assert ours.eos_token_ids == (driftscope.load_tokenizer(files.folder(case)).eos_token_id,)
 
 
+def test_linear_rope_scaling_is_read(files, tmp_path):
+    """rope.scaling.type/factor (transformers' GGUF reading skips them for llama, so the folder is the reference)."""
+    d = tmp_path / "linear"
+    shutil.copytree(files.folder("llama-gqa-untied"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    path = write_gguf(d, tmp_path / "linear.gguf")
+    ours, ref = dgguf.read_config(path), ModelConfig.from_file(d)
+    assert (ours.rope_type, ours.rope_scaling) == (ref.rope_type, ref.rope_scaling) == ("linear", {"factor": 4.0})
+    ids = torch.arange(40) % DIMS["vocab_size"]
+    assert torch.equal(driftscope.load_model(path).logits(ids), driftscope.load_model(d).logits(ids))
+
+
 def _dequantized_reference(folder: Path, qtype: Q) -> dict[str, torch.Tensor]:
     """The HF tensors after gguf's own quantize -> dequantize (per row, so llama's row permutation commutes)."""
     from safetensors.numpy import load_file
