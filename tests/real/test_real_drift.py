@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import MATH_RESPONSES
 
 pytestmark = pytest.mark.real
 
@@ -22,8 +21,8 @@ REL, ABS = 1e-5, 1e-7
 
 
 @pytest.fixture(scope="module")
-def records(shared_data, tmp_path_factory):
-    lines = (shared_data / MATH_RESPONSES).read_text(encoding="utf-8").splitlines()
+def records(math_responses, tmp_path_factory):
+    lines = math_responses.read_text(encoding="utf-8").splitlines()
     recs = [json.loads(lines[i]) for i in LINES]
     recs = [{"input": r["input"], "output": r["output"][:OUTPUT_CHARS]} for r in recs]
     path = tmp_path_factory.mktemp("real-drift") / "math.jsonl"

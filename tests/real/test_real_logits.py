@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import real_texts
 
 pytestmark = pytest.mark.real
 
@@ -24,8 +23,8 @@ def ds_tokenizer(smollm2_gguf):
     return driftscope.load_tokenizer(smollm2_gguf)
 
 
-def test_tokenizer_ids_equal_transformers_on_real_texts(ds_tokenizer, hf_tokenizer, shared_data):
-    texts = real_texts(shared_data, 40)  # 280 texts, 7 sources
+def test_tokenizer_ids_equal_transformers_on_real_texts(ds_tokenizer, hf_tokenizer, real_texts):
+    texts = real_texts(40)  # 280 texts, 7 sources
     assert len(texts) == 280
     bad = [(i, t[:60]) for i, t in enumerate(texts)
            if ds_tokenizer.encode(t, add_special_tokens=False) != hf_tokenizer.encode(t, add_special_tokens=False)]
@@ -59,8 +58,8 @@ def test_weights_equal_the_hf_checkpoint(ds_model, smollm2_hf):
     assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
 
 
-def test_logits_equal_transformers_on_real_texts(ds_model, hf_model, hf_tokenizer, shared_data):
-    both = real_texts(shared_data, 2)
+def test_logits_equal_transformers_on_real_texts(ds_model, hf_model, hf_tokenizer, real_texts):
+    both = real_texts(2)
     texts = both[::2] + both[1:2]  # one per source, and a second MATH500 solution: short and long texts
     assert len(texts) == LOGIT_TEXTS
     ids = [torch.tensor(hf_tokenizer.encode(t, add_special_tokens=False)[:MAX_TOKENS]) for t in texts]
