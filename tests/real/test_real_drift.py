@@ -79,15 +79,22 @@ def _mean(samples: list[dict], key: str) -> tuple[float, float]:
     return allv.mean().item(), sum(s[key].double().mean().item() for s in samples) / len(samples)
 
 
-@pytest.mark.parametrize("base_kind,lora", [("gguf", "merge"), ("hf", "side")])
-def test_lora_drift_equals_the_float64_reference(base_kind, lora, records, reference, smollm2_gguf, smollm2_hf,
+@pytest.mark.parametrize("route,lora", [("cli-gguf", "merge"), ("api-hf", "side")])
+def test_lora_drift_equals_the_float64_reference(route, lora, records, reference, smollm2_gguf, smollm2_hf,
                                                  smollm2_lora, tmp_path):
+    """`driftscope drift --base X.gguf --tuned ADAPTER_DIR`, and driftscope.drift(hf_dir, [adapter_dir]) with the
+    adapter as side paths: the same numbers, those of the float64 reference."""
     import driftscope
+    from driftscope.cli import main
 
-    base = smollm2_gguf if base_kind == "gguf" else smollm2_hf
-    driftscope.drift(base, [smollm2_lora], [records[0]], out=tmp_path / "out", lora=lora, progress=False)
+    if route == "cli-gguf":
+        assert main(["drift", "--base", str(smollm2_gguf), "--tuned", str(smollm2_lora), "--data", str(records[0]),
+                     "--out", str(tmp_path / "out"), "--lora", lora, "--no-progress"]) == 0
+    else:
+        driftscope.drift(smollm2_hf, [smollm2_lora], [records[0]], out=tmp_path / "out", lora=lora, progress=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["config"]["lora_applied"] == lora
+    assert summary["config"]["kinds"] == {"base": route[4:], "tuned": {next(iter(summary["models"])): "lora"}}
     (model,) = summary["models"].values()
     task = model["tasks"]["math"]
     ref = reference

@@ -1,5 +1,5 @@
-"""`driftscope eval` on real weights: the GGUF through driftscope's lm-eval model against lm-eval's own `hf` backend
-on the HF checkpoint of the same file, doc by doc, on the log-likelihood benchmarks MC-TACO and HEAD-QA."""
+"""`driftscope eval --model X.gguf` on real weights: the GGUF through driftscope's lm-eval model against lm-eval's own
+`hf` backend on the HF checkpoint of the same file, doc by doc, on the log-likelihood benchmarks MC-TACO and HEAD-QA."""
 from __future__ import annotations
 
 import json
@@ -32,10 +32,12 @@ def _reference(smollm2_hf, data_dir) -> dict[str, list[dict]]:
 
 
 def test_eval_equals_lm_evals_hf_backend_doc_by_doc(smollm2_gguf, smollm2_hf, shared_data, tmp_path):
-    from driftscope.eval.run import evaluate
+    from driftscope.cli import main
 
     data_dir = shared_data / "benchmarks"
-    scores = evaluate(smollm2_gguf, list(BENCHMARKS), tmp_path / "out", data_dir=data_dir, limit=LIMIT, chat=True)
+    assert main(["eval", "--model", str(smollm2_gguf), "--tasks", ",".join(BENCHMARKS), "--limit", str(LIMIT),
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]) == 0  # chat template on: the default
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     ref = _reference(smollm2_hf, data_dir)
     worst, ties = 0.0, 0
     for b in BENCHMARKS:
