@@ -25,12 +25,12 @@ def _prompts(shared_data) -> list[list[dict]]:
         [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of France?"}]]
 
 
-def test_greedy_generation_equals_transformers(ds_model, smollm2_gguf, hf_model, hf_tokenizer, shared_data):
+def test_greedy_generation_equals_transformers(smollm2_gguf, hf_model, hf_tokenizer, shared_data):
     import driftscope
 
     prompts = _prompts(shared_data)
-    gens = driftscope.generate(ds_model, prompts, tokenizer=smollm2_gguf, max_new_tokens=NEW_TOKENS, temperature=0.0,
-                               chat=True, progress=False)
+    gens = driftscope.generate(smollm2_gguf, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, chat=True,
+                               progress=False)  # model and tokenizer from the GGUF file
     assert [g.index for g in gens] == list(range(len(prompts)))
     eos = hf_tokenizer.convert_tokens_to_ids("<|im_end|>")
     for g, messages in zip(gens, prompts):
