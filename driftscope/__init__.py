@@ -22,6 +22,8 @@ _EXPORTS = {
     "drift": "driftscope.drift_run.run",
     "DriftReport": "driftscope.drift_run.run",
     "DriftOptions": "driftscope.drift_run.options",
+    "sweep": "driftscope.sweep",
+    "SweepReport": "driftscope.sweep",
     "transferability_index": "driftscope.eval.ti",
     "transferability_indices": "driftscope.eval.ti",
     "TIResult": "driftscope.eval.ti",

@@ -131,6 +131,38 @@ def _add_generate(sub, with_options: bool) -> None:
                    interrupted="interrupted; rerun the same command to continue ({out}.partial keeps what was done)")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import logging
+
+    from driftscope.sweep import sweep
+
+    logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
+    report = sweep(args.manifest, args.out, overwrite=args.overwrite,
+                   **({} if args.progress is None else {"progress": args.progress}))
+    s = report.sweep
+    for c in s["checkpoints"]:
+        kls = ", ".join(f"{task} {_num((t.get('kl_tb') or {}).get('token_mean'), '.5f')}"
+                        for task, t in c["tasks"].items())
+        print(f"{c['label']} ({s['ordinal']} {_num(c['ordinal'], 'g')}): KL(tuned||base) {kls}")
+    print(f"{len(report.computed)} of {len(s['checkpoints'])} checkpoints computed now; "
+          f"{s['timing']['base_passes']} base passes")
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="one base against a series of checkpoints (a training run) from a manifest: "
+                       "grouped passes, resumable per checkpoint, one report")
+    p.add_argument("manifest", help="JSON or YAML: {base, checkpoints: [{path, label, step}, ...] or a glob or a "
+                   "folder of checkpoint-* dirs, data: [records files], drift options by name}")
+    p.add_argument("--out", required=True, help="output folder; rerunning the same manifest continues the sweep there")
+    p.add_argument("--overwrite", action="store_true", help="discard the sweep saved in --out and start over")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress on stderr (default: the manifest's, else on)")
+    p.set_defaults(func=_cmd_sweep, interrupted="interrupted; rerun the same command to continue (state in {out})")
+
+
 def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
     """The `driftscope` parser. drift's, generate's and eval's flags come from their options dataclasses (whose modules
     import torch); given `cmd`, the subcommand about to run, only that one gets them."""
@@ -145,6 +177,7 @@ def build_parser(cmd: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     _add_drift(sub, cmd in (None, "drift"))
     _add_generate(sub, cmd in (None, "generate"))
+    _add_sweep(sub)
 
     from driftscope.eval import eval_cli, ti_cli
 

@@ -131,7 +131,7 @@ LAYERS = (
     {"distributed", "telemetry"},
     {"report"},
     {"drift_run", "responses", "eval"},
-    {"demo"},
+    {"demo", "sweep"},
     {"cli", "__main__"},
 )
 
