@@ -158,24 +158,27 @@ def smollm_pre_tokenizer():
                         pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2_gguf) -> Path:
-    """The float32 HF checkpoint transformers' GGUF loading makes of the GGUF (weights dequantized), with its
-    tokenizer (SmolLM2's pre-tokenizer restored); cached per (GGUF hash, transformers version)."""
+def _save_hf(gguf_file: Path, out: Path) -> None:
+    """transformers' GGUF loading of `gguf_file` (weights dequantized to float32) saved as an HF checkpoint in `out`,
+    with its tokenizer, SmolLM2's pre-tokenizer restored."""
     pytest.importorskip("gguf", reason="transformers' GGUF loading needs the gguf package")
     transformers = pytest.importorskip("transformers")
+    kw = dict(gguf_file=gguf_file.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw)
+    model.hf_quantizer = None  # dequantized already: save plain float32 tensors (else save_pretrained refuses)
+    del model.config.quantization_config
+    model.save_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+    tok.backend_tokenizer.pre_tokenizer = smollm_pre_tokenizer()
+    tok.save_pretrained(out)
 
-    def build(tmp: Path) -> None:
-        kw = dict(gguf_file=smollm2_gguf.name)
-        model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kw)
-        model.hf_quantizer = None  # dequantized already: save plain float32 tensors (else save_pretrained refuses)
-        del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-        tok.backend_tokenizer.pre_tokenizer = smollm_pre_tokenizer()
-        tok.save_pretrained(tmp)
 
-    return _atomic_dir(cache_root() / f"hf-{SMOLLM2.sha256[:16]}-{_versions('transformers')}", build)
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf) -> Path:
+    """The float32 HF checkpoint transformers' GGUF loading makes of the GGUF (_save_hf); cached per (GGUF hash,
+    transformers version)."""
+    return _atomic_dir(cache_root() / f"hf-{SMOLLM2.sha256[:16]}-{_versions('transformers')}",
+                       lambda tmp: _save_hf(smollm2_gguf, tmp))
 
 
 @pytest.fixture(scope="session")
@@ -205,6 +208,40 @@ def smollm2_lora(smollm2_hf, shared_data) -> Path:
         model.save_pretrained(tmp)
 
     return _atomic_dir(cache_root() / f"lora-{SMOLLM2.sha256[:16]}-{key}-{_versions('transformers', 'peft')}", build)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_0(smollm2_gguf) -> SimpleNamespace:
+    """A second quantization of the same model: `.gguf`, the GGUF with every Q4_1 tensor dequantized and quantized
+    again as Q4_0 by gguf-py (token_embd stays Q8_0, norms F32, metadata copied), as llama-quantize would requantize;
+    `.hf`, its HF checkpoint (_save_hf). Cached per (GGUF hash, gguf and transformers versions)."""
+    gguf = pytest.importorskip("gguf")
+    name = smollm2_gguf.name.replace("Q4_1", "Q4_0")
+
+    def build(tmp: Path) -> None:
+        r = gguf.GGUFReader(smollm2_gguf)
+        w = gguf.GGUFWriter(tmp / name, arch=r.fields["general.architecture"].contents())
+        for f in r.fields.values():  # as gguf's own gguf_new_metadata.py copies them
+            if f.name in ("general.architecture", "general.file_type") or f.name.startswith("GGUF."):
+                continue
+            kind = f.types[0]
+            w.add_key_value(f.name, f.contents(), kind, sub_type=f.types[-1] if kind == gguf.GGUFValueType.ARRAY
+                            else None)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+        q4_1, q4_0 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_0
+        for t in r.tensors:
+            if t.tensor_type == q4_1:
+                w.add_tensor(t.name, gguf.quants.quantize(gguf.quants.dequantize(t.data, q4_1), q4_0), raw_dtype=q4_0)
+            else:
+                w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        _save_hf(tmp / name, tmp / "hf")
+
+    root = _atomic_dir(cache_root() / f"q4_0-{SMOLLM2.sha256[:16]}-{_versions('gguf', 'transformers')}", build)
+    return SimpleNamespace(gguf=root / name, hf=root / "hf")
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -1,6 +1,7 @@
-"""Drift of real weights against a real tuned variant: the GGUF (or its HF checkpoint) as base, a LoRA adapter trained
-on it as tuned (merged, or as side paths), on real MATH500 responses; summary.json against a float64 reference
-computed here from transformers' base and PEFT's merged model, by the definitions of DESIGN.md §3."""
+"""Drift of real weights against real variants, on real MATH500 responses: the GGUF (or its HF checkpoint) as base and
+a LoRA adapter trained on it as tuned (merged, or as side paths), and a quantization drift between two GGUFs of the
+model (Q4_1 against its Q4_0 requantization). summary.json against a float64 reference computed here from
+transformers' models (PEFT's merge for the adapter; transformers' GGUF loading for the Q4_0 file), by DESIGN.md §3."""
 from __future__ import annotations
 
 import json
@@ -51,36 +52,54 @@ def _per_token(zb: torch.Tensor, zt: torch.Tensor, y: torch.Tensor) -> dict[str,
 
 
 @pytest.fixture(scope="module")
-def reference(records, smollm2_hf, smollm2_lora, hf_tokenizer):
-    """Per sample, the float64 per-token metrics of its scored positions (those predicting a response token)."""
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
-    def load():
-        return AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float64).eval()
-
-    base = load()
-    tuned = peft.PeftModel.from_pretrained(load(), smollm2_lora).merge_and_unload().eval()
-    assert tuned.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+def samples(records, hf_tokenizer) -> list[tuple[torch.Tensor, int]]:
+    """Per record, its [1, L] ids (prompt and response tokenized apart, as driftscope does) and its first scored
+    position (the one predicting the first response token)."""
     out = []
     for r in records[1]:
         prompt = hf_tokenizer.encode(r["input"], add_special_tokens=False)
         ids = torch.tensor([prompt + hf_tokenizer.encode(r["output"], add_special_tokens=False)])
-        first = max(len(prompt), 1) - 1
-        with torch.inference_mode():
-            zb, zt = (m(ids).logits[0, first:-1] for m in (base, tuned))
-        out.append(_per_token(zb, zt, ids[0, first + 1:]))
+        out.append((ids, max(len(prompt), 1) - 1))
     return out
 
 
-def _mean(samples: list[dict], key: str) -> tuple[float, float]:
+def _logits64(model, samples) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(ids).logits[0, first:-1] for ids, first in samples]
+
+
+def _load64(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def base_logits(smollm2_hf, samples) -> list[torch.Tensor]:
+    return _logits64(_load64(smollm2_hf), samples)
+
+
+def _reference(base_logits, tuned_logits, samples) -> list[dict]:
+    """Per sample, the float64 per-token metrics of its scored positions."""
+    return [_per_token(zb, zt, ids[0, first + 1:]) for zb, zt, (ids, first) in zip(base_logits, tuned_logits, samples)]
+
+
+@pytest.fixture(scope="module")
+def lora_reference(base_logits, samples, smollm2_hf, smollm2_lora) -> list[dict]:
+    peft = pytest.importorskip("peft")
+    tuned = peft.PeftModel.from_pretrained(_load64(smollm2_hf), smollm2_lora).merge_and_unload().eval()
+    assert tuned.model.layers[0].self_attn.q_proj.weight.dtype == torch.float64
+    return _reference(base_logits, _logits64(tuned, samples), samples)
+
+
+def _mean(per: list[dict], key: str) -> tuple[float, float]:
     """(token mean, mean of sample means)."""
-    allv = torch.cat([s[key] for s in samples]).double()
-    return allv.mean().item(), sum(s[key].double().mean().item() for s in samples) / len(samples)
+    allv = torch.cat([s[key] for s in per]).double()
+    return allv.mean().item(), sum(s[key].double().mean().item() for s in per) / len(per)
 
 
 @pytest.mark.parametrize("route,lora", [("cli-gguf", "merge"), ("api-hf", "side")])
-def test_lora_drift_equals_the_float64_reference(route, lora, records, reference, smollm2_gguf, smollm2_hf,
+def test_lora_drift_equals_the_float64_reference(route, lora, records, lora_reference, smollm2_gguf, smollm2_hf,
                                                  smollm2_lora, tmp_path):
     """`driftscope drift --base X.gguf --tuned ADAPTER_DIR`, and driftscope.drift(hf_dir, [adapter_dir]) with the
     adapter as side paths: the same numbers, those of the float64 reference."""
@@ -95,18 +114,36 @@ def test_lora_drift_equals_the_float64_reference(route, lora, records, reference
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["config"]["lora_applied"] == lora
     assert summary["config"]["kinds"] == {"base": route[4:], "tuned": {next(iter(summary["models"])): "lora"}}
+    _check(summary, lora_reference)
+
+
+def test_quantization_drift_of_two_ggufs_equals_the_float64_reference(records, base_logits, samples, smollm2_gguf,
+                                                                      smollm2_q4_0, tmp_path):
+    """`driftscope drift --base X.Q4_1.gguf --tuned X.Q4_0.gguf`: the error of the requantized weights (dequantized
+    by driftscope; by transformers' GGUF loading in the reference)."""
+    from driftscope.cli import main
+
+    assert main(["drift", "--base", str(smollm2_gguf), "--tuned", str(smollm2_q4_0.gguf), "--data", str(records[0]),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["config"]["kinds"] == {"base": "gguf", "tuned": {next(iter(summary["models"])): "gguf"}}
+    _check(summary, _reference(base_logits, _logits64(_load64(smollm2_q4_0.hf), samples), samples))
+
+
+def _check(summary: dict, ref: list[dict]) -> None:
+    """summary.json's one task of its one tuned model against the per-token float64 reference `ref`."""
     (model,) = summary["models"].values()
     task = model["tasks"]["math"]
-    ref = reference
     n = sum(len(s["y"]) for s in ref)
     assert (task["tokens"], task["samples"], task["problems"]) == (n, len(LINES), [])
     for key in ("kl_tb", "kl_bt", "logp_base", "logp_tuned", "entropy_base", "entropy_tuned"):
         tok, smp = _mean(ref, key)
         assert task[key]["token_mean"] == pytest.approx(tok, rel=REL, abs=ABS), key
         assert task[key]["sample_mean"] == pytest.approx(smp, rel=REL, abs=ABS), key
-    # counts: exact but for pairs of logits within TIE (none measured; their number bounds the difference)
+    # counts: exact but for pairs of logits within TIE, whose number bounds the difference (measured: exact)
     near, near_top = int(sum(s["near"].sum() for s in ref)), int(sum(s["near_top"].sum() for s in ref))
-    print(f"{n} tokens; near-tied logit pairs: {near} at targets, {near_top} at top-1s")
+    print(f"{n} tokens, mean KL(base||tuned) {task['kl_bt']['token_mean']:.4g}, top-1 agreement "
+          f"{task['top1_agreement']:.3f}; near-tied logit pairs: {near} at targets, {near_top} at top-1s")
     for key, slack in (("rank_base", near), ("rank_tuned", near), ("rank_shift_top", near_top)):
         total = torch.cat([s[key] for s in ref]).sum().item()
         assert abs(round(task[key]["token_mean"] * n) - total) <= slack, (key, task[key]["token_mean"] * n, total)
