@@ -152,10 +152,11 @@ def _eval_scores(src: str, root: Path, value, labels: set[str]) -> dict[str, Pat
     scores = value.get("scores")
     if not isinstance(scores, dict) or "base" not in scores:
         raise InputError(f"{src}: \"eval\".\"scores\" must map checkpoint labels and \"base\" to score files")
-    out = {}
-    for label, f in scores.items():
+    for label in scores:
         if label != "base" and label not in labels:
             raise InputError(f"{src}: eval.scores.{label}: no checkpoint has that label ({_suggest(label, labels)})")
+    out = {}
+    for label, f in scores.items():
         if not isinstance(f, str):
             raise InputError(f"{src}: eval.scores.{label} = {f!r} is not a path")
         out[label] = root / f
@@ -206,6 +207,9 @@ def read_manifest(manifest: str | Path | Mapping, overrides: Mapping | None = No
     data = [raw["data"]] if isinstance(raw["data"], str) else raw["data"]
     if not isinstance(data, list) or not data or not all(isinstance(d, str) and d for d in data):
         raise InputError(f"{src}: \"data\" = {raw['data']!r} must be a records file path or a list of them")
+    for i, d in enumerate(data):
+        if not (root / d).is_file():
+            raise FileNotFoundError(f"{src}: data[{i}]: records file {root / d} does not exist")
     entries = _entries(src, root, raw["checkpoints"], ordinal)
     _check_entries(src, entries, "eval" in raw)
     options = {k: v for k, v in raw.items() if k in OPTION_KEYS}
