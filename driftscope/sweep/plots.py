@@ -130,7 +130,12 @@ def _x_axis(ax, axis: OrdinalAxis, room: int) -> None:
     from matplotlib.ticker import MaxNLocator
     k = len(axis.labels)
     if axis.numeric:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=min(room, 8), integer=all(o.is_integer() for o in axis.xs)))
+        xs = sorted(set(axis.xs))
+        span = (xs[-1] - xs[0]) or 1.0
+        if len(xs) <= room and all(b - a >= span / (2 * room) for a, b in zip(xs, xs[1:])):
+            ax.set_xticks(xs, [_fmt_ordinal(x) for x in xs])  # few, apart: a tick at each checkpoint's ordinal
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=min(room, 8), integer=all(x.is_integer() for x in xs)))
         ax.tick_params(axis="x", labelsize=_TICK, labelrotation=30 if max(map(abs, axis.xs)) >= 1e4 else 0)
     else:
         n = _every(k, room)
@@ -178,6 +183,8 @@ def metrics_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str 
                 legend += [(f"{name.split(' (')[0]}: {label}", style)] * (len(lines) > 1)
         if not drawn:
             _no_data(ax)
+        elif "away from 0" in reading:
+            ax.axhline(0.0, color="#999999", lw=0.8)
         ax.set_title(f"{name}\n({reading})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(axis="y", labelsize=_TICK)

@@ -113,9 +113,10 @@ def read_table(path: Path) -> list[dict]:
 
 
 # ---- eval: TI per checkpoint --------------------------------------------------------------------------------
-def _ti_results(sweep: Mapping) -> dict[str, dict]:
+def _ti_results(sweep: Mapping, notes: list[str] | None = None) -> dict[str, dict]:
     """label -> TI result as a dict: sweep["eval"]["ti"][label] when given, else computed (relative method) from the
-    checkpoint's scores and the base's; none for a checkpoint without scores or whose scores give no TI."""
+    checkpoint's scores and the base's; none for a checkpoint without scores or whose scores give no TI (why: in
+    `notes`)."""
     ev = sweep.get("eval") or {}
     given, base = ev.get("ti") or {}, ev.get("base") or {}
     out = {}
@@ -125,7 +126,7 @@ def _ti_results(sweep: Mapping) -> dict[str, dict]:
             try:
                 r = transferability_index(base, c["scores"])
             except ValueError as e:
-                warnings.warn(f"sweep report: no TI for checkpoint {label!r}: {e}", stacklevel=2)
+                (notes if notes is not None else []).append(f"no TI for checkpoint {label!r}: {e}")
         if r is not None:
             out[label] = r.to_dict() if hasattr(r, "to_dict") else dict(r)
     return out
@@ -220,6 +221,12 @@ _CAP_HEAT = ("Hidden-state drift per layer (rows: hidden-state index, 0 = embedd
              "component's sign is arbitrary). Grey: not computed (CKA off, no PCA).")
 
 
+def _folded(title: str, table: str, n_rows: int) -> str:
+    """A table under a <details> title, open unless it has more than OPEN_TABLE_ROWS rows."""
+    return (f"<details{' open' * (n_rows <= OPEN_TABLE_ROWS)}><summary>{title} ({n_rows} rows)</summary>\n{table}"
+            "</details>\n")
+
+
 def _task_section(i: int, task: str, sweep: Mapping, axis: OrdinalAxis, figures: _Figures) -> str:
     ckpts = sweep.get("checkpoints") or []
     blocks = [(c.get("tasks") or {}).get(task) for c in ckpts]
@@ -235,9 +242,7 @@ def _task_section(i: int, task: str, sweep: Mapping, axis: OrdinalAxis, figures:
             + [fmt(metric_value(b, p)) for _, p in _TASK_COLS] + [fmt(len((b or {}).get("problems") or []))]
             for c, b in zip(ckpts, blocks)]
     head = ["label", esc(sweep.get("ordinal") or "ordinal"), "kind", *(h for h, _ in _TASK_COLS), "problems"]
-    table = html_table(head, rows, numeric_from=3)
-    out.append(f"<details{' open' * (len(rows) <= OPEN_TABLE_ROWS)}><summary>Numbers per checkpoint ({len(rows)} "
-               f"rows)</summary>\n{table}</details>\n")
+    out.append(_folded("Numbers per checkpoint", html_table(head, rows, numeric_from=3), len(rows)))
     out.append('<p class="muted">KL and rank shift: token means (every scored token weighs the same).</p>\n')
     return "".join(out)
 
@@ -256,12 +261,14 @@ def _eval_section(sweep: Mapping, axis: OrdinalAxis, figures: _Figures) -> str:
     if not ev:
         return ""
     ckpts, base, benches = sweep.get("checkpoints") or [], ev.get("base") or {}, _benchmarks(sweep)
-    results = _ti_results(sweep)
+    notes: list[str] = []
+    results = _ti_results(sweep, notes)
     ti = [results.get(str(c.get("label"))) for c in ckpts]
     method = next((r.get("method") for r in ti if r and r.get("method")), "relative")
     fill = dict(x=esc(axis.name if axis.numeric else "checkpoint order"), k=len(ckpts), method=esc(method),
                 gain="mean relative gain ΔR_g" if method == "relative" else "domain index DI_g")
-    out = ['<h2 id="eval">Eval scores and transferability (TI)</h2>\n']
+    out = ['<h2 id="eval">Eval scores and transferability (TI)</h2>\n',
+           *(f'<p class="note">{esc(n)}</p>\n' for n in notes)]
     if benches:
         out.append(figures("eval-scores", "scores against the ordinal", _CAP_SCORES.format(**fill), plots.scores_png,
                            axis, base, [c.get("scores") for c in ckpts], benches, title="benchmark scores"))
@@ -271,12 +278,14 @@ def _eval_section(sweep: Mapping, axis: OrdinalAxis, figures: _Figures) -> str:
     rows = [["base", "", *(fmt(metric_value(base, (b,))) for b in benches)]]
     rows += [[esc(c.get("label")), fmt(c.get("ordinal")), *(fmt(metric_value(c.get("scores"), (b,))) for b in benches)]
              for c in ckpts]
-    out.append(html_table(["model", esc(sweep.get("ordinal") or "ordinal"), *map(esc, benches)], rows, numeric_from=1))
+    out.append(_folded("Scores per checkpoint", html_table(["model", esc(sweep.get("ordinal") or "ordinal"),
+                                                            *map(esc, benches)], rows, numeric_from=1), len(rows)))
     rows = [[esc(c.get("label")), fmt(c.get("ordinal")), fmt(metric_value(r, ("ti_other",))),
              fmt(metric_value(r, ("ti_non",))), *(fmt(metric_value(r, ("gains", g))) for g in ("math", "other", "non"))]
             for c, r in zip(ckpts, ti)]
-    out.append(html_table(["label", esc(sweep.get("ordinal") or "ordinal"), "TI_other", "TI_non", "gain math",
-                           "gain other", "gain non"], rows, numeric_from=1))
+    out.append(_folded("TI per checkpoint", html_table(["label", esc(sweep.get("ordinal") or "ordinal"), "TI_other",
+                                                        "TI_non", "gain math", "gain other", "gain non"], rows,
+                                                       numeric_from=1), len(rows)))
     return "".join(out)
 
 

@@ -57,12 +57,13 @@ def synthetic_sweep(k: int = 5, *, ordinals: bool = True, with_eval: bool = True
                       "ordinal": 20 * (i + 1) if ordinals else None, "pass": f"p{i // 4}", "tasks": tasks,
                       "rank_shift_mean_of_task_means": 0.5 * d, "scores": _scores(d) if with_eval else None})
     base = {b: s - 0.0 for b, s in _scores(0.0).items()}
-    ev = {"base": base, "ti": {c["label"]: transferability_index(base, c["scores"]).to_dict() for c in ckpts[1:]}}
+    ev = {"base": base, "ti": {c["label"]: transferability_index(base, c["scores"]).to_dict() for c in ckpts[1:]}
+          } if with_eval else None
     return {"driftscope_version": "0.1", "created": "2026-12-06T18:00:00Z", "manifest": "/runs/sweep.yaml",
             "ordinal": "step", "base": {"path": "/runs/base", "kind": "hf"},
             "data": {TASKS[0]: "/data/math.jsonl", TASKS[1]: "/data/chat.jsonl"},
             "options": {"pca": "streaming", "max_batch_tokens": 512}, "checkpoints": ckpts,
-            "eval": ev if with_eval else None,
+            "eval": ev,
             "passes": [{"id": f"p{j}", "labels": [c["label"] for c in ckpts[4 * j:4 * j + 4]], "seconds": 1.5,
                         "summary": None} for j in range(math.ceil(k / 4))],
             "timing": {"seconds": 3.0, "base_passes": math.ceil(k / 4), "checkpoints": k, "computed_now": k}}
@@ -136,6 +137,7 @@ def test_html_escapes_labels_and_is_self_contained(written):
     assert "&lt;b&gt;code&lt;/b&gt;" in page and "<b>code</b>" not in page
     assert not re.search(r'(src|href)="(?!data:|#)', page)  # no external resource
     assert page.count("<figcaption>") == page.count("<img ")  # a caption under every plot
+    assert page.count("1,234 scored tokens in 17 samples") == 2 * len(TASKS)  # the counts in each task's captions
 
 
 def test_table_round_trips_to_sweep_json(written):
@@ -298,3 +300,49 @@ def test_real_drift_runs(tmp_path):
     assert len(kl) == 3 and kl == sorted(kl)  # noise grows with the step, and so does KL
     page = files["sweep.html"].read_text(encoding="utf-8")
     assert 'class="error"' not in page and page.count("<img ") == 4
+
+
+def test_failed_figure_is_shown_and_the_rest_written(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from driftscope.sweep import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("<boom>")
+    monkeypatch.setattr(plots, "heatmap_png", broken)
+    monkeypatch.setattr(plots, "metrics_png", lambda *args, **kwargs: PNG_MAGIC + b"stub")
+    sweep = synthetic_sweep(3, with_eval=False)
+    with pytest.warns(UserWarning, match="<boom>"):
+        files = R.write_report(sweep, tmp_path)
+    page = files["sweep.html"].read_text(encoding="utf-8")
+    assert page.count('class="error"') == len(TASKS) and "&lt;boom&gt;" in page
+    assert sorted(n for n in files if n.endswith(".png")) == [f"{R.PLOTS_DIR}/00-math-metrics.png",
+                                                            f"{R.PLOTS_DIR}/01-chat_b_code_b-metrics.png"]
+
+
+def test_rewrite_removes_pngs_it_no_longer_draws(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from driftscope.sweep import plots
+    for name in ("metrics_png", "heatmap_png"):  # the files are the subject here, not the drawing
+        monkeypatch.setattr(plots, name, lambda *args, **kwargs: PNG_MAGIC + b"stub")
+    sweep = synthetic_sweep(3, with_eval=False)
+    first = R.write_report(sweep, tmp_path)
+    for c in sweep["checkpoints"]:
+        del c["tasks"][TASKS[1]]
+    del sweep["data"][TASKS[1]]
+    second = R.write_report(sweep, tmp_path)
+    assert len([n for n in first if n.endswith(".png")]) == 4
+    assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()} == set(second)
+    assert sorted(n for n in second if n.endswith(".png")) == [f"{R.PLOTS_DIR}/00-math-layers.png",
+                                                             f"{R.PLOTS_DIR}/00-math-metrics.png"]
+
+
+def test_scores_that_give_no_ti_are_a_note(tmp_path, monkeypatch):
+    block_import(monkeypatch, "matplotlib")
+    sweep = synthetic_sweep(3)
+    sweep["eval"]["ti"] = None
+    sweep["checkpoints"][1]["scores"]["aime24"] = 250.0  # not a percentage: transferability_index refuses it
+    page = R.write_report(sweep, tmp_path)["sweep.html"].read_text(encoding="utf-8")
+    assert "no TI for checkpoint &#x27;step-40&#x27;" in page and "is not a percentage" in page
+    ti = {r["label"]: r["value"] for r in R.read_table(tmp_path / "sweep.parquet") if r["metric"] == "ti.ti_other"}
+    want = transferability_index(sweep["eval"]["base"], sweep["checkpoints"][0]["scores"]).ti_other
+    assert set(ti) == {"step-20", "step-60"} and ti["step-20"] == want
