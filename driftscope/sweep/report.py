@@ -196,12 +196,12 @@ def _header(sweep: Mapping, axis: OrdinalAxis, figures: _Figures, tasks: list[st
 
 
 def _checkpoints(sweep: Mapping) -> str:
-    rows = [[fmt(i), esc(c.get("label")), fmt(c.get("ordinal")), esc(c.get("kind")), esc(c.get("pass")),
-             fmt(c.get("rank_shift_mean_of_task_means")), esc(c.get("path"))]
+    rows = [[esc(c.get("label")), esc(c.get("kind")), esc(c.get("pass")), esc(c.get("path")), fmt(i),
+             fmt(c.get("ordinal")), fmt(c.get("rank_shift_mean_of_task_means"))]
             for i, c in enumerate(sweep.get("checkpoints") or [])]
-    head = ["#", "label", esc(sweep.get("ordinal") or "ordinal"), "kind", "pass", "rank shift, mean of task means",
-            "path"]
-    return '<h2 id="ckpts">Checkpoints</h2>\n' + html_table(head, rows, numeric_from=5)
+    head = ["label", "kind", "pass", "path", "#", esc(sweep.get("ordinal") or "ordinal"),
+            "rank shift, mean of task means"]
+    return '<h2 id="ckpts">Checkpoints</h2>\n' + html_table(head, rows, numeric_from=4)
 
 
 _TASK_COLS = (("KL(t‖b)", ("kl_tb", "token_mean")), ("KL(b‖t)", ("kl_bt", "token_mean")),
