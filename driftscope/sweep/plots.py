@@ -177,7 +177,7 @@ def metrics_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str 
     for ax, (name, lines, reading) in zip(axes, METRIC_PANELS):
         drawn = False
         for j, (label, path) in enumerate(lines):
-            style = dict(color=f"C{j}", label=label, **(dict(ls="--", marker="") if label == "base" else {}))
+            style = dict(color=f"C{j}", label=label, **(dict(ls="--", marker="x") if label == "base" else {}))
             if _line(ax, axis.xs, [metric_value(b, path) for b in blocks], k, **style):
                 drawn = True
                 legend += [(f"{name.split(' (')[0]}: {label}", style)] * (len(lines) > 1)
@@ -193,8 +193,8 @@ def metrics_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str 
         ax.axis("off")
     if legend:  # in the free panel: outside every axes, taking no width from them
         from matplotlib.lines import Line2D
-        axes[-1].legend(handles=[Line2D([], [], **{**st, "label": lab}) for lab, st in legend], loc="center",
-                        fontsize=8, frameon=False)
+        handles = [Line2D([], [], **{"marker": "o", **st, "label": lab}) for lab, st in legend]
+        axes[-1].legend(handles=handles, loc="center", fontsize=8, frameon=False)
     _title(fig, title)
     return _png(fig)
 

@@ -149,6 +149,8 @@ def test_table_round_trips_to_sweep_json(written):
     for r in rows:
         want = _lookup(sweep, r)
         assert (r["value"] is None and want is None) or r["value"] == pytest.approx(want, rel=1e-15), r
+        c = sweep["checkpoints"][r["position"]] if r["position"] is not None else {"kind": "base"}
+        assert (r["label"], r["ordinal"], r["kind"]) == (c.get("label"), c.get("ordinal"), c["kind"]), r
     got = {(r["position"], r["task"], r["metric"], r["layer"]) for r in rows}
     c0 = sweep["checkpoints"][0]
     for layer in range(N_STATES):
