@@ -22,7 +22,7 @@ from driftscope.sweep import plots
 from driftscope.sweep.plots import OrdinalAxis, metric_value
 from driftscope.util import atomic_write, atomic_write_text, read_jsonl, strict_json, write_jsonl
 
-__all__ = ["TABLE_COLUMNS", "write_report", "render_html", "table_rows", "read_table"]
+__all__ = ["TABLE_COLUMNS", "write_report", "render_html", "table_rows", "task_metrics", "write_table", "read_table"]
 
 PLOTS_DIR = "sweep_plots"
 PAGE_CSS = CSS + "body{max-width:1400px}"  # the figures' width (up to ~1380 px) unscaled
