@@ -12,6 +12,7 @@ import torch
 from sweep_helpers import differences, drift_tasks, fast_reports, manifest, write_run
 
 import driftscope
+from driftscope.cli import main
 from driftscope.drift_run.options import DriftOptions
 from driftscope.engine.checkpoint import Checkpoint
 from driftscope.eval.ti import BENCHMARKS, GROUP_OF, transferability_indices
@@ -173,3 +174,14 @@ def test_mixed_series_of_hf_lora_and_gguf_checkpoints(run, tmp_path):
     for r in s["checkpoints"]:
         diff = differences(drift_tasks(run["base"], paths[r["label"]], run["data"], lora="side"), r["tasks"])
         assert not diff, f"{r['label']}: {len(diff)} leaves differ, first {diff[:3]}"
+
+
+def test_command_line_prints_a_line_per_checkpoint(run, one_pass, capsys):
+    """`driftscope sweep` on a finished sweep: nothing computed, a line per checkpoint with its KL per task."""
+    assert main(["sweep", str(run["root"] / "m.json"), "--out", str(one_pass.out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for row, line in zip(one_pass.sweep["checkpoints"], lines):
+        kl = ", ".join(f"{t} {row['tasks'][t]['kl_tb']['token_mean']:.5f}" for t in ("a", "b"))
+        assert line == f"{row['label']} (step {row['ordinal']}): KL(tuned||base) {kl}"
+    assert lines[5] == "0 of 5 checkpoints computed now; 1 base passes"
+    assert lines[6] == f"sweep: {one_pass.out / 'sweep.json'}"
