@@ -42,6 +42,7 @@ class Manifest:
     ordinal: str = "step"
     max_group: int = DEFAULT_MAX_GROUP
     scores: dict[str, Path] | None = None  # label (or "base") -> a score file of `driftscope eval`
+    file: Path | None = None  # the manifest file (None: given as a dict)
 
     def drift_options(self, **extra) -> DriftOptions:
         return DriftOptions(**{**self.options, **extra})
@@ -178,7 +179,7 @@ def read_manifest(manifest: str | Path | Mapping, overrides: Mapping | None = No
     the working folder for a dict). `overrides` replace top-level keys. With `check_inputs`, every checkpoint is
     opened and drift's plan (tokenizers, configs, adapters, records) runs over all of them: no weights load."""
     if isinstance(manifest, Mapping):
-        src, root, raw = "sweep manifest", Path("."), dict(manifest)
+        src, root, raw, path = "sweep manifest", Path("."), dict(manifest), None
     else:
         path = Path(manifest)
         src, root, raw = str(path), path.parent, _load(path)
@@ -223,7 +224,7 @@ def read_manifest(manifest: str | Path | Mapping, overrides: Mapping | None = No
         opts = DriftOptions(**options)
     except (ValueError, TypeError, OSError) as exc:
         raise _prefixed(src, exc) from None
-    m = Manifest(src, root / raw["base"], entries, [root / d for d in data], options, ordinal, max_group)
+    m = Manifest(src, root / raw["base"], entries, [root / d for d in data], options, ordinal, max_group, file=path)
     if "eval" in raw:
         m.scores = _eval_scores(src, root, raw["eval"], {e.label for e in entries})
     if check_inputs:

@@ -143,3 +143,36 @@ def test_changed_option_or_checkpoint_is_refused_naming_it(run, tmp_path, monkey
     rep = driftscope.sweep(manifest(run, run["root"] / "opt.json", checkpoints=items), tmp_path / "out",
                            overwrite=True)
     assert calls == [(["checkpoint-10", "changed"], False)] and rep.computed == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_a_checkpoint_dropped_from_an_unfinished_pass_regroups_the_rest(run, reference, tmp_path, monkeypatch,
+                                                                        capsys):
+    items = [{"path": str(c), "label": c.name, "step": int(c.name.split("-")[1])} for c in run["checkpoints"]]
+    original, n = R.drift, []
+
+    def stop_at_second(*a, **kw):
+        n.append(1)
+        if len(n) == 2:
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    monkeypatch.setattr(R, "drift", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        driftscope.sweep(manifest(run, run["root"] / "d5.json", checkpoints=items, max_group=2), tmp_path)
+    monkeypatch.setattr(R, "drift", original)
+    calls = _calls(monkeypatch)
+    rep = driftscope.sweep(manifest(run, run["root"] / "d4.json", checkpoints=items[:3] + items[4:], max_group=2,
+                                    progress=True), tmp_path)
+    # the unfinished pass [50] keeps its id; [30, 40] lost 40: 30 goes to a new pass
+    assert calls == [(["checkpoint-50"], False), (["checkpoint-30"], False)]
+    assert [p["labels"] for p in rep.sweep["passes"]] == [["checkpoint-10", "checkpoint-20"], ["checkpoint-50"],
+                                                          ["checkpoint-30"]]
+    saved = json.loads((tmp_path / "sweep-state.json").read_text())["passes"]
+    assert [p["labels"] for p in saved] == [p["labels"] for p in rep.sweep["passes"]]
+    ref = {r["label"]: r["tasks"] for r in reference["checkpoints"]}
+    for r in rep.sweep["checkpoints"]:
+        assert not differences(ref[r["label"]], r["tasks"]), r["label"]
+    err = capsys.readouterr().err
+    assert "sweep: 1 checkpoints to compute in 1 passes (up to 2 per pass" in err
+    assert "sweep: pass 1/2 (checkpoint-50); 2/4 checkpoints done" in err
+    assert "sweep: pass 2/2 (checkpoint-30); 3/4 checkpoints done, eta " in err

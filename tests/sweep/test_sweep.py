@@ -84,6 +84,7 @@ def test_sweep_json_is_the_contract(run, one_pass):
     s = json.loads((one_pass.out / "sweep.json").read_text())
     assert s == json.loads(json.dumps(one_pass.sweep))
     assert set(s) == SWEEP_KEYS
+    assert s["manifest"] == str(run["root"] / "m.json")
     assert s["ordinal"] == "step" and s["base"] == {"path": str(run["root"] / "base"), "kind": "hf"}
     assert s["data"] == {"a": str(run["root"] / "data/a.jsonl"), "b": str(run["root"] / "data/b.jsonl")}
     assert s["options"] == json.loads(json.dumps(DriftOptions(max_batch_tokens=64, progress=False).as_dict()))
