@@ -4,7 +4,9 @@ atomically, so a sweep killed anywhere resumes: finished checkpoints are read ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from driftscope.util import read_json, write_json
 
 STATE_FILE = "sweep-state.json"
 FORMAT = 1
-_OUTPUTS = (STATE_FILE, "checkpoints", "passes", "sweep.json")
+_PASS_ID = re.compile(r"[0-9a-f]{12}")
 
 
 def _differences(old, new, path: str = ""):
@@ -42,10 +44,11 @@ class SweepState:
         """Start, or continue the sweep saved in OUT: refused, naming what differs, when it was made with other
         inputs or options that change results (unless `overwrite`, which discards it)."""
         if overwrite:
-            for name in _OUTPUTS:
-                p = self.out / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            self._clear()
         if not self.file.is_file():
+            if self._leftovers():
+                raise InputError(f"{self.out} holds sweep results ({', '.join(self._leftovers())}) but no "
+                                 f"{STATE_FILE}: pass --overwrite to discard them, or choose another output folder")
             self.fingerprint = fingerprint
             return
         saved = read_json(self.file, "sweep state", dict)
@@ -58,6 +61,23 @@ class SweepState:
                              f"{f'; and {len(diff) - 4} more' if len(diff) > 4 else ''}); use the original ones, "
                              "or pass --overwrite to start over")
         self.fingerprint, self.passes = fingerprint, saved["passes"]
+
+    def _leftovers(self) -> list[str]:
+        """The sweep's own files in OUT: checkpoints/*.json, passes/<12 hex digits>/, sweep.json."""
+        found = [f"checkpoints/{f.name}" for f in sorted((self.out / "checkpoints").glob("*.json"))]
+        found += [f"passes/{d.name}" for d in sorted((self.out / "passes").glob("*")) if _PASS_ID.fullmatch(d.name)]
+        return found + ["sweep.json"] * (self.out / "sweep.json").is_file()
+
+    def _clear(self) -> None:
+        """Remove the sweep's own files (nothing else in OUT), the state file last: a sweep killed while clearing is
+        still refused until --overwrite finishes."""
+        for name in self._leftovers():
+            p = self.out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for d in ("checkpoints", "passes"):
+            with contextlib.suppress(OSError):
+                (self.out / d).rmdir()  # only when empty
+        self.file.unlink(missing_ok=True)
 
     def save(self) -> None:
         write_json(self.file, {"format": FORMAT, "fingerprint": self.fingerprint, "passes": self.passes})

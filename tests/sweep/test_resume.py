@@ -176,3 +176,20 @@ def test_a_checkpoint_dropped_from_an_unfinished_pass_regroups_the_rest(run, ref
     assert "sweep: 1 checkpoints to compute in 1 passes (up to 2 per pass" in err
     assert "sweep: pass 1/2 (checkpoint-50); 2/4 checkpoints done" in err
     assert "sweep: pass 2/2 (checkpoint-30); 3/4 checkpoints done, eta " in err
+
+
+def test_results_without_a_state_are_refused_and_overwrite_removes_only_the_sweeps_files(run, tmp_path):
+    items = [{"path": str(c), "label": c.name, "step": i} for i, c in enumerate(run["checkpoints"][:2])]
+    m = manifest(run, run["root"] / "left.json", checkpoints=items)
+    (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("keep")
+    driftscope.sweep(m, tmp_path)
+    (tmp_path / "sweep-state.json").unlink()  # e.g. killed while an --overwrite was clearing
+    with pytest.raises(ValueError, match=r"holds sweep results \(checkpoints/checkpoint-10.json, .*sweep.json\) "
+                                         r"but no sweep-state.json: pass --overwrite"):
+        driftscope.sweep(m, tmp_path)
+    rep = driftscope.sweep(m, tmp_path, overwrite=True)
+    assert rep.computed == ["checkpoint-10", "checkpoint-20"]
+    assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "checkpoints" / "mine").is_dir()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-10.json",
+                                                                            "checkpoint-20.json", "mine"]
