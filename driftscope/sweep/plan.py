@@ -77,6 +77,12 @@ def activation_bytes(config: ModelConfig, max_batch_tokens: int) -> int:
     return max_batch_tokens * config.hidden_size * (config.num_layers + 1) * 4 * ACTIVATION_FACTOR
 
 
+def _same_device(a: str, b: str) -> bool:
+    """"cuda" and "cuda:0" are one device (the index defaults to 0, as for a process's first GPU)."""
+    da, db = torch.device(a), torch.device(b)
+    return da.type == db.type and (da.index or 0) == (db.index or 0)
+
+
 @dataclass(frozen=True)
 class Budget:
     """Bytes free for the tuned checkpoints of one pass, and the cap on their number."""
@@ -88,7 +94,7 @@ def budget(base: Checkpoint, dtype: str, max_batch_tokens: int, device: str, tun
            max_group: int) -> Budget:
     """Free memory of the tuned models' device less the base (when it shares that device) and the activations."""
     where = tuned_device or device
-    base_cost = weight_bytes(base, dtype, "merge") if torch.device(where) == torch.device(device) else 0
+    base_cost = weight_bytes(base, dtype, "merge") if _same_device(where, device) else 0
     return Budget(free_bytes(where) - base_cost - activation_bytes(base.config(), max_batch_tokens), max_group)
 
 

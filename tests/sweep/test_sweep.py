@@ -186,3 +186,12 @@ def test_command_line_prints_a_line_per_checkpoint(run, one_pass, capsys):
         assert line == f"{row['label']} (step {row['ordinal']}): KL(tuned||base) {kl}"
     assert lines[5] == "0 of 5 checkpoints computed now; 1 base passes"
     assert lines[6] == f"sweep: {one_pass.out / 'sweep.json'}"
+
+
+def test_budget_subtracts_the_base_only_on_its_own_device(run, monkeypatch):
+    base = Checkpoint.open(run["base"], "base")
+    monkeypatch.setattr(P, "free_bytes", lambda device: 10**9)
+    weights, margin = P.weight_bytes(base, "float32", "merge"), P.activation_bytes(base.config(), 64)
+    assert P.budget(base, "float32", 64, "cpu", None, 8) == P.Budget(10**9 - weights - margin, 8)
+    assert P.budget(base, "float32", 64, "cuda", "cuda:0", 8).bytes == 10**9 - weights - margin
+    assert P.budget(base, "float32", 64, "cuda:0", "cuda:1", 3) == P.Budget(10**9 - margin, 3)
