@@ -144,10 +144,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         kls = ", ".join(f"{task} {_num((t.get('kl_tb') or {}).get('token_mean'), '.5f')}"
                         for task, t in c["tasks"].items())
         print(f"{c['label']} ({s['ordinal']} {_num(c['ordinal'], 'g')}): KL(tuned||base) {kls}")
-    print(f"{len(report.computed)} of {len(s['checkpoints'])} checkpoints computed now; "
-          f"{s['timing']['base_passes']} base passes")
+    n = s["timing"]["base_passes"]
+    print(f"{len(report.computed)} of {len(s['checkpoints'])} checkpoints computed now; {n} base pass{'es' * (n != 1)}")
+    plots = [p for kind, p in report.files.items() if "/" in kind]  # the report's PNGs: their folder, once
     for kind, path in report.files.items():
-        print(f"{kind}: {path}")
+        if "/" not in kind:
+            print(f"{kind}: {path}")
+    if plots:
+        print(f"plots: {len(plots)} PNGs in {plots[0].parent}")
     return 0
 
 

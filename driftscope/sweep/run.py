@@ -75,7 +75,8 @@ def _plan_passes(st: SweepState, m: Manifest, ckpts: dict[str, Checkpoint], fini
         b = P.budget(base, opts.dtype, opts.max_batch_tokens, opts.base_device or opts.device,
                      opts.tuned_device[0] if opts.tuned_device else None, m.max_group)
         groups = P.group(pool, sizes, b)
-        note(f"sweep: {len(pool)} checkpoints to compute in {len(groups)} passes (up to {m.max_group} per pass; "
+        note(f"sweep: {len(pool)} checkpoint{'s' * (len(pool) > 1)} to compute in {len(groups)} "
+             f"pass{'es' * (len(groups) > 1)} (up to {m.max_group} per pass; "
              f"{max(b.bytes, 0) / 2**20:,.0f} MiB free for tuned weights next to the base)", opts.progress)
         new = [{"id": P.pass_id(g), "labels": g, "seconds": None} for g in groups]
         kept.extend(new)
@@ -150,7 +151,7 @@ def sweep(manifest: str | Path | Mapping, out: str | Path, *, overwrite: bool = 
         computed.extend(p["labels"])
         finished += len(p["labels"])
     result = build(m, st, base, data, opts, time.perf_counter() - t_start, computed)
-    files = {"sweep": write_json(out / "sweep.json", result)}
+    files = {"sweep.json": write_json(out / "sweep.json", result)}
     files.update(_report(result, out, opts.progress))
     return SweepReport(result, out, files, computed, [p["id"] for p in todo])
 

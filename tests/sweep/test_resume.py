@@ -173,7 +173,7 @@ def test_a_checkpoint_dropped_from_an_unfinished_pass_regroups_the_rest(run, ref
     for r in rep.sweep["checkpoints"]:
         assert not differences(ref[r["label"]], r["tasks"]), r["label"]
     err = capsys.readouterr().err
-    assert "sweep: 1 checkpoints to compute in 1 passes (up to 2 per pass" in err
+    assert "sweep: 1 checkpoint to compute in 1 pass (up to 2 per pass" in err
     assert "sweep: pass 1/2 (checkpoint-50); 2/4 checkpoints done" in err
     assert "sweep: pass 2/2 (checkpoint-30); 3/4 checkpoints done, eta " in err
 

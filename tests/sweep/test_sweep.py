@@ -184,8 +184,8 @@ def test_command_line_prints_a_line_per_checkpoint(run, one_pass, capsys):
     for row, line in zip(one_pass.sweep["checkpoints"], lines):
         kl = ", ".join(f"{t} {row['tasks'][t]['kl_tb']['token_mean']:.5f}" for t in ("a", "b"))
         assert line == f"{row['label']} (step {row['ordinal']}): KL(tuned||base) {kl}"
-    assert lines[5] == "0 of 5 checkpoints computed now; 1 base passes"
-    assert lines[6] == f"sweep: {one_pass.out / 'sweep.json'}"
+    assert lines[5] == "0 of 5 checkpoints computed now; 1 base pass"
+    assert lines[6] == f"sweep.json: {one_pass.out / 'sweep.json'}"
 
 
 def test_budget_subtracts_the_base_only_on_its_own_device(run, monkeypatch):
