@@ -55,12 +55,12 @@ def _fingerprint(m: Manifest, base: Checkpoint, data: dict[str, Path], opts) -> 
 
 
 def _plan_passes(st: SweepState, m: Manifest, ckpts: dict[str, Checkpoint], finished: set[str], opts,
-                 base: Checkpoint) -> list[dict]:
+                 base: Checkpoint) -> list[dict]:  # finished: the listed checkpoints with an entry
     """The passes to run now: saved unfinished passes whose checkpoints are all still listed (they resume), then new
     passes for the rest. A saved pass with a checkpoint no longer listed is dropped (its finished ones stay)."""
     listed, kept, todo = set(ckpts), [], []
     for p in st.passes:
-        if all(label in finished for label in p["labels"]):
+        if all(st.entry_file(label).is_file() for label in p["labels"]):  # finished, listed or not
             kept.append(p)
         elif set(p["labels"]) <= listed:
             kept.append(p)

@@ -126,6 +126,12 @@ def test_two_new_checkpoints_compute_only_those(run, reference, tmp_path, monkey
     again = driftscope.sweep(manifest(run, run["root"] / "five.json", checkpoints=items, max_group=2,
                                       checkpoint_every=5.0), tmp_path)  # a cosmetic option may change
     assert calls == [] and again.computed == [] and again.sweep["timing"]["base_passes"] == 3
+    fewer = driftscope.sweep(manifest(run, run["root"] / "four.json", checkpoints=items[:3] + items[4:], max_group=2),
+                             tmp_path)  # a finished checkpoint left out: its pass stays, with its summary
+    assert calls == [] and [r["label"] for r in fewer.sweep["checkpoints"]] == [x["label"] for x in items if
+                                                                               x["step"] != 40]
+    assert [p["labels"] for p in fewer.sweep["passes"]] == [p["labels"] for p in again.sweep["passes"]]
+    assert all((tmp_path / p["summary"]).is_file() for p in fewer.sweep["passes"])
 
 
 def test_changed_option_or_checkpoint_is_refused_naming_it(run, tmp_path, monkeypatch):
