@@ -43,10 +43,13 @@ def machine(device: torch.device) -> dict:
 
 class StageTimes:
     """Wall seconds per stage of a run, exclusive: a stage timed inside another is not counted in the outer one.
-    On CUDA a stage ends with a synchronize, so its time is its own work, not the queue's."""
+    On CUDA a stage ends with a synchronize, so its time is its own work, not the queue's. `start`: when the run
+    began (time.perf_counter(); default now); `summary(until)` adds "other", the wall seconds since then that no
+    stage covers, so the stages add up to the run's wall time."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", start: float | None = None) -> None:
         self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter() if start is None else start
         self._sync = torch.device(device).type == "cuda"
         self._inner = [0.0]  # per open stage: seconds spent in stages nested in it
 
@@ -64,8 +67,31 @@ class StageTimes:
             self._inner[-1] += total
             self.seconds[name] = self.seconds.get(name, 0.0) + total - inner
 
-    def summary(self) -> dict[str, float]:
-        return {k: round(v, 4) for k, v in self.seconds.items()}
+    def wall(self, until: float | None = None) -> float:
+        """Seconds from `start` to `until` (default now)."""
+        return (time.perf_counter() if until is None else until) - self.start
+
+    def summary(self, until: float | None = None) -> dict[str, float]:
+        """{stage: seconds} rounded to 0.1 ms; with `until` (a perf_counter time after every stage closed) also
+        "other" = wall(until) − Σ stages, never below 0."""
+        out = {k: round(v, 4) for k, v in self.seconds.items()}
+        if until is not None:
+            out["other"] = round(max(self.wall(until) - sum(self.seconds.values()), 0.0), 4)
+        return out
+
+
+def process_seconds() -> float | None:
+    """Wall seconds since this process started (Linux: /proc/self/stat's start time against /proc/uptime), imports
+    and set-up included; None where /proc is not available."""
+    try:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the parenthesized name
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class GpuTelemetry:

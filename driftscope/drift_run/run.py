@@ -23,7 +23,7 @@ from driftscope.drift_run import gen_drift
 from driftscope.drift_run.bundle import TaskProbes, merge_kind
 from driftscope.drift_run.checkpoint import Checkpointer, RunState, disk_error
 from driftscope.distributed import World
-from driftscope.telemetry import GpuTelemetry, Progress, StageTimes, machine, note, versions
+from driftscope.telemetry import GpuTelemetry, Progress, StageTimes, machine, note, process_seconds, versions
 from driftscope.drift_run.options import DriftOptions, fingerprint
 from driftscope.drift_run.paper_pca import paper_pca
 from driftscope.drift_run.plan import Plan, plan
@@ -89,11 +89,13 @@ class _Run:
         self.states = {f"t{k}": probes for k, probes in enumerate(self.probes)}
         self.gen_rows: dict[tuple[int, int], list[dict]] = {}  # generate mode: responses per (tuned model, task)
         self.tokens_generated = 0
+        self.tokens_scored = 0  # by this process: the positions the probes score (generated tokens in generate mode)
         self.nonfinite: dict[str, int] = {}  # "m{j}.t{k}" -> scored tokens with NaN/Inf logits (kept in progress)
 
     # ---- the units of work: _chunk_units and _batch_units give (size, None when done before, else the work) -----
     def process(self, k: int, batch: PackedBatch) -> None:
         """One packed batch of task k through every model in lockstep, into task k's probes."""
+        self.tokens_scored += int(batch.score_mask.sum())  # a CPU tensor: no device sync
         mask = batch.score_mask.to(self.device)
         probes, times = self.probes[k], self.times
 
@@ -127,7 +129,9 @@ class _Run:
         with self.times("generate"):
             rows = gen_drift.generate_chunk(self.opts, self.base, self.tuned[j], j, self.tok, self._chunk(k, chunk),
                                             self.probes[k], self.valid_vocab[j])
-        self.tokens_generated += sum(len(r["output_token_ids"]) for r in rows)
+        n = sum(len(r["output_token_ids"]) for r in rows)
+        self.tokens_generated += n
+        self.tokens_scored += n  # the probes score every generated token
         return rows
 
     def _chunk_units(self, k: int, progress: dict, state: RunState | None) -> Iterator[tuple[int, Callable | None]]:
@@ -226,9 +230,12 @@ class _Run:
         telemetry.sample()
         tokens_run = self.tokens_generated if o.generate else total - done_units
         counts = {"tokens": tokens_run, "nonfinite": self.nonfinite}
+        scored = self.tokens_scored
         if world.size > 1:
             with self.times("merge"):
                 counts = world.merge(self.states, counts, merge_kind)
+                every = world.gather(scored)  # a collective: every rank calls it
+                scored = sum(every) if world.main else scored
                 if o.generate:  # every rank's responses on rank 0, in one process's order (by prompt)
                     every = world.gather(self.gen_rows)
                     self.gen_rows = {key: sorted((r for rows in every for r in rows.get(key, [])),
@@ -238,10 +245,11 @@ class _Run:
             return None
         seconds, tokens_run, self.nonfinite = time.perf_counter() - t0, counts["tokens"], counts["nonfinite"]
         with self.times("summarize"):
-            return self.summarize(seconds, tokens_run, telemetry, world.size)
+            return self.summarize(seconds, tokens_run, telemetry, world.size, scored)
 
     # ---- results ------------------------------------------------------------------------------------------------
-    def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry, processes: int = 1) -> dict:
+    def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry, processes: int = 1,
+                  scored: int | None = None) -> dict:
         p, o = self.plan, self.opts
         models = {}
         for j, name in enumerate(p.tuned_dirs):
@@ -264,9 +272,8 @@ class _Run:
             },
             "versions": versions(), "machine": machine(self.device), "backends": backend_status(),
             "gpu_telemetry": telemetry.summary(),
-            "timing": {"seconds": seconds, "tokens": tokens_run, "processes": processes,
-                       "tokens_per_s": tokens_run / seconds if seconds else None,
-                       "stages": self.times.summary()},  # exclusive wall seconds, up to the summary itself
+            "timing": run_timing(seconds, tokens_run, tokens_run if scored is None else scored, processes,
+                                 self.times),
             "models": models,
         })
 
@@ -325,9 +332,10 @@ def drift(
     Under torchrun (WORLD_SIZE > 1, see distributed.py) each process runs its share of the batches; rank 0 merges
     them, writes the outputs and returns the summary; the other ranks return {"models": {}, "rank": r}.
     """
+    start = time.perf_counter()
     opts, world = DriftOptions(**options), World.from_env()
     try:
-        report = _drift(base, tuned, data, out, world.start(opts), world)
+        report = _drift(base, tuned, data, out, world.start(opts), world, start)
     finally:
         release_workspace()  # the torch reference's CPU logit buffers: reused from batch to batch, not kept after
     world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
@@ -337,8 +345,8 @@ def drift(
 drift.__doc__ += options_doc(DriftOptions)  # help(driftscope.drift) lists every option, never stale
 
 
-def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftReport:
-    times = StageTimes(opts.device)
+def _drift(base, tuned, data, out, opts: DriftOptions, world: World, start: float) -> DriftReport:
+    times = StageTimes(opts.device, start=start)
     with times("plan"):
         p = plan(base, tuned, data, opts, out=out)
     out_dir = Path(out) if out is not None else None
@@ -359,15 +367,38 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World) -> DriftRep
         return DriftReport(summary={"models": {}, "rank": world.rank}, out=out_dir)
     report = DriftReport(summary=summary, out=out_dir, responses=run.responses() if opts.generate else {})
     if state is not None:
-        from driftscope.drift_run.outputs import write_outputs, write_responses
+        from driftscope.drift_run.outputs import _write_json, write_outputs, write_responses
 
         try:
-            report.files = write_outputs(out_dir, summary, run.shifted_rows())
-            if opts.generate:
-                report.files.update(write_responses(out_dir, report.responses))
+            with times("outputs"):
+                report.files = write_outputs(out_dir, summary, run.shifted_rows())
+                if opts.generate:
+                    report.files.update(write_responses(out_dir, report.responses))
+            finish_timing(summary["timing"], times)
+            _write_json(report.files["summary"], summary)  # again, with the outputs' time (a small file)
         except OSError as exc:  # the finished run's state is saved (run() flushed it): only the outputs are left
             raise disk_error(exc, "output", f"the finished run is kept in {state.root}: free space (or "
                              "make the folder writable), then rerun with --resume to write the outputs") from exc
         world.barrier()
         state.remove()
+    else:
+        finish_timing(summary["timing"], times)
     return report
+
+
+def run_timing(seconds: float, tokens: int, scored: int, processes: int, times: StageTimes) -> dict:
+    """summary.json's "timing": the loop's wall `seconds` over the batches (or prompts), the `tokens` it forwarded
+    (generated, in generate mode) and the `scored` tokens the probes scored, each per second; the stages so far
+    (exclusive wall seconds). `finish_timing` completes it when the run ends."""
+    return {"seconds": seconds, "tokens": tokens, "processes": processes,
+            "tokens_per_s": tokens / seconds if seconds else None,
+            "scored_tokens": scored, "scored_tokens_per_s": scored / seconds if seconds else None,
+            "wall_seconds": None, "process_seconds": None, "stages": times.summary()}
+
+
+def finish_timing(timing: dict, times: StageTimes) -> None:
+    """In place, at the end of drift(): `wall_seconds` of drift() (its stages, "other" included, add up to it) and
+    `process_seconds` since the process started (imports and set-up before drift() included)."""
+    now = time.perf_counter()
+    timing.update(wall_seconds=round(times.wall(now), 4), stages=times.summary(now),
+                  process_seconds=None if (p := process_seconds()) is None else round(p, 4))

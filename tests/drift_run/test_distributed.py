@@ -137,6 +137,7 @@ def test_two_processes_give_the_summary_of_one(inputs, one_process, tmp_path):
     print(f"largest relative difference: {worst:.3g}")
     assert read_token_table(next(tmp_path.glob("tokens.*"))) == tokens
     assert got["timing"]["processes"] == 2 and got["timing"]["tokens"] == summary["timing"]["tokens"]
+    assert got["timing"]["scored_tokens"] == summary["timing"]["scored_tokens"] > 0  # gathered from both ranks
     assert not (tmp_path / ".driftscope-state").exists() and (tmp_path / "report.html").is_file()
     assert r.stdout.count(" tokens, ") == 4, r.stdout  # rank 0's lines, one per (model, task): rank 1 prints none
 
