@@ -57,7 +57,7 @@ def _fingerprint(m: Manifest, base: Checkpoint, data: dict[str, Path], opts) -> 
 def _plan_passes(st: SweepState, m: Manifest, ckpts: dict[str, Checkpoint], finished: set[str], opts,
                  base: Checkpoint) -> list[dict]:  # finished: the listed checkpoints with an entry
     """The passes to run now: saved unfinished passes whose checkpoints are all still listed (they resume), then new
-    passes for the rest. A saved pass with a checkpoint no longer listed is dropped (its finished ones stay)."""
+    passes for the rest. An unfinished saved pass with a checkpoint no longer listed is dropped."""
     listed, kept, todo = set(ckpts), [], []
     for p in st.passes:
         if all(st.entry_file(label).is_file() for label in p["labels"]):  # finished, listed or not
@@ -65,8 +65,11 @@ def _plan_passes(st: SweepState, m: Manifest, ckpts: dict[str, Checkpoint], fini
         elif set(p["labels"]) <= listed:
             kept.append(p)
             todo.append(p)
-        else:
+        else:  # its folder goes, and with it the entries it wrote before it was cut short: they run again
             shutil.rmtree(st.out / "passes" / p["id"], ignore_errors=True)
+            for label in p["labels"]:
+                st.entry_file(label).unlink(missing_ok=True)
+                finished.discard(label)
     placed = {label for p in todo for label in p["labels"]}
     order = _order(m)
     pool = sorted((x for x in ckpts if x not in finished and x not in placed), key=order.__getitem__)

@@ -199,3 +199,29 @@ def test_results_without_a_state_are_refused_and_overwrite_removes_only_the_swee
     assert (tmp_path / "notes.txt").read_text() == "keep" and (tmp_path / "checkpoints" / "mine").is_dir()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-10.json",
                                                                             "checkpoint-20.json", "mine"]
+
+
+def test_a_cut_short_pass_that_loses_a_checkpoint_reruns_its_finished_ones(run, reference, tmp_path, monkeypatch):
+    items = [{"path": str(c), "label": c.name, "step": int(c.name.split("-")[1])} for c in run["checkpoints"]]
+    original, written = SweepState.put_entry, []
+
+    def crash_after_three(self, label, entry):
+        if len(written) == 3:  # pass [10, 20] done, checkpoint-30's entry of pass [30, 40] written
+            raise KeyboardInterrupt
+        written.append(label)
+        original(self, label, entry)
+
+    monkeypatch.setattr(SweepState, "put_entry", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        driftscope.sweep(manifest(run, run["root"] / "c5.json", checkpoints=items, max_group=2), tmp_path)
+    monkeypatch.setattr(SweepState, "put_entry", original)
+    assert (tmp_path / "checkpoints" / "checkpoint-30.json").is_file()
+    calls = _calls(monkeypatch)
+    rep = driftscope.sweep(manifest(run, run["root"] / "c4.json", checkpoints=items[:3] + items[4:], max_group=2),
+                           tmp_path)
+    assert calls == [(["checkpoint-50"], False), (["checkpoint-30"], False)]
+    ids = {p["id"] for p in rep.sweep["passes"]}
+    assert all(r["pass"] in ids for r in rep.sweep["checkpoints"])
+    ref = {r["label"]: r["tasks"] for r in reference["checkpoints"]}
+    for r in rep.sweep["checkpoints"]:
+        assert not differences(ref[r["label"]], r["tasks"]), r["label"]
