@@ -49,9 +49,26 @@ def pca_components_from_moments(n: int, sum_x: torch.Tensor, sum_xxT: torch.Tens
     mean = sum_x / n
     cov = (sum_xxT - n * torch.outer(mean, mean)) / (n - 1)
     cov = (cov + cov.T) / 2
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = _eigh(cov)  # ascending
     top = evecs[:, -n_components:].flip(1)  # [d, k], largest eigenvalue first
     return mean, svd_flip_v(top.T.contiguous()), evals[-n_components:].flip(0)
+
+
+ONE_THREAD_EIGH = 2048  # CPU: eigh of at most this size runs on one thread (see _eigh)
+
+
+def _eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh; on the CPU, for d <= ONE_THREAD_EIGH on one thread: LAPACK's tridiagonal reduction at
+    these sizes is a chain of short parallel regions that gains little from a second thread and, while other
+    processes share the cores, waits at every barrier for a descheduled one (d = 576, float64, 2 threads on a
+    loaded 2-core machine: 5-15 s instead of 0.07 s on one thread; bench/RESULTS.md)."""
+    if a.device.type != "cpu" or a.shape[-1] > ONE_THREAD_EIGH or (threads := torch.get_num_threads()) == 1:
+        return torch.linalg.eigh(a)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigh(a)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- records ----------------------------------------------------------------------------------------------------

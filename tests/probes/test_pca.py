@@ -221,3 +221,43 @@ def test_streaming_cuda_matches_cpu():
     for key in ("shift", "principle"):
         assert_close([r[key] for r in out["cuda"]["records"]], [r[key] for r in out["cpu"]["records"]],
                      rtol=1e-9, atol=1e-9, what=key)
+
+
+@pytest.mark.parametrize("limit", [P.ONE_THREAD_EIGH, 0], ids=["one-thread", "all-threads"])
+@pytest.mark.parametrize("d", [1, 37, 576], ids=lambda d: f"d{d}")
+def test_moments_pca_on_either_thread_path_matches_svd(monkeypatch, limit, d):
+    """pca_components_from_moments takes eigh on one thread for small d (ONE_THREAD_EIGH) and on every thread above
+    it: both give the float64 SVD's PCA (values, and components up to float64 rounding), with an odd size, a 1-wide
+    edge case and a large-mean (cancellation-prone) input; the caller's thread count is restored."""
+    monkeypatch.setattr(P, "ONE_THREAD_EIGH", limit)
+    g = torch.Generator().manual_seed(d)
+    n = max(3 * d, 8)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(3, 0.5, d, dtype=torch.float64)
+         + 1e3 * torch.randn(d, generator=g, dtype=torch.float64))  # a mean ~1000x the spread in every feature
+    k = min(2, d)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        mean, comps, ev = P.pca_components_from_moments(n, x.sum(0), x.T @ x, k)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    ref_mean, ref_comps, ref_ev = P.pca_components(x, k)
+    assert_close(mean, ref_mean, rtol=1e-12, atol=0, what="mean")
+    assert_close(ev, ref_ev, rtol=1e-6, atol=0, what="explained variance")  # 1e3 mean: moments lose ~1e-6 x 1e6
+    assert_close(comps, ref_comps, rtol=0, atol=1e-4, what="components")
+
+
+def test_eigh_restores_the_thread_count_when_it_fails(monkeypatch):
+    def failing(a):
+        raise RuntimeError("linalg.eigh: failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="converge"):
+            P.pca_components_from_moments(3, torch.ones(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
