@@ -134,7 +134,7 @@ def _add_generate(sub, with_options: bool) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import logging
 
-    from driftscope.sweep import sweep
+    from driftscope.sweep_run import sweep
 
     logging.basicConfig(level=logging.WARNING, format="driftscope: %(message)s")
     report = sweep(args.manifest, args.out, overwrite=args.overwrite,

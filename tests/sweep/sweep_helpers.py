@@ -82,10 +82,10 @@ def fast_reports(monkeypatch) -> None:
     """drift's report.html and the sweep report (matplotlib, seconds each) replaced by stubs: the numbers are the
     subject here; summary.json and sweep.json are still written."""
     import driftscope.report
-    import driftscope.sweep.report
+    import driftscope.sweep_run.report
 
     monkeypatch.setattr(driftscope.report, "write_report", lambda out, summary: Path(out) / "report.html")
-    monkeypatch.setattr(driftscope.sweep.report, "write_report", lambda result, out: {})
+    monkeypatch.setattr(driftscope.sweep_run.report, "write_report", lambda result, out: {})
 
 
 def leaves(x, path: str = ""):

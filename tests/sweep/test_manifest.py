@@ -13,7 +13,7 @@ from sweep_helpers import TEXTS, manifest, write_run
 from driftscope.cli import main
 from driftscope.engine import checkpoint as engine_checkpoint
 from driftscope.engine import loader
-from driftscope.sweep import read_manifest
+from driftscope.sweep_run import read_manifest
 from driftscope.testing import write_tokenizer
 
 

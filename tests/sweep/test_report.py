@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from driftscope.eval.ti import GROUPS, transferability_index
-from driftscope.sweep import report as R
-from driftscope.sweep.plots import OrdinalAxis
+from driftscope.sweep_run import report as R
+from driftscope.sweep_run.plots import OrdinalAxis
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HOSTILE = "<script>alert('x')</script>"
@@ -306,7 +306,7 @@ def test_real_drift_runs(tmp_path):
 
 def test_failed_figure_is_shown_and_the_rest_written(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from driftscope.sweep import plots
+    from driftscope.sweep_run import plots
 
     def broken(*args, **kwargs):
         raise RuntimeError("<boom>")
@@ -323,7 +323,7 @@ def test_failed_figure_is_shown_and_the_rest_written(tmp_path, monkeypatch):
 
 def test_rewrite_removes_pngs_it_no_longer_draws(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from driftscope.sweep import plots
+    from driftscope.sweep_run import plots
     for name in ("metrics_png", "heatmap_png"):  # the files are the subject here, not the drawing
         monkeypatch.setattr(plots, name, lambda *args, **kwargs: PNG_MAGIC + b"stub")
     sweep = synthetic_sweep(3, with_eval=False)

@@ -14,14 +14,14 @@ import pytest
 from sweep_helpers import differences, fast_reports, manifest, write_records, write_run, write_step
 
 import driftscope
-from driftscope.sweep import run as R
-from driftscope.sweep.state import SweepState
+from driftscope.sweep_run import run as R
+from driftscope.sweep_run.state import SweepState
 
 _CHILD = """import sys
 from pathlib import Path
-import driftscope.report, driftscope.sweep.report
+import driftscope.report, driftscope.sweep_run.report
 driftscope.report.write_report = lambda out, summary: Path(out) / "report.html"
-driftscope.sweep.report.write_report = lambda result, out: {}
+driftscope.sweep_run.report.write_report = lambda result, out: {}
 from driftscope.cli import main
 sys.exit(main(sys.argv[1:]))
 """

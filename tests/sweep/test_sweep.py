@@ -16,8 +16,8 @@ from driftscope.cli import main
 from driftscope.drift_run.options import DriftOptions
 from driftscope.engine.checkpoint import Checkpoint
 from driftscope.eval.ti import BENCHMARKS, GROUP_OF, transferability_indices
-from driftscope.sweep import plan as P
-from driftscope.sweep import run as R
+from driftscope.sweep_run import plan as P
+from driftscope.sweep_run import run as R
 
 SWEEP_KEYS = {"driftscope_version", "created", "manifest", "ordinal", "base", "data", "options", "checkpoints", "eval",
               "passes", "timing"}

@@ -18,8 +18,8 @@ from driftscope.eval.ti import BENCHMARKS, transferability_index
 from driftscope.probes.token_metrics import MEANS
 from driftscope.report.html import CSS, esc, fmt, html_figure, html_table
 from driftscope.report.plots import unavailable
-from driftscope.sweep import plots
-from driftscope.sweep.plots import OrdinalAxis, metric_value
+from driftscope.sweep_run import plots
+from driftscope.sweep_run.plots import OrdinalAxis, metric_value
 from driftscope.util import atomic_write, atomic_write_text, read_jsonl, strict_json, write_jsonl
 
 __all__ = ["TABLE_COLUMNS", "write_report", "render_html", "table_rows", "task_metrics", "write_table", "read_table"]

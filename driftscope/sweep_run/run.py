@@ -3,7 +3,7 @@
 read and check the manifest (no weights) -> continue the sweep saved in OUT (refused when inputs or options that change
 results differ) -> group the unfinished checkpoints into passes that fit the device -> run each pass as one
 `drift(base, group, data, out=OUT/passes/<id>)` (interrupted passes resume) -> each checkpoint's entry in
-OUT/checkpoints/<label>.json -> OUT/sweep.json (and, when driftscope.sweep.report is there, the sweep report).
+OUT/checkpoints/<label>.json -> OUT/sweep.json (and, when driftscope.sweep_run.report is there, the sweep report).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from driftscope.drift_run.plan import check_out, unique_names
 from driftscope.drift_run.run import drift
 from driftscope.engine.checkpoint import Checkpoint
 from driftscope.errors import InputError
-from driftscope.sweep import plan as P
-from driftscope.sweep.manifest import Manifest, read_manifest
-from driftscope.sweep.state import SweepState
+from driftscope.sweep_run import plan as P
+from driftscope.sweep_run.manifest import Manifest, read_manifest
+from driftscope.sweep_run.state import SweepState
 from driftscope.telemetry import note, versions
 from driftscope.util import file_digest, read_json, write_json
 
@@ -184,13 +184,13 @@ def build(m: Manifest, st: SweepState, base: Checkpoint, data: dict[str, Path], 
 
 
 def _report(result: dict, out: Path, progress: bool) -> dict[str, Path]:
-    """The sweep report's files (sweep.html, PNGs, sweep.parquet) when driftscope.sweep.report is installed."""
+    """The sweep report's files (sweep.html, PNGs, sweep.parquet) when driftscope.sweep_run.report is installed."""
     try:
-        report = importlib.import_module("driftscope.sweep.report")
+        report = importlib.import_module("driftscope.sweep_run.report")
     except ModuleNotFoundError as exc:
-        if exc.name != "driftscope.sweep.report":
+        if exc.name != "driftscope.sweep_run.report":
             raise
-        note("sweep: no sweep report (driftscope.sweep.report is not there yet); sweep.json has every number",
+        note("sweep: no sweep report (driftscope.sweep_run.report is not there yet); sweep.json has every number",
              progress)
         return {}
     return dict(report.write_report(result, out) or {})
