@@ -36,7 +36,8 @@ def test_eval_equals_lm_evals_hf_backend_doc_by_doc(smollm2_gguf, smollm2_hf, sh
 
     data_dir = shared_data / "benchmarks"
     assert main(["eval", "--model", str(smollm2_gguf), "--tasks", ",".join(BENCHMARKS), "--limit", str(LIMIT),
-                 "--data-dir", str(data_dir), "--out", str(tmp_path / "out")]) == 0  # chat template on: the default
+                 "--data-dir", str(data_dir), "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "float32"]
+                ) == 0  # chat template on: the default; CPU float32 as the reference, on a machine with a GPU too
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     ref = _reference(smollm2_hf, data_dir)
     worst, ties = 0.0, 0
