@@ -56,6 +56,9 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         choices=CKA_MODES))
     cka_proj_dim: int = field(default=256, metadata=cli(
         "projected CKA: dimension of the random projection", ge=1))
+    report: bool = field(default=True, metadata=cli(
+        "write report.html (its plots take seconds per tuned model; a sweep turns it off: its report has the curves)",
+        cosmetic=True))
     top_tokens: int = field(default=200, metadata=cli(
         "rows of the shifted-token table in summary.json (the token table file has all)", ge=0, cosmetic=True))
     checkpoint_every: float = field(default=30.0, metadata=cli(

@@ -23,7 +23,7 @@ def pca_shift_entries(summary: dict) -> list[dict]:
     return out
 
 
-def write_outputs(out: Path, summary: dict, token_rows: list[dict]) -> dict[str, Path]:
+def write_outputs(out: Path, summary: dict, token_rows: list[dict], report: bool = True) -> dict[str, Path]:
     from driftscope.report import write_report, write_token_table
 
     files = {"summary": _write_json(out / "summary.json", summary)}
@@ -31,7 +31,10 @@ def write_outputs(out: Path, summary: dict, token_rows: list[dict]) -> dict[str,
     entries = pca_shift_entries(summary)
     if entries:
         files["pca_shift"] = _write_json(out / "pca_shift.json", entries)
-    files["report"] = write_report(out, summary)
+    if report:
+        files["report"] = write_report(out, summary)
+    else:  # a report.html of an earlier run would describe other numbers
+        (out / "report.html").unlink(missing_ok=True)
     return files
 
 

@@ -371,7 +371,7 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World, start: floa
 
         try:
             with times("outputs"):
-                report.files = write_outputs(out_dir, summary, run.shifted_rows())
+                report.files = write_outputs(out_dir, summary, run.shifted_rows(), opts.report)
                 if opts.generate:
                     report.files.update(write_responses(out_dir, report.responses))
             finish_timing(summary["timing"], times)

@@ -99,7 +99,8 @@ def _run_pass(p: dict, m: Manifest, ckpts: dict[str, Checkpoint], identities: di
     pdir = st.out / "passes" / p["id"]
     t0 = time.perf_counter()
     report = drift(m.base, [ckpts[x].path for x in p["labels"]], m.data, out=pdir,
-                   **{**m.options, "resume": (pdir / STATE_DIR).is_dir(), "overwrite": False})
+                   **{**m.options, "resume": (pdir / STATE_DIR).is_dir(), "overwrite": False,
+                      "report": False})  # sweep.html has the curves: no report.html per pass
     p["seconds"] = time.perf_counter() - t0
     models = report.summary["models"]
     assert len(models) == len(p["labels"]), (list(models), p["labels"])

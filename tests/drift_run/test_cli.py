@@ -17,6 +17,16 @@ _REQUIRED = {"drift": ["--base", "b", "--tuned", "t", "--data", "d.jsonl", "--ou
              "generate": ["--model", "m", "--data", "d.jsonl", "--out", "o.jsonl"]}
 
 
+def test_cli_drift_no_report_writes_the_rest_and_drops_a_stale_report(models, records, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").write_text("an earlier run's report")
+    rc = main(["drift", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--data", str(records),
+               "--out", str(out), "--no-progress", "--no-report"])
+    assert rc == 0 and (out / "summary.json").is_file() and not (out / "report.html").exists()
+    assert "report.html" not in capsys.readouterr().out
+
+
 def test_cli_drift_writes_every_output(models, records, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["drift", "--base", str(models["base"]), "--tuned", str(models["tuned"]), "--data", str(records),
