@@ -74,6 +74,9 @@ def _atomic_dir(final: Path, build) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep a shared $DRIFTSCOPE_CACHE from other users
         build(tmp)
         try:
             os.rename(tmp, final)

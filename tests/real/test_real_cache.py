@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import zipfile
 
@@ -109,6 +110,10 @@ def test_folders_appear_whole_or_not_at_all(real_cache, tmp_path):
     assert real_cache.atomic_dir(final, raced) == final
     assert [p.name for p in tmp_path.iterdir()] == ["entry"] and [p.name for p in final.iterdir()] == ["theirs"]
     assert real_cache.atomic_dir(final, broken) == final  # present: not built again
+    made = real_cache.atomic_dir(tmp_path / "other", lambda tmp: (tmp / "f").write_text("z"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert made.stat().st_mode & 0o777 == 0o777 & ~mask  # as a plain mkdir would make it, not mkdtemp's 0700
 
 
 def test_the_real_pip_out_of_reach_skips(real_cache, tmp_path, monkeypatch):
