@@ -19,7 +19,7 @@ from driftscope.engine.tokenizer import Tokenizer, load_tokenizer
 from driftscope.errors import InputError
 from driftscope.util import checkpoint_identity, file_digest, read_json, sampled_digest
 
-__all__ = ["Checkpoint", "LORA_MODES", "lora_mode", "FORMS", "load_model"]
+__all__ = ["Checkpoint", "LORA_MODES", "lora_mode", "FORMS", "load_model", "free_bytes"]
 
 LORA_MODES = ("auto", "merge", "side")
 FORMS = "an HF checkpoint folder (config.json + safetensors), a .gguf file or a LoRA adapter folder"
@@ -148,10 +148,12 @@ def lora_mode(mode: str, adapters: list[Checkpoint], base_bytes: int, device: st
         raise InputError(f"lora={mode!r} (--lora) is not one of {', '.join(LORA_MODES)}")
     if mode != "auto" or not adapters:
         return "merge" if mode == "auto" else mode
-    return "merge" if len(adapters) * base_bytes <= _free_bytes(torch.device(device)) // 2 else "side"
+    return "merge" if len(adapters) * base_bytes <= free_bytes(device) // 2 else "side"
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: str | torch.device) -> int:
+    """Free memory of `device`: CUDA's mem_get_info, else the host's MemAvailable (0 when unknown)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -159,7 +161,7 @@ def _free_bytes(device: torch.device) -> int:
             info = dict(line.split(":", 1) for line in f)
         return int(info["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        return 0  # unknown: side paths, which never need more than the base
+        return 0  # unknown: LoRA side paths, which never need more than the base
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32", *,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from driftscope.engine.checkpoint import Checkpoint
+from driftscope.engine.checkpoint import Checkpoint, free_bytes
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.model import Transformer
 from driftscope.util import torch_dtype
@@ -57,19 +57,6 @@ def weight_bytes(ckpt: Checkpoint, dtype: str, lora: str) -> int:
         if files:
             return sum(_safetensors_numel(f) for f in files) * elem
     return _config_numel(ckpt.config()) * elem
-
-
-def free_bytes(device: str) -> int:
-    """Free memory of `device`: CUDA's mem_get_info, else the host's MemAvailable (0 when unknown)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.mem_get_info(dev)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return 0
 
 
 def activation_bytes(config: ModelConfig, max_batch_tokens: int) -> int:
