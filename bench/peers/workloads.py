@@ -20,7 +20,7 @@ BENCHMARKS = DATA / "benchmarks"
 DRIFT_RECORDS, DRIFT_MAX_TOKENS = 32, 256
 LLAMA_CTX = 512  # llama-perplexity's chunk: it scores tokens LLAMA_CTX/2 .. LLAMA_CTX-1 of each
 GEN_PROMPTS, GEN_NEW_TOKENS = 16, 128
-EVAL_TASKS, EVAL_LIMIT = ("mctaco", "headqa"), 40
+EVAL_TASKS, EVAL_LIMIT = ("mctaco", "headqa"), 20
 
 
 def _lines(path: Path, n: int) -> list[str]:
