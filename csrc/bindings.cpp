@@ -39,8 +39,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("count_greater", &driftscope::count_greater, py::arg("z"), py::arg("ld"), py::arg("rows"), py::arg("cols"),
         py::arg("col0"), py::arg("thr"), py::arg("excl"), py::arg("active"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());
-  m.def("cov_update", &driftscope::cov_update, py::arg("sum_x"), py::arg("sum_xxT"), py::arg("xT"), py::arg("d"),
-        py::arg("n"), py::call_guard<py::gil_scoped_release>());
+  m.def("cov_update", &driftscope::cov_update, py::arg("sum_x"), py::arg("sum_xxT"), py::arg("x"), py::arg("n"),
+        py::arg("d"), py::arg("ld"), py::arg("elem_bytes"), py::call_guard<py::gil_scoped_release>());
   m.def("small_gemm", &driftscope::small_gemm, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"),
         py::arg("M"), py::arg("N"), py::arg("K"), py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_attention", &driftscope::paged_decode_attention, py::arg("out"), py::arg("q"),

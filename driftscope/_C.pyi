@@ -50,8 +50,10 @@ def count_greater(
 ) -> None: ...
 def cov_update(
     sum_x: int,  # [d] float64, in place
-    sum_xxT: int,  # [d, d] float64, in place
-    xT: int,  # [d, n] float64 contiguous
-    d: int,
+    sum_xxT: int,  # [d, d] float64, in place (stays exactly symmetric)
+    x: int,  # [n, d] float32 or float64 rows, row stride ld, unit column stride
     n: int,
+    d: int,
+    ld: int,
+    elem_bytes: int,  # 4 (float32) or 8 (float64)
 ) -> None: ...

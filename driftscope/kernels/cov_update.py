@@ -7,8 +7,8 @@ large-mean data of real hidden states, where fp32 sums lose the covariance, stay
 A function on two plain tensors rather than a class: the probes' accumulators own the tensors and
 merge them by addition. Backends, the table COV_UPDATE: `triton` (upper-triangle blocks mirrored; float32/float64
 x: fp64 tl.dot; bfloat16/float16 x: tensor-core tl.dot with fp32 accumulation over TC_ROWS rows, folded into the
-fp64 block sums, see `_cov_update_kernel`), `cpp` (driftscope._C.cov_update: float64, OpenMP over the d×d
-triangle), `torch`.
+fp64 block sums, see `_cov_update_kernel`), `cpp` (driftscope._C.cov_update: x's rows read in place,
+float64 register tiles over the d×d upper triangle, one OpenMP region), `torch`.
 """
 from __future__ import annotations
 
@@ -128,9 +128,12 @@ def _cov_update_triton(sum_x, sum_xxT, x, block_d: int = BLOCK_D, block_k: int |
 def _cov_update_cpp(sum_x, sum_xxT, x) -> None:
     from driftscope import _C
 
-    n, d = x.shape
-    xT = x.to(torch.float64).T.contiguous()  # [d, n] float64: rows of the triangle's dot products
-    _C.cov_update(sum_x.data_ptr(), sum_xxT.data_ptr(), xT.data_ptr(), d, n)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)  # bf16/fp16 values are exact in float32
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    n, d = x.shape  # rows read in place (row stride x.stride(0)), upcast to float64 panel by panel
+    _C.cov_update(sum_x.data_ptr(), sum_xxT.data_ptr(), x.data_ptr(), n, d, x.stride(0), x.element_size())
 
 
 def cov_update_torch(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,3 +144,55 @@ def test_triton_symmetry_holds_when_the_dot_is_not_symmetric(dtype, monkeypatch)
     asym = (got[1] != got[1].T).sum().item()
     assert asym == 0, f"sum_xxT not exactly symmetric: {asym} entries differ from their mirror"
     assert_close_verbose(got[1], want[1], atol=1e-5 * float(want[1].abs().max()), what="skewed-dot sum_xxT")
+
+
+STRIDED = [(300, 130, torch.float32, 50.0, 7), (129, 8, torch.float64, 0.0, 1), (2, 3, torch.float32, -2.0, 5)]
+
+
+@pytest.mark.parametrize(("n", "d", "dtype", "mean", "pad"), STRIDED,
+                         ids=[f"n{n}-d{d}-{DT[dt]}-pad{p}" for n, d, dt, _, p in STRIDED])
+def test_cpp_reads_strided_rows_across_panels(n, d, dtype, mean, pad):
+    """The cpp kernel reads x's rows in place (row stride > d: a column slice of a wider tensor) over several
+    128-row panels and partial tiles (d not a multiple of the tile): same sums as the float64 reference on a
+    contiguous copy, exactly symmetric."""
+    pytest.importorskip("driftscope._C")
+    wide = _data(n, d + 2 * pad, dtype, mean)
+    x = wide[:, pad:pad + d]  # [n, d] view, row stride d + 2·pad
+    assert x.stride(0) == d + 2 * pad and not x.is_contiguous()
+    want, got = _zeros(d), _zeros(d)
+    cu.cov_update_torch(*want, x.contiguous())
+    with use_backend("cpp"):
+        cu.cov_update(*got, x)
+    assert_close_verbose(got[0], want[0], atol=1e-12 * float(want[0].abs().max()), what="sum_x")
+    assert_close_verbose(got[1], want[1], atol=1e-13 * float(want[1].abs().max()), rtol=1e-13, what="sum_xxT")
+    assert torch.equal(got[1], got[1].T), "sum_xxT must be exactly symmetric"
+
+
+def test_cpp_checks_name_the_argument():
+    _C = pytest.importorskip("driftscope._C")
+    sx, sxx = _zeros(3)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="ld must be >= d"):
+        _C.cov_update(sx.data_ptr(), sxx.data_ptr(), x.data_ptr(), 4, 3, 2, 4)
+    with pytest.raises(ValueError, match="elem_bytes must be 4"):
+        _C.cov_update(sx.data_ptr(), sxx.data_ptr(), x.data_ptr(), 4, 3, 3, 2)
+    assert not sx.any() and not sxx.any()
+
+
+@pytest.mark.parametrize("threads", [2, 3], ids=lambda t: f"threads{t}")
+def test_cpp_sums_do_not_depend_on_the_thread_count(threads):
+    """Each block and column sum is taken in row order by one thread: 1 and N threads give the same bits."""
+    pytest.importorskip("driftscope._C")
+    x = _data(300, 131, torch.float32, 5.0)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for t in (1, threads):
+            torch.set_num_threads(t)
+            sums = _zeros(131)
+            with use_backend("cpp"):
+                cu.cov_update(*sums, x)
+            got.append(sums)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
