@@ -1,0 +1,215 @@
+"""Logit-lens drift (DESIGN.md §3): at chosen hidden-state indices i, each model's next-token distribution read
+through its own final norm and LM head, z^(i) = W·norm(h_i) (i < L) and z^(L) = W·h_L, compared between the models
+with the fused vocab probe (never [N, V] logits), and each model against its own output ("self-lens"); and the
+promoted / suppressed tokens s_i = W_base·(γ_base ⊙ Δμ_i), Δμ_i the mean of h_tuned,i − h_base,i over scored tokens.
+
+Extra head GEMMs per batch of `LensDrift.update`, with n chosen indices (n' of them below L) and J tuned models:
+cross lens (1 + J)·n' (one vocab_probe call per index and valid-vocab group; index L reuses the output probe's
+result), self-lens (1 + J)·(n + 1) (one call per model: its output once, each chosen index as a "tuned" side); e.g.
+`every:4` on 40 layers (n = 11, n' = 10), J = 1: 20 + 24 = 44 [N, V] GEMMs beside the output probe's 2. The chosen
+states are kept from the forward to the vocab step: (1 + J)·(n + 1)·N·d elements in the models' dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from driftscope.errors import InputError
+from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.probes.base import Accumulator
+from driftscope.probes.token_metrics import TokenMetrics
+
+__all__ = ["lens_indices", "LensModel", "LensHeads", "LensDrift", "promoted_scores"]
+
+
+def lens_indices(spec: str | None, n_states: int) -> list[int]:
+    """The hidden-state indices of `--lens` over n_states = L + 1 states: None/"" -> [] (off), "all" -> 0..L,
+    "every:K" -> 0, K, 2K, ... and always L, "i,j,k" -> those (sorted, unique), each in [0, L]."""
+    last = n_states - 1
+    if spec is None or str(spec).strip() in ("", "none"):
+        return []
+    s = str(spec).strip()
+    if s == "all":
+        return list(range(n_states))
+    try:
+        if s.startswith("every:"):
+            k = int(s.removeprefix("every:"))
+            if k < 1:
+                raise ValueError
+            return sorted({*range(0, n_states, k), last})
+        out = sorted({int(x) for x in s.split(",")})
+    except ValueError:
+        raise InputError(f"lens={spec!r} (--lens): expected 'all', 'every:K' (K >= 1) or indices 'i,j,k'") from None
+    if out[0] < 0 or out[-1] > last:
+        raise InputError(f"lens={spec!r} (--lens): hidden-state indices must be in [0, {last}] (L = {last} layers)")
+    return out
+
+
+@dataclass
+class LensModel:
+    """One model's lens: `norm` its final norm ([N, d] on the probe device -> [N, d] there), `head` its LM-head rows
+    [V, d] on the probe device, `gamma` the final norm's weight [d] (promoted tokens: the base's only)."""
+
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    head: torch.Tensor
+    gamma: torch.Tensor | None = None
+
+
+@dataclass
+class LensHeads:
+    """What the lens needs of the models: the chosen indices, n_states = L + 1, the base, each tuned model, each
+    pair's vocab_probe `valid_vocab` (as the output probe's) and top_k, the promoted / suppressed tokens kept."""
+
+    indices: list[int]
+    n_states: int
+    base: LensModel
+    tuned: list[LensModel]
+    valid_vocab: list[int | None]
+    top_k: int = 20
+
+    @classmethod
+    def of_models(cls, spec: str | None, base, tuned: Sequence, valid_vocab: Sequence[int | None],
+                  top_k: int = 20) -> "LensHeads | None":
+        """From engine Transformers (final_norm, lm_head_weight, norm.weight); None when `spec` chooses no index.
+        Each norm runs on its model's device; states and heads are on the base's."""
+        n_states = base.config.num_layers + 1
+        idx = lens_indices(spec, n_states)
+        if not idx:
+            return None
+        dev = base.device
+
+        def model(m) -> LensModel:
+            return LensModel(lambda h: m.final_norm(h.to(m.device)).to(dev), m.lm_head_weight.to(dev),
+                             m.norm.weight.detach().to(dev))
+        return cls(idx, n_states, model(base), [model(t) for t in tuned], list(valid_vocab), top_k)
+
+
+def promoted_scores(head: torch.Tensor, gamma: torch.Tensor | None, mean_diff: torch.Tensor) -> torch.Tensor:
+    """s = W·(γ ⊙ Δμ) [V] in float64 (γ None: Δμ is already normed, index L)."""
+    v = mean_diff.to(torch.float64)
+    if gamma is not None:
+        v = v * gamma.to(v.device, torch.float64)
+    return head.to(v.device, torch.float64) @ v
+
+
+class LensDrift(Accumulator):
+    """Per chosen index: a TokenMetrics per tuned model (base vs tuned lens: `cross`), per model against its own
+    output (`self_base`: one when the base states are shared, `self_tuned`: one per tuned model), and float64 Σ of
+    h_tuned − h_base with its token count (promoted tokens). Self-lens roles: "base" = the model's output, "tuned" = its
+    lens at i, so kl_bt = KL(output ‖ lens_i) and rank_shift = rank_output − rank_lens."""
+
+    def __init__(self, indices: Sequence[int], n_states: int, n_tuned: int, hidden_size: int) -> None:
+        self.indices, self.n_states, self.n_tuned, self.d = list(indices), int(n_states), int(n_tuned), hidden_size
+        n = len(self.indices)
+        self.cross = [[TokenMetrics() for _ in range(n)] for _ in range(n_tuned)]
+        self.self_base = [TokenMetrics() for _ in range(n)]
+        self.self_tuned = [[TokenMetrics() for _ in range(n)] for _ in range(n_tuned)]
+        self.diff = torch.zeros(n_tuned, n, hidden_size, dtype=torch.float64)  # Σ (h_t − h_b) per index
+        self.count = torch.zeros(n, dtype=torch.int64)
+
+    def groups(self) -> list[TokenMetrics]:
+        return [*(m for row in self.cross for m in row), *self.self_base, *(m for row in self.self_tuned for m in row)]
+
+    # ---- update -------------------------------------------------------------------------------------------------
+    def update(self, heads: LensHeads, states: Mapping[int, tuple[torch.Tensor, list[torch.Tensor]]],
+               targets: torch.Tensor, sample_ids: torch.Tensor, first: torch.Tensor,
+               outputs: Sequence | None = None) -> None:
+        """One batch: `states[i]` = (h_base [N, d], [h_tuned_j [N, d]]) at every chosen index and at L (the final
+        normed states); `outputs[j]` the output probe's result of pair j (index L of the cross lens, bit for bit),
+        or None to compute it here."""
+        last = self.n_states - 1
+        assert last in states and all(i in states for i in self.indices), "a chosen index's states are missing"
+        normed = {}
+        for i in {*self.indices, last}:
+            hb, hts = states[i]
+            normed[i] = (hb, hts) if i == last else (heads.base.norm(hb), [m.norm(h) for m, h in zip(heads.tuned, hts)])
+        for k, i in enumerate(self.indices):
+            hb, hts = states[i]
+            self.count[k] += hb.shape[0]
+            for j, ht in enumerate(hts):
+                self.diff[j, k] += (ht.to(torch.float64) - hb.to(torch.float64)).sum(0).cpu()
+        groups: dict[int | None, list[int]] = {}
+        for j, vv in enumerate(heads.valid_vocab):
+            groups.setdefault(vv, []).append(j)
+        for k, i in enumerate(self.indices):
+            if i == last and outputs is not None:
+                rs = {j: outputs[j] for j in range(self.n_tuned)}
+            else:
+                hb, hts = normed[i]
+                rs = {}
+                for vv, js in groups.items():
+                    out = vocab_probe(hb, heads.base.head, [hts[j] for j in js], [heads.tuned[j].head for j in js],
+                                      targets, valid_vocab=vv)
+                    rs.update(zip(js, out))
+            for j in range(self.n_tuned):
+                self.cross[j][k].update(rs[j], sample_ids, first)
+        # self-lens: per model one call, its output as "base", its lens at each index as the "tuned" sides
+        models = [(heads.base, lambda i: normed[i][0], self.self_base),
+                  *((heads.tuned[j], lambda i, j=j: normed[i][1][j], self.self_tuned[j]) for j in range(self.n_tuned))]
+        for m, at, accs in models:
+            out = vocab_probe(at(last), m.head, [at(i) for i in self.indices], [m.head] * len(self.indices), targets)
+            for acc, r in zip(accs, out):
+                acc.update(r, sample_ids, first)
+
+    # ---- merge / state ------------------------------------------------------------------------------------------
+    def merge(self, other: "LensDrift") -> "LensDrift":
+        self._check_mergeable(other)
+        if other.indices != self.indices:
+            raise ValueError(f"cannot merge lens indices {other.indices} into {self.indices}")
+        for a, b in zip(self.groups(), other.groups()):
+            a.merge(b)
+        self.diff += other.diff
+        self.count += other.count
+        return self
+
+    def _names(self) -> list[str]:
+        n = range(len(self.indices))
+        return [*(f"cross.m{j}.i{k}." for j in range(self.n_tuned) for k in n), *(f"self_base.i{k}." for k in n),
+                *(f"self_tuned.m{j}.i{k}." for j in range(self.n_tuned) for k in n)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {"config": torch.tensor([self.n_states, self.n_tuned, self.d, *self.indices], dtype=torch.int64),
+              "diff": self.diff.clone(), "count": self.count.clone()}
+        for name, acc in zip(self._names(), self.groups()):
+            sd.update({f"{name}{k}": v for k, v in acc.state_dict().items()})
+        return sd
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        mine = torch.tensor([self.n_states, self.n_tuned, self.d, *self.indices], dtype=torch.int64)
+        if not torch.equal(state["config"].to(torch.int64), mine):
+            raise ValueError(f"the saved lens state has (n_states, n_tuned, d, indices...) {state['config'].tolist()}, "
+                             f"this run {mine.tolist()}")
+        for name, acc in zip(self._names(), self.groups()):
+            acc.load_state_dict({k.removeprefix(name): v for k, v in state.items() if k.startswith(name)})
+        self.diff = state["diff"].to(torch.float64).clone()
+        self.count = state["count"].to(torch.int64).clone()
+
+    # ---- finalize -----------------------------------------------------------------------------------------------
+    def finalize(self, j: int = 0, heads: LensHeads | None = None, decode: Callable[[int], str] | None = None,
+                 top_k: int = 20) -> dict:
+        """Tuned model j: {"lens": [{"index", **TokenMetrics.finalize()}], "self_lens": {"base": [...], "tuned":
+        [...]}, "promoted": [{"index", "promoted": [...], "suppressed": [...]}] (with `heads`; else absent)}."""
+        rows = lambda accs: [{"index": i, **acc.finalize()} for i, acc in zip(self.indices, accs)]
+        out = {"lens": rows(self.cross[j]),
+               "self_lens": {"base": rows(self.self_base), "tuned": rows(self.self_tuned[j])}}
+        if heads is not None:
+            out["promoted"] = self.promoted(j, heads, decode, top_k)
+        return out
+
+    def promoted(self, j: int, heads: LensHeads, decode: Callable[[int], str] | None, top_k: int) -> list[dict]:
+        """Per chosen index, the top_k ids of s = W_base·(γ_base ⊙ Δμ_i) (γ omitted at L: its states are normed) and
+        of −s, with their scores and (with `decode`) text."""
+        last, out = self.n_states - 1, []
+        for k, i in enumerate(self.indices):
+            n = int(self.count[k])
+            if n == 0:
+                out.append({"index": i, "tokens": 0, "promoted": [], "suppressed": []})
+                continue
+            s = promoted_scores(heads.base.head, None if i == last else heads.base.gamma, self.diff[j, k] / n)
+            kk = min(top_k, s.shape[0])
+            side = lambda v: [{"id": t, "score": float(s[t]), **({"text": decode(t)} if decode else {})}
+                              for t in torch.sort(v, descending=True, stable=True).indices[:kk].tolist()]
+            out.append({"index": i, "tokens": n, "promoted": side(s), "suppressed": side(-s)})
+        return out
