@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from driftscope.kernels.cov_update import cov_update
 from driftscope.probes.base import Accumulator, LayerSums, json_float
 
 __all__ = ["HiddenSimilarity", "linear_cka_from_sums", "projection_matrix"]
@@ -26,6 +27,18 @@ def _cka_names(n_tuned: int) -> list[str]:
     return ["sum_x", "xtx", *(f"{name}{j}" for j in range(n_tuned) for name in ("sum_y", "yty", "ytx"))]
 _EPS = 1e-8  # norm floor for cosine / relative L2, as torch.nn.functional.cosine_similarity
 _CHUNK = 4096  # rows converted to float64 at a time (bounds the transient copy)
+
+
+def _gram(sum_x: torch.Tensor, xtx: torch.Tensor, x: torch.Tensor) -> None:
+    """sum_x += Σ rows of x, xtx += xᵀx (float64 sums; x [n, k] in its own dtype). On the CPU through
+    kernels.cov_update (the symmetric half of the products, x read in place: 4x torch's upcast + float64 GEMM at
+    d = 576), elsewhere as float64 torch (GPU float64 GEMMs; no tensor-core partials for the CKA's sums)."""
+    if x.device.type == "cpu":
+        cov_update(sum_x, xtx, x)
+        return
+    x = x.to(torch.float64)
+    sum_x += x.sum(0)
+    xtx += x.T @ x
 
 
 def projection_matrix(d: int, k: int, seed: int) -> torch.Tensor:
@@ -94,23 +107,23 @@ class HiddenSimilarity(Accumulator):
         if self.cka == "projected" and (self._proj is None or self._proj.device != dev):
             self._proj = projection_matrix(self.hidden_size, self.proj_dim, self.seed).to(dev)
         for i in range(0, h_base.shape[0], _CHUNK):
-            x = h_base[i:i + _CHUNK].detach().to(torch.float64)  # [n, d], once for every tuned model
+            xs = h_base[i:i + _CHUNK].detach()
+            x = xs.to(torch.float64)  # [n, d], once for every tuned model
             nx = x.norm(dim=1)
             acc_b += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), nx.sum(),
                                   (nx * nx).sum()])
             xp = x @ self._proj if self._proj is not None else x  # [n, k]
             if sums is not None:
-                sums["sum_x"] += xp.sum(0)
-                sums["xtx"] += xp.T @ xp
+                _gram(sums["sum_x"], sums["xtx"], xp if self._proj is not None else xs)
             for j, ht in enumerate(hts):
-                y = ht[i:i + _CHUNK].detach().to(torch.float64)  # [n, d]
+                ys = ht[i:i + _CHUNK].detach()
+                y = ys.to(torch.float64)  # [n, d]
                 ny, dn = y.norm(dim=1), (y - x).norm(dim=1)
                 cos = (x * y).sum(1) / (nx.clamp_min(_EPS) * ny.clamp_min(_EPS))
                 acc_t[j] += torch.stack([cos.sum(), (dn / nx.clamp_min(_EPS)).sum(), dn.sum(), (dn * dn).sum()])
                 if sums is not None:
                     yp = y @ self._proj if self._proj is not None else y
-                    sums[f"sum_y{j}"] += yp.sum(0)
-                    sums[f"yty{j}"] += yp.T @ yp
+                    _gram(sums[f"sum_y{j}"], sums[f"yty{j}"], yp if self._proj is not None else ys)
                     sums[f"ytx{j}"] += yp.T @ xp
         acc_b, acc_t = acc_b.cpu(), acc_t.cpu()
         for c, name in enumerate(_BASE_SCALARS):
