@@ -15,6 +15,7 @@ import torch
 from driftscope.drift_run.summary import task_summary
 from driftscope.probes import HiddenSimilarity, KLDStats, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
 from driftscope.probes.base import field
+from driftscope.probes.lens import LensDrift, LensHeads
 
 
 @dataclass
@@ -54,12 +55,21 @@ class TaskProbes:
 
     `shared_base=True` (lockstep over the records): every tuned model sees the same inputs, so the hidden-state
     similarity and the streaming PCA keep the base sums once and compute them once per batch. `shared_base=False`
-    (generate mode): each tuned model generates its own tokens, so each has its own."""
+    (generate mode): each tuned model generates its own tokens, so each has its own.
+    `lens` (probes.lens.LensHeads, lockstep only): the logit-lens drift at its indices; on_layer keeps those states
+    (and the final ones) until on_vocab has every tuned model's output result, then `LensDrift.update` runs."""
 
     def __init__(self, n_tuned: int, n_states: int, hidden_size: int, *, vocab_rows: int, pca: str, cka: str,
-                 cka_proj_dim: int, shared_base: bool = True) -> None:
+                 cka_proj_dim: int, shared_base: bool = True, lens: LensHeads | None = None) -> None:
         self.n_tuned, self.n_states, self.hidden_size, self.pca_mode = n_tuned, n_states, hidden_size, pca
         self.shared_base = shared_base
+        if lens is not None and (not shared_base or lens.n_states != n_states or len(lens.tuned) != n_tuned):
+            raise ValueError(f"the logit lens needs lockstep probes (shared_base=True, got {shared_base}) with "
+                             f"{lens.n_states} states and {len(lens.tuned)} tuned models (got {n_states}, {n_tuned})")
+        self.lens_heads = lens
+        self.lens = LensDrift(lens.indices, n_states, n_tuned, hidden_size) if lens is not None else None
+        self._lens_states: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # this batch's, index -> states
+        self._lens_outputs: dict[int, object] = {}  # this batch's output-probe results, tuned model -> result
         self.pairs = [PairProbes(
             tokens=TokenMetrics(), shifted=ShiftedTokens(vocab_rows),
             paper_pca=PaperPCAShift(n_states, hidden_size) if pca == "paper" else None,
@@ -80,6 +90,8 @@ class TaskProbes:
         if self.shared_base:
             if j is not None:
                 raise ValueError("shared-base probes need the states of every tuned model at once")
+            if self.lens is not None and (layer in self.lens.indices or layer == self.n_states - 1):
+                self._lens_states[layer] = (hb, list(hts))
             self.hidden[0].update(layer, hb, list(hts))
             if self.pcas:
                 self.pcas[0].update(layer, hb, list(hts))
@@ -96,6 +108,12 @@ class TaskProbes:
         pair.tokens.update(result, sample_ids, first)
         pair.kld.update(result)
         pair.shifted.update(targets, field(result, "rank_base"), field(result, "rank_tuned"))
+        if self.lens is not None:
+            self._lens_outputs[j] = result
+            if len(self._lens_outputs) == self.n_tuned:  # the batch's last tuned model: the lens, then drop its states
+                outputs = [self._lens_outputs[jj] for jj in range(self.n_tuned)]
+                states, self._lens_states, self._lens_outputs = self._lens_states, {}, {}
+                self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
 
     def set_paper_vectors(self, vectors: Sequence[torch.Tensor]) -> None:
         """Paper mode: the query vectors [L+1, Q, d] of the base, then of each tuned model. Each pair's PCA is
@@ -121,9 +139,10 @@ class TaskProbes:
         """Tuned model j's block of summary.json for this task."""
         pair = self.pairs[j]
         hidden = self.hidden[0].finalize(j) if self.shared_base else self.hidden[j].finalize()
+        lens = None if self.lens is None else self.lens.finalize(j, self.lens_heads, decode, self.lens_heads.top_k)
         return task_summary(tokens=pair.tokens.finalize(), hidden=hidden,
                             shifted=pair.shifted.finalize(decode=decode, top_k=top_tokens), pca=self.pca(j),
-                            problems=problems, llama_cpp=pair.kld.finalize())
+                            problems=problems, llama_cpp=pair.kld.finalize(), lens=lens)
 
     # ---- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -135,6 +154,8 @@ class TaskProbes:
             sd.update(_prefixed(f"hidden{i}.", acc.state_dict()))
         for i, acc in enumerate(self.pcas):
             sd.update(_prefixed(f"pca{i}.", acc.state_dict()))
+        if self.lens is not None:
+            sd.update(_prefixed("lens.", self.lens.state_dict()))
         return sd
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -151,3 +172,8 @@ class TaskProbes:
             acc.load_state_dict(part)
         for i, acc in enumerate(self.pcas):
             acc.load_state_dict(_strip(f"pca{i}.", state))
+        if self.lens is not None:
+            part = _strip("lens.", state)
+            if not part:
+                raise ValueError("the saved state lacks the logit lens (was it run without --lens?)")
+            self.lens.load_state_dict(part)

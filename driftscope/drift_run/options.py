@@ -10,13 +10,14 @@ from driftscope.cli_options import check_ranges, cli, results
 from driftscope.engine.checkpoint import LORA_MODES, Checkpoint
 from driftscope.engine.sampling import Decoding, SamplingParams
 from driftscope.errors import InputError
+from driftscope.probes.lens import parse_lens
 from driftscope.options import (BatchOptions, EngineOptions, ModelOptions, PromptOptions, RunOptions,
                                 ThinkingOptions)
 from driftscope.util import file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-STATE_FORMAT = 6  # layout of the resumable state (6: each PairProbes has KLDStats, llama.cpp's KLD statistics)
+STATE_FORMAT = 7  # layout of the resumable state (6: each PairProbes has KLDStats; 7: the logit lens, "lens.*")
 
 
 @dataclass
@@ -56,6 +57,13 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         choices=CKA_MODES))
     cka_proj_dim: int = field(default=256, metadata=cli(
         "projected CKA: dimension of the random projection", ge=1))
+    lens: str | None = field(default=None, metadata=cli(
+        "logit-lens drift at hidden-state indices 0..L (L: after the final norm): all, every:K (0, K, 2K, ... and L) "
+        "or i,j,k; each model read through its own final norm and LM head, compared exactly like the output, and "
+        "against its own output; plus the tokens the mean state difference promotes (default: off, no cost)",
+        metavar="LAYERS"))
+    lens_top_k: int = field(default=20, metadata=cli(
+        "--lens: promoted and suppressed tokens kept per index", ge=1, cosmetic=True))
     report: bool = field(default=True, metadata=cli(
         "write report.html (its plots take seconds per tuned model; a sweep turns it off: its report has the curves)",
         cosmetic=True))
@@ -91,6 +99,11 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         if self.stream_layers and self.generate:
             raise InputError("stream_layers=True (--stream-layers) with generate=True: generation runs every layer "
                              "once per decoded token, so streamed weights would be copied once per token; drop one")
+        if self.lens is not None:
+            parse_lens(self.lens)  # the syntax now; the range once the model's layers are known
+            if self.generate:
+                raise InputError(f"lens={self.lens!r} (--lens) with generate=True (--generate): the logit lens runs "
+                                 "on records' responses (lockstep) only; drop one")
         if self.pca_texts is not None and not Path(self.pca_texts).is_file():
             raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")
 

@@ -7,8 +7,27 @@ from driftscope.probes.token_metrics import MEANS, mean_of_task_means
 from driftscope.util import json_float
 
 
+def metric_block(tokens: dict) -> dict:
+    """The output probe's keys of one TokenMetrics.finalize(): tokens, samples, each of MEANS {token_mean,
+    sample_mean}, sampled_kl, top1_agreement (a task's block and each logit-lens entry)."""
+    return {"tokens": tokens["tokens"], "samples": tokens["samples"],
+            **{m: {"token_mean": tokens["token_mean"][m], "sample_mean": tokens["sample_mean"][m]} for m in MEANS},
+            "sampled_kl": tokens["sampled_kl"]["value"], "top1_agreement": tokens["token_mean"]["top1_agree"]}
+
+
+def lens_summary(lens: dict) -> dict:
+    """probes.lens.LensDrift.finalize() -> summary.json's "lens" (cross: base vs tuned per index), "self_lens"
+    ({"base", "tuned"}: each model's lens at the index as "tuned" against its own output as "base", so kl_bt is
+    KL(output ‖ lens)) and "promoted_tokens" (per index, top promoted / suppressed ids of W_base·(γ ⊙ Δμ))."""
+    rows = lambda entries: [{"index": e["index"], **metric_block(e)} for e in entries]
+    return {"lens": rows(lens["lens"]),
+            "self_lens": {who: rows(entries) for who, entries in lens["self_lens"].items()},
+            "promoted_tokens": lens.get("promoted")}
+
+
 def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str],
-                 llama_cpp: dict | None = None) -> dict:
+                 llama_cpp: dict | None = None, lens: dict | None = None) -> dict:
+    """A task's block; with `lens` (LensDrift.finalize()) also lens_summary's keys."""
     by_layer: dict[int, dict] = {}
     if pca is not None:
         for r in pca["records"]:
@@ -27,10 +46,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
             "pca_principle_tuned": p.get("pca_principle_tuned"),
         })
     return {
-        "tokens": tokens["tokens"], "samples": tokens["samples"],
-        **{m: {"token_mean": tokens["token_mean"][m], "sample_mean": tokens["sample_mean"][m]} for m in MEANS},
-        "sampled_kl": tokens["sampled_kl"]["value"],
-        "top1_agreement": tokens["token_mean"]["top1_agree"],
+        **metric_block(tokens),
         "llama_cpp": llama_cpp,
         "layers": layers,
         "pca": pca,
@@ -39,6 +55,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
         "shifted_tokens": shifted,
         "token_metrics": {k: tokens[k] for k in ("sampled_kl", "rank_shift_paper_tokens")},
         "problems": problems,
+        **(lens_summary(lens) if lens is not None else {}),
     }
 
 

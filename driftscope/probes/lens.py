@@ -21,30 +21,45 @@ from driftscope.kernels.vocab_probe import vocab_probe
 from driftscope.probes.base import Accumulator
 from driftscope.probes.token_metrics import TokenMetrics
 
-__all__ = ["lens_indices", "LensModel", "LensHeads", "LensDrift", "promoted_scores"]
+__all__ = ["parse_lens", "lens_indices", "LensModel", "LensHeads", "LensDrift", "promoted_scores"]
 
 
-def lens_indices(spec: str | None, n_states: int) -> list[int]:
-    """The hidden-state indices of `--lens` over n_states = L + 1 states: None/"" -> [] (off), "all" -> 0..L,
-    "every:K" -> 0, K, 2K, ... and always L, "i,j,k" -> those (sorted, unique), each in [0, L]."""
-    last = n_states - 1
+def parse_lens(spec: str | None) -> str | int | list[int] | None:
+    """The syntax of `--lens`: None (off: None, "", "none"), "all", K of "every:K" (K >= 1) or the indices of "i,j,k"
+    (sorted, unique, >= 0); InputError naming the option otherwise."""
     if spec is None or str(spec).strip() in ("", "none"):
-        return []
+        return None
     s = str(spec).strip()
     if s == "all":
-        return list(range(n_states))
+        return s
     try:
         if s.startswith("every:"):
             k = int(s.removeprefix("every:"))
             if k < 1:
                 raise ValueError
-            return sorted({*range(0, n_states, k), last})
+            return k
         out = sorted({int(x) for x in s.split(",")})
+        if out[0] < 0:
+            raise ValueError
+        return out
     except ValueError:
-        raise InputError(f"lens={spec!r} (--lens): expected 'all', 'every:K' (K >= 1) or indices 'i,j,k'") from None
-    if out[0] < 0 or out[-1] > last:
+        raise InputError(f"lens={spec!r} (--lens): expected 'all', 'every:K' (K >= 1) or indices 'i,j,k' "
+                         "(hidden-state indices, 0 = embeddings)") from None
+
+
+def lens_indices(spec: str | None, n_states: int) -> list[int]:
+    """The hidden-state indices of `--lens` over n_states = L + 1 states: None/"" -> [] (off), "all" -> 0..L,
+    "every:K" -> 0, K, 2K, ... and always L, "i,j,k" -> those (sorted, unique), each in [0, L]."""
+    last, p = n_states - 1, parse_lens(spec)
+    if p is None:
+        return []
+    if p == "all":
+        return list(range(n_states))
+    if isinstance(p, int):
+        return sorted({*range(0, n_states, p), last})
+    if p[-1] > last:
         raise InputError(f"lens={spec!r} (--lens): hidden-state indices must be in [0, {last}] (L = {last} layers)")
-    return out
+    return p
 
 
 @dataclass

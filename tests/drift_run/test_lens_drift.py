@@ -1,0 +1,217 @@
+"""The logit lens through a drift run (summary.json's "lens", "self_lens", "promoted_tokens") against float64
+transformers hidden states, norm and head; TaskProbes' lens merge (merge_kind) and state round trip; a planted
+change that the promoted tokens must find."""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+from analysis_helpers import TEXTS, TOKENIZER_FILES
+
+import driftscope.drift_run.run as run_mod
+from driftscope import drift, load_tokenizer
+from driftscope.drift_run.bundle import TaskProbes, merge_kind
+from driftscope.drift_run.summary import metric_block
+from driftscope.engine.config import ModelConfig
+from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.probes.lens import LensHeads, LensModel
+from driftscope.probes.token_metrics import MEANS
+from driftscope.records import load_samples
+from driftscope.testing import hf_config, random_state_dict, write_checkpoint, write_tokenizer
+
+OPTS = {"progress": False, "max_batch_tokens": 96, "pca": "none"}
+
+
+@contextlib.contextmanager
+def lens_wired(spec: str, top_k: int = 20):
+    """drift() with TaskProbes given `lens` as run.py's one-line change would give it (run.py is not ours to edit):
+    the LockstepRunner's models feed LensHeads.of_models."""
+    seen = {}
+
+    class Runner(run_mod.LockstepRunner):
+        def __init__(self, base, tuned):
+            super().__init__(base, tuned)
+            seen["models"] = (base, tuned)
+
+    class Probes(TaskProbes):
+        def __init__(self, *args, **kw):
+            base, tuned = seen["models"]
+            heads = LensHeads.of_models(spec, base, tuned, [None] * len(tuned), top_k)
+            super().__init__(*args, **kw, lens=heads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "LockstepRunner", Runner)
+        mp.setattr(run_mod, "TaskProbes", Probes)
+        yield
+
+
+@pytest.fixture(scope="module")
+def lens_run(models, records, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lens-drift")
+    with lens_wired("all"):
+        report = drift(models["base"], [models["tuned"], models["late"]], records, out, **OPTS, lens="all")
+    assert json.loads((out / "summary.json").read_text())["models"] == report.summary["models"]
+    return report.summary["models"]
+
+
+def test_index_L_is_the_output_probe_bit_for_bit(lens_run):
+    for name in ("tuned", "late"):
+        task = lens_run[name]["tasks"]["mixed"]
+        assert [r["index"] for r in task["lens"]] == [0, 1, 2, 3]
+        keys = set(task["lens"][-1]) - {"index"}
+        assert keys == {"tokens", "samples", *MEANS, "sampled_kl", "top1_agreement"}
+        assert {k: task["lens"][-1][k] for k in keys} == {k: task[k] for k in keys}
+        assert task["tokens"] > 0 and task["kl_tb"]["token_mean"] > 0
+
+
+def test_equal_layers_give_zero_lens_kl(lens_run):
+    late = lens_run["late"]["tasks"]["mixed"]  # only layer 2 (the last) changed: states 0, 1, 2 are equal
+    for row in late["lens"][:3]:
+        assert row["kl_tb"]["token_mean"] == 0 and row["kl_bt"]["token_mean"] == 0, row["index"]
+        assert row["top1_agreement"] == 1 and row["rank_shift"]["token_mean"] == 0
+    assert late["lens"][3]["kl_tb"]["token_mean"] > 1e-4
+    for who in ("base", "tuned"):  # each model against itself at L
+        assert lens_run["late"]["tasks"]["mixed"]["self_lens"][who][-1]["kl_bt"]["token_mean"] == 0
+
+
+@torch.no_grad()
+def test_lens_against_float64_transformers(lens_run, models, records):
+    import transformers
+
+    samples, _ = load_samples(records, load_tokenizer(models["base"]))
+    hf = {k: transformers.AutoModelForCausalLM.from_pretrained(models[k], dtype=torch.float64,
+                                                               attn_implementation="eager") for k in ("base", "tuned")}
+    cols: dict[tuple, list] = {}
+    for s in samples:
+        a, b = s.first_scored, len(s.input_ids) - 1
+        y = s.input_ids[a + 1:b + 1]
+        hs = {k: m(s.input_ids[None], output_hidden_states=True).hidden_states for k, m in hf.items()}
+        for i in (0, 1, 2):  # three indices below L: the lens applies each model's own final norm and head
+            z = {k: hf[k].lm_head(hf[k].model.norm(hs[k][i][0, a:b])) for k in hf}
+            lq, lp = torch.log_softmax(z["base"], -1), torch.log_softmax(z["tuned"], -1)
+            cols.setdefault((i, "kl_tb"), []).append((lp.exp() * (lp - lq)).sum(-1))
+            cols.setdefault((i, "kl_bt"), []).append((lq.exp() * (lq - lp)).sum(-1))
+            cols.setdefault((i, "logp_tuned"), []).append(lp.gather(1, y[:, None])[:, 0])
+            cols.setdefault((i, "top1_agree"), []).append((z["base"].argmax(-1) == z["tuned"].argmax(-1)).double())
+            zl = z["base"]  # self-lens of the base: KL(output ‖ lens_i)
+            lo = torch.log_softmax(hf["base"].lm_head(hs["base"][-1][0, a:b]), -1)
+            lz = torch.log_softmax(zl, -1)
+            cols.setdefault((i, "self_kl"), []).append((lo.exp() * (lo - lz)).sum(-1))
+    task = lens_run["tuned"]["tasks"]["mixed"]
+    for i in (0, 1, 2):
+        got = task["lens"][i]
+        assert got["index"] == i
+        for name in ("kl_tb", "kl_bt", "logp_tuned"):
+            want = torch.cat(cols[(i, name)]).mean().item()
+            assert got[name]["token_mean"] == pytest.approx(want, abs=2e-5), (i, name)
+        assert got["top1_agreement"] == pytest.approx(torch.cat(cols[(i, "top1_agree")]).mean().item(), abs=1e-12)
+        want = torch.cat(cols[(i, "self_kl")]).mean().item()
+        assert task["self_lens"]["base"][i]["kl_bt"]["token_mean"] == pytest.approx(want, abs=2e-5), i
+    assert task["lens"][1]["kl_tb"]["token_mean"] > 1e-3  # layers 1.. changed: the lens sees it
+
+
+# ---- TaskProbes: merge across ranks (merge_kind) and state round trip -----------------------------------------------
+D, V, NS = 16, 61, 4
+
+
+def _heads(n_tuned: int) -> LensHeads:
+    g = torch.Generator().manual_seed(0)
+    def model():
+        gamma = 1 + 0.1 * torch.randn(D, generator=g)
+        return LensModel(lambda h, gm=gamma: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * gm,
+                         torch.randn(V, D, generator=g), gamma)
+    return LensHeads([0, 2, NS - 1], NS, model(), [model() for _ in range(n_tuned)], [None] * n_tuned, top_k=4)
+
+
+def _feed(probes: TaskProbes, heads: LensHeads, seeds) -> None:
+    for s in seeds:
+        g = torch.Generator().manual_seed(s)
+        n = 12 + s
+        hs = [(torch.randn(n, D, generator=g), [torch.randn(n, D, generator=g) for _ in heads.tuned])
+              for _ in range(NS)]
+        for i, (hb, hts) in enumerate(hs):
+            if i == NS - 1:
+                hb, hts = heads.base.norm(hb), [m.norm(h) for m, h in zip(heads.tuned, hts)]
+            probes.on_layer(i, hb, hts)
+        y = torch.randint(0, V, (n,), generator=g)
+        sids, first = 1000 * s + torch.arange(n) // 4, torch.arange(n) % 4 == 0
+        hb, hts = hs[-1][0], hs[-1][1]
+        hb, hts = heads.base.norm(hb), [m.norm(h) for m, h in zip(heads.tuned, hts)]
+        rs = vocab_probe(hb, heads.base.head, hts, [m.head for m in heads.tuned], y)
+        for j, r in enumerate(rs):
+            probes.on_vocab(j, r, y, sids, first)
+
+
+def _probes(heads):
+    return TaskProbes(len(heads.tuned), NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=heads)
+
+
+def test_task_probes_lens_merge_and_round_trip():
+    heads = _heads(2)
+    one, r0, r1 = _probes(heads), _probes(heads), _probes(heads)
+    _feed(one, heads, [1, 2, 3, 4])
+    _feed(r0, heads, [1, 2])
+    _feed(r1, heads, [3, 4])
+    s0, s1 = r0.state_dict(), r1.state_dict()
+    assert any(k.startswith("lens.") for k in s0)
+    merged = {}
+    for k in s0:  # what distributed.World.merge does with merge_kind, in rank order
+        kind = merge_kind(k)
+        merged[k] = s0[k] + s1[k] if kind == "sum" else torch.cat([s0[k], s1[k]]) if kind == "cat" else s0[k]
+    restored = _probes(heads)
+    restored.load_state_dict(merged)
+    decode = lambda t: f"<{t}>"
+    for j in range(2):
+        a, b = restored.finalize(j, decode, 5, []), one.finalize(j, decode, 5, [])
+        assert a["lens"] == b["lens"] and a["self_lens"] == b["self_lens"]
+        assert [[r["id"] for r in p["promoted"]] for p in a["promoted_tokens"]] == \
+               [[r["id"] for r in p["promoted"]] for p in b["promoted_tokens"]]
+        assert a["lens"][-1] | {"index": None} == {"index": None, **metric_block_of(one, j)}
+    again = _probes(heads)
+    again.load_state_dict(one.state_dict())
+    assert again.finalize(0, decode, 5, []) == one.finalize(0, decode, 5, [])
+    with pytest.raises(ValueError, match="lens"):
+        TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=heads,
+                   shared_base=False)
+    plain = TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8)
+    assert not any(k.startswith("lens.") for k in plain.state_dict())  # off: the state is what it was
+    with pytest.raises(ValueError, match="lens"):
+        _probes(heads).load_state_dict(plain.state_dict())
+
+
+def metric_block_of(probes: TaskProbes, j: int) -> dict:
+    return metric_block(probes.pairs[j].tokens.finalize())
+
+
+# ---- a planted change: layer k's down_proj bias shifted along token t's head row (divided by γ) ----------------------
+def test_planted_change_is_the_top_promoted_token(tmp_path):
+    k, t, c, layers = 1, 37, 4.0, 4
+    tok_dir = write_tokenizer(tmp_path / "base", TEXTS, vocab_size=350)
+    vocab = load_tokenizer(tok_dir).vocab_size
+    cfg = hf_config("llama", vocab_size=vocab, hidden_size=64, num_layers=layers, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128) | {"mlp_bias": True}
+    sd = random_state_dict(ModelConfig.from_dict(cfg, source="planted"), seed=3)
+    write_checkpoint(tmp_path / "base", cfg, sd)
+    gamma, row = sd["model.norm.weight"], sd["lm_head.weight"][t]
+    tuned = dict(sd)
+    tuned[f"model.layers.{k}.mlp.down_proj.bias"] = sd[f"model.layers.{k}.mlp.down_proj.bias"] + c * row / gamma
+    write_checkpoint(tmp_path / "tuned", cfg, tuned)
+    for f in TOKENIZER_FILES:
+        if (tmp_path / "base" / f).exists():
+            shutil.copy(tmp_path / "base" / f, tmp_path / "tuned" / f)
+    records = tmp_path / "mixed.jsonl"
+    records.write_text("".join(json.dumps({"prompt": x[:15], "response": x[15:]}) + "\n" for x in TEXTS[:6]))
+    with lens_wired("all", top_k=3):
+        task = drift(tmp_path / "base", tmp_path / "tuned", records, **OPTS, lens="all").summary[
+            "models"]["tuned"]["tasks"]["mixed"]
+    promoted = task["promoted_tokens"]
+    assert [p["index"] for p in promoted] == list(range(layers + 1))
+    for p in promoted[:k + 1]:  # before layer k's output (index k + 1): the states are equal, nothing promoted
+        assert all(r["score"] == 0 for r in p["promoted"] + p["suppressed"]), p
+    for p in promoted[k + 1:]:
+        assert p["promoted"][0]["id"] == t, p
+        assert p["promoted"][0]["score"] > 0 > p["suppressed"][0]["score"]
+        assert p["promoted"][0]["text"] == load_tokenizer(tok_dir).decode([t])
