@@ -228,6 +228,11 @@ _CAPTIONS = {
             "the tuned model ranks it higher; 0, unchanged. Base rank of the tuned top-1 token: 1 = both models "
             "agree on the most likely token. y: tokens (log scale); bins beyond the outermost non-empty ones are "
             "left out; hatched bars are open-ended.",
+    "lens": "Logit lens: at each chosen hidden-state index (0 = embeddings, last = after the final norm, equal to the "
+            "output numbers above) each model's state read through its own final norm and LM head. Left: KL between "
+            "the two models' lens distributions (token mean); middle: how often their top-1 tokens agree; right: "
+            "each model's KL(own output ‖ lens at the index), 0 at the last index: how early each model settles "
+            "on its final prediction.",
     "top": "The token ids whose rank changed most often: dark, the occurrences where rank_base ≠ rank_tuned; light, "
            "all its occurrences in the scored text. Label: the token's text in quotes (↵ newline, ⇥ tab) and its id.",
 }
@@ -317,6 +322,36 @@ def _tokens_table(st: Mapping) -> str:
     return head + _details(f"Top shifted tokens ({len(top)} rows)", table)
 
 
+_LENS_COLS = (("KL(t‖b)", "kl_tb"), ("KL(b‖t)", "kl_bt"), ("rank shift", "rank_shift"),
+              ("log p tuned", "logp_tuned"))
+
+
+def _lens(t: Mapping, label: str, figures: "_Figures") -> str:
+    """The logit-lens section: the figure, a table per index (with each model's KL(output ‖ lens)) and the
+    promoted / suppressed tokens per index; "" when the run had no --lens."""
+    lens, self_lens = t.get("lens"), t.get("self_lens") or {}
+    if not lens:
+        return ""
+    out = ["<h3>Logit lens</h3>\n", figures(f"logit lens, {label}", _CAPTIONS["lens"], plots.lens_png, lens,
+                                             self_lens, title=label)]
+    selfs = {who: {r["index"]: r for r in self_lens.get(who) or []} for who in ("base", "tuned")}
+    header = ["index", *(c for c, _ in _LENS_COLS), "top-1 agree", "KL(out‖lens) base", "KL(out‖lens) tuned"]
+    rows = [[esc(r["index"]), *(fmt(_get(r, k, "token_mean")) for _, k in _LENS_COLS), fmt(r.get("top1_agreement")),
+             *(fmt(_get(selfs[who].get(r["index"]), "kl_bt", "token_mean")) for who in ("base", "tuned"))]
+            for r in lens]
+    out.append(_details(f"Logit lens per index ({len(lens)} indices, token means)",
+                        html_table(header, rows, numeric_from=1), open_=True))
+    promoted = t.get("promoted_tokens") or []
+    if promoted:
+        cell = lambda side: " ".join(_token_cell(visible_text(x.get("text"))) if x.get("text") is not None
+                                     else esc(x.get("id")) for x in side[:10])
+        prow = [[esc(p["index"]), fmt(p.get("tokens")), cell(p.get("promoted") or []),
+                 cell(p.get("suppressed") or [])] for p in promoted]
+        out.append(_details("Promoted / suppressed tokens per index (W_base·(γ ⊙ mean(h_tuned − h_base)), top 10)",
+                            html_table(["index", "tokens", "promoted", "suppressed"], prow, numeric_from=4)))
+    return "".join(out)
+
+
 def _problems(problems: Sequence[str]) -> str:
     if not problems:
         return ""
@@ -345,6 +380,7 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
             out.append('<p class="muted">CKA was not computed for this run.</p>\n')
         out.append(figures(f"layer drift, {label}", _CAPTIONS["layers"], plots.layer_drift_png, layers, title=label))
         out.append(_layers_table(layers))
+    out.append(_lens(t, label, figures))
     out.append("<h3>Token distributions</h3>\n")
     if hists.get("kl_tb") or hists.get("kl_bt"):
         means = {k: _get(t, k, "token_mean") for k in ("kl_tb", "kl_bt")}

@@ -334,3 +334,36 @@ def top_tokens_png(top: Sequence[Mapping], key: str = "count_shifted", n: int = 
     ax.set_title(f"top {len(rows)} shifted tokens by {key}", fontsize=10)
     _title(fig, title)
     return _png(fig)
+
+
+# ---- (f) logit lens against depth --------------------------------------------------------------------------------
+def lens_png(lens: Sequence[Mapping], self_lens: Mapping[str, Sequence[Mapping]] | None = None,
+             title: str = "") -> bytes:
+    """summary.json's `lens` rows (and `self_lens`) against the hidden-state index: left, the token-mean KL both ways
+    between the models' lens distributions; middle, their top-1 agreement; right, each model's KL(output ‖ lens_i)
+    (self-lens kl_bt: how far its state at i is from its own final prediction)."""
+    if not lens:
+        raise ValueError("logit-lens plot: no lens rows")
+    x = [int(r["index"]) for r in lens]
+    mean = lambda rows, k: [_num((r.get(k) or {}).get("token_mean")) for r in rows]
+    fig, (ax_kl, ax_top, ax_self) = _figure(11.0, 3.4, ncols=3)
+    for k, style in (("kl_tb", "o-"), ("kl_bt", "s--")):
+        ax_kl.plot(x, mean(lens, k), style, ms=3, label=KL_NAMES[k])
+    ax_kl.set_title("lens KL base vs tuned", fontsize=10)
+    ax_kl.set_ylabel("nats (token mean)")
+    ax_top.plot(x, [_num(r.get("top1_agreement")) for r in lens], "o-", ms=3, color="C2")
+    ax_top.set_title("lens top-1 agreement", fontsize=10)
+    ax_top.set_ylim(-0.02, 1.02)
+    for who, style in (("base", "o-"), ("tuned", "s--")):
+        rows = (self_lens or {}).get(who) or []
+        if rows:
+            ax_self.plot([int(r["index"]) for r in rows], mean(rows, "kl_bt"), style, ms=3, label=who)
+    ax_self.set_title("KL(own output ‖ lens)", fontsize=10)
+    ax_kl.legend(fontsize=8)
+    ax_self.legend(fontsize=8)
+    for ax in (ax_kl, ax_top, ax_self):
+        ax.set_xlabel(STATE_AXIS)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _title(fig, title)
+    return _png(fig)

@@ -54,7 +54,17 @@ def lens_run(models, records, tmp_path_factory):
     with lens_wired("all"):
         report = drift(models["base"], [models["tuned"], models["late"]], records, out, **OPTS, lens="all")
     assert json.loads((out / "summary.json").read_text())["models"] == report.summary["models"]
-    return report.summary["models"]
+    return report.summary["models"] | {"_out": out}
+
+
+def test_report_has_the_lens_section(lens_run):
+    from driftscope.report import plots
+
+    page = (lens_run["_out"] / "report.html").read_text()
+    assert page.count("<h3>Logit lens</h3>") == 2  # one per (model, task)
+    assert "Logit lens per index (4 indices, token means)" in page and "Promoted / suppressed tokens" in page
+    if plots.unavailable() is None:
+        assert 'alt="logit lens, tuned / mixed"' in page and 'alt="logit lens, late / mixed"' in page
 
 
 def test_index_L_is_the_output_probe_bit_for_bit(lens_run):
