@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field as dc_field
+from functools import partial
 
 import torch
 
 from driftscope.drift_run.summary import task_summary
 from driftscope.probes import HiddenSimilarity, KLDStats, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
 from driftscope.probes.base import field
+from driftscope.probes.examples import TopExamples
 from driftscope.probes.lens import LensDrift, LensHeads
 
 
@@ -26,6 +28,7 @@ class PairProbes:
     shifted: ShiftedTokens
     paper_pca: PaperPCAShift | None = None
     kld: KLDStats = dc_field(default_factory=KLDStats)  # llama.cpp's --kl-divergence statistics
+    examples: TopExamples | None = None  # the samples and tokens that moved most (--examples)
 
     def parts(self) -> dict:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -42,11 +45,11 @@ def _strip(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 def merge_kind(key: str) -> str:
     """How a key of `TaskProbes.state_dict()` combines over processes that each ran part of the batches: "sum" (the
     float64/int64 sums and counts), "cat" (TokenMetrics' per-sample rows: each sample is in one process only;
-    KLDStats' per-token values) or "first" (configurations, histogram edges, and paper-mode PCA, which one process
-    computes for every batch)."""
+    KLDStats' per-token values; TopExamples' stores, re-selected on load) or "first" (configurations, histogram edges,
+    and paper-mode PCA, which one process computes for every batch)."""
     if ".paper_pca." in key or key.endswith("config") or ".edges." in key:
         return "first"
-    cat = key.endswith(".sample_ids") or ".sample_sums." in key or ".kld.values." in key
+    cat = key.endswith(".sample_ids") or ".sample_sums." in key or ".kld.values." in key or ".examples." in key
     return "cat" if cat else "sum"
 
 
@@ -56,23 +59,32 @@ class TaskProbes:
     `shared_base=True` (lockstep over the records): every tuned model sees the same inputs, so the hidden-state
     similarity and the streaming PCA keep the base sums once and compute them once per batch. `shared_base=False`
     (generate mode): each tuned model generates its own tokens, so each has its own.
-    `lens` (probes.lens.LensHeads, lockstep only): the logit-lens drift at its indices; on_layer keeps those states
-    (and the final ones) until on_vocab has every tuned model's output result, then `LensDrift.update` runs."""
+    `lens` (probes.lens.LensHeads, lockstep only): the models' norms and heads; with indices, the logit-lens drift
+    there (on_layer keeps those states and the final ones until on_vocab has every tuned model's output result, then
+    `LensDrift.update` runs). `examples` > 0 (needs `lens`, for the heads): per tuned model a TopExamples of that k,
+    whose top-5 next tokens come from the final states kept by on_layer."""
 
     def __init__(self, n_tuned: int, n_states: int, hidden_size: int, *, vocab_rows: int, pca: str, cka: str,
-                 cka_proj_dim: int, shared_base: bool = True, lens: LensHeads | None = None) -> None:
+                 cka_proj_dim: int, shared_base: bool = True, lens: LensHeads | None = None,
+                 examples: int = 0) -> None:
         self.n_tuned, self.n_states, self.hidden_size, self.pca_mode = n_tuned, n_states, hidden_size, pca
         self.shared_base = shared_base
-        if lens is not None and (not shared_base or lens.n_states != n_states or len(lens.tuned) != n_tuned):
-            raise ValueError(f"the logit lens needs lockstep probes (shared_base=True, got {shared_base}) with "
-                             f"{lens.n_states} states and {len(lens.tuned)} tuned models (got {n_states}, {n_tuned})")
+        used = lens is not None and (bool(lens.indices) or examples > 0)
+        if used and (not shared_base or lens.n_states != n_states or len(lens.tuned) != n_tuned):
+            raise ValueError(f"the logit lens and example stores need lockstep probes (shared_base=True, got "
+                             f"{shared_base}) with {lens.n_states} states and {len(lens.tuned)} tuned models (got "
+                             f"{n_states}, {n_tuned})")
+        if examples and lens is None:
+            raise ValueError("the example stores (examples > 0) need the models' heads: pass lens=LensHeads(...)")
         self.lens_heads = lens
-        self.lens = LensDrift(lens.indices, n_states, n_tuned, hidden_size) if lens is not None else None
+        self.lens = LensDrift(lens.indices, n_states, n_tuned, hidden_size) if lens and lens.indices else None
+        self.keep_final = self.lens is not None or examples > 0  # on_layer keeps the batch's final states
         self._lens_states: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # this batch's, index -> states
         self._lens_outputs: dict[int, object] = {}  # this batch's output-probe results, tuned model -> result
         self.pairs = [PairProbes(
             tokens=TokenMetrics(), shifted=ShiftedTokens(vocab_rows),
             paper_pca=PaperPCAShift(n_states, hidden_size) if pca == "paper" else None,
+            examples=TopExamples(examples) if examples else None,
         ) for _ in range(n_tuned)]
         hidden = lambda n: HiddenSimilarity(n_states, hidden_size, cka=cka, proj_dim=cka_proj_dim, n_tuned=n)
         self.hidden = [hidden(n_tuned)] if shared_base else [hidden(1) for _ in range(n_tuned)]
@@ -90,7 +102,7 @@ class TaskProbes:
         if self.shared_base:
             if j is not None:
                 raise ValueError("shared-base probes need the states of every tuned model at once")
-            if self.lens is not None and (layer in self.lens.indices or layer == self.n_states - 1):
+            if self.keep_final and (layer == self.n_states - 1 or (self.lens and layer in self.lens.indices)):
                 self._lens_states[layer] = (hb, list(hts))
             self.hidden[0].update(layer, hb, list(hts))
             if self.pcas:
@@ -108,12 +120,28 @@ class TaskProbes:
         pair.tokens.update(result, sample_ids, first)
         pair.kld.update(result)
         pair.shifted.update(targets, field(result, "rank_base"), field(result, "rank_tuned"))
-        if self.lens is not None:
+        if pair.examples is not None:
+            pair.examples.update(field(result, "kl_tb"), targets, sample_ids, partial(self._top_n, j))
+        if self.keep_final:
             self._lens_outputs[j] = result
             if len(self._lens_outputs) == self.n_tuned:  # the batch's last tuned model: the lens, then drop its states
                 outputs = [self._lens_outputs[jj] for jj in range(self.n_tuned)]
                 states, self._lens_states, self._lens_outputs = self._lens_states, {}, {}
-                self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
+                if self.lens is not None:
+                    self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
+
+    def _top_n(self, j: int, rows: torch.Tensor, n: int = 5) -> tuple[torch.Tensor, ...]:
+        """Both models' top-n next tokens and probabilities (float32 logits of their heads, the pair's valid vocab)
+        at the batch's scored rows `rows`: (base ids, base p, tuned ids, tuned p), each [R, n]."""
+        hb, hts = self._lens_states[self.n_states - 1]
+        heads, vv = self.lens_heads, self.lens_heads.valid_vocab[j]
+        out = []
+        for h, w in ((hb, heads.base.head), (hts[j], heads.tuned[j].head)):
+            rr = rows.to(h.device)
+            p = torch.softmax(h[rr].float() @ w[:vv].float().T, dim=-1)  # [R, V]: R <= k rows only
+            top = torch.topk(p, min(n, p.shape[1]), dim=-1)
+            out += [top.indices, top.values]
+        return tuple(out)
 
     def set_paper_vectors(self, vectors: Sequence[torch.Tensor]) -> None:
         """Paper mode: the query vectors [L+1, Q, d] of the base, then of each tuned model. Each pair's PCA is
@@ -142,7 +170,8 @@ class TaskProbes:
         lens = None if self.lens is None else self.lens.finalize(j, self.lens_heads, decode, self.lens_heads.top_k)
         return task_summary(tokens=pair.tokens.finalize(), hidden=hidden,
                             shifted=pair.shifted.finalize(decode=decode, top_k=top_tokens), pca=self.pca(j),
-                            problems=problems, llama_cpp=pair.kld.finalize(), lens=lens)
+                            problems=problems, llama_cpp=pair.kld.finalize(), lens=lens,
+                            examples=None if pair.examples is None else pair.examples.finalize(decode))
 
     # ---- checkpoint ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

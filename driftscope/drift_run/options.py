@@ -17,7 +17,7 @@ from driftscope.util import file_digest
 
 PCA_MODES = ("streaming", "paper", "none")
 CKA_MODES = ("auto", "full", "projected", "none")
-STATE_FORMAT = 7  # layout of the resumable state (6: each PairProbes has KLDStats; 7: the logit lens, "lens.*")
+STATE_FORMAT = 7  # layout of the resumable state (6: each PairProbes has KLDStats; 7: "lens.*", "m{j}.examples.*")
 
 
 @dataclass
@@ -64,6 +64,10 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         metavar="LAYERS"))
     lens_top_k: int = field(default=20, metadata=cli(
         "--lens: promoted and suppressed tokens kept per index", ge=1, cosmetic=True))
+    examples: int = field(default=0, metadata=cli(
+        "keep the K samples with the largest mean KL(tuned ‖ base) (tokens, per-token KL) and the K tokens with the "
+        "largest KL (context ids, both models' top-5 next tokens) per task and tuned model (0: off)", ge=0,
+        metavar="K"))
     report: bool = field(default=True, metadata=cli(
         "write report.html (its plots take seconds per tuned model; a sweep turns it off: its report has the curves)",
         cosmetic=True))
@@ -99,10 +103,10 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         if self.stream_layers and self.generate:
             raise InputError("stream_layers=True (--stream-layers) with generate=True: generation runs every layer "
                              "once per decoded token, so streamed weights would be copied once per token; drop one")
-        if self.lens is not None:
-            parse_lens(self.lens)  # the syntax now; the range once the model's layers are known
-            if self.generate:
-                raise InputError(f"lens={self.lens!r} (--lens) with generate=True (--generate): the logit lens runs "
+        lens_on = parse_lens(self.lens) is not None  # the syntax now; the range once the model's layers are known
+        for name, on in (("lens", lens_on), ("examples", self.examples > 0)):
+            if on and self.generate:
+                raise InputError(f"{name}={getattr(self, name)!r} (--{name}) with generate=True (--generate): it runs "
                                  "on records' responses (lockstep) only; drop one")
         if self.pca_texts is not None and not Path(self.pca_texts).is_file():
             raise FileNotFoundError(f"pca_texts file {self.pca_texts} does not exist")

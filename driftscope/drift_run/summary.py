@@ -26,8 +26,9 @@ def lens_summary(lens: dict) -> dict:
 
 
 def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None, problems: list[str],
-                 llama_cpp: dict | None = None, lens: dict | None = None) -> dict:
-    """A task's block; with `lens` (LensDrift.finalize()) also lens_summary's keys."""
+                 llama_cpp: dict | None = None, lens: dict | None = None, examples: dict | None = None) -> dict:
+    """A task's block; with `lens` (LensDrift.finalize()) also lens_summary's keys; with `examples`
+    (TopExamples.finalize()) "examples"."""
     by_layer: dict[int, dict] = {}
     if pca is not None:
         for r in pca["records"]:
@@ -56,6 +57,7 @@ def task_summary(*, tokens: dict, hidden: dict, shifted: dict, pca: dict | None,
         "token_metrics": {k: tokens[k] for k in ("sampled_kl", "rank_shift_paper_tokens")},
         "problems": problems,
         **(lens_summary(lens) if lens is not None else {}),
+        **({"examples": examples} if examples is not None else {}),
     }
 
 

@@ -86,13 +86,12 @@ class LensHeads:
 
     @classmethod
     def of_models(cls, spec: str | None, base, tuned: Sequence, valid_vocab: Sequence[int | None],
-                  top_k: int = 20) -> "LensHeads | None":
-        """From engine Transformers (final_norm, lm_head_weight, norm.weight); None when `spec` chooses no index.
-        Each norm runs on its model's device; states and heads are on the base's."""
+                  top_k: int = 20) -> "LensHeads":
+        """From engine Transformers (final_norm, lm_head_weight, norm.weight); `spec` (--lens) chooses the indices, none
+        when off (the heads still serve the example stores). Each norm runs on its model's device; states and heads
+        are on the base's."""
         n_states = base.config.num_layers + 1
         idx = lens_indices(spec, n_states)
-        if not idx:
-            return None
         dev = base.device
 
         def model(m) -> LensModel:

@@ -352,6 +352,46 @@ def _lens(t: Mapping, label: str, figures: "_Figures") -> str:
     return "".join(out)
 
 
+def _kl_text(texts: Sequence[str | None], kls: Sequence[float | None], top: float) -> str:
+    """Token texts on a background whose red grows with the token's KL (relative to `top`), the KL in its tooltip."""
+    spans = []
+    for text, kl in zip(texts, kls):
+        a = 0.0 if kl is None or top <= 0 else min(max(kl / top, 0.0), 1.0)
+        spans.append(f'<span style="background:rgba(220,40,40,{a:.2f})" title="KL {fmt(kl)}">'
+                     f"{esc(visible_text(text))}</span>")
+    return f'<pre style="white-space:pre-wrap">{"".join(spans)}</pre>\n'
+
+
+def _examples(t: Mapping) -> str:
+    """The samples and tokens that moved most (summary.json "examples"); "" when the run kept none."""
+    ex = t.get("examples")
+    if not ex:
+        return ""
+    out = ["<h3>Examples that moved most</h3>\n<p class=\"muted\">Scored tokens coloured by KL(tuned ‖ base): "
+           "the darker the red, the larger the token's KL (hover for the value).</p>\n"]
+    samples = ex.get("top_samples") or []
+    top = max((k for s in samples for k in s.get("kl") or [] if k is not None), default=0.0)
+    body = "".join(f"<p>sample {esc(s['sample_id'])}: mean KL {fmt(s.get('mean_kl'))}, "
+                   f"{len(s.get('token_ids') or [])} tokens</p>\n"
+                   + _kl_text(s.get("texts") or [str(i) for i in s.get("token_ids") or []], s.get("kl") or [], top)
+                   for s in samples)
+    out.append(_details(f"Top {len(samples)} samples by mean KL", body or '<p class="muted">none</p>\n'))
+    tops = lambda side: " ".join(f"{_token_cell(visible_text(x.get('text')) if 'text' in x else str(x.get('id')))}"
+                                 f" {fmt(x.get('p'), 3)}" for x in side)
+    rows = []
+    for x in ex.get("top_tokens") or []:
+        ctx, w = x.get("context_texts") or [str(i) for i in x.get("context_ids") or []], ex.get("window", 0)
+        ctx = ["" if i < 0 else c for c, i in zip(ctx, x.get("context_ids") or [])]
+        shown = esc(visible_text("".join(ctx[:w]))) + f"<b>[{esc(visible_text(ctx[w] if w < len(ctx) else ''))}]</b>" \
+            + esc(visible_text("".join(ctx[w + 1:])))
+        rows.append([esc(x.get("sample_id")), esc(x.get("position")), fmt(x.get("kl")), f"<code>{shown}</code>",
+                     tops(x.get("base_top") or []), tops(x.get("tuned_top") or [])])
+    out.append(_details(f"Top {len(rows)} tokens by KL", html_table(
+        ["sample", "position", "KL(t‖b)", "context [token]", "base top-5 (p)", "tuned top-5 (p)"], rows,
+        numeric_from=6)))
+    return "".join(out)
+
+
 def _problems(problems: Sequence[str]) -> str:
     if not problems:
         return ""
@@ -394,6 +434,7 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
         out.append(figures(f"top shifted tokens, {label}", _CAPTIONS["top"], plots.top_tokens_png, st["top"],
                            n=TOP_TOKENS_IN_PLOT, title=label))
     out.append(_tokens_table(st))
+    out.append(_examples(t))
     out.append(_problems(t.get("problems") or []))
     return "".join(out)
 

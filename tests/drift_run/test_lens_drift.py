@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from analysis_helpers import TEXTS, TOKENIZER_FILES
+from analysis_helpers import TEXTS, TOKENIZER_FILES, reference_tokens
 
 import driftscope.drift_run.run as run_mod
 from driftscope import drift, load_tokenizer
@@ -26,7 +26,7 @@ OPTS = {"progress": False, "max_batch_tokens": 96, "pca": "none"}
 
 
 @contextlib.contextmanager
-def lens_wired(spec: str, top_k: int = 20):
+def lens_wired(spec: str | None, top_k: int = 20, examples: int = 0):
     """drift() with TaskProbes given `lens` as run.py's one-line change would give it (run.py is not ours to edit):
     the LockstepRunner's models feed LensHeads.of_models."""
     seen = {}
@@ -40,7 +40,7 @@ def lens_wired(spec: str, top_k: int = 20):
         def __init__(self, *args, **kw):
             base, tuned = seen["models"]
             heads = LensHeads.of_models(spec, base, tuned, [None] * len(tuned), top_k)
-            super().__init__(*args, **kw, lens=heads)
+            super().__init__(*args, **kw, lens=heads, examples=examples)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod, "LockstepRunner", Runner)
@@ -51,8 +51,9 @@ def lens_wired(spec: str, top_k: int = 20):
 @pytest.fixture(scope="module")
 def lens_run(models, records, tmp_path_factory):
     out = tmp_path_factory.mktemp("lens-drift")
-    with lens_wired("all"):
-        report = drift(models["base"], [models["tuned"], models["late"]], records, out, **OPTS, lens="all")
+    with lens_wired("all", examples=3):
+        report = drift(models["base"], [models["tuned"], models["late"]], records, out, **OPTS, lens="all",
+                       examples=3)
     assert json.loads((out / "summary.json").read_text())["models"] == report.summary["models"]
     return report.summary["models"] | {"_out": out}
 
@@ -63,6 +64,8 @@ def test_report_has_the_lens_section(lens_run):
     page = (lens_run["_out"] / "report.html").read_text()
     assert page.count("<h3>Logit lens</h3>") == 2  # one per (model, task)
     assert "Logit lens per index (4 indices, token means)" in page and "Promoted / suppressed tokens" in page
+    assert page.count("Top 3 samples by mean KL") == 2 and page.count("Top 3 tokens by KL") == 2
+    assert "background:rgba(220,40,40,1.00)" in page  # the sample holding the largest per-token KL
     if plots.unavailable() is None:
         assert 'alt="logit lens, tuned / mixed"' in page and 'alt="logit lens, late / mixed"' in page
 
@@ -225,3 +228,42 @@ def test_planted_change_is_the_top_promoted_token(tmp_path):
         assert p["promoted"][0]["id"] == t, p
         assert p["promoted"][0]["score"] > 0 > p["suppressed"][0]["score"]
         assert p["promoted"][0]["text"] == load_tokenizer(tok_dir).decode([t])
+
+
+# ---- the example stores through a drift run, against float64 transformers ------------------------------------------
+@torch.no_grad()
+def test_examples_against_float64_transformers(lens_run, models, records):
+    import transformers
+
+    samples, _ = load_samples(records, load_tokenizer(models["base"]))
+    r = reference_tokens(models["base"], models["tuned"], samples)
+    ex = lens_run["tuned"]["tasks"]["mixed"]["examples"]
+    sid, kl = r["sample_id"], r["kl_tb"]
+    pos = torch.cat([torch.arange(int((sid == s).sum())) for s in sid.unique_consecutive().tolist()])
+    means = sorted(((kl[sid == s].mean().item(), s) for s in sid.unique().tolist()), key=lambda x: (-x[0], x[1]))
+    assert [x["sample_id"] for x in ex["top_samples"]] == [s for _, s in means[:3]]
+    for got, (m, s) in zip(ex["top_samples"], means):
+        assert got["mean_kl"] == pytest.approx(m, abs=2e-5)
+        sample = samples_by_id(samples)[s]
+        assert got["token_ids"] == sample.input_ids[sample.first_scored + 1:].tolist()
+    order = torch.argsort(kl, descending=True)[:3]
+    assert [(x["sample_id"], x["position"]) for x in ex["top_tokens"]] == \
+        [(int(sid[i]), int(pos[i])) for i in order]
+    hf = {k: transformers.AutoModelForCausalLM.from_pretrained(models[k], dtype=torch.float64,
+                                                               attn_implementation="eager") for k in ("base", "tuned")}
+    by_id = samples_by_id(samples)
+    for x in ex["top_tokens"]:
+        assert x["kl"] == pytest.approx(float(kl[(sid == x["sample_id"])][x["position"]]), abs=2e-5)
+        s = by_id[x["sample_id"]]
+        at = s.first_scored + x["position"]  # the row predicting input_ids[at + 1]
+        ids = s.input_ids[s.first_scored + 1:]
+        assert x["context_ids"][8] == int(ids[x["position"]])  # window 8: the token itself in the middle
+        for who, key in (("base", "base_top"), ("tuned", "tuned_top")):
+            p = torch.softmax(hf[who](s.input_ids[None]).logits[0, at], -1)
+            want = torch.topk(p, 5)
+            assert [t["id"] for t in x[key]] == want.indices.tolist(), (who, x)
+            assert [t["p"] for t in x[key]] == pytest.approx(want.values.tolist(), abs=1e-5)
+
+
+def samples_by_id(samples) -> dict:
+    return {s.sample_id: s for s in samples}
