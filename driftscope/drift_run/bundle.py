@@ -34,6 +34,9 @@ class PairProbes:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
+_HEAD_CHUNK = 8192  # head rows converted to float32 at a time for the example stores' top-n (bounded copy)
+
+
 def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"{prefix}{k}": v for k, v in state.items()}
 
@@ -137,8 +140,9 @@ class TaskProbes:
         heads, vv = self.lens_heads, self.lens_heads.valid_vocab[j]
         out = []
         for h, w in ((hb, heads.base.head), (hts[j], heads.tuned[j].head)):
-            rr = rows.to(h.device)
-            p = torch.softmax(h[rr].float() @ w[:vv].float().T, dim=-1)  # [R, V]: R <= k rows only
+            x, w = h[rows.to(h.device)].float(), w[:vv]  # [R, d]: R <= k rows only
+            z = torch.cat([x @ w[v:v + _HEAD_CHUNK].float().T for v in range(0, w.shape[0], _HEAD_CHUNK)], dim=1)
+            p = torch.softmax(z, dim=-1)  # [R, V]
             top = torch.topk(p, min(n, p.shape[1]), dim=-1)
             out += [top.indices, top.values]
         return tuple(out)

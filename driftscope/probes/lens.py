@@ -101,11 +101,12 @@ class LensHeads:
 
 
 def promoted_scores(head: torch.Tensor, gamma: torch.Tensor | None, mean_diff: torch.Tensor) -> torch.Tensor:
-    """s = W·(γ ⊙ Δμ) [V] in float64 (γ None: Δμ is already normed, index L)."""
-    v = mean_diff.to(torch.float64)
+    """s = W·(γ ⊙ Δμ) [V] in float64 (γ None: Δμ is already normed, index L), on the head's device; the head is
+    converted to float64 8192 rows at a time (a bounded copy)."""
+    v = mean_diff.to(head.device, torch.float64)
     if gamma is not None:
-        v = v * gamma.to(v.device, torch.float64)
-    return head.to(v.device, torch.float64) @ v
+        v = v * gamma.to(head.device, torch.float64)
+    return torch.cat([head[r:r + 8192].to(torch.float64) @ v for r in range(0, head.shape[0], 8192)])
 
 
 class LensDrift(Accumulator):
@@ -120,7 +121,7 @@ class LensDrift(Accumulator):
         self.cross = [[TokenMetrics() for _ in range(n)] for _ in range(n_tuned)]
         self.self_base = [TokenMetrics() for _ in range(n)]
         self.self_tuned = [[TokenMetrics() for _ in range(n)] for _ in range(n_tuned)]
-        self.diff = torch.zeros(n_tuned, n, hidden_size, dtype=torch.float64)  # Σ (h_t − h_b) per index
+        self.diff = torch.zeros(n_tuned, n, hidden_size, dtype=torch.float64)  # Σ (h_t − h_b), on the states' device
         self.count = torch.zeros(n, dtype=torch.int64)
 
     def groups(self) -> list[TokenMetrics]:
@@ -139,11 +140,12 @@ class LensDrift(Accumulator):
         for i in {*self.indices, last}:
             hb, hts = states[i]
             normed[i] = (hb, hts) if i == last else (heads.base.norm(hb), [m.norm(h) for m, h in zip(heads.tuned, hts)])
+        self.diff = self.diff.to(states[last][0].device)
         for k, i in enumerate(self.indices):
             hb, hts = states[i]
             self.count[k] += hb.shape[0]
             for j, ht in enumerate(hts):
-                self.diff[j, k] += (ht.to(torch.float64) - hb.to(torch.float64)).sum(0).cpu()
+                self.diff[j, k] += (ht.to(torch.float64) - hb.to(torch.float64)).sum(0)
         groups: dict[int | None, list[int]] = {}
         for j, vv in enumerate(heads.valid_vocab):
             groups.setdefault(vv, []).append(j)
@@ -174,7 +176,7 @@ class LensDrift(Accumulator):
             raise ValueError(f"cannot merge lens indices {other.indices} into {self.indices}")
         for a, b in zip(self.groups(), other.groups()):
             a.merge(b)
-        self.diff += other.diff
+        self.diff += other.diff.to(self.diff.device)
         self.count += other.count
         return self
 
@@ -185,7 +187,7 @@ class LensDrift(Accumulator):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         sd = {"config": torch.tensor([self.n_states, self.n_tuned, self.d, *self.indices], dtype=torch.int64),
-              "diff": self.diff.clone(), "count": self.count.clone()}
+              "diff": self.diff.cpu().clone(), "count": self.count.clone()}
         for name, acc in zip(self._names(), self.groups()):
             sd.update({f"{name}{k}": v for k, v in acc.state_dict().items()})
         return sd
@@ -221,7 +223,7 @@ class LensDrift(Accumulator):
             if n == 0:
                 out.append({"index": i, "tokens": 0, "promoted": [], "suppressed": []})
                 continue
-            s = promoted_scores(heads.base.head, None if i == last else heads.base.gamma, self.diff[j, k] / n)
+            s = promoted_scores(heads.base.head, None if i == last else heads.base.gamma, self.diff[j, k] / n).cpu()
             kk = min(top_k, s.shape[0])
             side = lambda v: [{"id": t, "score": float(s[t]), **({"text": decode(t)} if decode else {})}
                               for t in torch.sort(v, descending=True, stable=True).indices[:kk].tolist()]

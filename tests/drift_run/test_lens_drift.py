@@ -158,8 +158,9 @@ def _feed(probes: TaskProbes, heads: LensHeads, seeds) -> None:
             probes.on_vocab(j, r, y, sids, first)
 
 
-def _probes(heads):
-    return TaskProbes(len(heads.tuned), NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=heads)
+def _probes(heads, examples: int = 3):
+    return TaskProbes(len(heads.tuned), NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=heads,
+                      examples=examples)
 
 
 def test_task_probes_lens_merge_and_round_trip():
@@ -180,19 +181,35 @@ def test_task_probes_lens_merge_and_round_trip():
     for j in range(2):
         a, b = restored.finalize(j, decode, 5, []), one.finalize(j, decode, 5, [])
         assert a["lens"] == b["lens"] and a["self_lens"] == b["self_lens"]
+        assert same_examples(a["examples"], b["examples"])
+        assert len(a["examples"]["top_tokens"]) == 3
         assert [[r["id"] for r in p["promoted"]] for p in a["promoted_tokens"]] == \
                [[r["id"] for r in p["promoted"]] for p in b["promoted_tokens"]]
         assert a["lens"][-1] | {"index": None} == {"index": None, **metric_block_of(one, j)}
     again = _probes(heads)
     again.load_state_dict(one.state_dict())
-    assert again.finalize(0, decode, 5, []) == one.finalize(0, decode, 5, [])
+    assert again.finalize(0, decode, 5, []) == one.finalize(0, decode, 5, [])  # a round trip: bit for bit
     with pytest.raises(ValueError, match="lens"):
         TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=heads,
                    shared_base=False)
     plain = TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8)
-    assert not any(k.startswith("lens.") for k in plain.state_dict())  # off: the state is what it was
+    assert not any(k.startswith("lens.") or ".examples." in k for k in plain.state_dict())  # off: as it was
+    off = LensHeads([], NS, heads.base, heads.tuned, [None, None])  # heads without lens indices nor examples
+    quiet = TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, lens=off, shared_base=False)
+    plain_gen = TaskProbes(2, NS, D, vocab_rows=V, pca="none", cka="none", cka_proj_dim=8, shared_base=False)
+    assert quiet.lens is None and not quiet.keep_final and quiet.state_dict().keys() == plain_gen.state_dict().keys()
     with pytest.raises(ValueError, match="lens"):
-        _probes(heads).load_state_dict(plain.state_dict())
+        _probes(heads, examples=0).load_state_dict(plain.state_dict())
+
+
+def same_examples(a: dict, b: dict) -> bool:
+    """Equal stores: every field exactly but the top-n probabilities, float32 logits of the rows that entered together
+    (a GEMM's rounding may depend on how many rows it has), within 1e-6."""
+    strip = lambda ex: {**ex, "top_tokens": [{**t, "base_top": [x["id"] for x in t["base_top"]],
+                                               "tuned_top": [x["id"] for x in t["tuned_top"]]}
+                                              for t in ex["top_tokens"]]}
+    ps = lambda ex: [x["p"] for t in ex["top_tokens"] for x in t["base_top"] + t["tuned_top"]]
+    return strip(a) == strip(b) and ps(a) == pytest.approx(ps(b), rel=1e-6, abs=1e-7)
 
 
 def metric_block_of(probes: TaskProbes, j: int) -> dict:
