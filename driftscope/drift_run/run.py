@@ -397,8 +397,9 @@ def run_timing(seconds: float, tokens: int, scored: int, processes: int, times: 
 
 
 def finish_timing(timing: dict, times: StageTimes) -> None:
-    """In place, at the end of drift(): `wall_seconds` of drift() (its stages, "other" included, add up to it) and
-    `process_seconds` since the process started (imports and set-up before drift() included)."""
+    """In place, at the end of drift(): `wall_seconds` of drift() up to its final summary.json (its stages, "other"
+    included, add up to it; removing the resumable state and freeing buffers follow) and `process_seconds` since the
+    process started (imports and set-up before drift() included)."""
     now = time.perf_counter()
     timing.update(wall_seconds=round(times.wall(now), 4), stages=times.summary(now),
                   process_seconds=None if (p := process_seconds()) is None else round(p, 4))
