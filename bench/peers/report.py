@@ -39,19 +39,63 @@ def rows(wl: str, entry: dict) -> list[str]:
     return out
 
 
+def _fmt(v: dict) -> str:
+    return f"{v['median']:.2f}× ({v['min']:.2f}–{v['max']:.2f})"
+
+
+def _paired(entry: dict, a: str, b: str, key: str) -> str:
+    xs = [x[key] / y[key] for x, y in zip(entry["runs"][a], entry["runs"][b])]
+    return _fmt(dict(zip(("median", "min", "max"), _med(xs))))
+
+
+def acceptance(wls: dict) -> list[str]:
+    """The ratios issue [13]'s acceptance list names, from whichever workloads ran (> 1: driftscope better)."""
+    out = []
+    for name, entry in wls.items():
+        r = entry.get("ratios", {})
+        if name == "drift":
+            for peer in ("transformers full logits", "llama.cpp KL mode", "transformers sampled log-probs"):
+                if peer in r:
+                    out.append(f"drift scored tok/s vs {peer}: {_fmt(r[peer]['scored_rate'])}")
+            if "transformers full logits" in r:
+                out.append(f"drift peak RSS driftscope / transformers full logits: "
+                           f"{_fmt(r['transformers full logits']['rss'])}")
+        if name == "drift4" and "transformers full logits" in r:
+            out.append(f"J = 4 vs transformers full logits of 4 tuned models in one process (base forward shared): "
+                       f"{_fmt(r['transformers full logits']['time'])}")
+            if "drift" in wls:
+                four = 4 * statistics.median(x["seconds"] for x in wls["drift"]["runs"]["transformers full logits"])
+                ds4 = statistics.median(x["seconds"] for x in entry["runs"]["driftscope"])
+                out.append(f"J = 4 vs four separate transformers full-logits passes (4 × the drift median, unpaired): "
+                           f"{four / ds4:.2f}×")
+        if name == "generate":
+            runs = entry["runs"]
+            if "driftscope decode (in-process)" in runs and "llama.cpp batched-bench" in runs:
+                out.append("decode tok/s vs llama.cpp batched decode at 16 sequences: " + _paired(
+                    entry, "driftscope decode (in-process)", "llama.cpp batched-bench", "decode_tok_s"))
+            if "transformers" in r:
+                out.append(f"whole-process generation vs transformers: {_fmt(r['transformers']['time'])}")
+        if name == "eval" and "lm-eval hf" in r:
+            out.append(f"eval vs lm-eval hf: {_fmt(r['lm-eval hf']['time'])}; per-doc equal: "
+                       f"{entry['per_doc']['equal']}")
+    return out
+
+
 def main(paths: list[str]) -> None:
     print("| workload | tool | seconds, median (min–max) | scored tok/s | peak RSS MB | driftscope vs tool: "
           "time, scored rate, RSS (median of paired rounds, min–max) | notes |")
     print("|---|---|---|---|---|---|---|")
-    loads = []
+    loads, wls = [], {}
     for p in paths:
         res = json.loads(Path(p).read_text())
+        wls.update(res["workloads"])
         for wl, entry in res["workloads"].items():
             print("\n".join(rows(wl, entry)))
             loads.append(f"{wl}: " + ", ".join(f"{a:.2f}→{b:.2f}" for a, b in entry["loads"]))
             if "per_doc" in entry:
                 loads.append(f"{wl} per-doc: {json.dumps(entry['per_doc'])}")
     print("\n" + "\n".join(loads))
+    print("\n" + "\n".join(acceptance(wls)))
 
 
 if __name__ == "__main__":

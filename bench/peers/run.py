@@ -65,11 +65,12 @@ def run_peer(peer: Peer, c: dict, wd: Path, threads: int) -> dict:
 
 
 def ratios(runs: dict[str, list[dict]], base: str = "driftscope") -> dict[str, dict]:
-    """Per peer: median and min–max of peer seconds / driftscope seconds (> 1: driftscope faster), of driftscope's
-    scored tok/s over the peer's where both report scored tokens, and of peak RSS driftscope / peer."""
+    """Per peer (not driftscope's own other measurements): median and min–max of peer seconds / driftscope seconds
+    (> 1: driftscope faster), of driftscope's scored tok/s over the peer's where both report scored tokens, and of
+    peak RSS driftscope / peer (< 1: driftscope smaller)."""
     out = {}
     for name, rs in runs.items():
-        if name == base:
+        if name.startswith(base):  # driftscope itself, or another measurement of it
             continue
         pairs = list(zip(runs[base], rs))
         r = {"time": [p["seconds"] / d["seconds"] for d, p in pairs],
