@@ -38,6 +38,23 @@ def context(workload: str, threads: int) -> dict:
     return c
 
 
+def machine() -> dict:
+    """CPU model, cores, RAM, the versions of every tool, driftscope's git revision."""
+    import importlib.metadata as md
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if ln.startswith("Model name:")), "?")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=w.REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "driftscope", "csrc"], cwd=w.REPO, capture_output=True,
+                           text=True).stdout.strip()
+    info = llamacpp.cache_dir() / "build.json"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "ram_gib": round(ram, 1),
+            "versions": {n: md.version(n) for n in ("torch", "transformers", "lm_eval", "driftscope")},
+            "llama.cpp": json.loads(info.read_text()) if info.is_file() else None,
+            "driftscope_rev": rev.stdout.strip() + (" + uncommitted changes" if dirty else "")}
+
+
 def env(threads: int) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -92,7 +109,8 @@ def main() -> None:
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    result = {"started_utc": stamp, "threads": a.threads, "cores": cores, "workloads": {}}
+    result = {"started_utc": stamp, "threads": a.threads, "cores": cores, "machine": machine(), "workloads": {}}
+    print(json.dumps(result["machine"]), flush=True)
     out_json = w.ROOT / f"results-{stamp}.json"
     for wl in a.workloads.split(","):
         peers = [p for p in WORKLOADS[wl] if not a.only or p.name == "driftscope" or p.name in a.only.split(",")]
