@@ -316,3 +316,24 @@ def test_interrupted_run_resumes_to_the_same_lens_and_examples(models, records, 
         got, want = resumed.summary["models"][name]["tasks"]["mixed"], lens_run[name]["tasks"]["mixed"]
         for key in ("lens", "self_lens", "promoted_tokens", "examples"):
             assert got[key] == want[key], (name, key)
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"lens": "every:0"}, "--lens"), ({"lens": "1,x"}, "--lens"), ({"lens": "-2"}, "--lens"),
+    ({"lens": "all", "generate": True}, "--lens"), ({"examples": 2, "generate": True}, "--examples"),
+    ({"examples": -1}, "--examples"),
+])
+def test_options_refused_in_one_line(opts, match):
+    from driftscope.drift_run.options import DriftOptions
+    from driftscope.errors import InputError
+
+    with pytest.raises(InputError, match=match) as e:
+        DriftOptions(**opts)
+    assert "\n" not in str(e.value)
+
+
+def test_lens_index_beyond_the_model_refused(models, records):
+    from driftscope.errors import InputError
+
+    with lens_wired("0,9"), pytest.raises(InputError, match=r"\[0, 3\]"):
+        drift(models["base"], models["tuned"], records, **OPTS, lens="0,9")
