@@ -8,7 +8,6 @@ Without matplotlib the report still has every table, and says how to get the plo
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import warnings
@@ -19,7 +18,8 @@ from typing import Any
 from driftscope.probes.kld_stats import llama_cpp_rows
 from driftscope.probes.token_metrics import MEANS
 from driftscope.report import plots
-from driftscope.report.tables import visible_text
+from driftscope.report.lens_html import examples_section, lens_section
+from driftscope.report.markup import details as _details, dig as _get, esc, fmt, html_table, token_cell as _token_cell
 from driftscope.util import atomic_write_text
 
 __all__ = ["write_report", "render_report", "CSS", "esc", "html_table", "html_figure"]  # the last three: ti.html
@@ -48,50 +48,7 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
 """
 
 
-# ---- escaping and formatting -----------------------------------------------------------------------------------
-def esc(value: Any) -> str:
-    """Any data value as HTML text: str(value) (None: ∅), invisible characters made visible, then HTML-escaped."""
-    return html.escape(visible_text(value if isinstance(value, str) or value is None else str(value)), quote=True)
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A number for a table cell: ints and floats >= 10**digits with thousands separators, other floats to
-    `digits` significant digits, None (NaN in the summary) as an em dash."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if 10 ** digits <= abs(value) < 1e15 else f"{value:.{digits}g}"
-    return esc(value)
-
-
-def _get(d: Mapping | None, *path: str) -> Any:
-    """d[path[0]][path[1]]..., None where any level is missing or None."""
-    for key in path:
-        if not isinstance(d, Mapping):
-            return None
-        d = d.get(key)
-    return d
-
-
 # ---- small HTML builders ---------------------------------------------------------------------------------------
-def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 1) -> str:
-    """A table of already-escaped cells; columns from `numeric_from` on are right-aligned."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="num">{c}</td>' if j >= numeric_from else f"<td>{c}</td>"
-                         for j, c in enumerate(row)) + "</tr>\n"
-        for row in rows)
-    return f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table></div>\n'
-
-
-def _details(summary: str, body: str, open_: bool = False) -> str:
-    return f"<details{' open' if open_ else ''}><summary>{summary}</summary>\n{body}</details>\n"
-
-
 def _kv_table(mapping: Mapping | None) -> str:
     """Key/value table of a flat-ish dict; nested values as compact JSON. Everything escaped."""
     if not mapping:
@@ -228,11 +185,6 @@ _CAPTIONS = {
             "the tuned model ranks it higher; 0, unchanged. Base rank of the tuned top-1 token: 1 = both models "
             "agree on the most likely token. y: tokens (log scale); bins beyond the outermost non-empty ones are "
             "left out; hatched bars are open-ended.",
-    "lens": "Logit lens: at each chosen hidden-state index (0 = embeddings, last = after the final norm, equal to the "
-            "output numbers above) each model's state read through its own final norm and LM head. Left: KL between "
-            "the two models' lens distributions (token mean); middle: how often their top-1 tokens agree; right: "
-            "each model's KL(own output ‖ lens at the index), 0 at the last index: how early each model settles "
-            "on its final prediction.",
     "top": "The token ids whose rank changed most often: dark, the occurrences where rank_base ≠ rank_tuned; light, "
            "all its occurrences in the scored text. Label: the token's text in quotes (↵ newline, ⇥ tab) and its id.",
 }
@@ -303,11 +255,6 @@ def _layers_table(layers: Sequence[Mapping]) -> str:
                     html_table([esc(_SHOWN_AS.get(c, c)) for c in cols], rows, numeric_from=0))
 
 
-def _token_cell(text: str | None) -> str:
-    """Token text in a bordered pre-formatted box, so leading/trailing spaces show; empty text said in words."""
-    return '<span class="muted">(empty)</span>' if text == "" else f'<code class="tok">{esc(text)}</code>'
-
-
 def _tokens_table(st: Mapping) -> str:
     top = st.get("top") or []
     head = (f"<p>{fmt(st.get('shifted'))} of {fmt(st.get('tokens'))} scored tokens changed rank, "
@@ -320,76 +267,6 @@ def _tokens_table(st: Mapping) -> str:
     header = ["id", "text", "count", "count shifted", "frac shifted", "mean shift", "mean |shift|"]
     table = html_table(header, rows, numeric_from=2) if rows else '<p class="muted">no shifted tokens</p>\n'
     return head + _details(f"Top shifted tokens ({len(top)} rows)", table)
-
-
-_LENS_COLS = (("KL(t‖b)", "kl_tb"), ("KL(b‖t)", "kl_bt"), ("rank shift", "rank_shift"),
-              ("log p tuned", "logp_tuned"))
-
-
-def _lens(t: Mapping, label: str, figures: "_Figures") -> str:
-    """The logit-lens section: the figure, a table per index (with each model's KL(output ‖ lens)) and the
-    promoted / suppressed tokens per index; "" when the run had no --lens."""
-    lens, self_lens = t.get("lens"), t.get("self_lens") or {}
-    if not lens:
-        return ""
-    out = ["<h3>Logit lens</h3>\n", figures(f"logit lens, {label}", _CAPTIONS["lens"], plots.lens_png, lens,
-                                             self_lens, title=label)]
-    selfs = {who: {r["index"]: r for r in self_lens.get(who) or []} for who in ("base", "tuned")}
-    header = ["index", *(c for c, _ in _LENS_COLS), "top-1 agree", "KL(out‖lens) base", "KL(out‖lens) tuned"]
-    rows = [[esc(r["index"]), *(fmt(_get(r, k, "token_mean")) for _, k in _LENS_COLS), fmt(r.get("top1_agreement")),
-             *(fmt(_get(selfs[who].get(r["index"]), "kl_bt", "token_mean")) for who in ("base", "tuned"))]
-            for r in lens]
-    out.append(_details(f"Logit lens per index ({len(lens)} indices, token means)",
-                        html_table(header, rows, numeric_from=1), open_=True))
-    promoted = t.get("promoted_tokens") or []
-    if promoted:
-        cell = lambda side: " ".join(_token_cell(visible_text(x.get("text"))) if x.get("text") is not None
-                                     else esc(x.get("id")) for x in side[:10])
-        prow = [[esc(p["index"]), fmt(p.get("tokens")), cell(p.get("promoted") or []),
-                 cell(p.get("suppressed") or [])] for p in promoted]
-        out.append(_details("Promoted / suppressed tokens per index (W_base·(γ ⊙ mean(h_tuned − h_base)), top 10)",
-                            html_table(["index", "tokens", "promoted", "suppressed"], prow, numeric_from=4)))
-    return "".join(out)
-
-
-def _kl_text(texts: Sequence[str | None], kls: Sequence[float | None], top: float) -> str:
-    """Token texts on a background whose red grows with the token's KL (relative to `top`), the KL in its tooltip."""
-    spans = []
-    for text, kl in zip(texts, kls):
-        a = 0.0 if kl is None or top <= 0 else min(max(kl / top, 0.0), 1.0)
-        spans.append(f'<span style="background:rgba(220,40,40,{a:.2f})" title="KL {fmt(kl)}">'
-                     f"{esc(visible_text(text))}</span>")
-    return f'<pre style="white-space:pre-wrap">{"".join(spans)}</pre>\n'
-
-
-def _examples(t: Mapping) -> str:
-    """The samples and tokens that moved most (summary.json "examples"); "" when the run kept none."""
-    ex = t.get("examples")
-    if not ex:
-        return ""
-    out = ["<h3>Examples that moved most</h3>\n<p class=\"muted\">Scored tokens coloured by KL(tuned ‖ base): "
-           "the darker the red, the larger the token's KL (hover for the value).</p>\n"]
-    samples = ex.get("top_samples") or []
-    top = max((k for s in samples for k in s.get("kl") or [] if k is not None), default=0.0)
-    body = "".join(f"<p>sample {esc(s['sample_id'])}: mean KL {fmt(s.get('mean_kl'))}, "
-                   f"{len(s.get('token_ids') or [])} tokens</p>\n"
-                   + _kl_text(s.get("texts") or [str(i) for i in s.get("token_ids") or []], s.get("kl") or [], top)
-                   for s in samples)
-    out.append(_details(f"Top {len(samples)} samples by mean KL", body or '<p class="muted">none</p>\n'))
-    tops = lambda side: " ".join(f"{_token_cell(visible_text(x.get('text')) if 'text' in x else str(x.get('id')))}"
-                                 f" {fmt(x.get('p'), 3)}" for x in side)
-    rows = []
-    for x in ex.get("top_tokens") or []:
-        ctx, w = x.get("context_texts") or [str(i) for i in x.get("context_ids") or []], ex.get("window", 0)
-        ctx = ["" if i < 0 else c for c, i in zip(ctx, x.get("context_ids") or [])]
-        shown = esc(visible_text("".join(ctx[:w]))) + f"<b>[{esc(visible_text(ctx[w] if w < len(ctx) else ''))}]</b>" \
-            + esc(visible_text("".join(ctx[w + 1:])))
-        rows.append([esc(x.get("sample_id")), esc(x.get("position")), fmt(x.get("kl")), f"<code>{shown}</code>",
-                     tops(x.get("base_top") or []), tops(x.get("tuned_top") or [])])
-    out.append(_details(f"Top {len(rows)} tokens by KL", html_table(
-        ["sample", "position", "KL(t‖b)", "context [token]", "base top-5 (p)", "tuned top-5 (p)"], rows,
-        numeric_from=6)))
-    return "".join(out)
 
 
 def _problems(problems: Sequence[str]) -> str:
@@ -420,7 +297,7 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
             out.append('<p class="muted">CKA was not computed for this run.</p>\n')
         out.append(figures(f"layer drift, {label}", _CAPTIONS["layers"], plots.layer_drift_png, layers, title=label))
         out.append(_layers_table(layers))
-    out.append(_lens(t, label, figures))
+    out.append(lens_section(t, label, figures))
     out.append("<h3>Token distributions</h3>\n")
     if hists.get("kl_tb") or hists.get("kl_bt"):
         means = {k: _get(t, k, "token_mean") for k in ("kl_tb", "kl_bt")}
@@ -434,7 +311,7 @@ def _section(sid: str, model_name: str, task_name: str, t: Mapping, figures: _Fi
         out.append(figures(f"top shifted tokens, {label}", _CAPTIONS["top"], plots.top_tokens_png, st["top"],
                            n=TOP_TOKENS_IN_PLOT, title=label))
     out.append(_tokens_table(st))
-    out.append(_examples(t))
+    out.append(examples_section(t))
     out.append(_problems(t.get("problems") or []))
     return "".join(out)
 
