@@ -23,7 +23,9 @@ MAX_FILE_LINES = 450
 # KL-divergence statistics in every drift (~300), and the wiring (~170).
 # 16,000 -> 17,600 for [14] (15,757 before it): `driftscope sweep` (manifest, planning into passes, resume per
 # checkpoint, sweep.json: ~690 lines) and its report (curves, heat maps, tables, parquet: ~640).
-PACKAGE_BUDGET = 17_600
+# 17,600 -> 18,000 for [15] (17,190 before it): the logit lens and promoted tokens (~230), the top-k example stores
+# (~160), their report sections (~145) and options, summary and wiring (~80).
+PACKAGE_BUDGET = 18_000
 
 
 def _py_files() -> list[Path]:

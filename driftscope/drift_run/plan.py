@@ -24,6 +24,7 @@ from driftscope.engine.model import Transformer
 from driftscope.engine.runner import check_compatible_configs
 from driftscope.engine.tokenizer import Tokenizer
 from driftscope.errors import InputError
+from driftscope.probes.lens import lens_indices
 from driftscope.records import read_records, skipped
 from driftscope.util import torch_dtype
 
@@ -247,6 +248,7 @@ def plan(base: PathLike, tuned: PathLike | Sequence[PathLike], data: PathLike | 
         check_same_vocab(tok, other)
     configs = [base_ckpt.config(), *(c.config() for c in ckpts.values())]
     check_compatible_configs(configs[0], configs[1:])
+    lens_indices(opts.lens, configs[0].num_layers + 1)  # an index beyond the model: refused before weights load
     adapters = [c for c in ckpts.values() if c.kind == "lora"]
     for c in adapters:  # every adapter read and checked against the base before any weights load
         c.adapter(configs[0], allow_pickle=opts.allow_pickle)

@@ -36,6 +36,7 @@ from driftscope.kernels import backend_status
 from driftscope.kernels.vocab_probe import vocab_probe
 from driftscope.kernels.vocab_probe.reference import release_workspace
 from driftscope.util import strict_json
+from driftscope.probes.lens import LensHeads
 
 log = logging.getLogger(__name__)
 PathLike = str | Path
@@ -83,9 +84,10 @@ class _Run:
             self.vocab_groups.setdefault(vv, []).append(j)
         c, o = self.base.config, self.opts
         vocab_rows = max(m.lm_head_weight.shape[0] for m in (self.base, *self.tuned))
+        lens = LensHeads.of_models(o.lens, self.base, self.tuned, self.valid_vocab, o.lens_top_k)
         self.probes = [TaskProbes(len(self.tuned), c.num_layers + 1, c.hidden_size, vocab_rows=vocab_rows,
                                   pca=o.pca, cka=o.cka_mode(c.hidden_size), cka_proj_dim=o.cka_proj_dim,
-                                  shared_base=not o.generate) for _ in self.tasks]
+                                  shared_base=not o.generate, lens=lens, examples=o.examples) for _ in self.tasks]
         self.states = {f"t{k}": probes for k, probes in enumerate(self.probes)}
         self.gen_rows: dict[tuple[int, int], list[dict]] = {}  # generate mode: responses per (tuned model, task)
         self.tokens_generated = 0

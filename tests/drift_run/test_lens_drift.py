@@ -3,7 +3,6 @@ transformers hidden states, norm and head; TaskProbes' lens merge (merge_kind) a
 change that the promoted tokens must find."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 
@@ -14,6 +13,7 @@ from analysis_helpers import TEXTS, TOKENIZER_FILES, reference_tokens
 import driftscope.drift_run.run as run_mod
 from driftscope import drift, load_tokenizer
 from driftscope.drift_run.bundle import TaskProbes, merge_kind
+from driftscope.engine import loader as loader_mod
 from driftscope.drift_run.summary import metric_block
 from driftscope.engine.config import ModelConfig
 from driftscope.kernels.vocab_probe import vocab_probe
@@ -25,29 +25,6 @@ from driftscope.testing import hf_config, random_state_dict, write_checkpoint, w
 OPTS = {"progress": False, "max_batch_tokens": 96, "pca": "none"}
 
 
-@contextlib.contextmanager
-def lens_wired(spec: str | None, top_k: int = 20, examples: int = 0):
-    """drift() with TaskProbes given `lens` as run.py's one-line change would give it (run.py is not ours to edit):
-    the LockstepRunner's models feed LensHeads.of_models."""
-    seen = {}
-
-    class Runner(run_mod.LockstepRunner):
-        def __init__(self, base, tuned):
-            super().__init__(base, tuned)
-            seen["models"] = (base, tuned)
-
-    class Probes(TaskProbes):
-        def __init__(self, *args, **kw):
-            base, tuned = seen["models"]
-            heads = LensHeads.of_models(spec, base, tuned, [None] * len(tuned), top_k)
-            super().__init__(*args, **kw, lens=heads, examples=examples)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(run_mod, "LockstepRunner", Runner)
-        mp.setattr(run_mod, "TaskProbes", Probes)
-        yield
-
-
 @pytest.fixture(scope="module")
 def lens_run(models, records, tmp_path_factory):
     out = tmp_path_factory.mktemp("lens-drift")
@@ -57,7 +34,7 @@ def lens_run(models, records, tmp_path_factory):
         calls["n"] += 1
         return original(self, k, batch)
 
-    with lens_wired("all", examples=3), pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod._Run, "process", counted)
         report = drift(models["base"], [models["tuned"], models["late"]], records, out, **OPTS, lens="all",
                        examples=3)
@@ -241,9 +218,8 @@ def test_planted_change_is_the_top_promoted_token(tmp_path):
             shutil.copy(tmp_path / "base" / f, tmp_path / "tuned" / f)
     records = tmp_path / "mixed.jsonl"
     records.write_text("".join(json.dumps({"prompt": x[:15], "response": x[15:]}) + "\n" for x in TEXTS[:6]))
-    with lens_wired("all", top_k=3):
-        task = drift(tmp_path / "base", tmp_path / "tuned", records, **OPTS, lens="all").summary[
-            "models"]["tuned"]["tasks"]["mixed"]
+    task = drift(tmp_path / "base", tmp_path / "tuned", records, **OPTS, lens="all", lens_top_k=3).summary[
+        "models"]["tuned"]["tasks"]["mixed"]
     promoted = task["promoted_tokens"]
     assert [p["index"] for p in promoted] == list(range(layers + 1))
     for p in promoted[:k + 1]:  # before layer k's output (index k + 1): the states are equal, nothing promoted
@@ -305,7 +281,7 @@ def test_interrupted_run_resumes_to_the_same_lens_and_examples(models, records, 
         return original(self, k, batch)
 
     opts = {**OPTS, "lens": "all", "examples": 3, "checkpoint_every": 0, "report": False}
-    with lens_wired("all", examples=3), pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run_mod._Run, "process", flaky)
         with pytest.raises(KeyboardInterrupt):
             drift(models["base"], [models["tuned"], models["late"]], records, tmp_path, **opts)
@@ -335,5 +311,7 @@ def test_options_refused_in_one_line(opts, match):
 def test_lens_index_beyond_the_model_refused(models, records):
     from driftscope.errors import InputError
 
-    with lens_wired("0,9"), pytest.raises(InputError, match=r"\[0, 3\]"):
-        drift(models["base"], models["tuned"], records, **OPTS, lens="0,9")
+    with pytest.MonkeyPatch.context() as mp:  # refused by the plan: no weights load
+        mp.setattr(loader_mod, "load_model", lambda *a, **kw: pytest.fail("weights loaded before the refusal"))
+        with pytest.raises(InputError, match=r"\[0, 3\]"):
+            drift(models["base"], models["tuned"], records, **OPTS, lens="0,9")
