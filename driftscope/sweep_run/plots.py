@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from driftscope.report.plots import mpl_text
 
-__all__ = ["OrdinalAxis", "METRIC_PANELS", "HEATMAPS", "metric_value", "metrics_png", "heatmap_png",
+__all__ = ["OrdinalAxis", "METRIC_PANELS", "HEATMAPS", "LENS_HEATMAPS", "metric_value", "metrics_png", "heatmap_png",
            "scores_png", "ti_png"]
 
 _DPI = 110
@@ -38,6 +38,11 @@ HEATMAPS: dict[str, tuple[str, str, str]] = {
     "rel_l2": ("relative L2 distance", "‖h_t − h_b‖ / ‖h_b‖ (0 = unchanged)", "viridis_r"),
     "cka": ("linear CKA", "CKA (1 = unchanged)", "viridis"),
     "pca_shift": ("|PCA shift| along PC1", "|shift| (0 = unchanged)", "viridis_r"),
+}
+# the same for the task block's "lens" rows (keyed by "index"); a dotted key is a path into the row
+LENS_HEATMAPS: dict[str, tuple[str, str, str]] = {
+    "kl_bt.token_mean": ("lens KL(base ‖ tuned), token mean", "nats (0 = unchanged)", "viridis_r"),
+    "top1_agreement": ("lens top-1 agreement", "agreement (1 = unchanged)", "viridis"),
 }
 
 
@@ -200,32 +205,38 @@ def metrics_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str 
 
 
 # ---- (b) layer × checkpoint heat maps ------------------------------------------------------------------------
-def _matrix(blocks: Sequence[Mapping | None], key: str) -> tuple[list[int], list[list[float]]]:
-    """(layers, rows[layer][checkpoint]) of layer-row `key`; NaN where a checkpoint lacks the layer or value."""
-    per = [{int(r["layer"]): metric_value(r, (key,)) for r in (b or {}).get("layers") or []} for b in blocks]
-    layers = sorted({layer for p in per for layer in p})
+def _matrix(blocks: Sequence[Mapping | None], key: str, rows: str = "layers",
+            index: str = "layer") -> tuple[list[int], list[list[float]]]:
+    """(layers, rows[layer][checkpoint]) of `key` (dotted: a path) in each block's `rows` list, keyed by `index`;
+    NaN where a checkpoint lacks the layer or value."""
+    per = [{int(r[index]): metric_value(r, key.split(".")) for r in (b or {}).get(rows) or []} for b in blocks]
+    found = {layer for p in per for layer in p}
+    layers = list(range(min(found), max(found) + 1)) if found else []  # indices none has (lens every:n): grey rows
     tr = abs if key == "pca_shift" else (lambda v: v)
     return layers, [[math.nan if p.get(layer) is None else tr(p[layer]) for p in per] for layer in layers]
 
 
-def heatmap_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str = "") -> bytes:
-    """One panel per HEATMAPS metric: layers (hidden-state index, 0 = embeddings) on y, checkpoints on x in the
-    axis' order (equal widths), each cell that layer's value for that checkpoint; grey = not computed."""
+def heatmap_png(axis: OrdinalAxis, blocks: Sequence[Mapping | None], title: str = "", *, rows: str = "layers",
+                index: str = "layer", maps: Mapping[str, tuple[str, str, str]] = HEATMAPS) -> bytes:
+    """One panel per `maps` metric (HEATMAPS over the blocks' "layers"; LENS_HEATMAPS with rows="lens",
+    index="index"): layers (hidden-state index, 0 = embeddings) on y, checkpoints on x in the axis' order (equal
+    widths), each cell that layer's value for that checkpoint; grey = not computed."""
     import matplotlib as mpl
     from matplotlib.ticker import MaxNLocator
     if len(blocks) != len(axis.labels):
         raise ValueError(f"heat map: {len(blocks)} task blocks for {len(axis.labels)} checkpoints")
     k = len(blocks)
-    fig, axes = _figure(_width(k, 10.0), 7.4, 2, 2)
-    for ax, (key, (name, unit, cmap_name)) in zip(axes, HEATMAPS.items()):
-        layers, rows = _matrix(blocks, key)
+    nrows = math.ceil(len(maps) / 2)
+    fig, axes = _figure(_width(k, 10.0), 0.4 + 3.5 * nrows, nrows, 2)
+    for ax, (key, (name, unit, cmap_name)) in zip(axes, maps.items()):
+        layers, values = _matrix(blocks, key, rows, index)
         ax.set_title(name, fontsize=9)
-        if not layers or all(math.isnan(v) for row in rows for v in row):
+        if not layers or all(math.isnan(v) for row in values for v in row):
             _no_data(ax)
             ax.set_xticks([])
             continue
         cmap = mpl.colormaps[cmap_name].with_extremes(bad=_NOT_DRAWN)
-        im = ax.imshow(rows, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest",
+        im = ax.imshow(values, aspect="auto", origin="lower", cmap=cmap, interpolation="nearest",
                        extent=(-0.5, k - 0.5, layers[0] - 0.5, layers[-1] + 0.5))
         cbar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
         cbar.set_label(unit, fontsize=8)

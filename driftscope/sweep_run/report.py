@@ -39,12 +39,19 @@ def _number(v: Any) -> bool:
 
 def task_metrics(block: Mapping) -> Iterator[tuple[str, int | None, float | None]]:
     """(metric, layer, value) of one task block: its numbers, token/sample means as "kl_tb.token_mean", the PCA
-    centroid distance, llama_cpp and shifted_tokens numbers, and every number of every layer row. A None number
-    (NaN in the run) is a row with value None; a missing or None section (no PCA, no layers) gives no rows."""
+    centroid distance, llama_cpp and shifted_tokens numbers, every number of every layer row, and every number of
+    every logit-lens row as "lens.kl_bt.token_mean" / "self_lens.base.kl_bt.token_mean" with layer = its index.
+    A None number (NaN in the run) is a row with value None; a missing or None section (no PCA, no layers, no
+    lens) gives no rows."""
     for key, v in block.items():
         if key == "layers":
             for row in v or []:
                 yield from ((k, int(row["layer"]), x) for k, x in row.items() if k != "layer" and _number(x))
+        elif key == "lens":
+            yield from _lens_metrics("lens", v)
+        elif key == "self_lens" and isinstance(v, Mapping):
+            for who, rows in v.items():
+                yield from _lens_metrics(f"self_lens.{who}", rows)
         elif key == "pca" and isinstance(v, Mapping):
             yield "pca.centroid_distance", None, v.get("centroid_distance")
         elif isinstance(v, Mapping) and ("token_mean" in v or key in ("llama_cpp", "shifted_tokens")):
@@ -53,7 +60,17 @@ def task_metrics(block: Mapping) -> Iterator[tuple[str, int | None, float | None
             yield key, None, v
 
 
-_SECTIONS = {*MEANS, "layers", "pca", "llama_cpp", "shifted_tokens", "histograms", "token_metrics", "problems"}
+def _lens_metrics(prefix: str, rows: Sequence[Mapping] | None) -> Iterator[tuple[str, int, float | None]]:
+    for row in rows or []:
+        for k, v in row.items():
+            if isinstance(v, Mapping):
+                yield from ((f"{prefix}.{k}.{m}", int(row["index"]), x) for m, x in v.items() if _number(x))
+            elif k != "index" and _number(v):
+                yield f"{prefix}.{k}", int(row["index"]), v
+
+
+_SECTIONS = {*MEANS, "layers", "pca", "llama_cpp", "shifted_tokens", "histograms", "token_metrics", "problems",
+             "lens", "self_lens", "promoted_tokens", "examples"}
 
 
 def table_rows(sweep: Mapping) -> list[dict]:
@@ -219,6 +236,13 @@ _CAP_HEAT = ("Hidden-state drift per layer (rows: hidden-state index, 0 = embedd
              "every colour scale is more drift, and each panel has its own scale. PCA shift: how far the tuned mean "
              "state moved along the base's first principal component at that layer, shown as a magnitude (a "
              "component's sign is arbitrary). Grey: not computed (CKA off, no PCA).")
+_CAP_LENS = ("Logit-lens drift per hidden-state index (rows: the indices --lens chose, 0 = embeddings, the top one "
+             "= the output) and checkpoint (columns, equally spaced in {x} order; {k} checkpoints): both models' "
+             "states at that index read through their own final norm and LM head; token means over {counts}. "
+             "Left: KL(base ‖ tuned) in nats, 0 = unchanged; right: top-1 agreement of the two lens "
+             "distributions, 1 = unchanged; the dark end is more drift, each panel has its own scale. Where the KL "
+             "first rises is where in depth the next-token change starts. Grey: not computed (an index --lens did "
+             "not choose, or a checkpoint run without --lens).")
 
 
 def _folded(title: str, table: str, n_rows: int) -> str:
@@ -238,6 +262,10 @@ def _task_section(i: int, task: str, sweep: Mapping, axis: OrdinalAxis, figures:
                    plots.metrics_png, axis, blocks, title=f"{task}: drift against {axis.name}"),
            figures(f"{slug}-layers", f"layer heat maps, {task}", _CAP_HEAT.format(**fill),
                    plots.heatmap_png, axis, blocks, title=f"{task}: hidden-state drift per layer and checkpoint")]
+    if any((b or {}).get("lens") for b in blocks):
+        out.append(figures(f"{slug}-lens", f"logit lens heat maps, {task}", _CAP_LENS.format(**fill),
+                           plots.heatmap_png, axis, blocks, title=f"{task}: logit-lens drift per index and checkpoint",
+                           rows="lens", index="index", maps=plots.LENS_HEATMAPS))
     rows = [[esc(c.get("label")), fmt(c.get("ordinal")), esc(c.get("kind"))]
             + [fmt(metric_value(b, p)) for _, p in _TASK_COLS] + [fmt(len((b or {}).get("problems") or []))]
             for c, b in zip(ckpts, blocks)]

@@ -43,16 +43,31 @@ def _block(d: float, *, cka: bool = True, pca: bool = True) -> dict:
             "shifted_tokens": {"tokens": 1234, "shifted": int(1000 * d), "top": []}, "problems": []}
 
 
+def _lens(d: float, indices=(0, 2, 4, 6)) -> dict:
+    """summary.json's lens keys for a block whose lens drift grows with d and with depth (--lens every:2)."""
+    def row(i: int, s: float) -> dict:
+        x = s * d * i / (N_STATES - 1)
+        return {"index": i, "tokens": 1234, "samples": 17, "kl_tb": {"token_mean": 0.1 * x, "sample_mean": 0.11 * x},
+                "kl_bt": {"token_mean": 0.12 * x, "sample_mean": None}, "rank_shift": {"token_mean": 0.5 * x,
+                                                                                      "sample_mean": 0.4 * x},
+                "sampled_kl": 0.05 * x, "top1_agreement": 1.0 - 0.2 * x}
+    return {"lens": [row(i, 1.0) for i in indices],
+            "self_lens": {"base": [row(i, 2.0) for i in indices], "tuned": [row(i, 3.0) for i in indices]},
+            "promoted_tokens": None, "examples": {"samples": [], "tokens": []}}
+
+
 def _scores(d: float) -> dict:
     return {b: min(100.0, 40.0 + {"math": 30, "other": 10, "non": -5}[g] * d + j)
             for g, group in GROUPS.items() for j, b in enumerate(group)}
 
 
-def synthetic_sweep(k: int = 5, *, ordinals: bool = True, with_eval: bool = True) -> dict:
+def synthetic_sweep(k: int = 5, *, ordinals: bool = True, with_eval: bool = True, lens: bool = False) -> dict:
     ckpts = []
     for i in range(k):
         d = (i + 1) / k
         tasks = {TASKS[0]: _block(d), TASKS[1]: _block(d, cka=False, pca=i % 2 == 0)}
+        if lens:  # the first task only: a task without lens keeps its other figures
+            tasks[TASKS[0]] |= _lens(d)
         ckpts.append({"label": f"step-{20 * (i + 1)}", "path": f"/runs/ckpt-{20 * (i + 1)}", "kind": "hf",
                       "ordinal": 20 * (i + 1) if ordinals else None, "pass": f"p{i // 4}", "tasks": tasks,
                       "rank_shift_mean_of_task_means": 0.5 * d, "scores": _scores(d) if with_eval else None})
@@ -94,6 +109,12 @@ def _lookup(sweep: dict, row: dict):
             return ti["gains"][m[9:]] if m.startswith("ti.gains.") else ti[m[3:]]
         return c[m]
     block = c["tasks"][row["task"]]
+    if m.startswith(("lens.", "self_lens.")):  # lens.<key>[.<mean>], self_lens.<who>.<key>[.<mean>]
+        parts = m.split(".")
+        rows = block["lens"] if parts[0] == "lens" else block["self_lens"][parts[1]]
+        entry = next(r for r in rows if r["index"] == row["layer"])
+        keys = parts[1:] if parts[0] == "lens" else parts[2:]
+        return entry[keys[0]] if len(keys) == 1 else entry[keys[0]][keys[1]]
     if row["layer"] is not None:
         return next(r for r in block["layers"] if r["layer"] == row["layer"])[m]
     return block[m] if "." not in m else block[m.split(".")[0]][m.split(".", 1)[1]]
@@ -348,3 +369,81 @@ def test_scores_that_give_no_ti_are_a_note(tmp_path, monkeypatch):
     ti = {r["label"]: r["value"] for r in R.read_table(tmp_path / "sweep.parquet") if r["metric"] == "ti.ti_other"}
     want = transferability_index(sweep["eval"]["base"], sweep["checkpoints"][0]["scores"]).ti_other
     assert set(ti) == {"step-20", "step-60"} and ti["step-20"] == want
+
+
+# ---- the logit lens ([15]) ----------------------------------------------------------------------------------------
+LENS_METRICS = {"tokens", "samples", "kl_tb.token_mean", "kl_tb.sample_mean", "kl_bt.token_mean", "kl_bt.sample_mean",
+                "rank_shift.token_mean", "rank_shift.sample_mean", "sampled_kl", "top1_agreement"}
+
+
+def test_lens_heat_map_and_table_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    sweep = synthetic_sweep(4, lens=True)
+    files = R.write_report(sweep, tmp_path)
+    pngs = sorted(n for n in files if n.endswith(".png"))
+    assert len(pngs) == 2 * len(TASKS) + 2 + 1 and f"{R.PLOTS_DIR}/00-math-lens.png" in pngs  # only the lens task
+    assert files[f"{R.PLOTS_DIR}/00-math-lens.png"].read_bytes().startswith(PNG_MAGIC)
+    page = files["sweep.html"].read_text(encoding="utf-8")
+    assert page.count("Logit-lens drift per hidden-state index") == 1 and 'class="error"' not in page
+    assert page.count("<figcaption>") == page.count("<img ") == len(pngs)
+    rows = R.read_table(files["sweep.parquet"])
+    for r in rows:
+        want = _lookup(sweep, r)
+        assert (r["value"] is None and want is None) or r["value"] == pytest.approx(want, rel=1e-15), r
+    lens = {(r["position"], r["task"], r["metric"], r["layer"]) for r in rows if r["metric"].startswith("lens.")}
+    assert lens == {(p, TASKS[0], f"lens.{m}", i) for p in range(4) for m in LENS_METRICS for i in (0, 2, 4, 6)}
+    for who in ("base", "tuned"):
+        got = {(r["metric"], r["layer"]) for r in rows
+               if r["position"] == 3 and r["metric"].startswith(f"self_lens.{who}.")}
+        assert got == {(f"self_lens.{who}.{m}", i) for m in LENS_METRICS for i in (0, 2, 4, 6)}
+    assert not any(r["metric"].startswith(("promoted", "examples")) for r in rows)  # lists, not numbers: no rows
+    kl = [r["value"] for r in rows if r["metric"] == "lens.kl_bt.token_mean" and r["layer"] == 6]
+    assert kl == sorted(kl) and kl[0] > 0  # grows with the checkpoint
+
+
+def test_lens_heat_map_matrix_has_grey_rows_where_no_index():
+    from driftscope.sweep_run import plots
+    sweep = synthetic_sweep(3, lens=True)
+    blocks = [c["tasks"][TASKS[0]] for c in sweep["checkpoints"]]
+    blocks[1] = None  # a checkpoint without the task
+    blocks.append({"lens": None})  # a checkpoint run without --lens
+    layers, values = plots._matrix(blocks, "kl_bt.token_mean", "lens", "index")
+    assert layers == list(range(N_STATES))  # every index from 0 to L, so each row is one index tall
+    for i, row in zip(layers, values):
+        for j, v in enumerate(row):
+            want = None if blocks[j] is None or i % 2 else next(
+                (r["kl_bt"]["token_mean"] for r in blocks[j].get("lens") or [] if r["index"] == i), None)
+            assert (math.isnan(v) and want is None) or v == want, (i, j, v, want)
+    assert plots._matrix([None, {"lens": []}], "top1_agreement", "lens", "index") == ([], [])
+
+
+def test_real_sweep_with_lens_every_2(tmp_path, monkeypatch):
+    """driftscope.sweep over 2 checkpoints with lens="every:2" in the manifest: the lens heat map per task and its
+    rows in sweep.parquet, equal to sweep.json's lens numbers."""
+    pytest.importorskip("matplotlib")
+    import driftscope
+    import driftscope.report
+    from sweep_helpers import manifest, write_run
+
+    monkeypatch.setattr(driftscope.report, "write_report", lambda out, summary: Path(out) / "report.html")
+    run = write_run(tmp_path / "run")
+    items = [{"path": str(c), "label": c.name, "step": int(c.name.split("-")[1])} for c in run["checkpoints"][:2]]
+    m = manifest(run, tmp_path / "m.json", checkpoints=items, lens="every:2", pca="none")
+    rep = driftscope.sweep(m, tmp_path / "out")
+    sweep = json.loads((rep.out / "sweep.json").read_text())
+    assert sweep["options"]["lens"] == "every:2"
+    tasks = list(sweep["data"])
+    assert {f"{R.PLOTS_DIR}/{R._slug(i, t)}-lens.png" for i, t in enumerate(tasks)} <= set(rep.files)
+    page = rep.files["sweep.html"].read_text(encoding="utf-8")
+    assert page.count("Logit-lens drift per hidden-state index") == len(tasks)
+    assert 'class="error"' not in page
+    rows = R.read_table(rep.files["sweep.parquet"])
+    lens = [r for r in rows if r["metric"] == "lens.kl_bt.token_mean"]
+    assert sorted({r["layer"] for r in lens}) == [0, 2]  # 2 layers: states 0, 1, 2; every:2 chooses 0 and 2
+    assert len(lens) == 2 * len(tasks) * 2
+    for r in rows:
+        want = _lookup(sweep, r)
+        assert (r["value"] is None and want is None) or r["value"] == pytest.approx(want, rel=1e-15), r
+    for c in sweep["checkpoints"]:  # the lens at L is the output probe, so its numbers are the task's
+        for t in tasks:
+            assert c["tasks"][t]["lens"][-1]["kl_bt"] == c["tasks"][t]["kl_bt"]
