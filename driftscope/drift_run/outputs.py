@@ -1,4 +1,5 @@
-"""Writes a drift run's files: summary.json, the shifted-token table, pca_shift.json (paper schema), report.html."""
+"""Writes a drift run's files: summary.json, the shifted-token table, the examples table (--examples),
+pca_shift.json (paper schema), report.html."""
 from __future__ import annotations
 
 import json
@@ -25,9 +26,16 @@ def pca_shift_entries(summary: dict) -> list[dict]:
 
 def write_outputs(out: Path, summary: dict, token_rows: list[dict], report: bool = True) -> dict[str, Path]:
     from driftscope.report import write_report, write_token_table
+    from driftscope.report.tables import EXAMPLE_COLUMNS, example_rows
 
     files = {"summary": _write_json(out / "summary.json", summary)}
     files["tokens"] = write_token_table(out / "tokens", token_rows)
+    examples = example_rows(summary)
+    if examples:  # one row per stored top-KL token of every (model, task)
+        files["examples"] = write_token_table(out / "examples", examples, EXAMPLE_COLUMNS)
+    else:  # an examples table of an earlier run would describe other numbers
+        for suffix in (".parquet", ".jsonl"):
+            (out / f"examples{suffix}").unlink(missing_ok=True)
     entries = pca_shift_entries(summary)
     if entries:
         files["pca_shift"] = _write_json(out / "pca_shift.json", entries)

@@ -1,5 +1,6 @@
 """Per-token-id table of a drift run on disk: `write_token_table` writes parquet when pyarrow imports, else JSONL;
 `read_token_table` reads either back to the same rows. `visible_text` is how token text is shown to a reader.
+`example_rows` turns summary.json's "examples" into the rows of the examples table (EXAMPLE_COLUMNS).
 
 NaN and inf are written as null (None), as everywhere in a summary. Column order: TOKEN_COLUMNS, then extra keys.
 """
@@ -13,13 +14,44 @@ from pathlib import Path
 from driftscope.util import atomic_write, read_jsonl, strict_json, write_jsonl
 
 
-__all__ = ["TOKEN_COLUMNS", "write_token_table", "read_token_table", "visible_text", "escape_code_point"]
+__all__ = ["TOKEN_COLUMNS", "EXAMPLE_COLUMNS", "example_rows", "write_token_table", "read_token_table", "visible_text",
+           "escape_code_point"]
 
 # column -> pyarrow type name; "text" is null when the run had no decoder, mean_shift is null for NaN
 TOKEN_COLUMNS: dict[str, str] = {
     "model": "string", "task": "string", "id": "int64", "text": "string", "count": "int64",
     "count_shifted": "int64", "frac_shifted": "float64", "mean_shift": "float64", "mean_abs_shift": "float64",
 }
+
+# one row per stored top-KL token (--examples): the target is the context's middle id; "T[]" is a list of T
+EXAMPLE_COLUMNS: dict[str, str] = {
+    "model": "string", "task": "string", "sample_id": "int64", "position": "int64", "kl": "float64",
+    "target_id": "int64", "target_text": "string", "context_ids": "int64[]", "context_texts": "string[]",
+    **{f"{who}_top_{k}": t for who in ("base", "tuned") for k, t in (("ids", "int64[]"), ("p", "float64[]"),
+                                                                     ("texts", "string[]"))},
+}
+
+
+def example_rows(summary: dict) -> list[dict]:
+    """summary.json's examples -> EXAMPLE_COLUMNS rows: each (model, task)'s "top_tokens" in the store's order (KL
+    descending); the texts are None when the run had no decoder."""
+    rows = []
+    for model, m in summary["models"].items():
+        for task, t in m["tasks"].items():
+            ex = t.get("examples") or {}
+            for r in ex.get("top_tokens") or []:
+                texts = r.get("context_texts")
+                row = {"model": model, "task": task, "sample_id": r["sample_id"], "position": r["position"],
+                       "kl": r["kl"], "target_id": r["context_ids"][ex["window"]],
+                       "target_text": texts[ex["window"]] if texts else None, "context_ids": r["context_ids"],
+                       "context_texts": texts}
+                for who in ("base", "tuned"):
+                    top = r[f"{who}_top"]
+                    row |= {f"{who}_top_ids": [e["id"] for e in top], f"{who}_top_p": [e["p"] for e in top],
+                            f"{who}_top_texts": [e["text"] for e in top] if all("text" in e for e in top) else None}
+                rows.append(row)
+    return rows
+
 
 _SHOWN_AS = {"\n": "↵", "\t": "⇥"}
 _HIDDEN_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, format, surrogates, private, unassigned
@@ -47,16 +79,16 @@ def escape_code_point(cp: int) -> str:
 
 
 # ---- writing --------------------------------------------------------------------------------------------------
-def write_token_table(path_without_suffix: Path, rows: list[dict]) -> Path:
-    """Write `rows` (dicts with TOKEN_COLUMNS keys; extra keys become extra columns) to
-    `<path_without_suffix>.parquet` if pyarrow is importable, else `.jsonl`; return the path written.
+def write_token_table(path_without_suffix: Path, rows: list[dict], schema: dict[str, str] = TOKEN_COLUMNS) -> Path:
+    """Write `rows` (dicts with the `schema` keys, TOKEN_COLUMNS or EXAMPLE_COLUMNS; extra keys become extra
+    columns) to `<path_without_suffix>.parquet` if pyarrow is importable, else `.jsonl`; return the path written.
 
     The suffix is appended to the name (a dotted name such as `qwen2.5_coqa` keeps its dots). Parent folders
     are created; the file appears atomically (temp file + rename). Text that is not valid UTF-8 (lone
     surrogates) cannot go into parquet: the table is then written as JSONL, with a warning that says why.
     """
     path_without_suffix = Path(path_without_suffix)
-    columns = _columns(rows)
+    columns = _columns(rows, schema)
     clean = [{c: strict_json(row.get(c)) for c in columns} for row in rows]
     pa = _pyarrow()
     bad = _first_non_utf8(clean)
@@ -64,21 +96,23 @@ def write_token_table(path_without_suffix: Path, rows: list[dict]) -> Path:
         warnings.warn(f"token table {path_without_suffix}: row {bad[0]} column {bad[1]!r} is not valid UTF-8 "
                       f"(lone surrogate), which parquet cannot store; writing JSONL instead", stacklevel=2)
     if pa is not None and bad is None:
-        return _write_parquet(path_without_suffix.with_name(path_without_suffix.name + ".parquet"), clean, columns, pa)
+        return _write_parquet(path_without_suffix.with_name(path_without_suffix.name + ".parquet"), clean, columns, pa,
+                              schema)
     # ensure_ascii: every string (even a lone surrogate) round-trips, and the file is plain ASCII
     return write_jsonl(path_without_suffix.with_name(path_without_suffix.name + ".jsonl"), clean, ensure_ascii=True)
 
 
-def _columns(rows: Sequence[dict]) -> list[str]:
-    """TOKEN_COLUMNS in order, then extra keys in first-seen order; a row missing a required key is an error."""
-    required = [c for c in TOKEN_COLUMNS if c != "text"]
+def _columns(rows: Sequence[dict], schema: dict[str, str]) -> list[str]:
+    """`schema`'s columns in order, then extra keys in first-seen order; a row missing a required key (all but
+    "text") is an error."""
+    required = [c for c in schema if c != "text"]
     for i, row in enumerate(rows):
         missing = [c for c in required if c not in row]
         if missing:
             raise ValueError(f"token table row {i} (id={row.get('id')!r}) lacks {missing}; "
-                             f"expected keys {list(TOKEN_COLUMNS)}")
-    extra = list(dict.fromkeys(k for row in rows for k in row if k not in TOKEN_COLUMNS))
-    return list(TOKEN_COLUMNS) + extra
+                             f"expected keys {list(schema)}")
+    extra = list(dict.fromkeys(k for row in rows for k in row if k not in schema))
+    return list(schema) + extra
 
 
 def _first_non_utf8(rows: Sequence[dict]) -> tuple[int, str] | None:
@@ -102,11 +136,13 @@ def _pyarrow():
     return pyarrow
 
 
-def _write_parquet(path: Path, rows: list[dict], columns: list[str], pa) -> Path:
+def _write_parquet(path: Path, rows: list[dict], columns: list[str], pa, schema: dict[str, str]) -> Path:
+    def typ(t: str):
+        return pa.list_(typ(t[:-2])) if t.endswith("[]") else getattr(pa, t)()
     arrays = {}
     for c in columns:
         values = [row[c] for row in rows]
-        arrays[c] = pa.array(values, type=getattr(pa, TOKEN_COLUMNS[c])()) if c in TOKEN_COLUMNS else pa.array(values)
+        arrays[c] = pa.array(values, type=typ(schema[c])) if c in schema else pa.array(values)
     table = pa.table(arrays)
 
     def write(tmp: Path) -> None:
