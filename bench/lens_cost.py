@@ -1,0 +1,90 @@
+"""The cost of `--lens every:4` on the CPU drift bench pair (bench/drift_workloads.py: tiny random Qwen3, L = 4,
+d = 256, the real vocabulary V = 151,936, the first 3 MATH500 responses), against the head-GEMM floor, issue [15].
+
+One process, interleaved rounds (order rotated each round): drift without lens, drift with lens="every:4", and the
+floor: the extra head GEMMs the lens needs (probes/lens.py's count: every:4 on L = 4 chooses n = 2 indices {0, 4},
+n' = 1 below L; J = 1: cross (1 + J)·n' = 2, self (1 + J)·(n + 1) = 6, so 8 [N, d] x [d, V] GEMMs, 4 with each
+model's head) as bare `torch.matmul(states, W.T, out=buf)` (F.linear without bias, into one reused [256, V] fp32
+buffer: no page faults counted) over the same N scored rows in 256-row panels. Both drifts: pca="none",
+report=False (their own noise is not the subject). OMP_NUM_THREADS is fixed before torch imports; the load average
+is recorded per round. Prints one JSON line per round and a summary line.
+
+    python bench/lens_cost.py [ROUNDS] [THREADS]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+THREADS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from drift_workloads import write_pair  # noqa: E402
+
+from driftscope import drift, load_tokenizer  # noqa: E402
+from driftscope.engine.loader import load_model  # noqa: E402
+from driftscope.records import load_samples  # noqa: E402
+
+N_RECORDS, LENS, EXTRA_GEMMS_PER_HEAD, PANEL = 3, "every:4", 4, 256
+
+
+def _drift(base: Path, tuned: Path, data: Path, lens: str | None) -> dict:
+    t0 = time.perf_counter()
+    s = drift(base, tuned, data, progress=False, max_batch_tokens=4096, pca="none", report=False, lens=lens).summary
+    (model,) = s["models"].values()
+    return {"seconds": time.perf_counter() - t0, "tokens": sum(t["tokens"] for t in model["tasks"].values()),
+            "stages": s["timing"]["stages"], "lens_indices": [r["index"] for t in model["tasks"].values()
+                                                             for r in t.get("lens") or []]}
+
+
+def main() -> None:
+    torch.set_num_threads(THREADS)
+    root = Path(tempfile.mkdtemp(prefix="lens-cost-"))
+    base, tuned, data = write_pair(root, N_RECORDS)
+    samples, _ = load_samples(data, load_tokenizer(base))
+    n = sum(s.n_scored for s in samples)
+    heads = [load_model(p).lm_head_weight.float().contiguous() for p in (base, tuned)]  # [V, d] each
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(n, heads[0].shape[1], generator=g) for _ in heads]
+    buf = torch.empty(PANEL, heads[0].shape[0])
+
+    def floor() -> dict:
+        t0 = time.perf_counter()
+        for w, h in zip(heads, states):
+            for _ in range(EXTRA_GEMMS_PER_HEAD):
+                for r0 in range(0, n, PANEL):
+                    t = min(PANEL, n - r0)
+                    torch.matmul(h[r0:r0 + t], w.T, out=buf[:t])
+        return {"seconds": time.perf_counter() - t0, "gemms": EXTRA_GEMMS_PER_HEAD * len(heads), "rows": n}
+
+    ways = {"plain": lambda: _drift(base, tuned, data, None), "lens": lambda: _drift(base, tuned, data, LENS),
+            "floor": floor}
+    _drift(base, tuned, data, LENS)  # warm-up: imports, first-call allocations, page cache
+    results: dict[str, list[float]] = {k: [] for k in ways}
+    names = list(ways)
+    for r in range(ROUNDS):
+        for name in names[r % 3:] + names[:r % 3]:
+            load = os.getloadavg()[0]
+            out = ways[name]()
+            results[name].append(out["seconds"])
+            print(json.dumps({"round": r, "way": name, "load1": round(load, 2), **out}), flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    extra = [lens - plain for lens, plain in zip(results["lens"], results["plain"])]
+    print(json.dumps({
+        "summary": True, "median_seconds": med, "extra_per_round": extra, "floor_per_round": results["floor"],
+        "extra_over_floor_median": statistics.median(extra) / med["floor"], "rows": n, "threads": THREADS,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": f"{platform.processor() or platform.machine()}"
+        f", {os.cpu_count()} cpus", "torch": torch.__version__, "load_end": os.getloadavg()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
