@@ -307,8 +307,23 @@ def _threads(args: argparse.Namespace) -> str:
             f"{cores} cores); set OMP_NUM_THREADS=N to choose")
 
 
+def passive_openmp(environ=None, modules=None) -> bool:
+    """Make OpenMP's idle threads sleep instead of spin (OMP_WAIT_POLICY=PASSIVE) unless the user chose a policy or
+    torch is loaded already (the runtime reads it once, at load). Spinning threads hold their core at every barrier,
+    and on a shared CPU each barrier then waits for a preempted thread: a real-weights drift ran 2.0-3.4x faster
+    with PASSIVE at load 5-10 on 2 cores (bench/RESULTS.md, [13]). Returns whether it set it."""
+    import os
+
+    environ, modules = os.environ if environ is None else environ, sys.modules if modules is None else modules
+    if "torch" in modules or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"} & set(environ):
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted, 143 terminated)."""
+    passive_openmp()
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = argv[1:] if argv[:1] == ["--debug"] else argv
     if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its usage errors; an

@@ -218,3 +218,27 @@ def test_the_rule_leaves_the_threads_alone_otherwise(ck, busy, tmp_path, capsys,
 
 def test_the_tests_pass_their_thread_count_to_subprocesses():
     assert os.environ["OMP_NUM_THREADS"] == str(torch.get_num_threads())  # tests/conftest.py
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_chose_or_torch_is_loaded():
+    from driftscope.cli import passive_openmp
+
+    env: dict = {}
+    assert passive_openmp(env, {}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}, {"KMP_BLOCKTIME": "200"}):
+        env = dict(chosen)
+        assert not passive_openmp(env, {}) and env == chosen
+    env = {}
+    assert not passive_openmp(env, {"torch": object()}) and env == {}  # too late: the runtime read it at load
+
+
+def test_the_command_sets_it_before_torch_loads(tmp_path):
+    """In a fresh process, `driftscope` sets the policy before any module imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from driftscope.cli import main; main(['backends']); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.splitlines()[-1] == "PASSIVE True"
