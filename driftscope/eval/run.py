@@ -59,6 +59,27 @@ def _no_cli_hint(record: logging.LogRecord) -> bool:
     return "specified through cli" not in record.getMessage()
 
 
+def _env_info_once() -> None:
+    """Make lm-eval's `add_env_info` compute once per process and copy it after: it runs torch's collect_env (pip and
+    compiler subprocesses, ~0.3 s) on every `simple_evaluate`, and driftscope calls that once per benchmark (each has
+    its own result file and resume point). The stored fields are the same; idempotent."""
+    import copy
+
+    import lm_eval.evaluator as ev
+
+    if getattr(ev.add_env_info, "driftscope_once", False):
+        return
+    compute, cache = ev.add_env_info, {}
+
+    def once(storage: dict) -> None:
+        if not cache:
+            compute(cache)
+        storage.update(copy.deepcopy(cache))
+
+    once.driftscope_once = True  # type: ignore[attr-defined]
+    ev.add_env_info = once
+
+
 def _check_options(out: Path, options: dict, write: bool = True) -> None:
     path = out / "eval_run.json"
     if path.is_file():
@@ -136,6 +157,7 @@ def _evaluate(lm, names: list[str], out: Path, model, data_dir, o: EvalOptions) 
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval.evaluator").addFilter(_no_cli_hint)  # once: the same function is not added twice
+    _env_info_once()
     metadata = {"data_dir": str(data_dir)} if data_dir else {}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)  # ds_* only: fast
     result: dict[str, Any] = {"scores": {}, "details": {}}

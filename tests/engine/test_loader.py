@@ -227,3 +227,21 @@ def test_transformers_sharded_checkpoint_with_a_missing_shard(checkpoints, tmp_p
     with pytest.raises(FileNotFoundError) as exc:
         load_model(dst)
     assert victim.name in _one_line(exc)
+
+
+def test_loading_does_not_import_dynamo(tmp_path):
+    """Building the model skeleton on the meta device skips nn.Embedding's normal_ init, which there imports
+    torch._dynamo (1.0-1.4 s of every command's start); the loaded weights are the stored ones either way."""
+    import subprocess
+    import sys
+
+    from driftscope.testing import random_checkpoint
+
+    random_checkpoint(tmp_path / "ckpt", "llama", **SMALL, seed=1)
+    code = ("import sys, torch; from driftscope.engine.loader import load_model; "
+            f"m = load_model({str(tmp_path / 'ckpt')!r}); "
+            "from safetensors.torch import load_file; "
+            f"w = load_file({str(tmp_path / 'ckpt' / 'model.safetensors')!r})['model.embed_tokens.weight']; "
+            "assert torch.equal(m.tok_embeddings.weight, w); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -130,3 +130,29 @@ def test_util_json_helpers(tmp_path):
     (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_json(tmp_path / "bad.json")
+
+
+def test_env_info_is_computed_once_and_copied(monkeypatch):
+    """lm-eval's add_env_info (torch's collect_env: subprocesses) runs once per process; every benchmark's results
+    get an equal, independent copy of the same fields."""
+    import lm_eval.evaluator as ev
+
+    from driftscope.eval.run import _env_info_once
+
+    calls = []
+
+    def fake(storage):
+        calls.append(1)
+        storage.update({"pretty_env_info": f"env {len(calls)}", "nested": {"a": [1]}})
+
+    monkeypatch.setattr(ev, "add_env_info", fake)
+    _env_info_once()
+    _env_info_once()  # idempotent: not wrapped twice
+    a, b = {"results": 1}, {}
+    ev.add_env_info(a)
+    ev.add_env_info(b)
+    assert calls == [1]
+    assert a == {"results": 1, "pretty_env_info": "env 1", "nested": {"a": [1]}}
+    assert b == {"pretty_env_info": "env 1", "nested": {"a": [1]}}
+    a["nested"]["a"].append(2)
+    assert b["nested"] == {"a": [1]}
