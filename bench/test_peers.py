@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,15 @@ def test_eval_equal_finds_a_differing_doc():
     flipped = {"driftscope": [{"docs": {"m": [dict(doc, ll=[-2.0, -1.0], acc=0.0)]}}], "lm-eval hf": same["lm-eval hf"]}
     r = run.eval_equal(flipped)
     assert not r["equal"] and r["acc_differs"] == 1 and r["max_abs_ll_diff"] == pytest.approx(1.0)
+
+
+def test_j_separate_transformers_passes_are_one_process_each():
+    """drift4's "J passes" peer: one hf_drift process per tuned model, each with the base; scored tokens and KL
+    values of the J processes added up and listed in tuned order."""
+    c = {"base": Path("/b"), "tuned": [Path("/t1"), Path("/t2")], "records": Path("/r.jsonl")}
+    cmds = peers._hf_drift_each("full")(c, Path("/wd"))
+    assert [cmd[-3:] for cmd in cmds] == [["/b", "/t1", "/r.jsonl"], ["/b", "/t2", "/r.jsonl"]]
+    outs = ['log\n{"scored": 10, "kl_tb": [0.5], "kl_bt": [0.25]}', '{"scored": 10, "kl_tb": [0.125], "kl_bt": [1.0]}']
+    assert peers._hf_drift_each_parse(outs, Path("/wd")) == {"scored": 20, "kl_tb": [0.5, 0.125],
+                                                             "kl_bt": [0.25, 1.0]}
+    assert [p.name for p in peers.WORKLOADS["drift4"]][2] == "transformers full logits, J passes"

@@ -52,6 +52,18 @@ def _hf_drift_parse(outs: list[str], wd: Path) -> dict:
     return d
 
 
+def _hf_drift_each(way: str) -> Callable[[dict, Path], list[list[str]]]:
+    """One transformers process per tuned model (base forwarded J times): J separate passes, as a user runs them."""
+    return lambda c, wd: [[PY, "-m", "bench.peers.hf_drift", way, str(c["base"]), str(t), str(c["records"])]
+                          for t in c["tuned"]]
+
+
+def _hf_drift_each_parse(outs: list[str], wd: Path) -> dict:
+    runs = [_hf_drift_parse([o], wd) for o in outs]
+    return {"scored": sum(r["scored"] for r in runs), "kl_tb": [k for r in runs for k in r["kl_tb"]],
+            "kl_bt": [k for r in runs for k in r["kl_bt"]]}
+
+
 def _llama_kl(c: dict, wd: Path) -> list[list[str]]:
     common = ["-f", str(c["text"]), "-c", str(w.LLAMA_CTX), "-b", str(w.LLAMA_CTX), *c["llama_threads"],
               "--kl-divergence-base", str(wd / "base-logits.bin")]
@@ -136,4 +148,6 @@ def _eval_samples(_: list[str], wd: Path) -> dict:
 
 EVAL = [Peer("driftscope", _ds_eval, _eval_samples), Peer("lm-eval hf", _lm_eval, _eval_samples)]
 
-WORKLOADS = {"drift": DRIFT, "drift4": [DRIFT[0], DRIFT[1]], "generate": GENERATE, "eval": EVAL}
+DRIFT4 = [DRIFT[0], DRIFT[1], Peer("transformers full logits, J passes", _hf_drift_each("full"), _hf_drift_each_parse)]
+
+WORKLOADS = {"drift": DRIFT, "drift4": DRIFT4, "generate": GENERATE, "eval": EVAL}
