@@ -11,12 +11,16 @@ from driftscope.kernels._dispatch import flash_attn_status, use_backend
 from driftscope.kernels.attention import varlen_attention_torch
 from driftscope.kernels.paged_attention import paged_decode_attention, paged_decode_attention_torch
 
-# (context lengths, Hq, Hkv, D, block size): a one-token context, odd lengths, GQA / MQA / MHA, block size 1
+# (context lengths, Hq, Hkv, D, block size): a one-token context, odd lengths, GQA / MQA / MHA, block size 1, the
+# cpp kernel's compiled head dims (64: SmolLM2's 9 q / 3 kv heads over many blocks; 128) and a run-time one (24)
 SHAPES = [
     ([1, 7, 13], 4, 2, 16, 4),
     ([5], 2, 2, 8, 1),
     ([33, 2], 6, 1, 32, 16),
     ([9, 16, 17, 1], 8, 2, 64, 8),
+    ([203, 37, 16, 1], 9, 3, 64, 16),
+    ([20, 5], 4, 1, 128, 16),
+    ([40, 21], 6, 3, 24, 5),
 ]
 DTYPES = {torch.float32: 1e-5, torch.bfloat16: 6e-3}  # as tests/engine/test_attention.py (output rounding in bf16)
 
@@ -70,6 +74,19 @@ def test_paged_decode_attention_matches_the_reference(shape, dtype, backend):
         out = paged_decode_attention(*args)
     assert torch.isfinite(out).all(), "a NaN slot was read"
     assert_close(out, ref, DTYPES[dtype], f"paged decode {_ids(shape)} {dtype}")
+
+
+def test_cpp_kernel_softmax_underflow_matches_the_reference():
+    """Scores ~1e3 apart: most probabilities underflow to 0 in float32 (the kernel's exp must give 0 there, not
+    garbage) and the survivors decide the output."""
+    args, _, _ = _case([70, 33], 9, 3, 64, 16, torch.float32)
+    q = args[0] * 300
+    args = (q, *args[1:])
+    ref = paged_decode_attention_torch(*args)
+    with use_backend("cpp"):
+        out = paged_decode_attention(*args)
+    assert torch.isfinite(out).all(), "a NaN slot was read or exp overflowed"
+    assert_close(out, ref, DTYPES[torch.float32], "paged decode with underflowing probabilities")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)

@@ -12,9 +12,11 @@ from kernel_helpers import assert_close_verbose
 
 pytestmark = pytest.mark.skipif(not cpp_status("cpu"), reason="driftscope._C is not built")
 
-# (M, N, K): M and N remainders 0..3 of the 3 x 4 blocks, K tails 0..7 of the 8-wide vectors, the decode shapes
+# (M, N, K): M and N remainders of the 6 x 2 (AVX2) and 8 x 3 (AVX-512) blocks, K tails of the 8- and 16-wide
+# vectors, the decode shapes (SmolLM2-135M's qkv, down and a slice of its head at 16 sequences)
 SHAPES = [(1, 1, 1), (1, 4, 8), (2, 5, 9), (3, 7, 15), (4, 6, 16), (5, 3, 7), (16, 2304, 768), (17, 1001, 64),
-          (SMALL_M, 96, 40), (7, 4096, 768)]
+          (SMALL_M, 96, 40), (7, 4096, 768), (8, 3, 16), (9, 4, 17), (15, 5, 31), (23, 8, 47), (24, 9, 33),
+          (16, 960, 576), (16, 576, 1536), (16, 4099, 576), (1, 3072, 576)]
 # max |Δ| / (|x|·|w| summed): float32 accumulation of K products, measured ≤ 2e-7 here
 TOL = 2e-6
 
