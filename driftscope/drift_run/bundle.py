@@ -8,16 +8,19 @@ and its summary (`finalize`): the run only routes batches to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field as dc_field
 from functools import partial
 
 import torch
 
 from driftscope.drift_run.summary import task_summary
+from driftscope.kernels.cov_update import batch_gram
 from driftscope.probes import HiddenSimilarity, KLDStats, PaperPCAShift, ShiftedTokens, StreamingPCA, TokenMetrics
 from driftscope.probes.base import field
 from driftscope.probes.examples import TopExamples
 from driftscope.probes.lens import LensDrift, LensHeads
+from driftscope.telemetry import StageTimes
 
 
 @dataclass
@@ -69,7 +72,7 @@ class TaskProbes:
 
     def __init__(self, n_tuned: int, n_states: int, hidden_size: int, *, vocab_rows: int, pca: str, cka: str,
                  cka_proj_dim: int, shared_base: bool = True, lens: LensHeads | None = None,
-                 examples: int = 0) -> None:
+                 examples: int = 0, times: StageTimes | None = None) -> None:
         self.n_tuned, self.n_states, self.hidden_size, self.pca_mode = n_tuned, n_states, hidden_size, pca
         self.shared_base = shared_base
         used = lens is not None and (bool(lens.indices) or examples > 0)
@@ -80,6 +83,7 @@ class TaskProbes:
         if examples and lens is None:
             raise ValueError("the example stores (examples > 0) need the models' heads: pass lens=LensHeads(...)")
         self.lens_heads = lens
+        self.times = times  # the run's stage timer: the lens is its own stage ("lens"), not token_probes'
         self.lens = LensDrift(lens.indices, n_states, n_tuned, hidden_size) if lens and lens.indices else None
         self.keep_final = self.lens is not None or examples > 0  # on_layer keeps the batch's final states
         self._lens_states: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # this batch's, index -> states
@@ -107,14 +111,23 @@ class TaskProbes:
                 raise ValueError("shared-base probes need the states of every tuned model at once")
             if self.keep_final and (layer == self.n_states - 1 or (self.lens and layer in self.lens.indices)):
                 self._lens_states[layer] = (hb, list(hts))
-            self.hidden[0].update(layer, hb, list(hts))
+            g = self._base_gram(hb)
+            self.hidden[0].update(layer, hb, list(hts), base_gram=g)
             if self.pcas:
-                self.pcas[0].update(layer, hb, list(hts))
+                self.pcas[0].update(layer, hb, list(hts), base_gram=g)
             return
+        g = self._base_gram(hb)
         for jj, ht in zip(js, hts):
-            self.hidden[jj].update(layer, hb, ht)
+            self.hidden[jj].update(layer, hb, ht, base_gram=g)
             if self.pcas:
-                self.pcas[jj].update(layer, hb, ht)
+                self.pcas[jj].update(layer, hb, ht, base_gram=g)
+
+    def _base_gram(self, hb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Σx, XᵀX of the batch's base states once, when more than one probe keeps them (full CKA and streaming PCA:
+        the largest layer-probe cost, n·d² each); None lets a lone probe compute its own (the same call)."""
+        if sum(h.cka == "full" for h in self.hidden) + len(self.pcas) < 2:
+            return None
+        return batch_gram(hb.detach())
 
     def on_vocab(self, j: int, result, targets: torch.Tensor, sample_ids: torch.Tensor,
                  first: torch.Tensor) -> None:
@@ -131,7 +144,8 @@ class TaskProbes:
                 outputs = [self._lens_outputs[jj] for jj in range(self.n_tuned)]
                 states, self._lens_states, self._lens_outputs = self._lens_states, {}, {}
                 if self.lens is not None:
-                    self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
+                    with self.times("lens") if self.times is not None else nullcontext():
+                        self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
 
     def _top_n(self, j: int, rows: torch.Tensor, n: int = 5) -> tuple[torch.Tensor, ...]:
         """Both models' top-n next tokens and probabilities (float32 logits of their heads, the pair's valid vocab)

@@ -87,7 +87,8 @@ class _Run:
         lens = LensHeads.of_models(o.lens, self.base, self.tuned, self.valid_vocab, o.lens_top_k)
         self.probes = [TaskProbes(len(self.tuned), c.num_layers + 1, c.hidden_size, vocab_rows=vocab_rows,
                                   pca=o.pca, cka=o.cka_mode(c.hidden_size), cka_proj_dim=o.cka_proj_dim,
-                                  shared_base=not o.generate, lens=lens, examples=o.examples) for _ in self.tasks]
+                                  shared_base=not o.generate, lens=lens, examples=o.examples, times=times)
+                       for _ in self.tasks]
         self.states = {f"t{k}": probes for k, probes in enumerate(self.probes)}
         self.gen_rows: dict[tuple[int, int], list[dict]] = {}  # generate mode: responses per (tuned model, task)
         self.tokens_generated = 0

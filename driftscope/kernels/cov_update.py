@@ -110,6 +110,14 @@ def cov_update(sum_x: torch.Tensor, sum_xxT: torch.Tensor, x: torch.Tensor) -> t
     return sum_x, sum_xxT
 
 
+def batch_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_rows x, xᵀx) of one batch, float64 on x's device: `cov_update` into zeros. Probes that keep the same base
+    sums (HiddenSimilarity's CKA and StreamingPCA) add one batch_gram each, so it is computed once and shared."""
+    d = x.shape[1]
+    return cov_update(torch.zeros(d, dtype=torch.float64, device=x.device),
+                      torch.zeros(d, d, dtype=torch.float64, device=x.device), x)
+
+
 TC_ROWS = 64  # rows per fp32 tensor-core partial sum (bf16/fp16 x), then folded into float64
 BLOCK_D = 32  # the launch configuration (Triton's default num_warps), read by tests/kernels/test_triton_compile.py
 FP64_ROWS = 32  # BLOCK_K of float32/float64 x (the float64 tl.dot)

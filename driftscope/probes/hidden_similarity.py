@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from driftscope.kernels.cov_update import cov_update
+from driftscope.kernels.cov_update import batch_gram, cov_update
 from driftscope.probes.base import Accumulator, LayerSums, json_float
 
 __all__ = ["HiddenSimilarity", "linear_cka_from_sums", "projection_matrix"]
@@ -89,9 +89,11 @@ class HiddenSimilarity(Accumulator):
         self.m = LayerSums(self.n_layers, {name: (k,) if name.startswith("sum") else (k, k) for name in _cka_names(
             self.n_tuned)})
 
-    def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    def update(self, layer: int, h_base: torch.Tensor, h_tuned: torch.Tensor | Sequence[torch.Tensor],
+               base_gram: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """h_base [N, d] and h_tuned, [N, d] or a sequence of n_tuned of them: the states of the N scored tokens at
-        `layer` (any float dtype, same device)."""
+        `layer` (any float dtype, same device). `base_gram`: `batch_gram(h_base)` when the caller has it (StreamingPCA
+        keeps the same base sums); full CKA adds it, computed here when None (the same call either way)."""
         hts = list(h_tuned) if isinstance(h_tuned, (list, tuple)) else [h_tuned]
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.n_layers})")
@@ -106,6 +108,10 @@ class HiddenSimilarity(Accumulator):
         sums = {name: self.m.get(name, layer, dev) for name in self.m.shapes} if self.k else None
         if self.cka == "projected" and (self._proj is None or self._proj.device != dev):
             self._proj = projection_matrix(self.hidden_size, self.proj_dim, self.seed).to(dev)
+        if self.cka == "full":  # the base sums of the whole batch at once (x read in place), shareable
+            sx, sxx = base_gram if base_gram is not None else batch_gram(h_base.detach())
+            sums["sum_x"] += sx
+            sums["xtx"] += sxx
         for i in range(0, h_base.shape[0], _CHUNK):
             xs = h_base[i:i + _CHUNK].detach()
             x = xs.to(torch.float64)  # [n, d], once for every tuned model
@@ -113,8 +119,8 @@ class HiddenSimilarity(Accumulator):
             acc_b += torch.stack([torch.tensor(float(x.shape[0]), dtype=torch.float64, device=dev), nx.sum(),
                                   (nx * nx).sum()])
             xp = x @ self._proj if self._proj is not None else x  # [n, k]
-            if sums is not None:
-                _gram(sums["sum_x"], sums["xtx"], xp if self._proj is not None else xs)
+            if self._proj is not None:
+                _gram(sums["sum_x"], sums["xtx"], xp)
             for j, ht in enumerate(hts):
                 ys = ht[i:i + _CHUNK].detach()
                 y = ys.to(torch.float64)  # [n, d]

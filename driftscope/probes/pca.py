@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from driftscope.kernels.cov_update import cov_update
+from driftscope.kernels.cov_update import batch_gram
 from driftscope.probes.base import Accumulator, LayerSums, json_float
 
 __all__ = ["PaperPCAShift", "StreamingPCA", "pca_components", "pca_components_from_moments", "svd_flip_v",
@@ -183,8 +183,10 @@ class StreamingPCA(Accumulator):
                                               **{f"tuned{j}_x": (d,) for j in range(self.n_tuned)}})
         self._fit: list | None = None  # per layer (mean, components, explained variance), cached by finalize
 
-    def update(self, layer: int, x_base: torch.Tensor, x_tuned: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """x_base [n, d] and one [n, d] per tuned model (a tensor when n_tuned is 1): rows of the same inputs."""
+    def update(self, layer: int, x_base: torch.Tensor, x_tuned: torch.Tensor | Sequence[torch.Tensor],
+               base_gram: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """x_base [n, d] and one [n, d] per tuned model (a tensor when n_tuned is 1): rows of the same inputs.
+        `base_gram`: `batch_gram(x_base)` when the caller has it (shared with HiddenSimilarity), else computed here."""
         xs = [x_tuned] if torch.is_tensor(x_tuned) else list(x_tuned)
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer {layer} out of range [0, {self.n_layers})")
@@ -195,7 +197,9 @@ class StreamingPCA(Accumulator):
                 raise ValueError(f"expected x_base and every x_tuned [n, {self.hidden_size}], got "
                                  f"{[tuple(t.shape) for t in (x_base, *xs)]}")
         dev = x_base.device
-        cov_update(self.sums.get("base_x", layer, dev), self.sums.get("base_xxT", layer, dev), x_base)
+        sx, sxx = base_gram if base_gram is not None else batch_gram(x_base.detach())
+        self.sums.get("base_x", layer, dev).add_(sx)
+        self.sums.get("base_xxT", layer, dev).add_(sxx)
         for j, x in enumerate(xs):
             self.sums.get(f"tuned{j}_x", layer, dev).add_(x.detach().to(torch.float64).sum(0))
         self.n[layer] += x_base.shape[0]

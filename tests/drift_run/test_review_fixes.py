@@ -255,16 +255,19 @@ def test_tokenizers_with_the_same_vocabulary_but_other_merges_are_refused(models
 
 # ---- one base against several tuned models: the base PCA moments are accumulated once ------------------------------
 def test_streaming_pca_base_moments_are_computed_once_for_several_tuned_models(models, records, monkeypatch):
+    import driftscope.drift_run.bundle as bundle_mod
+    import driftscope.probes.hidden_similarity as hs_mod
     import driftscope.probes.pca as pca_mod
 
     calls = {"n": 0}
-    original = pca_mod.cov_update
+    original = pca_mod.batch_gram
 
-    def counting(sum_x, sum_xxT, x):
+    def counting(x):
         calls["n"] += 1
-        return original(sum_x, sum_xxT, x)
+        return original(x)
 
-    monkeypatch.setattr(pca_mod, "cov_update", counting)
+    for mod in (bundle_mod, hs_mod, pca_mod):  # wherever the base states' Σx, XᵀX are computed
+        monkeypatch.setattr(mod, "batch_gram", counting)
     both = drift(models["base"], [models["tuned"], models["late"]], records, **OPTS).summary
     n_both = calls["n"]
     calls["n"] = 0

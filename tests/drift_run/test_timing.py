@@ -74,3 +74,15 @@ def test_process_seconds_counts_from_the_process_start():
     age = float(out)
     assert 0.6 - 0.02 <= age <= waited + 0.02, (age, waited)
     assert process_seconds() > 0
+
+
+def test_the_lens_is_its_own_stage(models, records):
+    """--lens: its head GEMMs are timed as "lens" (exclusive, inside the batch loop), not under token_probes; the
+    stages still add up to the wall time."""
+    t = drift(models["base"], models["tuned"], records, lens="all", **OPTS).summary["timing"]
+    stages = t["stages"]
+    assert stages["lens"] > 0, stages
+    assert sum(stages.values()) == pytest.approx(t["wall_seconds"], abs=1e-3 * len(stages)), stages
+    assert sum(stages[s] for s in LOOP | {"lens"}) <= t["seconds"] + 1e-3
+    plain = drift(models["base"], models["tuned"], records, **OPTS).summary["timing"]["stages"]
+    assert "lens" not in plain
