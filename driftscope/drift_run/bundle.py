@@ -37,7 +37,7 @@ class PairProbes:
         return {k: v for k, v in vars(self).items() if v is not None}
 
 
-_HEAD_CHUNK = 8192  # head rows converted to float32 at a time for the example stores' top-n (bounded copy)
+_HEAD_CHUNK = 8192  # head rows converted to float64 at a time for the example stores' top-n (bounded copy)
 
 
 def _prefixed(prefix: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -148,17 +148,19 @@ class TaskProbes:
                         self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
 
     def _top_n(self, j: int, rows: torch.Tensor, n: int = 5) -> tuple[torch.Tensor, ...]:
-        """Both models' top-n next tokens and probabilities (float32 logits of their heads, the pair's valid vocab)
-        at the batch's scored rows `rows`: (base ids, base p, tuned ids, tuned p), each [R, n]."""
+        """Both models' top-n next tokens and probabilities (float64 logits of their heads, the pair's valid vocab)
+        at the batch's scored rows `rows`: (base ids, base p, tuned ids, tuned p), each [R, n]. float64, so that the
+        stored float32 values do not depend on R or on how the rows were batched (a float32 GEMM's rounding does:
+        a torchrun rank's rows gave other last bits than one process's)."""
         hb, hts = self._lens_states[self.n_states - 1]
         heads, vv = self.lens_heads, self.lens_heads.valid_vocab[j]
         out = []
         for h, w in ((hb, heads.base.head), (hts[j], heads.tuned[j].head)):
-            x, w = h[rows.to(h.device)].float(), w[:vv]  # [R, d]: R <= k rows only
-            z = torch.cat([x @ w[v:v + _HEAD_CHUNK].float().T for v in range(0, w.shape[0], _HEAD_CHUNK)], dim=1)
+            x, w = h[rows.to(h.device)].double(), w[:vv]  # [R, d]: R <= k rows only
+            z = torch.cat([x @ w[v:v + _HEAD_CHUNK].double().T for v in range(0, w.shape[0], _HEAD_CHUNK)], dim=1)
             p = torch.softmax(z, dim=-1)  # [R, V]
             top = torch.topk(p, min(n, p.shape[1]), dim=-1)
-            out += [top.indices, top.values]
+            out += [top.indices, top.values.float()]
         return tuple(out)
 
     def set_paper_vectors(self, vectors: Sequence[torch.Tensor]) -> None:

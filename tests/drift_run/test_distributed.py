@@ -317,3 +317,29 @@ def test_device_flags_under_torchrun_on_the_cpu_give_the_summary_of_one(inputs, 
     got = json.loads((tmp_path / "summary.json").read_text())
     _compare(json.loads(json.dumps(one_process[0]["models"])), got["models"])
     assert got["config"]["base_device"] == "cpu" and got["timing"]["processes"] == 2
+
+
+def test_lens_and_examples_under_two_processes_equal_one(inputs, tmp_path):
+    """--lens all --examples 3 under torchrun: each rank's lens sums and top-k stores, merged on rank 0, give the
+    summary of one process (the lens and self-lens curves, the promoted tokens, the examples) and its
+    examples table."""
+    import driftscope.report
+
+    flags = {"lens": "all", "examples": 3}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driftscope.report, "write_report", lambda out, summary: out / "report.html")
+        one = drift(inputs["base"], inputs["tuned"], inputs["data"], tmp_path / "one", **OPTS, **flags).summary
+    r = _torchrun(inputs, tmp_path / "two", "--lens", "all", "--examples", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for name, model in one["models"].items():
+        for task, block in model["tasks"].items():
+            for key in ("lens", "self_lens", "promoted_tokens", "examples"):
+                assert key in block, (name, task, key)
+                _compare(json.loads(json.dumps(block[key])), got["models"][name]["tasks"][task][key],
+                         f"{name}.{task}.{key}")
+    pq = pytest.importorskip("pyarrow.parquet")
+    a, b = (pq.read_table(p / "examples.parquet").to_pylist() for p in (tmp_path / "one", tmp_path / "two"))
+    assert len(a) > 0 and len(a) == len(b)
+    for x, y in zip(a, b):
+        _compare(x, y, "examples.parquet")
