@@ -9,7 +9,7 @@
 // - AVX2 + FMA: 8 lanes, 6x2 blocks (12 + 2 w + 1 x = 15 of 16 ymm registers), scalar K tail.
 // At M = 16 a step's weights are compute-bound with AVX2 on a 2-core AVX-512 machine (16 GB/s while M = 1 streams
 // at 45 GB/s); 16 lanes double the FMA width (bench/RESULTS.md). In a decode step the weights stream from DRAM, so
-// the first row block of each weight block prefetches the next block's rows (one prefetch per 64-byte line).
+// the first row block of each weight block prefetches a later block's rows (one prefetch per 64-byte line).
 #include "small_gemm.h"
 
 #include <algorithm>
@@ -31,9 +31,13 @@ namespace {
 #ifdef DRIFTSCOPE_AVX512
 constexpr int kMR = 8;  // rows of x per block
 constexpr int kNR = 3;  // rows of w per block: 24 accumulators + 3 w + 1 x = 28 zmm registers
+// prefetch the rows 4 blocks ahead into L2: 17-20 GB/s -> 19-22 GB/s for a whole step at M = 16 on 2 threads,
+// against 1 block ahead into L1 (bench/RESULTS.md)
+constexpr int64_t kAhead = 4;
 #else
 constexpr int kMR = 6;  // rows of x per block
 constexpr int kNR = 2;  // rows of w per block: 12 accumulators + 2 w + 1 x = 15 ymm registers
+constexpr int64_t kAhead = 1;  // the next block's rows, into L1 (measured with the 6x2 blocks)
 #endif
 constexpr int64_t kPrefetchEvery = 16;  // floats: one prefetch per 64-byte line of each next weight row
 
@@ -70,7 +74,8 @@ inline void block(float* out, const float* x, const float* w, const float* bias,
   for (int i = 0; i < MR; ++i) xs[i] = x + (m0 + i) * K;
   for (int j = 0; j < NR; ++j) ws[j] = w + (n0 + j) * K;
   float acc[MR][NR];
-  const bool prefetch = m0 == 0 && n0 + 2 * NR <= N;  // the next block's rows, once (later row blocks hit L1)
+  // a later block's rows, once (later row blocks of this block hit L1)
+  const bool prefetch = m0 == 0 && n0 + (kAhead + 1) * NR <= N;
   int64_t k = 0;
 #if defined(DRIFTSCOPE_AVX512)
   __m512 v[MR][NR];
@@ -78,7 +83,8 @@ inline void block(float* out, const float* x, const float* w, const float* bias,
     for (int j = 0; j < NR; ++j) v[i][j] = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) {
     if (prefetch)
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(ws[j] + NR * K + k), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(ws[j] + kAhead * NR * K + k), _MM_HINT_T1);
     __m512 wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(ws[j] + k);
     for (int i = 0; i < MR; ++i) {
@@ -114,7 +120,8 @@ inline void block(float* out, const float* x, const float* w, const float* bias,
     for (int j = 0; j < NR; ++j) v[i][j] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
     if (prefetch && k % kPrefetchEvery == 0)
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(ws[j] + NR * K + k), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(ws[j] + kAhead * NR * K + k), _MM_HINT_T0);
     __m256 xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xs[i] + k);
     for (int j = 0; j < NR; ++j) {
@@ -127,6 +134,7 @@ inline void block(float* out, const float* x, const float* w, const float* bias,
 #else
   (void)prefetch;
   (void)kPrefetchEvery;
+  (void)kAhead;
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = 0.0f;
 #endif
