@@ -10,12 +10,13 @@ from driftscope.kernels.vocab_probe.common import METRICS, _merge_recount
 
 
 def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
-    """Token tile × vocab chunk: each fp32 [tile, chunk] logits tile is 1 MiB, so with the fold's rows
-    split over two threads each core folds 1 MiB of (base + tuned) logits = its L2 (Zen: 1 MiB/core).
-    Larger than strictly L2-optimal for the fold on purpose: every GEMM call ends in a thread barrier,
-    and fewer, bigger calls keep that overhead small (measured: 256×512 tiles cost ~2× the CPU time
-    of the GEMM floor on a loaded 2-core machine; the fold itself is ~3% of the GEMM time)."""
-    return min(n, 256), min(vocab, 1024)
+    """Token tile × vocab chunk: 256 × 16,384 (fp32 tiles of 16 MiB per model, out of L2: the fold then reads its
+    logits from L3 or DRAM, ~2% of a GEMM's time at d ≥ 576). Chunks this wide because every GEMM call and fold
+    ends in an OpenMP barrier, and while other processes share the cores each barrier waits for a descheduled
+    thread: with a busy-loop process on each of 2 cores (bench/vocab_contention.py, RESULTS.md) the probe took
+    10-18 s with 1,024-wide chunks, 8 s with 4,096 and 6.0-6.9 s with 8,192-32,768, against 8.8-12.2 s for the
+    materialized way; quiet, 4,096-32,768 are equal within noise and 1,024 is 10-25% slower."""
+    return min(n, 256), min(vocab, 16384)
 
 
 def _gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): same bits in pass 2
