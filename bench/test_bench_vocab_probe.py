@@ -6,7 +6,7 @@ heads. Work = the two GEMMs, 4·N·V·d FLOPs; throughput reported as tokens/s a
   entropies, ranks by comparison — what one writes without a fused kernel.
 - `gemm_floor`: just the two LM-head GEMMs (h @ wᵀ, fp32 out) — no kernel that computes logits can
   beat it; the fused path's target is ≤ 1.2× of it.
-- `gemm_chunked`: the same GEMMs blocked like the fused path (256 × 1024 tiles into reused buffers),
+- `gemm_chunked`: the same GEMMs blocked like the fused path (256 × 16384 tiles into reused buffers),
   no fold — the tight floor: fused_cpp / gemm_chunked is the cost of everything but the GEMMs.
 - `fused_cpp`: driftscope.kernels.vocab_probe with the cpp backend.
 Peak extra memory of each is measured in a fresh process (VmHWM after /proc/self/clear_refs = 5).
@@ -57,7 +57,7 @@ def gemm_floor(hb, wb, ht, wt, y):
     return hb @ wb.T, ht @ wt.T
 
 
-def gemm_chunked(hb, wb, ht, wt, y, tile: int = 256, chunk: int = 1024):
+def gemm_chunked(hb, wb, ht, wt, y, tile: int = 256, chunk: int = 16384):
     """The same two GEMMs in the fused path's (tile, chunk) blocks into reused fp32 buffers, no fold:
     the tight floor for the fused cpp path (no [N, V] output to allocate and write)."""
     n, v = hb.shape[0], wb.shape[0]
