@@ -7,9 +7,9 @@
 // - AVX-512: 16 lanes, 8x3 blocks (24 of the 32 zmm registers accumulate); the K tail is one masked load, whose
 //   masked-off lanes read as zero (and cannot fault), so there is no scalar tail.
 // - AVX2 + FMA: 8 lanes, 6x2 blocks (12 + 2 w + 1 x = 15 of 16 ymm registers), scalar K tail.
-// At M = 16 a step's weights are compute-bound with AVX2 on a 2-core AVX-512 machine (16 GB/s while M = 1 streams
-// at 45 GB/s); 16 lanes double the FMA width (bench/RESULTS.md). In a decode step the weights stream from DRAM, so
-// the first row block of each weight block prefetches a later block's rows (one prefetch per 64-byte line).
+// At M = 16 the 6x2 AVX2 blocks ran at the AVX2 FMA peak (~85 GFLOP/s a core with the weight in cache), so a decode
+// step was compute-bound; 16 lanes reach ~115 GFLOP/s (bench/RESULTS.md). In a decode step the weights stream from
+// DRAM, so the first row block of each weight block prefetches a later block's rows (one prefetch per 64-byte line).
 #include "small_gemm.h"
 
 #include <algorithm>
