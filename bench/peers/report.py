@@ -63,7 +63,10 @@ def acceptance(wls: dict) -> list[str]:
         if name == "drift4" and "transformers full logits" in r:
             out.append(f"J = 4 vs transformers full logits of 4 tuned models in one process (base forward shared): "
                        f"{_fmt(r['transformers full logits']['time'])}")
-            if "drift" in wls:
+            if "transformers full logits, J passes" in r:
+                out.append("J = 4 vs four separate transformers full-logits passes (paired rounds): "
+                           f"{_fmt(r['transformers full logits, J passes']['time'])}")
+            elif "drift" in wls:
                 four = 4 * statistics.median(x["seconds"] for x in wls["drift"]["runs"]["transformers full logits"])
                 ds4 = statistics.median(x["seconds"] for x in entry["runs"]["driftscope"])
                 out.append(f"J = 4 vs four separate transformers full-logits passes (4 × the drift median, unpaired): "
