@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 
 from driftscope.engine import gguf
@@ -272,12 +273,32 @@ def load_model(
     _check_shapes(source, expected, config)
     if stream_layers:  # the layers' tensors go to StreamedLayers; the rest is loaded below
         expected = _stream_layers(model, source, expected, dtype)
-    model.to_empty(device=device)
+    _empty_on(model, device)
     _copy_weights(model, source, expected)
     if stream_layers:
         model.layers.verify(_check_finite)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _empty_on(model: nn.Module, device: torch.device) -> None:
+    """`model.to_empty(device=device)` without its meta-device `empty_like`, whose decomposition imports torch's
+    symbolic-shapes machinery (0.46 s of a command's start): every parameter and buffer becomes `torch.empty` of its
+    shape and dtype on `device` (uninitialized: the weights are copied in next). A tensor shared by two modules stays
+    one tensor."""
+    made: dict[int, torch.Tensor] = {}
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            e = torch.empty(t.shape, dtype=t.dtype, device=device)
+            made[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+        return made[id(t)]
+
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for name, t in store.items():
+                if t is not None:
+                    store[name] = empty(t)
 
 
 def _check_names(source: _Source, expected: dict[str, Target], config: ModelConfig, root: Path) -> None:

@@ -152,7 +152,35 @@ def test_env_info_is_computed_once_and_copied(monkeypatch):
     ev.add_env_info(a)
     ev.add_env_info(b)
     assert calls == [1]
-    assert a == {"results": 1, "pretty_env_info": "env 1", "nested": {"a": [1]}}
-    assert b == {"pretty_env_info": "env 1", "nested": {"a": [1]}}
+    import importlib.metadata
+
+    version = {"transformers_version": importlib.metadata.version("transformers")}
+    assert a == {"results": 1, "pretty_env_info": "env 1", "nested": {"a": [1]}, **version}
+    assert b == {"pretty_env_info": "env 1", "nested": {"a": [1]}, **version}
     a["nested"]["a"].append(2)
     assert b["nested"] == {"a": [1]}
+
+
+def test_env_info_equals_lm_evals_without_importing_transformers():
+    """The wrapped add_env_info stores what lm-eval's own stores, and never imports transformers to read its
+    version (a fresh process: nothing imported it before)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, sys
+        import lm_eval.evaluator as ev
+        from driftscope.eval.run import _env_info_once
+        original = ev.add_env_info
+        _env_info_once()
+        ours = {}
+        ev.add_env_info(ours)
+        imported = "transformers" in sys.modules
+        theirs = {}
+        original(theirs)
+        print(json.dumps({"imported": imported, "equal": ours == theirs, "keys": sorted(ours)}))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"imported": False, "equal": True, "keys": ["lm_eval_version", "pretty_env_info",
+                                                              "transformers_version", "upper_git_hash"]}
