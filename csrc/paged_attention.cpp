@@ -23,25 +23,6 @@ namespace {
 
 constexpr int64_t kLineFloats = 16;  // one prefetch per 64-byte cache line
 
-// exp(x) for x <= 0 in float32 within ~2 ulp of std::exp (Cephes expf: x = n·ln2 + r, |r| <= ln2/2, a degree-7
-// polynomial for exp(r), times 2^n through the exponent bits); 0 below -87 (where expf leaves the normal range).
-// Plain arithmetic, so the softmax loop vectorizes (libm's expf is a call per element).
-inline float exp_nonpositive(float x) {
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);  // round(x / ln2)
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;  // x - n·ln2, ln2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // 2^n; n >= -126 here
-  float scale;
-  std::memcpy(&scale, &e, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
-}
-
 // The kernel for one head dim: DC > 0 fixes D at compile time (fully unrolled dot products and value sums for the
 // common head dims); DC = 0 reads it at run time.
 template <int64_t DC>

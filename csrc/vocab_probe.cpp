@@ -24,26 +24,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// e^x for x <= 0 (Cephes expf polynomial, ~1 ulp), branch-free so that `omp simd` vectorizes it.
-inline float exp_nonpos(float x) {
-  const float lo = -87.33654f;  // below: e^x underflows fp32 normals -> 0
-  const float xc = x < lo ? lo : x;
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? 0.0f : e * scale;
-}
-
 inline int64_t first_index_of(const float* z, int64_t cols, float v) {
   for (int64_t c = 0; c < cols; ++c)
     if (z[c] == v) return c;
@@ -121,7 +101,7 @@ void VocabFold::fold(uintptr_t zb, uintptr_t zt, int64_t ld, int64_t rows, int64
 #pragma omp simd reduction(+ : seb, set, sab, sat, sktb, skbt)
     for (int64_t c = 0; c < cols; ++c) {
       const float ub = b[c] - Mb, ut = t[c] - Mt;
-      const float eb = exp_nonpos(ub), et = exp_nonpos(ut);
+      const float eb = exp_nonpositive(ub), et = exp_nonpositive(ut);
       const float dv = ut - ub;
       seb += eb;
       set += et;

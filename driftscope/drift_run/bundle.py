@@ -123,8 +123,7 @@ class TaskProbes:
                 self.pcas[jj].update(layer, hb, ht, base_gram=g)
 
     def _base_gram(self, hb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Σx, XᵀX of the batch's base states once, when more than one probe keeps them (full CKA and streaming PCA:
-        the largest layer-probe cost, n·d² each); None lets a lone probe compute its own (the same call)."""
+        """Σx, XᵀX of the batch's base states once when several probes keep them (full CKA, streaming PCA)."""
         if sum(h.cka == "full" for h in self.hidden) + len(self.pcas) < 2:
             return None
         return batch_gram(hb.detach())

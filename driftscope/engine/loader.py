@@ -282,23 +282,16 @@ def load_model(
 
 
 def _empty_on(model: nn.Module, device: torch.device) -> None:
-    """`model.to_empty(device=device)` without its meta-device `empty_like`, whose decomposition imports torch's
-    symbolic-shapes machinery (0.46 s of a command's start): every parameter and buffer becomes `torch.empty` of its
-    shape and dtype on `device` (uninitialized: the weights are copied in next). A tensor shared by two modules stays
-    one tensor."""
+    """`model.to_empty(device=device)` without the meta device's `empty_like`, which imports torch's symbolic shapes
+    (0.46 s of a command's start); a tensor shared by two modules stays one tensor."""
     made: dict[int, torch.Tensor] = {}
-
-    def empty(t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in made:
-            e = torch.empty(t.shape, dtype=t.dtype, device=device)
-            made[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
-        return made[id(t)]
-
     for m in model.modules():
         for store in (m._parameters, m._buffers):
-            for name, t in store.items():
-                if t is not None:
-                    store[name] = empty(t)
+            for name, t in [(n, t) for n, t in store.items() if t is not None]:
+                if id(t) not in made:
+                    e = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    made[id(t)] = nn.Parameter(e, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else e
+                store[name] = made[id(t)]
 
 
 def _check_names(source: _Source, expected: dict[str, Target], config: ModelConfig, root: Path) -> None:

@@ -60,11 +60,8 @@ def _no_cli_hint(record: logging.LogRecord) -> bool:
 
 
 def _env_info_once() -> None:
-    """Make lm-eval's `add_env_info` compute once per process and copy it after: it runs torch's collect_env (pip and
-    compiler subprocesses, ~0.3 s) on every `simple_evaluate`, and driftscope calls that once per benchmark (each has
-    its own result file and resume point). Its `transformers_version` is read from the package's metadata instead of
-    `import transformers` (0.6 s for a version string; driftscope never imports it). The stored fields are the same;
-    idempotent."""
+    """lm-eval's `add_env_info` once per process, copied after (torch's collect_env, ~0.3 s, ran once per benchmark),
+    with `transformers_version` from package metadata, not `import transformers` (0.6 s). Same fields; idempotent."""
     import copy
     import importlib.metadata
 
