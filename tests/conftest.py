@@ -38,3 +38,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _children_write_temp_files_under_pytests_base(tmp_path_factory):
+    """Subprocesses' temporary files go under pytest's base temp folder (pruned by pytest), not /tmp: every
+    torchrun launch leaves a torchelastic_* folder there otherwise (~300 per suite run)."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.getbasetemp())
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
