@@ -3,13 +3,13 @@ through its own final norm and LM head, z^(i) = W·norm(h_i) (i < L) and z^(L) =
 with the fused vocab probe (never [N, V] logits), and each model against its own output ("self-lens"); and the
 promoted / suppressed tokens s_i = W_base·(γ_base ⊙ Δμ_i), Δμ_i the mean of h_tuned,i − h_base,i over scored tokens.
 
-Extra head GEMMs per batch of `LensDrift.update`, with n chosen indices (n' of them below L) and J tuned models:
-cross lens (1 + J)·n' (one vocab_probe call per index and valid-vocab group; index L reuses the output probe's
-result), self-lens (1 + J)·(n + 1) (one call per model: its output once, each chosen index as a "tuned" side); e.g.
-`every:4` on 40 layers (n = 11, n' = 10), J = 1: 20 + 24 = 44 [N, V] GEMMs beside the output probe's 2 (measured on
-2 shared CPU cores, N = 512, d = 512, V = 32000, L = 16, J = 1, every:4: 20 extra GEMMs took 2.1x the bare GEMMs'
-time, 2.8x the output probe's). Memory: the chosen states, kept from the forward to the vocab step, and their normed
-copies during the update: 2·(1 + J)·(n + 1)·N·d elements in the models' dtype, beside the probe's own workspace.
+Extra head GEMMs per batch of `LensDrift.update`, with n' chosen indices below L and J tuned models: (1 + J)·(n' + 1),
+each model's lens logits once per index for its cross and its self pair, and its output once for its self pairs
+(one vocab_probe_pairs call; index L's cross and self results come from the output probe's); e.g. `every:4` on 40
+layers (n' = 10), J = 1: 22 [N, V] GEMMs beside the output probe's 2 (separate calls took 2·(1 + J)·(n' + 1)).
+Memory: the chosen states, kept from the forward to the vocab step, and their normed copies during the update:
+2·(1 + J)·(n' + 1)·N·d elements in the models' dtype, beside the probe's workspace (cpp: a [tile, V] fp32 panel per
+base side while they fit DRIFTSCOPE_CPP_PANEL_MIB, a [tile, chunk] buffer per other source).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from driftscope.errors import InputError
-from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.kernels.vocab_probe import VocabProbeResult, vocab_probe_pairs
 from driftscope.probes.base import Accumulator
 from driftscope.probes.token_metrics import TokenMetrics
 
@@ -111,6 +111,17 @@ def promoted_scores(head: torch.Tensor, gamma: torch.Tensor | None, mean_diff: t
     return torch.cat([head[r:r + 8192].to(torch.float64) @ v for r in range(0, head.shape[0], 8192)])
 
 
+def _diag(r: VocabProbeResult, side: str) -> VocabProbeResult:
+    """A model's output against itself, from the `side` ("base" / "tuned") of an output-probe result r without
+    flagged rows: what the fold of identical logits gives (both sides that side's, KL 0, rank_shift_top 1)."""
+    g = lambda f: getattr(r, f"{f}_{side}")  # noqa: E731
+    return VocabProbeResult(
+        kl_tb=torch.zeros_like(r.kl_tb), kl_bt=torch.zeros_like(r.kl_bt), logp_base=g("logp"), logp_tuned=g("logp"),
+        rank_base=g("rank"), rank_tuned=g("rank"), top_base=g("top"), top_tuned=g("top"),
+        rank_shift_top=torch.ones_like(r.rank_shift_top), entropy_base=g("entropy"), entropy_tuned=g("entropy"),
+        lse_base=g("lse"), lse_tuned=g("lse"))
+
+
 class LensDrift(Accumulator):
     """Per chosen index: a TokenMetrics per tuned model (base vs tuned lens: `cross`), per model against its own
     output (`self_base`: one when the base states are shared, `self_tuned`: one per tuned model), and float64 Σ of
@@ -148,28 +159,48 @@ class LensDrift(Accumulator):
             self.count[k] += hb.shape[0]
             for j, ht in enumerate(hts):
                 self.diff[j, k] += (ht.to(torch.float64) - hb.to(torch.float64)).sum(0)
-        groups: dict[int | None, list[int]] = {}
-        for j, vv in enumerate(heads.valid_vocab):
-            groups.setdefault(vv, []).append(j)
+        rs = self._probe(heads, normed, targets, outputs)
+        for (role, m, k), r in rs.items():
+            own = self.self_base[k] if m == 0 else self.self_tuned[m - 1][k]
+            (self.cross[m - 1][k] if role == "cross" else own).update(r, sample_ids, first)
+
+    def _probe(self, heads: LensHeads, normed, targets, outputs) -> dict[tuple[str, int, int], VocabProbeResult]:
+        """Every pair's result by (role, model, k): ("cross", 1 + j, k) base vs tuned j at index k, ("self", m, k)
+        model m (0 the base, 1 + j tuned j) against its own output. One vocab_probe_pairs call per valid vocabulary,
+        so each model's lens logits at an index are computed once for its cross and its self pair. Index L's cross
+        results are the output probe's (`outputs`), and its self pairs (an output against itself) come from them:
+        KL 0, both sides the output's, rank_shift_top 1, what the fold of identical logits gives bit for bit;
+        computed instead without `outputs`, for a valid_vocab cut or a flagged row."""
+        last, n_models, out = self.n_states - 1, 1 + self.n_tuned, {}
+        keys: dict[tuple[int, int], int] = {}
+        sources: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def src(m: int, i: int) -> int:  # source id of model m's lens states at index i
+            if (m, i) not in keys:
+                keys[m, i] = len(sources)
+                sources.append((normed[i][0] if m == 0 else normed[i][1][m - 1],
+                                heads.base.head if m == 0 else heads.tuned[m - 1].head))
+            return keys[m, i]
+        calls: dict[tuple, list] = {}  # (valid_vocab, vocabulary) -> [(pair, key)]: pairs of one call share both
         for k, i in enumerate(self.indices):
-            if i == last and outputs is not None:
-                rs = {j: outputs[j] for j in range(self.n_tuned)}
-            else:
-                hb, hts = normed[i]
-                rs = {}
-                for vv, js in groups.items():
-                    out = vocab_probe(hb, heads.base.head, [hts[j] for j in js], [heads.tuned[j].head for j in js],
-                                      targets, valid_vocab=vv)
-                    rs.update(zip(js, out))
             for j in range(self.n_tuned):
-                self.cross[j][k].update(rs[j], sample_ids, first)
-        # self-lens: per model one call, its output as "base", its lens at each index as the "tuned" sides
-        models = [(heads.base, lambda i: normed[i][0], self.self_base),
-                  *((heads.tuned[j], lambda i, j=j: normed[i][1][j], self.self_tuned[j]) for j in range(self.n_tuned))]
-        for m, at, accs in models:
-            out = vocab_probe(at(last), m.head, [at(i) for i in self.indices], [m.head] * len(self.indices), targets)
-            for acc, r in zip(accs, out):
-                acc.update(r, sample_ids, first)
+                if i == last and outputs is not None:
+                    out["cross", 1 + j, k] = outputs[j]
+                else:
+                    vv = heads.valid_vocab[j]
+                    calls.setdefault((vv, vv or heads.base.head.shape[0]), []).append(
+                        ((src(0, i), src(1 + j, i)), ("cross", 1 + j, k)))
+            for m in range(n_models):
+                r = outputs[max(m - 1, 0)] if i == last and outputs is not None else None
+                if r is not None and heads.valid_vocab[max(m - 1, 0)] is None and not bool((r.top_base < 0).any()):
+                    out["self", m, k] = _diag(r, "base" if m == 0 else "tuned")
+                else:
+                    rows = (heads.base if m == 0 else heads.tuned[m - 1]).head.shape[0]
+                    calls.setdefault((None, rows), []).append(((src(m, last), src(m, i)), ("self", m, k)))
+        for (vv, _), todo in calls.items():
+            out.update(zip((key for _, key in todo), vocab_probe_pairs(sources, [p for p, _ in todo], targets,
+                                                                       valid_vocab=vv)))
+        return out
 
     # ---- merge / state ------------------------------------------------------------------------------------------
     def merge(self, other: "LensDrift") -> "LensDrift":

@@ -188,3 +188,78 @@ def test_the_reference_workspace_is_reused_without_changing_any_result():
     assert len(ref._workspace._free[500]) <= 5
     ref.release_workspace()
     assert not ref._workspace._free
+
+
+def _pair_set(case: Case):
+    """Four sources over one vocabulary and pairs that share them: a source on both sides, a base side read by two
+    pairs, a pair of a source with itself, and the mirrored head (every rank_shift_top beyond the top-k)."""
+    hb, wb, hts, wts, y = _tuned_set(case, 3)
+    sources = [(hb, wb), (hts[0], wts[0]), (hts[1], wts[1]), (hts[2], wts[2])]
+    return sources, [(0, 1), (0, 2), (1, 2), (2, 0), (3, 3), (0, 3)], y
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_pairs_over_shared_sources_equal_single_calls_bitwise(backend, case):
+    sources, pairs, y = _pair_set(case)
+    with use_backend(backend):
+        got = vp.vocab_probe_pairs(sources, pairs, y)
+        singles = [vp.vocab_probe(*sources[a], *sources[b], y) for a, b in pairs]
+    for p, (a, b) in enumerate(zip(got, singles)):
+        _assert_equal(a, b, f"{backend} pair {pairs[p]}")
+    same = got[4]  # a source against itself: KL 0 and rank_shift_top 1 exactly, both sides equal
+    assert torch.equal(same.kl_tb, torch.zeros_like(same.kl_tb)) and torch.equal(same.kl_bt, same.kl_tb)
+    assert torch.equal(same.rank_shift_top, torch.ones_like(same.rank_shift_top))
+    assert torch.equal(same.rank_base, same.rank_tuned) and torch.equal(same.lse_base, same.lse_tuned)
+
+
+def test_cpp_pairs_compute_each_source_once_per_tile_and_chunk_and_recount_exactly(monkeypatch):
+    """Each used source's logits once per (tile, chunk) whatever the number of pairs reading it; with the panels
+    off, a forced recount (one-ulp prologues, top-2 lists) still equals the single calls and the reference."""
+    cpp = __import__("driftscope.kernels.vocab_probe.cpp", fromlist=["_gemm"])
+    sources, pairs, y = _pair_set(Case(33, 900, 32))
+    hs, ws = [h for h, _ in sources], [w for _, w in sources]
+    calls: dict[int, int] = {}
+    real = cpp._gemm
+
+    def counting(h, *a):
+        calls[h.data_ptr()] = calls.get(h.data_ptr(), 0) + 1
+        return real(h, *a)
+
+    monkeypatch.setattr(cpp, "_gemm", counting)
+    for budget in (0, 2 * 8 * 900 * 4, None):  # no panel, panels for the first two base sides, all
+        calls.clear()
+        got = cpp.vocab_probe_cpp_pairs(hs, ws, pairs, y, tile=8, chunk=128, topk=2, panel_bytes=budget,
+                                        _perturb_prologue=True)
+        assert sorted(calls.values()) == [5 * 8] * 4, calls  # 5 tiles x 8 chunks per source
+        for p, (a, b) in enumerate(pairs):
+            one = cpp.vocab_probe_cpp(hs[a], ws[a], hs[b], ws[b], y, tile=8, chunk=128, topk=2, panel_bytes=budget,
+                                      _perturb_prologue=a != b)
+            if a != b:  # (a, a): its prologue moves both ways in a single call, one way here: the recount decides
+                _assert_equal(got[p], one, f"budget {budget}, pair {pairs[p]}")
+            want = vp.vocab_probe_torch(hs[a], ws[a], hs[b], ws[b], y)
+            for f in INT_FIELDS:
+                assert torch.equal(getattr(got[p], f), getattr(want, f)), (budget, pairs[p], f)
+
+
+def test_bad_pairs_are_refused():
+    sources, _, y = _pair_set(Case(5, 100, 8))
+    for pairs in ([], [(0, 4)], [(0,)], [(0, -1)]):
+        with pytest.raises(ValueError, match="pairs must be a nonempty list"):
+            vp.vocab_probe_pairs(sources, pairs, y)
+    with pytest.raises(ValueError, match=r"sources\[4\] has 3 tokens on cpu, sources\[0\] 5 on cpu"):
+        vp.vocab_probe_pairs([*sources, (sources[0][0][:3], sources[0][1])], [(0, 1), (4, 4)], y)
+    with pytest.raises(ValueError, match="pair 1: its vocabulary has 99 ids, pair 0's 100"):
+        vp.vocab_probe_pairs([*sources, (sources[0][0], sources[0][1][:99])], [(0, 1), (4, 4)], y)
+    with pytest.raises(ValueError, match="pair 1: vocabulary sizes differ: w_base has 100 rows, w_tuned has 99"):
+        vp.vocab_probe_pairs([*sources, (sources[0][0], sources[0][1][:99])], [(0, 1), (0, 4)], y)
+
+
+def test_triton_pairs_equal_single_calls(triton_device):
+    sources, pairs, y = _pair_set(Case(9, 300, 32))
+    sources, y = [(h.to(triton_device), w.to(triton_device)) for h, w in sources], y.to(triton_device)
+    with use_backend("triton"):
+        got = vp.vocab_probe_pairs(sources, pairs, y)
+        singles = [vp.vocab_probe(*sources[a], *sources[b], y) for a, b in pairs]
+    for p, (a, b) in enumerate(zip(got, singles)):
+        _assert_equal(a, b, f"triton pair {pairs[p]}")

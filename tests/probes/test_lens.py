@@ -174,3 +174,69 @@ def test_promoted_tokens_against_float64_brute_force():
         torch.testing.assert_close(got, s.sort(descending=True).values[:5], rtol=1e-10, atol=1e-12)
     zero = promoted_scores(heads.base.head, heads.base.gamma, torch.zeros(D))
     assert torch.equal(zero, torch.zeros(V, dtype=torch.float64))
+
+
+def per_call_lens(heads: LensHeads, batches) -> list[dict]:
+    """The lens as separate vocab_probe calls (the way before vocab_probe_pairs): per index a cross call of the base
+    against every tuned model, per model one self call of its output against its lens at every index."""
+    n, J = len(heads.indices), len(heads.tuned)
+    cross = [[TokenMetrics() for _ in range(n)] for _ in range(J)]
+    own = [[TokenMetrics() for _ in range(n)] for _ in range(J + 1)]
+    models = [heads.base, *heads.tuned]
+    for states, y, sids, first in batches:
+        lens = lambda m, i: (states[i][0] if m == 0 else states[i][1][m - 1]) if i == L else models[m].norm(  # noqa
+            states[i][0] if m == 0 else states[i][1][m - 1])
+        for k, i in enumerate(heads.indices):
+            for j in range(J):
+                r = vocab_probe(lens(0, i), heads.base.head, lens(1 + j, i), heads.tuned[j].head, y,
+                                valid_vocab=heads.valid_vocab[j])
+                cross[j][k].update(r, sids, first)
+        for m, mm in enumerate(models):
+            rs = vocab_probe(lens(m, L), mm.head, [lens(m, i) for i in heads.indices], [mm.head] * n, y)
+            for k, r in enumerate(rs):
+                own[m][k].update(r, sids, first)
+    rows = lambda accs: [{"index": i, **a.finalize()} for i, a in zip(heads.indices, accs)]
+    return [{"lens": rows(cross[j]), "self_lens": {"base": rows(own[0]), "tuned": rows(own[1 + j])}} for j in range(J)]
+
+
+@pytest.mark.parametrize("outputs", [True, False], ids=["reuse-output", "recompute"])
+@pytest.mark.parametrize("variant", ["plain", "padded-heads", "nan-row"])
+def test_shared_lens_logits_equal_separate_calls_bitwise(outputs, variant):
+    """vocab_probe_pairs computes each model's lens logits once per index for its cross and self pairs, and index L's
+    self pairs come from the output probe: every number equals the separate calls'. Padded tuned heads (a
+    valid_vocab cut) and a NaN state row (flagged outputs) take the computed paths."""
+    heads = models(2, seed=11)
+    batches = [batch(2, 26, seed=s, first_id=60 * s, heads=heads) for s in (3, 4)]
+    if variant == "padded-heads":
+        for m in heads.tuned:
+            m.head = torch.cat([m.head, torch.randn(5, D)])
+        heads.valid_vocab = [V, V]
+    if variant == "nan-row":
+        batches[0][0][L][1][1][3] = float("nan")
+    got = run(heads, batches, outputs) if variant != "padded-heads" else LensDrift(heads.indices, L + 1, 2, D)
+    if variant == "padded-heads":
+        for states, y, sids, first in batches:
+            hb, hts = states[L]
+            outs = vocab_probe(hb, heads.base.head, hts, [m.head for m in heads.tuned], y, valid_vocab=V)
+            got.update(heads, states, y, sids, first, outs if outputs else None)
+    want = per_call_lens(heads, batches)
+    for j in range(2):
+        assert got.finalize(j) == want[j], j
+
+
+def test_the_lens_computes_each_models_logits_once_per_index(monkeypatch):
+    """The count the docstring gives: (1 + J)·(n' + 1) source GEMMs per tile and chunk (was 2·(1 + J)·(n' + 1))."""
+    cpp = __import__("driftscope.kernels.vocab_probe.cpp", fromlist=["_gemm"])
+    from driftscope.kernels import use_backend
+
+    heads = models(2, seed=12)
+    calls = []
+    real = cpp._gemm
+    monkeypatch.setattr(cpp, "_gemm", lambda *a: calls.append(1) or real(*a))
+    with use_backend("cpp"):
+        for outputs in (True, False):
+            states, y, sids, first = batch(2, 20, seed=1, heads=heads)
+            outs = output_results(heads, states, y) if outputs else None
+            calls.clear()
+            LensDrift(heads.indices, L + 1, 2, D).update(heads, states, y, sids, first, outs)
+            assert len(calls) == 3 * 3, (outputs, len(calls))  # 3 models x (indices 0, 2 and the output L)

@@ -70,29 +70,41 @@ def vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None 
     `h_tuned`, `w_tuned` may be sequences of J tuned states and heads (then a list of J results): the base
     chunk, its GEMM and its prologue run once per tile for all J, and each tuned tile is folded against it;
     every call is the one a single-pair probe makes, so each result equals its single-pair call bit for bit.
-    `panel_bytes` caps the [tile, V] fp32 base panel (default: DRIFTSCOPE_CPP_PANEL_MIB, 512 MiB; 0: no panel,
+    `panel_bytes` caps the [tile, V] fp32 base panels (default: DRIFTSCOPE_CPP_PANEL_MIB, 512 MiB; 0: no panel,
     rank_shift_top then recounted in the second pass). Peak memory is O(tile · V) with the panel, O(tile · chunk)
     without, never O(N · V).
     `_perturb_prologue` (tests only) nudges the pre-known target logits by one ulp to exercise the exact
     recount of rows whose prologue logit is not the scanned one."""
+    many = isinstance(h_tuned, (list, tuple))
+    hts, wts = (list(h_tuned), list(w_tuned)) if many else ([h_tuned], [w_tuned])
+    out = vocab_probe_cpp_pairs([h_base, *hts], [w_base, *wts], [(0, j + 1) for j in range(len(hts))], targets,
+                                tile, chunk, topk, panel_bytes, _perturb_prologue)
+    return out if many else out[0]
+
+
+def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk: int | None = None, topk: int = 32,
+                          panel_bytes: int | None = None, _perturb_prologue: bool = False):
+    """Many pairs over shared sources: `hs[s]`, `ws[s]` the states [N, d_s] and head [V, d_s] of source s, `pairs`
+    (a, b) = (base side, tuned side) indices into them; one result per pair, each equal bit for bit to
+    `vocab_probe_cpp(hs[a], ws[a], hs[b], ws[b], targets)` (every GEMM call is that call's). Each source's logits
+    are computed once per (tile, chunk) whatever the number of pairs reading them (the logit lens: its cross and
+    self pairs share each model's lens logits), its target logits once; a panel per base-side source, those most
+    pairs read first, while they fit `panel_bytes` together. `vocab_probe_cpp` is sources = (base, tuned...)."""
     from driftscope import _C
 
-    many = isinstance(h_tuned, (list, tuple))
-    hts_in, wts = (list(h_tuned), list(w_tuned)) if many else ([h_tuned], [w_tuned])
-    n, vocab = h_base.shape[0], w_base.shape[0]
+    used = sorted({s for p in pairs for s in p})  # sources no pair reads are never touched
+    n, vocab = hs[used[0]].shape[0], ws[used[0]].shape[0]
+    assert all(ws[s].shape[0] == vocab for s in used), "the pairs' heads must be cut to one vocabulary"
     dt_tile, dt_chunk = _cpp_tile_sizes(n, vocab)
     tile, chunk = tile or dt_tile, min(chunk or dt_chunk, vocab)
     assert tile >= 1 and chunk >= 1
-    hb = h_base.float().contiguous()  # [N, d_b]; input-sized copy (no copy for contiguous fp32)
-    hts = [h.float().contiguous() for h in hts_in]
+    hs = [h.float().contiguous() if s in used else None for s, h in enumerate(hs)]  # no copy for contiguous fp32
     has_t = targets is not None
-    zbuf = torch.empty(tile * chunk, dtype=torch.float32)
-    tbufs = [torch.empty(tile * chunk, dtype=torch.float32) for _ in hts]
     tiles = [(r0, min(n, r0 + tile)) for r0 in range(0, n, tile)]
     chunks = [(c0, min(vocab, c0 + chunk)) for c0 in range(0, vocab, chunk)]
 
-    def head_chunk(w, c0, c1):  # [c1-c0, d] fp32 (a view when w is fp32 with unit column stride)
-        return w[c0:c1].to(torch.float32)
+    def head_chunk(s, c0, c1):  # [c1-c0, d] fp32 (a view when the head is fp32 with unit column stride)
+        return ws[s][c0:c1].to(torch.float32)
 
     def prologue(h, w):  # target logits by the same BLAS, [tile, tile] -> diagonal
         z = torch.empty(n, dtype=torch.float32)
@@ -100,41 +112,44 @@ def vocab_probe_cpp(h_base, w_base, h_tuned, w_tuned, targets, tile: int | None 
             z[r0:r1] = torch.matmul(h[r0:r1], w[targets[r0:r1]].to(torch.float32).T).diagonal()
         return z
 
-    zpre_b, zpre_ts = None, [None] * len(hts)
-    if has_t:
-        zpre_b, zpre_ts = prologue(hb, w_base), [prologue(h, w) for h, w in zip(hts, wts)]
-        if _perturb_prologue:
-            zpre_b = torch.nextafter(zpre_b, torch.full_like(zpre_b, float("inf")))
-            zpre_ts = [torch.nextafter(z, torch.full_like(z, float("-inf"))) for z in zpre_ts]
+    zpre = {s: prologue(hs[s], ws[s]) for s in used} if has_t else dict.fromkeys(used)
+    if has_t and _perturb_prologue:  # base sides up one ulp, tuned sides down (a source on both sides: up)
+        for s in used:
+            zpre[s] = torch.nextafter(zpre[s], torch.full_like(zpre[s], float("inf" if any(
+                a == s for a, _ in pairs) else "-inf")))
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
 
-    # Token tiles outermost: a tile's base logits over the whole vocabulary stay in `panel` (when it fits the
-    # budget), so each pair's rank_shift_top undecided by the top-k list is counted there, on the scanned values,
-    # before the next tile: no second base GEMM. Without the panel those rows go to the second pass.
-    panel = torch.empty(tile * vocab, dtype=torch.float32) if tile * vocab * 4 <= _panel_bytes(panel_bytes) else None
-    folds = [_C.VocabFold(n, topk) for _ in hts]
-    shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in hts]
+    # Token tiles outermost: a tile's base logits over the whole vocabulary stay in its source's panel (while the
+    # panels fit the budget), so each pair's rank_shift_top undecided by the top-k list is counted there, on the
+    # scanned values, before the next tile: no second base GEMM. Sources without a panel use a [tile, chunk] buffer;
+    # the rows their pairs leave undecided go to the second pass.
+    budget, panels, sides = _panel_bytes(panel_bytes), {}, [a for a, _ in pairs]
+    for a in sorted(dict.fromkeys(sides), key=lambda a: -sides.count(a)):  # the base sides most pairs read first
+        if (len(panels) + 1) * tile * vocab * 4 <= budget:
+            panels[a] = torch.empty(tile * vocab, dtype=torch.float32)
+    bufs = {s: torch.empty(tile * chunk, dtype=torch.float32) for s in used if s not in panels}
+    folds = [_C.VocabFold(n, topk) for _ in pairs]
+    shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in pairs]
     for r0, r1 in tiles:
         for c0, c1 in chunks:
-            zb = _gemm(hb, head_chunk(w_base, c0, c1), r0, r1, zbuf if panel is None else panel[tile * c0:])
-            for fold, ht, wt, tbuf, zpre_t in zip(folds, hts, wts, tbufs, zpre_ts):
-                zt = _gemm(ht, head_chunk(wt, c0, c1), r0, r1, tbuf)
-                fold.fold(zb.data_ptr(), zt.data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0,
-                          ptr(targets), ptr(zpre_b), ptr(zpre_t))
-        if panel is not None:
-            for fold, shift in zip(folds, shifts):
-                _panel_shift(fold, panel, tile, r0, r1, chunks, shift[r0:r1])
+            z = {s: _gemm(hs[s], head_chunk(s, c0, c1), r0, r1, panels[s][tile * c0:] if s in panels else bufs[s])
+                 for s in used}
+            for fold, (a, b) in zip(folds, pairs):
+                fold.fold(z[a].data_ptr(), z[b].data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0, ptr(targets),
+                          ptr(zpre[a]), ptr(zpre[b]))
+        for fold, shift, (a, _) in zip(folds, shifts, pairs):
+            if a in panels:
+                _panel_shift(fold, panels[a], tile, r0, r1, chunks, shift[r0:r1])
     states = [_finalize(fold, n, has_t) for fold in folds]
-    if panel is not None:
-        for st, shift in zip(states, shifts):
+    for st, shift, (a, _) in zip(states, shifts, pairs):
+        if a in panels:  # every row's shift, from the top-k list or counted on the panel
             st["shift"] = shift
-    shared = _SharedRecount(n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
-                            head_chunk)
-    results = [_merge_recount(
-        lambda ns, nb, nt, j=j: shared.counts(j), st["shift"], st["gt_b"], st["gt_t"], zpre_b, zpre_ts[j],
-        st["zy_b"], st["zy_t"], zb_top=st["zb_top"], heads=(hb, w_base, hts[j], wts[j]), targets=targets,
-        **{m.name: st[m.name] for m in METRICS if m.name in st}) for j, st in enumerate(states)]
-    return results if many else results[0]
+    panels.clear()  # freed before the second pass's buffers
+    shared = _SharedRecount(n, hs, pairs, targets, zpre, states, tiles, chunks, bufs, head_chunk)
+    return [_merge_recount(
+        lambda ns, nb, nt, p=p: shared.counts(p), st["shift"], st["gt_b"], st["gt_t"], zpre[a], zpre[b],
+        st["zy_b"], st["zy_t"], zb_top=st["zb_top"], heads=(hs[a], ws[a], hs[b], ws[b]), targets=targets,
+        **{m.name: st[m.name] for m in METRICS if m.name in st}) for p, (st, (a, b)) in enumerate(zip(states, pairs))]
 
 
 def _finalize(fold, n: int, has_t: bool) -> dict:
@@ -149,65 +164,58 @@ def _finalize(fold, n: int, has_t: bool) -> dict:
 
 
 class _SharedRecount:
-    """The second pass for every pair at once: each base tile a pair needs is recomputed once for all pairs
-    (identical GEMM calls, so the scan's bits), each tuned tile for its own pair. `counts(j)` gives pair j what
-    `_merge_recount` asks of its recount: the counts against the scanned values, each reference column
-    excluded, and the recomputed logits at those columns. The needs are `_merge_recount`'s own (shift < 0,
-    prologue logit != scanned logit)."""
+    """The second pass for every pair at once: each source tile some pair needs is recomputed once for all pairs
+    (identical GEMM calls, so the scan's bits). `counts(p)` gives pair p what `_merge_recount` asks of its recount:
+    the counts against the scanned values, each reference column excluded, and the recomputed logits at those
+    columns. The needs are `_merge_recount`'s own (shift < 0 over the pair's base side; prologue logit != scanned
+    logit, per source: every pair reading a source scanned the same values)."""
 
-    def __init__(self, n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
-                 head_chunk):
-        self.args = (n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs,
-                     head_chunk)
+    def __init__(self, n, hs, pairs, targets, zpre, states, tiles, chunks, bufs, head_chunk):
+        self.args = (n, hs, pairs, targets, zpre, states, tiles, chunks, bufs, head_chunk)
         self.out: list | None = None
 
-    def counts(self, j: int):
+    def counts(self, p: int):
         if self.out is None:
             self.out = self._run(*self.args)
-        return self.out[j]
+        return self.out[p]
 
     @staticmethod
-    def _run(n, hb, w_base, hts, wts, targets, zpre_b, zpre_ts, states, tiles, chunks, zbuf, tbufs, head_chunk):
+    def _run(n, hs, pairs, targets, zpre, states, tiles, chunks, bufs, head_chunk):
         from driftscope import _C
 
         has_t = targets is not None
         zeros = lambda: torch.zeros(n, dtype=torch.int64)  # noqa: E731
         nans = lambda: torch.full((n,), float("nan"), dtype=torch.float32)  # noqa: E731
-        need_s = [st["shift"] < 0 for st in states]
+        zy = {}  # source -> its scanned target logits (any pair reading it)
+        for st, (a, b) in zip(states, pairs):
+            zy.setdefault(a, st["zy_b"])
+            zy.setdefault(b, st["zy_t"])
         none = torch.zeros(n, dtype=torch.bool)
-        need_b = (zpre_b != states[0]["zy_b"]) if has_t else none  # the base scan is the same for every pair
-        need_t = [(z != st["zy_t"]) if has_t else none for z, st in zip(zpre_ts, states)]
-        cnt_s, re_s = [zeros() for _ in states], [nans() for _ in states]
-        cnt_t, re_t = [zeros() for _ in states], [nans() for _ in states]
-        cnt_b, re_b = zeros(), nans()
-        act_s = [m.to(torch.uint8) for m in need_s]
-        act_b, act_t = need_b.to(torch.uint8), [m.to(torch.uint8) for m in need_t]
-        base_need = torch.stack([need_b, *need_s]).any(0)
-        todo_b = [(r0, r1) for r0, r1 in tiles if bool(base_need[r0:r1].any())]
-        todo_t = [[(r0, r1) for r0, r1 in tiles if bool(m[r0:r1].any())] for m in need_t]
+        need_y = {s: (zpre[s] != z) if has_t else none for s, z in zy.items()}
+        need_s = [st["shift"] < 0 for st in states]
+        cnt_s, re_s = [zeros() for _ in pairs], [nans() for _ in pairs]
+        cnt_y, re_y = {s: zeros() for s in zy}, {s: nans() for s in zy}
+        act_s, act_y = [m.to(torch.uint8) for m in need_s], {s: m.to(torch.uint8) for s, m in need_y.items()}
+        need = {s: torch.stack([need_y[s], *(m for m, (a, _) in zip(need_s, pairs) if a == s)]).any(0) for s in zy}
+        todo = {s: [(r0, r1) for r0, r1 in tiles if bool(m[r0:r1].any())] for s, m in need.items()}
+        work = {s: bufs.get(s) if s in bufs else torch.empty(tiles[0][1] * (chunks[0][1] - chunks[0][0]))
+                for s, t in todo.items() if t}
         for c0, c1 in chunks:
             cols = c1 - c0
-            if todo_b:
-                wb_c = head_chunk(w_base, c0, c1)
-            for r0, r1 in todo_b:
-                zb = _recount_gemm(hb, wb_c, r0, r1, zbuf)
-                for j, st in enumerate(states):
-                    if bool(need_s[j][r0:r1].any()):  # the tuned top-1's own column excluded
-                        _C.count_greater(zb.data_ptr(), cols, r1 - r0, cols, c0, st["zb_top"][r0:].data_ptr(),
-                                         st["top_tuned"][r0:].data_ptr(), act_s[j][r0:].data_ptr(),
-                                         cnt_s[j][r0:].data_ptr())
-                        _take(zb, st["top_tuned"][r0:r1], c0, re_s[j][r0:r1])
-                if bool(need_b[r0:r1].any()):
-                    _C.count_greater(zb.data_ptr(), cols, r1 - r0, cols, c0, states[0]["zy_b"][r0:].data_ptr(),
-                                     targets[r0:].data_ptr(), act_b[r0:].data_ptr(), cnt_b[r0:].data_ptr())
-                    _take(zb, targets[r0:r1], c0, re_b[r0:r1])
-            for j, st in enumerate(states):
-                if not todo_t[j]:
+            for s, rows in todo.items():
+                if not rows:
                     continue
-                wt_c = head_chunk(wts[j], c0, c1)
-                for r0, r1 in todo_t[j]:
-                    zt = _recount_gemm(hts[j], wt_c, r0, r1, tbufs[j])
-                    _C.count_greater(zt.data_ptr(), cols, r1 - r0, cols, c0, st["zy_t"][r0:].data_ptr(),
-                                     targets[r0:].data_ptr(), act_t[j][r0:].data_ptr(), cnt_t[j][r0:].data_ptr())
-                    _take(zt, targets[r0:r1], c0, re_t[j][r0:r1])
-        return [((cnt_s[j], cnt_b, cnt_t[j]), (re_s[j], re_b, re_t[j])) for j in range(len(states))]
+                w_c = head_chunk(s, c0, c1)
+                for r0, r1 in rows:
+                    z = _recount_gemm(hs[s], w_c, r0, r1, work[s])
+                    for p, (st, (a, _)) in enumerate(zip(states, pairs)):
+                        if a == s and bool(need_s[p][r0:r1].any()):  # the tuned top-1's own column excluded
+                            _C.count_greater(z.data_ptr(), cols, r1 - r0, cols, c0, st["zb_top"][r0:].data_ptr(),
+                                             st["top_tuned"][r0:].data_ptr(), act_s[p][r0:].data_ptr(),
+                                             cnt_s[p][r0:].data_ptr())
+                            _take(z, st["top_tuned"][r0:r1], c0, re_s[p][r0:r1])
+                    if bool(need_y[s][r0:r1].any()):
+                        _C.count_greater(z.data_ptr(), cols, r1 - r0, cols, c0, zy[s][r0:].data_ptr(),
+                                         targets[r0:].data_ptr(), act_y[s][r0:].data_ptr(), cnt_y[s][r0:].data_ptr())
+                        _take(z, targets[r0:r1], c0, re_y[s][r0:r1])
+        return [((cnt_s[p], cnt_y[a], cnt_y[b]), (re_s[p], re_y[a], re_y[b])) for p, (a, b) in enumerate(pairs)]
