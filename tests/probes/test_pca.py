@@ -261,3 +261,30 @@ def test_eigh_restores_the_thread_count_when_it_fails(monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_streaming_finalize_runs_layers_in_parallel_with_the_sequential_bits(monkeypatch):
+    """StreamingPCA.finalize on 2 threads fits the layers 2 at a time, each eigh on one thread: every number equals
+    the one-thread run's bit for bit, the eighs do run on worker threads, and the thread count is restored."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    acc = P.StreamingPCA(6, 40, n_tuned=2)
+    for layer in range(6):
+        xb = torch.randn(90, 40, generator=g) * torch.linspace(2, 0.2, 40) + 3
+        acc.update(layer, xb, [xb + 0.1 * torch.randn(90, 40, generator=g) for _ in range(2)])
+    threads, callers = torch.get_num_threads(), set()
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: callers.add(threading.get_ident()) or real(a))
+    out = {}
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            acc._fit = None
+            callers.clear()
+            out[t] = [acc.finalize(j) for j in range(2)]
+            assert torch.get_num_threads() == t
+            assert (threading.get_ident() in callers) == (t == 1), callers  # 2 threads: workers only
+    finally:
+        torch.set_num_threads(threads)
+    assert out[1] == out[2]
