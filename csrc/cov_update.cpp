@@ -26,9 +26,12 @@ namespace {
 #ifdef __AVX512F__
 constexpr int64_t TILE = 8;  // one float64 vector
 constexpr int64_t GI = 3;    // i-blocks per strip: 24 accumulators + 3 row vectors + a broadcast of 32 registers
-#else
+#elif defined(__AVX2__)
 constexpr int64_t TILE = 4;  // AVX2: 16 registers; 8-wide tiles spill (measured 5x slower)
 constexpr int64_t GI = 2;    // 8 accumulators + 2 row vectors + a broadcast
+#else
+constexpr int64_t TILE = 4;  // no AVX: each vec is two SSE registers; strips spill (GI = 2 was 6x slower)
+constexpr int64_t GI = 1;
 #endif
 constexpr int64_t KB = 128;  // rows per panel
 typedef double vec __attribute__((vector_size(TILE * sizeof(double))));  // GCC/Clang vector extension
