@@ -88,6 +88,7 @@ class TaskProbes:
         self.keep_final = self.lens is not None or examples > 0  # on_layer keeps the batch's final states
         self._lens_states: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # this batch's, index -> states
         self._lens_outputs: dict[int, object] = {}  # this batch's output-probe results, tuned model -> result
+        self._lens_results: dict | None = None  # this batch's lens results when outputs_from_lens computed them
         self.pairs = [PairProbes(
             tokens=TokenMetrics(), shifted=ShiftedTokens(vocab_rows),
             paper_pca=PaperPCAShift(n_states, hidden_size) if pca == "paper" else None,
@@ -142,9 +143,19 @@ class TaskProbes:
             if len(self._lens_outputs) == self.n_tuned:  # the batch's last tuned model: the lens, then drop its states
                 outputs = [self._lens_outputs[jj] for jj in range(self.n_tuned)]
                 states, self._lens_states, self._lens_outputs = self._lens_states, {}, {}
+                results, self._lens_results = self._lens_results, None
                 if self.lens is not None:
                     with self.times("lens") if self.times is not None else nullcontext():
-                        self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs)
+                        self.lens.update(self.lens_heads, states, targets, sample_ids, first, outputs, results)
+
+    def outputs_from_lens(self, targets: torch.Tensor) -> list | None:
+        """With the lens on (and on_layer's states of this batch kept), every tuned model's output-probe result from
+        the lens's own calls, whose output logits give both (the output probe then costs no GEMM beyond the
+        lens's); the lens's results wait for on_vocab. None without the lens: the caller runs vocab_probe."""
+        if self.lens is None or self.n_states - 1 not in self._lens_states:
+            return None
+        outputs, self._lens_results = self.lens.outputs_and_lens(self.lens_heads, self._lens_states, targets)
+        return outputs
 
     def _top_n(self, j: int, rows: torch.Tensor, n: int = 5) -> tuple[torch.Tensor, ...]:
         """Both models' top-n next tokens and probabilities (float64 logits of their heads, the pair's valid vocab)

@@ -111,10 +111,15 @@ class _Run:
         targets = batch.scored_targets.to(self.device)
         hb_s = hb[mask]
         bad: dict[int, torch.Tensor] = {}  # tuned model -> its scored tokens with non-finite logits, on the device
+        outputs = None  # with the lens on, the output probe's results come from its calls (no GEMM of their own)
+        if probes.lens is not None:
+            with times("lens"):
+                outputs = probes.outputs_from_lens(targets)
         for vv, js in self.vocab_groups.items():  # one call per valid_vocab: the base head's work once per group
             with times("vocab_probe"):
-                rs = vocab_probe(hb_s, self.base.lm_head_weight, [hts[j][mask] for j in js],
-                                 [self.tuned[j].lm_head_weight for j in js], targets, valid_vocab=vv)
+                rs = [outputs[j] for j in js] if outputs is not None else vocab_probe(
+                    hb_s, self.base.lm_head_weight, [hts[j][mask] for j in js],
+                    [self.tuned[j].lm_head_weight for j in js], targets, valid_vocab=vv)
             with times("token_probes"):
                 for j, r in zip(js, rs):
                     probes.on_vocab(j, r, targets, batch.scored_sample_ids, batch.scored_first)

@@ -3,10 +3,10 @@ through its own final norm and LM head, z^(i) = W·norm(h_i) (i < L) and z^(L) =
 with the fused vocab probe (never [N, V] logits), and each model against its own output ("self-lens"); and the
 promoted / suppressed tokens s_i = W_base·(γ_base ⊙ Δμ_i), Δμ_i the mean of h_tuned,i − h_base,i over scored tokens.
 
-Extra head GEMMs per batch of `LensDrift.update`, with n' chosen indices below L and J tuned models: (1 + J)·(n' + 1),
-each model's lens logits once per index for its cross and its self pair, and its output once for its self pairs
-(one vocab_probe_pairs call; index L's cross and self results come from the output probe's); e.g. `every:4` on 40
-layers (n' = 10), J = 1: 22 [N, V] GEMMs beside the output probe's 2 (separate calls took 2·(1 + J)·(n' + 1)).
+Extra head GEMMs per batch, with n' chosen indices below L and J tuned models: (1 + J)·n', each model's lens logits
+once per index for its cross and its self pair; the output logits the self pairs need are the output probe's own
+(`outputs_and_lens`: one vocab_probe_pairs call gives the output probe's results and the lens's). E.g. `every:4` on
+40 layers (n' = 10), J = 1: 20 [N, V] GEMMs beside the output probe's 2 (separate calls took 2·(1 + J)·(n' + 1)).
 Memory: the chosen states, kept from the forward to the vocab step, and their normed copies during the update:
 2·(1 + J)·(n' + 1)·N·d elements in the models' dtype, beside the probe's workspace (cpp: a [tile, V] fp32 panel per
 base side while they fit DRIFTSCOPE_CPP_PANEL_MIB, a [tile, chunk] buffer per other source).
@@ -143,37 +143,53 @@ class LensDrift(Accumulator):
     # ---- update -------------------------------------------------------------------------------------------------
     def update(self, heads: LensHeads, states: Mapping[int, tuple[torch.Tensor, list[torch.Tensor]]],
                targets: torch.Tensor, sample_ids: torch.Tensor, first: torch.Tensor,
-               outputs: Sequence | None = None) -> None:
+               outputs: Sequence | None = None, results: dict | None = None) -> None:
         """One batch: `states[i]` = (h_base [N, d], [h_tuned_j [N, d]]) at every chosen index and at L (the final
         normed states); `outputs[j]` the output probe's result of pair j (index L of the cross lens, bit for bit),
-        or None to compute it here."""
+        or None to compute it here; `results`: `outputs_and_lens`'s pair results of this batch, then nothing is
+        computed here but the mean differences."""
         last = self.n_states - 1
         assert last in states and all(i in states for i in self.indices), "a chosen index's states are missing"
-        normed = {}
-        for i in {*self.indices, last}:
-            hb, hts = states[i]
-            normed[i] = (hb, hts) if i == last else (heads.base.norm(hb), [m.norm(h) for m, h in zip(heads.tuned, hts)])
         self.diff = self.diff.to(states[last][0].device)
         for k, i in enumerate(self.indices):
             hb, hts = states[i]
             self.count[k] += hb.shape[0]
             for j, ht in enumerate(hts):
                 self.diff[j, k] += (ht.to(torch.float64) - hb.to(torch.float64)).sum(0)
-        rs = self._probe(heads, normed, targets, outputs)
+        rs = results if results is not None else self._probe(heads, self._normed(heads, states), targets, outputs)
         for (role, m, k), r in rs.items():
             own = self.self_base[k] if m == 0 else self.self_tuned[m - 1][k]
             (self.cross[m - 1][k] if role == "cross" else own).update(r, sample_ids, first)
 
-    def _probe(self, heads: LensHeads, normed, targets, outputs) -> dict[tuple[str, int, int], VocabProbeResult]:
+    def outputs_and_lens(self, heads: LensHeads, states: Mapping[int, tuple[torch.Tensor, list[torch.Tensor]]],
+                         targets: torch.Tensor) -> tuple[list[VocabProbeResult], dict]:
+        """The output probe's result of every tuned model, and this batch's lens results for `update(results=...)`,
+        from the same vocab_probe_pairs calls: the output logits, which the self pairs need anyway, give the output
+        pairs too, so the output probe costs no GEMM of its own. Each output result equals `vocab_probe(h_L base,
+        W_base, h_L tuned j, W_j, targets, valid_vocab)` bit for bit (cpp, torch; triton: the same J-tuned call)."""
+        rs = self._probe(heads, self._normed(heads, states), targets, None, with_outputs=True)
+        return [rs.pop(("output", 1 + j, -1)) for j in range(self.n_tuned)], rs
+
+    def _normed(self, heads: LensHeads, states) -> dict:
+        """The lens states: each chosen index's through its model's final norm (index L's are normed already)."""
+        last = self.n_states - 1
+        return {i: states[i] if i == last else (heads.base.norm(states[i][0]), [m.norm(h) for m, h in
+                                                                              zip(heads.tuned, states[i][1])])
+                for i in {*self.indices, last}}
+
+    def _probe(self, heads: LensHeads, normed, targets, outputs,
+               with_outputs: bool = False) -> dict[tuple[str, int, int], VocabProbeResult]:
         """Every pair's result by (role, model, k): ("cross", 1 + j, k) base vs tuned j at index k, ("self", m, k)
-        model m (0 the base, 1 + j tuned j) against its own output. One vocab_probe_pairs call per valid vocabulary,
-        so each model's lens logits at an index are computed once for its cross and its self pair. Index L's cross
-        results are the output probe's (`outputs`), and its self pairs (an output against itself) come from them:
-        KL 0, both sides the output's, rank_shift_top 1, what the fold of identical logits gives bit for bit;
-        computed instead without `outputs`, for a valid_vocab cut or a flagged row."""
+        model m (0 the base, 1 + j tuned j) against its own output, and with `with_outputs` ("output", 1 + j, -1), the
+        output probe's pairs. One vocab_probe_pairs call per vocabulary, so each model's lens logits at an index
+        are computed once for its cross and its self pair. Index L's cross results are the output probe's (given
+        as `outputs` or computed in the call), and its self pairs (an output against itself) come from them: KL 0,
+        both sides the output's, rank_shift_top 1, what the fold of identical logits gives bit for bit; folded
+        instead for a valid_vocab cut or a flagged row, and without outputs."""
         last, n_models, out = self.n_states - 1, 1 + self.n_tuned, {}
         keys: dict[tuple[int, int], int] = {}
         sources: list[tuple[torch.Tensor, torch.Tensor]] = []
+        known = outputs is not None or with_outputs  # index L's results come from the outputs
 
         def src(m: int, i: int) -> int:  # source id of model m's lens states at index i
             if (m, i) not in keys:
@@ -181,26 +197,43 @@ class LensDrift(Accumulator):
                 sources.append((normed[i][0] if m == 0 else normed[i][1][m - 1],
                                 heads.base.head if m == 0 else heads.tuned[m - 1].head))
             return keys[m, i]
+
+        def rows(m: int) -> int:
+            return (heads.base if m == 0 else heads.tuned[m - 1]).head.shape[0]
         calls: dict[tuple, list] = {}  # (valid_vocab, vocabulary) -> [(pair, key)]: pairs of one call share both
+
+        def pair(vv, a, b, key) -> None:
+            calls.setdefault((vv, vv or rows(a[0])), []).append(((src(*a), src(*b)), key))
+        for j in range(self.n_tuned) if with_outputs and outputs is None else ():
+            pair(heads.valid_vocab[j], (0, last), (1 + j, last), ("output", 1 + j, -1))
         for k, i in enumerate(self.indices):
+            if i == last and known:
+                continue
             for j in range(self.n_tuned):
-                if i == last and outputs is not None:
-                    out["cross", 1 + j, k] = outputs[j]
-                else:
-                    vv = heads.valid_vocab[j]
-                    calls.setdefault((vv, vv or heads.base.head.shape[0]), []).append(
-                        ((src(0, i), src(1 + j, i)), ("cross", 1 + j, k)))
+                pair(heads.valid_vocab[j], (0, i), (1 + j, i), ("cross", 1 + j, k))
             for m in range(n_models):
-                r = outputs[max(m - 1, 0)] if i == last and outputs is not None else None
-                if r is not None and heads.valid_vocab[max(m - 1, 0)] is None and not bool((r.top_base < 0).any()):
+                pair(None, (m, last), (m, i), ("self", m, k))
+        self._run(calls, sources, targets, out)
+        if known and last in self.indices:
+            k = self.indices.index(last)
+            outs = outputs if outputs is not None else [out["output", 1 + j, -1] for j in range(self.n_tuned)]
+            calls = {}
+            for j in range(self.n_tuned):
+                out["cross", 1 + j, k] = outs[j]
+            for m in range(n_models):
+                r = outs[max(m - 1, 0)]
+                if heads.valid_vocab[max(m - 1, 0)] is None and not bool((r.top_base < 0).any()):
                     out["self", m, k] = _diag(r, "base" if m == 0 else "tuned")
                 else:
-                    rows = (heads.base if m == 0 else heads.tuned[m - 1]).head.shape[0]
-                    calls.setdefault((None, rows), []).append(((src(m, last), src(m, i)), ("self", m, k)))
+                    pair(None, (m, last), (m, last), ("self", m, k))
+            self._run(calls, sources, targets, out)
+        return out
+
+    @staticmethod
+    def _run(calls: dict, sources, targets, out: dict) -> None:
         for (vv, _), todo in calls.items():
             out.update(zip((key for _, key in todo), vocab_probe_pairs(sources, [p for p, _ in todo], targets,
                                                                        valid_vocab=vv)))
-        return out
 
     # ---- merge / state ------------------------------------------------------------------------------------------
     def merge(self, other: "LensDrift") -> "LensDrift":

@@ -64,6 +64,19 @@ def test_index_L_is_the_output_probe_bit_for_bit(lens_run):
         assert task["tokens"] > 0 and task["kl_tb"]["token_mean"] > 0
 
 
+def test_the_output_probe_from_the_lens_calls_equals_its_own_call(lens_run, models, records):
+    """With the lens on, the output probe's results come from the lens's vocab_probe_pairs calls (no GEMM of its
+    own): every number of the run equals a run whose output probe makes its own vocab_probe call."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskProbes, "outputs_from_lens", lambda self, targets: None)
+        own = drift(models["base"], [models["tuned"], models["late"]], records, **OPTS, lens="all",
+                    examples=3).summary["models"]
+    assert own == {k: v for k, v in lens_run.items() if not k.startswith("_")}
+    with pytest.MonkeyPatch.context() as mp:  # and the lens run made no vocab_probe call of its own
+        mp.setattr(run_mod, "vocab_probe", lambda *a, **k: pytest.fail("the output probe ran its own call"))
+        drift(models["base"], models["tuned"], records, **OPTS, lens="every:2")
+
+
 def test_equal_layers_give_zero_lens_kl(lens_run):
     late = lens_run["late"]["tasks"]["mixed"]  # only layer 2 (the last) changed: states 0, 1, 2 are equal
     for row in late["lens"][:3]:
