@@ -14,6 +14,7 @@ _EXPORTS = {
     "load_tokenizer": "driftscope.engine.tokenizer",
     "ModelConfig": "driftscope.engine.config",
     "vocab_probe": "driftscope.kernels.vocab_probe",
+    "vocab_probe_pairs": "driftscope.kernels.vocab_probe",
     "VocabProbeResult": "driftscope.kernels.vocab_probe",
     "generate": "driftscope.engine.generate",
     "Generation": "driftscope.engine.decoding",
