@@ -209,6 +209,23 @@ def test_rule_without_mm_out_dtype(monkeypatch):
         panel.vocab_path("cuda", 100, 1000)
 
 
+def test_the_rule_off_cuda_never_probes_mm(monkeypatch):
+    """Off CUDA the rule does not need torch.mm(out_dtype): it is not probed there (its meta-device call imported
+    torch's symbolic shapes and sympy, ~1 s of every command that reports the backends)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(panel, "mm_out_dtype_status", lambda: pytest.fail("probed off CUDA"))
+    monkeypatch.delenv("DRIFTSCOPE_VOCAB_PATH", raising=False)
+    assert panel.vocab_path("cpu", 100, 1000).path == "panel"
+    code = ("import sys, driftscope; s = driftscope.backend_status(); "
+            "print(s['ops']['vocab_probe']['vocab_path']['path'], "
+            "[m for m in ('sympy', 'torch.fx.experimental.symbolic_shapes') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}).stdout
+    assert out.split(maxsplit=1)[1].strip() == "[]", out
+
+
 # ------------------------------------------------------------------ GPU: the paper's vocabulary, exact data
 
 

@@ -121,7 +121,8 @@ def vocab_path(device: torch.device | str, n: int, vocab: int) -> VocabPath:
         raise ValueError(f"DRIFTSCOPE_VOCAB_PATH={forced!r} is not a vocab path; expected one of "
                          f"{', '.join(VOCAB_PATHS)}")
     device = torch.device(device)
-    mm = mm_out_dtype_status()
+    # only CUDA needs the probe (off CUDA its meta-device mm imported torch's symbolic shapes and sympy: ~1 s)
+    mm = mm_out_dtype_status() if device.type == "cuda" else None
     if device.type == "cuda" and not mm and forced != "fused":
         if forced:
             raise RuntimeError(f"DRIFTSCOPE_VOCAB_PATH=panel is forced but unavailable: {mm.reason}")
