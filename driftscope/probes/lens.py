@@ -9,7 +9,8 @@ once per index for its cross and its self pair; the output logits the self pairs
 40 layers (n' = 10), J = 1: 20 [N, V] GEMMs beside the output probe's 2 (separate calls took 2·(1 + J)·(n' + 1)).
 Memory: the chosen states, kept from the forward to the vocab step, and their normed copies during the update:
 2·(1 + J)·(n' + 1)·N·d elements in the models' dtype, beside the probe's workspace (cpp: a [tile, V] fp32 panel per
-base side while they fit DRIFTSCOPE_CPP_PANEL_MIB, a [tile, chunk] buffer per other source).
+base side while they fit DRIFTSCOPE_CPP_PANEL_MIB, a 16 MiB [tile, chunk] buffer per other source; a call takes
+at most ~SOURCES_PER_CALL sources, the outputs again for each further group of indices).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from driftscope.probes.base import Accumulator
 from driftscope.probes.token_metrics import TokenMetrics
 
 __all__ = ["parse_lens", "lens_indices", "LensModel", "LensHeads", "LensDrift", "promoted_scores"]
+
+SOURCES_PER_CALL = 32  # a vocab_probe_pairs call's (model, index) sources at most, outputs included (about: a
+# group of indices takes the models' outputs once more: `--lens all` with J = 4 recomputes them every 5 indices)
 
 
 def parse_lens(spec: str | None) -> str | int | list[int] | None:
@@ -200,19 +204,22 @@ class LensDrift(Accumulator):
 
         def rows(m: int) -> int:
             return (heads.base if m == 0 else heads.tuned[m - 1]).head.shape[0]
-        calls: dict[tuple, list] = {}  # (valid_vocab, vocabulary) -> [(pair, key)]: pairs of one call share both
+        # (valid_vocab, vocabulary, group) -> [(pair, key)]: one call's pairs share a vocabulary, and a group of
+        # `per` indices bounds its sources (a [tile, chunk] fp32 buffer each on the cpp backend: 16 MiB)
+        calls: dict[tuple, list] = {}
+        per = max(1, SOURCES_PER_CALL // n_models - 1)
 
-        def pair(vv, a, b, key) -> None:
-            calls.setdefault((vv, vv or rows(a[0])), []).append(((src(*a), src(*b)), key))
+        def pair(vv, a, b, key, group: int = 0) -> None:
+            calls.setdefault((vv, vv or rows(a[0]), group), []).append(((src(*a), src(*b)), key))
         for j in range(self.n_tuned) if with_outputs and outputs is None else ():
             pair(heads.valid_vocab[j], (0, last), (1 + j, last), ("output", 1 + j, -1))
         for k, i in enumerate(self.indices):
             if i == last and known:
                 continue
             for j in range(self.n_tuned):
-                pair(heads.valid_vocab[j], (0, i), (1 + j, i), ("cross", 1 + j, k))
+                pair(heads.valid_vocab[j], (0, i), (1 + j, i), ("cross", 1 + j, k), k // per)
             for m in range(n_models):
-                pair(None, (m, last), (m, i), ("self", m, k))
+                pair(None, (m, last), (m, i), ("self", m, k), k // per)
         self._run(calls, sources, targets, out)
         if known and last in self.indices:
             k = self.indices.index(last)
@@ -231,7 +238,7 @@ class LensDrift(Accumulator):
 
     @staticmethod
     def _run(calls: dict, sources, targets, out: dict) -> None:
-        for (vv, _), todo in calls.items():
+        for (vv, *_), todo in calls.items():
             out.update(zip((key for _, key in todo), vocab_probe_pairs(sources, [p for p, _ in todo], targets,
                                                                        valid_vocab=vv)))
 

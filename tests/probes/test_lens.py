@@ -240,3 +240,26 @@ def test_the_lens_computes_each_models_logits_once_per_index(monkeypatch):
             calls.clear()
             LensDrift(heads.indices, L + 1, 2, D).update(heads, states, y, sids, first, outs)
             assert len(calls) == 3 * 3, (outputs, len(calls))  # 3 models x (indices 0, 2 and the output L)
+
+
+def test_groups_of_indices_bound_a_calls_sources_with_the_same_results(monkeypatch):
+    """SOURCES_PER_CALL splits the indices into groups (each call's sources bounded: its buffers' memory), each group
+    computing the outputs once more: the same numbers as one call, and the GEMM count the split gives."""
+    import driftscope.probes.lens as lens_mod
+    from driftscope.kernels import use_backend
+
+    cpp = __import__("driftscope.kernels.vocab_probe.cpp", fromlist=["_gemm"])
+    heads = models(2, seed=13)
+    batches = [batch(2, 23, seed=s, first_id=30 * s, heads=heads) for s in (5, 6)]
+    calls = []
+    real = cpp._gemm
+    monkeypatch.setattr(cpp, "_gemm", lambda *a: calls.append(1) or real(*a))
+    with use_backend("cpp"):
+        whole = run(heads, batches)
+        n_whole, calls[:] = len(calls), []
+        monkeypatch.setattr(lens_mod, "SOURCES_PER_CALL", 6)  # 3 models: one index per group
+        split = run(heads, batches)
+    assert (n_whole, len(calls)) == (2 * (3 + 9), 2 * (3 + 2 * 6))  # per batch: the output probe's 3, and 9
+    # lens sources at once or 2 groups of 6
+    for j in range(2):
+        assert split.finalize(j, heads) == whole.finalize(j, heads)
