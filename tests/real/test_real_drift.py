@@ -182,7 +182,11 @@ def _check(summary: dict, ref: list[dict]) -> None:
     ll = task["llama_cpp"]
     assert ll["tokens"] == n and ll["same_top_p"] == task["top1_agreement"]
     assert ll["mean_kld"] == pytest.approx(kl_bt.mean().item(), rel=REL, abs=ABS)
-    assert ll["max_kld"] == pytest.approx(kl_bt.max().item(), rel=REL, abs=ABS)
+    # one token's KL, not a mean: logit errors up to e = TIE / 2 move KL(q||p) by at most 2e (through p) plus
+    # e * sum_v q_v |log q_v - log p_v - KL| <= e (2 KL + 2) (through q), to first order. Measured: 1.2e-6 off on
+    # Intel hosts, 3.7e-5 (at 2.83, the LoRA side paths) on an AMD EPYC whose MKL runs its AVX2 kernels
+    top = kl_bt.max().item()
+    assert ll["max_kld"] == pytest.approx(top, abs=TIE / 2 * (2 * top + 4)), (ll["max_kld"], top)
     # Δp = p_y - q_y moves by p(1-p) <= 1/4 times a logit's error (float32: 7e-6 mean, test_real_logits); measured
     # 1.3e-7 off at a mean of 0.009
     assert ll["mean_dp"] == pytest.approx(dp.mean().item(), abs=2e-6)
