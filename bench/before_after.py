@@ -15,7 +15,10 @@ revision since the API settled runs them:
 - drift: lockstep drift of a tiny random Qwen3 pair (hidden 256, 4 layers) at the real vocabulary size V = 151,936
   over the first 3 real MATH500 responses (../shared/data), streaming PCA;
 - generate: greedy decoding of 8 prompts x 64 new tokens on the same base model;
-- vocab_probe: one cpp call, N = 512, d = 256, V = 151,936, one tuned head.
+- vocab_probe: one cpp call, N = 512, d = 256, V = 151,936, one tuned head;
+- pairs: one cpp `vocab_probe_pairs` call over the logit lens's sources at one index (base and tuned outputs, base
+  and tuned lens logits: 4 sources, N = 512, d = 256, V = 151,936) and its 4 pairs (output, cross, two self pairs);
+- lens: the drift workload with `lens="every:4"`, pca="none", no report.
 """
 from __future__ import annotations
 
@@ -45,6 +48,20 @@ elif kind == "generate":
     prompts = [f"Question {i}: what is {i} + {2 * i}? Answer:" for i in range(8)]
     t0 = time.perf_counter()
     driftscope.generate(base, prompts, max_new_tokens=64, temperature=0.0)
+elif kind == "lens":
+    t0 = time.perf_counter()
+    driftscope.drift(base, tuned, data, progress=False, max_batch_tokens=4096, pca="none", report=False,
+                     lens="every:4")
+elif kind == "pairs":
+    g = torch.Generator().manual_seed(0)
+    hs = [torch.randn(512, 256, generator=g) for _ in range(4)]
+    ws = [torch.randn(151936, 256, generator=g) / 16 for _ in range(2)]
+    y = torch.randint(0, 151936, (512,), generator=g)
+    src, pairs = [(hs[0], ws[0]), (hs[1], ws[1]), (hs[2], ws[0]), (hs[3], ws[1])], [(0, 1), (2, 3), (0, 2), (1, 3)]
+    with driftscope.use_backend("cpp"):
+        driftscope.vocab_probe_pairs(src, pairs, y)  # warm: buffers, OpenMP pool
+        t0 = time.perf_counter()
+        driftscope.vocab_probe_pairs(src, pairs, y)
 else:
     g = torch.Generator().manual_seed(0)
     hb, ht = torch.randn(512, 256, generator=g), torch.randn(512, 256, generator=g)
