@@ -24,18 +24,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("omp_max_threads", &driftscope::max_threads);
 
   py::class_<driftscope::VocabFold>(m, "VocabFold")
-      .def(py::init<int64_t, int64_t>(), py::arg("n_rows"), py::arg("topk"))
-      .def("fold", &driftscope::VocabFold::fold, py::arg("zb"), py::arg("zt"), py::arg("ld"), py::arg("rows"),
-           py::arg("cols"), py::arg("row0"), py::arg("col0"), py::arg("targets"), py::arg("zpre_b"),
-           py::arg("zpre_t"), py::call_guard<py::gil_scoped_release>())
-      .def("finalize", &driftscope::VocabFold::finalize, py::arg("out_f"), py::arg("out_i"),
+      .def(py::init<int64_t, int64_t, std::vector<std::pair<int64_t, int64_t>>>(), py::arg("n_rows"), py::arg("topk"),
+           py::arg("pairs"))
+      .def("fold", &driftscope::VocabFold::fold, py::arg("zs"), py::arg("ld"), py::arg("rows"), py::arg("cols"),
+           py::arg("row0"), py::arg("col0"), py::arg("targets"), py::arg("zpre"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("finalize", &driftscope::VocabFold::finalize, py::arg("pair"), py::arg("out_f"), py::arg("out_i"),
            py::call_guard<py::gil_scoped_release>())
       .def_static("float_fields", &driftscope::VocabFold::float_fields)
       .def_static("int_fields", &driftscope::VocabFold::int_fields)
-      .def("tuned_top", &driftscope::VocabFold::tuned_top, py::arg("row0"), py::arg("rows"), py::arg("top_t"),
-           py::arg("zb_at_top_t"), py::arg("shift_top"))
+      .def("tuned_top", &driftscope::VocabFold::tuned_top, py::arg("pair"), py::arg("row0"), py::arg("rows"),
+           py::arg("top_t"), py::arg("zb_at_top_t"), py::arg("shift_top"))
       .def_property_readonly("n_rows", &driftscope::VocabFold::n_rows)
-      .def_property_readonly("topk", &driftscope::VocabFold::topk);
+      .def_property_readonly("topk", &driftscope::VocabFold::topk)
+      .def_property_readonly("n_sources", &driftscope::VocabFold::n_sources)
+      .def_property_readonly("n_pairs", &driftscope::VocabFold::n_pairs);
   m.def("count_greater", &driftscope::count_greater, py::arg("z"), py::arg("ld"), py::arg("rows"), py::arg("cols"),
         py::arg("col0"), py::arg("thr"), py::arg("excl"), py::arg("active"), py::arg("out"),
         py::call_guard<py::gil_scoped_release>());

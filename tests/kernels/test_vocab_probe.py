@@ -161,11 +161,13 @@ def test_reference_vs_float64(case):
 
 
 # cpp layouts: default tiles (one chunk for small V); small tiles and chunks (many tiles, many chunks,
-# a top-k too small for rank_shift_top, so the exact second pass runs); and a prologue target logit
+# a top-k too small for rank_shift_top, so the exact second pass runs); chunks of 700 and 300 columns (the fold's
+# 512-column blocks: a full and a partial one, then a partial one alone); and a prologue target logit
 # pushed one ulp off the scanned one, which must be detected and recounted exactly.
 CPP_LAYOUTS = {
     "default": {},
     "tile8-chunk128-k4": {"tile": 8, "chunk": 128, "topk": 4},
+    "tile8-chunk700-k4": {"tile": 8, "chunk": 700, "topk": 4},
     "tile5-chunk100-perturbed": {"tile": 5, "chunk": 100, "topk": 2, "_perturb_prologue": True},
 }
 

@@ -263,3 +263,21 @@ def test_triton_pairs_equal_single_calls(triton_device):
         singles = [vp.vocab_probe(*sources[a], *sources[b], y) for a, b in pairs]
     for p, (a, b) in enumerate(zip(got, singles)):
         _assert_equal(a, b, f"triton pair {pairs[p]}")
+
+
+def test_the_cpp_fold_refuses_bad_arguments_by_name():
+    """driftscope._C.VocabFold (the launcher checks shapes first; the fold still names what it was given wrong)."""
+    _C = pytest.importorskip("driftscope._C")
+    with pytest.raises(ValueError, match="pairs must not be empty"):
+        _C.VocabFold(4, 2, [])
+    with pytest.raises(ValueError, match=r"pair \(0, -1\) has a negative source index"):
+        _C.VocabFold(4, 2, [(0, -1)])
+    fold = _C.VocabFold(4, 2, [(0, 2), (1, 2)])
+    assert (fold.n_sources, fold.n_pairs) == (3, 2)
+    z = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="expected 3 source tiles, got 2"):
+        fold.fold([z.data_ptr()] * 2, 8, 4, 8, 0, 0, 0, [])
+    with pytest.raises(ValueError, match="targets given without one zpre per source"):
+        fold.fold([z.data_ptr()] * 3, 8, 4, 8, 0, 0, torch.zeros(4, dtype=torch.int64).data_ptr(), [])
+    with pytest.raises(ValueError, match="pair 2 out of range for 2"):
+        fold.finalize(2, z.data_ptr(), z.data_ptr())

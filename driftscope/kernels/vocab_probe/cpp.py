@@ -38,14 +38,15 @@ def _panel_bytes(explicit: int | None) -> int:
         raise ValueError(f"DRIFTSCOPE_CPP_PANEL_MIB={raw!r}: expected a number of MiB (0: no panel)") from None
 
 
-def _panel_shift(fold, panel, tile, r0, r1, chunks, out):
-    """out[r] = rank_shift_top of rows [r0, r1) (all their chunks folded): from the top-k list, else 1 + the count
-    of the tile's stored base logits (panel block at tile·c0 per chunk) above the base logit at the tuned top-1."""
+def _panel_shift(fold, p, panel, tile, r0, r1, chunks, out):
+    """out[r] = pair p's rank_shift_top of rows [r0, r1) (all their chunks folded): from the top-k list, else 1 +
+    the count of the tile's stored base logits (panel block at tile·c0 per chunk) above the base logit at the tuned
+    top-1."""
     from driftscope import _C
 
     rows = r1 - r0
     top, thr = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
-    fold.tuned_top(r0, rows, top.data_ptr(), thr.data_ptr(), out.data_ptr())
+    fold.tuned_top(p, r0, rows, top.data_ptr(), thr.data_ptr(), out.data_ptr())
     need = out < 0
     if not bool(need.any()):
         return
@@ -128,19 +129,19 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
         if (len(panels) + 1) * tile * vocab * 4 <= budget:
             panels[a] = torch.empty(tile * vocab, dtype=torch.float32)
     bufs = {s: torch.empty(tile * chunk, dtype=torch.float32) for s in used if s not in panels}
-    folds = [_C.VocabFold(n, topk) for _ in pairs]
+    local = {s: i for i, s in enumerate(used)}  # the fold's source index of each used source
+    fold = _C.VocabFold(n, topk, [(local[a], local[b]) for a, b in pairs])
+    zpre_ptrs = [ptr(zpre[s]) for s in used] if has_t else []
     shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in pairs]
     for r0, r1 in tiles:
         for c0, c1 in chunks:
-            z = {s: _gemm(hs[s], head_chunk(s, c0, c1), r0, r1, panels[s][tile * c0:] if s in panels else bufs[s])
-                 for s in used}
-            for fold, (a, b) in zip(folds, pairs):
-                fold.fold(z[a].data_ptr(), z[b].data_ptr(), c1 - c0, r1 - r0, c1 - c0, r0, c0, ptr(targets),
-                          ptr(zpre[a]), ptr(zpre[b]))
-        for fold, shift, (a, _) in zip(folds, shifts, pairs):
+            z = [_gemm(hs[s], head_chunk(s, c0, c1), r0, r1, panels[s][tile * c0:] if s in panels else bufs[s])
+                 for s in used]
+            fold.fold([t.data_ptr() for t in z], c1 - c0, r1 - r0, c1 - c0, r0, c0, ptr(targets), zpre_ptrs)
+        for p, (shift, (a, _)) in enumerate(zip(shifts, pairs)):
             if a in panels:
-                _panel_shift(fold, panels[a], tile, r0, r1, chunks, shift[r0:r1])
-    states = [_finalize(fold, n, has_t) for fold in folds]
+                _panel_shift(fold, p, panels[a], tile, r0, r1, chunks, shift[r0:r1])
+    states = [_finalize(fold, p, n, has_t) for p in range(len(pairs))]
     for st, shift, (a, _) in zip(states, shifts, pairs):
         if a in panels:  # every row's shift, from the top-k list or counted on the panel
             st["shift"] = shift
@@ -152,12 +153,12 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
         **{m.name: st[m.name] for m in METRICS if m.name in st}) for p, (st, (a, b)) in enumerate(zip(states, pairs))]
 
 
-def _finalize(fold, n: int, has_t: bool) -> dict:
-    """One pair's per-row results from its fold (names as VocabProbeResult, plus the scan's raw rank state): rows
+def _finalize(fold, p: int, n: int, has_t: bool) -> dict:
+    """Pair p's per-row results from the fold (names as VocabProbeResult, plus the scan's raw rank state): rows
     of the packed buffers the fold writes, by the names it gives them; the target ones None without targets."""
     outf = torch.empty((len(fold.float_fields()), n), dtype=torch.float32)
     outi = torch.empty((len(fold.int_fields()), n), dtype=torch.int64)
-    fold.finalize(outf.data_ptr(), outi.data_ptr())
+    fold.finalize(p, outf.data_ptr(), outi.data_ptr())
     st = dict(zip(fold.float_fields(), outf)) | dict(zip(fold.int_fields(), outi))
     no_t = {m.name for m in METRICS if m.targets} | {"zy_b", "zy_t", "gt_b", "gt_t"}
     return st if has_t else {k: None if k in no_t else t for k, t in st.items()}
