@@ -9,7 +9,11 @@ bias, into one reused [256, V] fp32 buffer: no page faults counted) over the sam
 Both drifts: pca="none", report=False (their own noise is not the subject). OMP_NUM_THREADS is fixed before torch
 imports; the load average is recorded per round. Prints one JSON line per round and a summary line.
 
-    python bench/lens_cost.py [ROUNDS] [THREADS]
+`real` as third argument: the real pair of the drift peers instead (bench/peers: SmolLM2-135M-Instruct and its
+1%-noise copy, d = 576, V = 49,152, 30 layers; 32 MATH500 responses cut to 256 tokens): every:4 chooses n' = 8
+indices below L = 30, so the floor is 16 GEMMs. Build the pair first with `python -m bench.peers.weights 1`.
+
+    python bench/lens_cost.py [ROUNDS] [THREADS] [real]
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import sys
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 THREADS = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+REAL = len(sys.argv) > 3 and sys.argv[3] == "real"
+MAX_SEQ_LEN = 256 if REAL else None  # the drift peers' cut (bench/peers/workloads.py: DRIFT_MAX_TOKENS)
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import json  # noqa: E402
@@ -34,12 +40,13 @@ from driftscope import drift, load_tokenizer  # noqa: E402
 from driftscope.engine.loader import load_model  # noqa: E402
 from driftscope.records import load_samples  # noqa: E402
 
-N_RECORDS, LENS, EXTRA_GEMMS_PER_HEAD, PANEL = 3, "every:4", 1, 256
+N_RECORDS, LENS, PANEL = 3, "every:4", 256
 
 
 def _drift(base: Path, tuned: Path, data: Path, lens: str | None) -> dict:
     t0 = time.perf_counter()
-    s = drift(base, tuned, data, progress=False, max_batch_tokens=4096, pca="none", report=False, lens=lens).summary
+    s = drift(base, tuned, data, progress=False, max_batch_tokens=4096, pca="none", report=False, lens=lens,
+              max_seq_len=MAX_SEQ_LEN).summary
     (model,) = s["models"].values()
     return {"seconds": time.perf_counter() - t0, "tokens": sum(t["tokens"] for t in model["tasks"].values()),
             "stages": s["timing"]["stages"], "lens_indices": [r["index"] for t in model["tasks"].values()
@@ -48,27 +55,34 @@ def _drift(base: Path, tuned: Path, data: Path, lens: str | None) -> dict:
 
 def main() -> None:
     torch.set_num_threads(THREADS)
-    root = Path(tempfile.mkdtemp(prefix="lens-cost-"))
-    base, tuned, data = write_pair(root, N_RECORDS)
-    samples, _ = load_samples(data, load_tokenizer(base))
+    if REAL:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench.peers import weights, workloads
+
+        base, tuned, data = weights.base_hf(), weights.tuned_hf(1), workloads.drift_records()
+    else:
+        base, tuned, data = write_pair(Path(tempfile.mkdtemp(prefix="lens-cost-")), N_RECORDS)
+    samples, _ = load_samples(data, load_tokenizer(base), max_seq_len=MAX_SEQ_LEN)
     n = sum(s.n_scored for s in samples)
     heads = [load_model(p).lm_head_weight.float().contiguous() for p in (base, tuned)]  # [V, d] each
     g = torch.Generator().manual_seed(0)
     states = [torch.randn(n, heads[0].shape[1], generator=g) for _ in heads]
     buf = torch.empty(PANEL, heads[0].shape[0])
 
+    idx = _drift(base, tuned, data, LENS)["lens_indices"]  # warm-up: imports, first-call allocations, page cache
+    per_head = sum(i != max(idx) for i in set(idx))  # the chosen indices below L: n' GEMMs per model
+
     def floor() -> dict:
         t0 = time.perf_counter()
         for w, h in zip(heads, states):
-            for _ in range(EXTRA_GEMMS_PER_HEAD):
+            for _ in range(per_head):
                 for r0 in range(0, n, PANEL):
                     t = min(PANEL, n - r0)
                     torch.matmul(h[r0:r0 + t], w.T, out=buf[:t])
-        return {"seconds": time.perf_counter() - t0, "gemms": EXTRA_GEMMS_PER_HEAD * len(heads), "rows": n}
+        return {"seconds": time.perf_counter() - t0, "gemms": per_head * len(heads), "rows": n}
 
     ways = {"plain": lambda: _drift(base, tuned, data, None), "lens": lambda: _drift(base, tuned, data, LENS),
             "floor": floor}
-    _drift(base, tuned, data, LENS)  # warm-up: imports, first-call allocations, page cache
     results: dict[str, list[float]] = {k: [] for k in ways}
     names = list(ways)
     for r in range(ROUNDS):
@@ -82,6 +96,7 @@ def main() -> None:
     print(json.dumps({
         "summary": True, "median_seconds": med, "extra_per_round": extra, "floor_per_round": results["floor"],
         "extra_over_floor_median": statistics.median(extra) / med["floor"], "rows": n, "threads": THREADS,
+        "pair": "real" if REAL else "bench",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": f"{platform.processor() or platform.machine()}"
         f", {os.cpu_count()} cpus", "torch": torch.__version__, "load_end": os.getloadavg()}), flush=True)
 
