@@ -22,6 +22,7 @@ from driftscope.errors import InputError
 from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
+from driftscope.kernels.scratch import scratch
 
 
 @dataclass
@@ -146,7 +147,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
         T = x.shape[0]
         hq, hkv = self.n_heads, self.n_kv_heads
-        qkv = _side_(linear(x, self.wqkv.weight, self.wqkv.bias), self.lora, "wqkv", x)  # [T, (Hq + 2·Hkv)·D]
+        w = self.wqkv.weight
+        qkv = _side_(linear(x, w, self.wqkv.bias, out=scratch("attn.qkv", (T, w.shape[0]), x.dtype, x.device)),
+                     self.lora, "wqkv", x)  # [T, (Hq + 2·Hkv)·D]
         qkv = qkv.view(T, hq + 2 * hkv, self.head_dim)  # [T, Hq + 2·Hkv, D]
         if self.q_norm is not None:
             rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
@@ -195,7 +198,9 @@ class MLP(nn.Module):
         self.lora: nn.ModuleDict | None = None  # LowRank side paths on "w_gate_up" / "w_down" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
-        gu = _side_(linear(x, self.w_gate_up.weight, self.w_gate_up.bias), self.lora, "w_gate_up", x)  # [T, 2I]
+        gu = linear(x, self.w_gate_up.weight, self.w_gate_up.bias,
+                    out=scratch("mlp.gate_up", (x.shape[0], 2 * self.inter), x.dtype, x.device))
+        gu = _side_(gu, self.lora, "w_gate_up", x)  # [T, 2I], reused memory (kernels/scratch.py)
         g = gu[:, : self.inter]  # [T, I] view with row stride 2I: BLAS takes it without a copy
         F.silu(g, inplace=True)
         g.mul_(gu[:, self.inter :])

@@ -22,8 +22,9 @@ SMALL_M = 128  # measured crossover vs MKL at [M, 768]·[768, 4096]: ~192 rows (
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (or [..., K] through F.linear), weight [N, K], bias [N] -> [M, N] in x's dtype. `out` (tests fill it
-    with NaN to see unwritten elements) is used by the small-M kernel only."""
+    """x [M, K] (or [..., K] through F.linear), weight [N, K], bias [N] -> [M, N] in x's dtype, written into `out`
+    (contiguous [M, N], 2-D x only) when given: reused memory (kernels/scratch.py) or, in tests, NaN-filled to show
+    unwritten elements."""
     small = x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= SMALL_M
     return LINEAR.impls[LINEAR.select(x.device, cpp=small)](x, weight, bias, out)
 
@@ -46,7 +47,15 @@ def _small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-LINEAR = Op("linear", {"cpp": _small_gemm, "torch": lambda x, weight, bias, out: F.linear(x, weight, bias)},
+def _torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None):
+    if out is None:
+        return F.linear(x, weight, bias)
+    assert x.dim() == 2 and out.shape == (x.shape[0], weight.shape[0]), f"out {tuple(out.shape)} for x {tuple(x.shape)}"
+    # F.linear's own 2-D calls (mm, or addmm with the bias), into `out`: the same BLAS call, the same bits
+    return torch.mm(x, weight.T, out=out) if bias is None else torch.addmm(bias, x, weight.T, out=out)
+
+
+LINEAR = Op("linear", {"cpp": _small_gemm, "torch": _torch_linear},
             takes={"cpp": f"float32 x [M, K] with M <= {SMALL_M} rows"}, strict=False)
 
 
