@@ -321,9 +321,33 @@ def passive_openmp(environ=None, modules=None) -> bool:
     return True
 
 
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 256 << 20  # glibc's largest mmap threshold; heap kept free up to 256 MiB
+
+
+def steady_malloc(environ=None, mallopt=None) -> bool:
+    """Keep freed memory for reuse: glibc's mmap threshold fixed at its maximum (32 MiB) and the heap trimmed only
+    beyond 256 MiB free, unless the user tuned malloc (MALLOC_*_ or GLIBC_TUNABLES). By default glibc maps a
+    layer's 16-27 MiB intermediates afresh or trims them back to the OS, so each use paid page faults and the kernel's
+    zeroing: 1.96 M faults per lockstep forward of SmolLM2 at T = 7,042, ~2 s of ~22 (bench/RESULTS.md). A no-op
+    where the C library has no `mallopt` (not glibc). Returns whether it set both."""
+    import ctypes
+    import os
+
+    environ = os.environ if environ is None else environ
+    if any(k.startswith("MALLOC_") for k in environ) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    if mallopt is None:
+        mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+        if mallopt is None:
+            return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `driftscope ARGV`; returns the exit code (0, 1 a bug, 2 a user error, 130 interrupted, 143 terminated)."""
     passive_openmp()
+    steady_malloc()
     argv = sys.argv[1:] if argv is None else list(argv)
     rest = argv[1:] if argv[:1] == ["--debug"] else argv
     if rest[:1] == ["lm-eval"]:  # a passthrough: lm-eval parses its own arguments and reports its usage errors; an

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -242,3 +243,39 @@ def test_the_command_sets_it_before_torch_loads(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.splitlines()[-1] == "PASSIVE True"
+
+
+def test_the_command_keeps_freed_memory_unless_the_user_tuned_malloc():
+    from driftscope.cli import MMAP_THRESHOLD, TRIM_THRESHOLD, steady_malloc
+
+    calls: list = []
+    assert steady_malloc({}, lambda k, v: calls.append((k, v)) or 1)
+    assert calls == [(-3, MMAP_THRESHOLD), (-1, TRIM_THRESHOLD)]  # glibc's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    for chosen in ({"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"}):
+        calls.clear()
+        assert not steady_malloc(chosen, lambda k, v: calls.append((k, v)) or 1) and calls == []
+    assert not steady_malloc({}, lambda k, v: 0)  # refused by the C library
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_after_steady_malloc_freed_tensors_stay_in_the_heap():
+    """The property it is for, read from glibc's own counters (mallinfo2) in a fresh process: five 20 MiB tensors
+    come from the heap, not fresh mmaps (hblkhd), and once freed their 100 MiB stay there for the next ones (fordblks);
+    glibc's defaults trim more than 64 MiB of free heap top at once, whatever the history."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, torch; from driftscope.cli import steady_malloc\n"
+            "class M(ctypes.Structure): _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks '\n"
+            "    'hblkhd usmblks fsmblks uordblks fordblks keepcost').split()]\n"
+            "info = ctypes.CDLL(None).mallinfo2; info.restype = M\n"
+            "assert steady_malloc({})\n"
+            "mapped = info().hblkhd\n"
+            "ts = [torch.empty(5 << 20).fill_(1.0) for _ in range(5)]\n"
+            "grown = info().hblkhd - mapped\n"
+            "del ts\n"
+            "print(grown, info().fordblks)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    grown, free = map(int, subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                          check=True).stdout.split())
+    assert grown < (20 << 20) and free >= 100 << 20, (grown, free)
