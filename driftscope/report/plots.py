@@ -44,7 +44,7 @@ def _figure(width: float, height: float, ncols: int = 1):
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.08)  # a long title is not clipped
+    fig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
 
 
