@@ -184,9 +184,10 @@ class _Run:
 
     def run(self, progress: dict, world: World | None = None) -> dict | None:
         """Every unit of work not done in `progress` (a fresh run's, or the saved one of a resumed run), then the
-        summary; the progress is saved before the summary, so a failure to write the outputs loses no work. Under
-        torchrun (`world`), this rank's share of the batches, then every rank's probes merged into rank 0's: the
-        summary there, None on the other ranks."""
+        summary. The finished run's unsaved progress is saved only if the summary or the outputs fail (`keep_finished`,
+        from drift()): a successful run does not write a state it deletes next (a second or more of float64 sums).
+        Under torchrun (`world`), this rank's share of the batches, saved, then every rank's probes merged into rank
+        0's: the summary there, None on the other ranks."""
         o, world, tasks = self.opts, world or World(), self.tasks
         state = RunState(self.out, world.rank, world.size) if self.out is not None else None
         # batches per task this process runs (all of them for one process); progress["done"] counts them
@@ -198,7 +199,7 @@ class _Run:
             [sum(len(it.ids) + o.max_new_tokens for it in self._chunk(k, c))
              for c in range(tasks[k].n_chunks(o.generate_chunk))] for _, k in pairs])))
         self._restore(state, progress)
-        ckpt = Checkpointer(state, self.states, o.checkpoint_every, self.times)
+        ckpt = self._ckpt = Checkpointer(state, self.states, o.checkpoint_every, self.times)
         telemetry = GpuTelemetry(self.device)
         telemetry.sample()
         units = [[*self._chunk_units(k, progress, state), *self._batch_units(k, progress)] for k in range(len(tasks))]
@@ -223,7 +224,9 @@ class _Run:
                         self.probes[k].set_paper_vectors(paper_pca(self.runner, self.tok, task.queries, o))
                     progress["pca_done"].append(task.name)
                     ckpt.save(progress)  # the PCA phase is a unit of work of its own: keep it
-            ckpt.flush(progress)
+            self._finished = progress
+            if world.size > 1:  # the merge below moves this rank's work into rank 0's: keep it first
+                ckpt.flush(progress)
         except KeyboardInterrupt:
             if state is not None and not in_unit:
                 state.save(progress, self.states)
@@ -254,6 +257,13 @@ class _Run:
         seconds, tokens_run, self.nonfinite = time.perf_counter() - t0, counts["tokens"], counts["nonfinite"]
         with self.times("summarize"):
             return self.summarize(seconds, tokens_run, telemetry, world.size, scored)
+
+    def keep_finished(self) -> None:
+        """After a failure past the loop (the summary, the outputs, an interrupt): save the finished run's progress not
+        saved yet, so that --resume only writes the outputs. Nothing before the loop ended: the probes may then hold
+        part of a unit (the last checkpoint stays)."""
+        if getattr(self, "_finished", None) is not None:
+            self._ckpt.flush(self._finished)
 
     # ---- results ------------------------------------------------------------------------------------------------
     def summarize(self, seconds: float, tokens_run: int, telemetry: GpuTelemetry, processes: int = 1,
@@ -367,7 +377,16 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World, start: floa
         progress = state.begin(progress, resume=opts.resume, overwrite=opts.overwrite, barrier=world.barrier)
     with _sigterm_as_interrupt():
         run = _Run(p, out_dir, times)
-        summary = run.run(progress, world)
+        try:
+            return _finish(run, run.run(progress, world), state, out_dir, opts, world, times)
+        except BaseException:
+            run.keep_finished()
+            raise
+
+
+def _finish(run: _Run, summary: dict | None, state: RunState | None, out_dir: Path | None, opts: DriftOptions,
+            world: World, times: StageTimes) -> DriftReport:
+    """The outputs of a finished run (rank 0), then its state removed."""
     if summary is None:  # a rank other than 0: its probes went into rank 0's, which writes the outputs
         if state is not None:
             world.barrier()  # rank 0 wrote them: this rank's state is done with
@@ -384,7 +403,7 @@ def _drift(base, tuned, data, out, opts: DriftOptions, world: World, start: floa
                     report.files.update(write_responses(out_dir, report.responses))
             finish_timing(summary["timing"], times)
             _write_json(report.files["summary"], summary)  # again, with the outputs' time (a small file)
-        except OSError as exc:  # the finished run's state is saved (run() flushed it): only the outputs are left
+        except OSError as exc:  # drift() saves the finished run's state on the way out: only the outputs are left
             raise disk_error(exc, "output", f"the finished run is kept in {state.root}: free space (or "
                              "make the folder writable), then rerun with --resume to write the outputs") from exc
         world.barrier()

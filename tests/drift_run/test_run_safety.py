@@ -171,6 +171,40 @@ def test_a_failed_output_write_keeps_the_finished_run(models, records, tmp_path,
     assert not (tmp_path / ".driftscope-state").exists()
 
 
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError], ids=["interrupt", "error"])
+@pytest.mark.parametrize("where", ["summary", "outputs"])
+def test_a_failure_past_the_loop_keeps_the_finished_run(models, records, tmp_path, monkeypatch, full, failure, where):
+    """The finished run's state is written on the way out of a failed summary or output write (not before: a
+    successful run does not write a state it then deletes), and --resume only writes the outputs."""
+    import driftscope.report
+
+    def fails(*args, **kwargs):
+        raise failure("injected")
+
+    if where == "summary":
+        monkeypatch.setattr(run_mod._Run, "summarize", fails)
+    else:
+        monkeypatch.setattr(driftscope.report, "write_report", fails)
+    opts = {**OPTS, "checkpoint_every": 3600}  # no checkpoint during the run
+    with pytest.raises(failure):
+        drift(models["base"], models["tuned"], records, tmp_path, **opts)
+    progress = json.loads((tmp_path / ".driftscope-state" / "progress.json").read_text())
+    batches = len(run_mod.plan(models["base"], models["tuned"], records, DriftOptions(**opts)).tasks[0])
+    assert progress["done"] == {"mixed": batches}, (progress["done"], batches)
+    monkeypatch.undo()
+    monkeypatch.setattr(driftscope.report, "write_report", lambda out, summary: out / "report.html")
+    _no_batches(monkeypatch)
+    summary = drift(models["base"], models["tuned"], records, tmp_path, resume=True, **opts).summary
+    _assert_same(full, json.loads(json.dumps(summary["models"])), rel=0)
+
+
+def test_a_successful_run_writes_no_state(models, records, tmp_path, monkeypatch, no_html):
+    saved = []
+    monkeypatch.setattr(checkpoint_mod, "save_file", lambda tensors, path: saved.append(path))
+    report = drift(models["base"], models["tuned"], records, tmp_path, **{**OPTS, "checkpoint_every": 3600})
+    assert saved == [] and report.files["summary"].is_file() and not (tmp_path / ".driftscope-state").exists()
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(models, records, tmp_path, monkeypatch, full,
                                                                    no_html):
     real, calls = checkpoint_mod.save_file, {"n": 0}
