@@ -1,4 +1,9 @@
 """The package imports, exposes its public API lazily and reports its backends."""
+import json
+import os
+
+import torch
+
 import driftscope
 from driftscope.kernels import backend_status, use_backend
 from driftscope.kernels._dispatch import OPS, forced_backend
@@ -41,3 +46,28 @@ def test_forced_unavailable_backend_raises_with_reason(monkeypatch):
 def test_unknown_public_name():
     with pytest.raises(AttributeError):
         driftscope.no_such_thing  # noqa: B018
+
+
+def test_run_records_package_versions_without_importing_them():
+    """summary.json's versions: the installed ones, read from metadata where a package is not imported yet (on a
+    CPU-only machine nothing imports triton, and recording its version must not either)."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    code = ("import json, sys; from driftscope.telemetry import versions; "
+            "print(json.dumps([versions(), 'triton' in sys.modules]))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    got, imported = json.loads(out)
+
+    def installed(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    for name in ("driftscope", "safetensors", "tokenizers", "triton", "flash_attn"):
+        assert got[name] == installed(name), (name, got[name])
+    if not torch.cuda.is_available():
+        assert not imported, "recording versions imported triton"
