@@ -254,10 +254,12 @@ class Checkpointer:
             self.cost = self.last - t
         self.pending = False
 
-    def maybe_save(self, progress: dict) -> None:
+    def maybe_save(self, progress: dict, final: bool = False) -> None:
+        """After a unit of work. `final`: the run's last one: not saved now (drift() saves a finished run's state only
+        if its summary or outputs fail; a successful run deletes it)."""
         gap = max(self.every, 9 * self.cost) if self.every > 0 else 0.0
         self.pending = True
-        if time.monotonic() - self.last >= gap:
+        if not final and time.monotonic() - self.last >= gap:
             self.save(progress)
 
     def flush(self, progress: dict) -> None:

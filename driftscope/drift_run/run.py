@@ -203,6 +203,7 @@ class _Run:
         telemetry = GpuTelemetry(self.device)
         telemetry.sample()
         units = [[*self._chunk_units(k, progress, state), *self._batch_units(k, progress)] for k in range(len(tasks))]
+        last = next((work for task_units in reversed(units) for _, work in reversed(task_units) if work), None)
         total = sum(n for task_units in units for n, _ in task_units)
         done_units = sum(n for task_units in units for n, work in task_units if work is None)
         bar = Progress(total, "drift", enabled=o.progress, unit="seq" if o.generate else "tok", done=done_units)
@@ -218,7 +219,7 @@ class _Run:
                         work()
                         in_unit = False
                         bar.advance(n)
-                        ckpt.maybe_save(progress)
+                        ckpt.maybe_save(progress, final=work is last)
                 if o.pca == "paper" and world.main and task.name not in progress["pca_done"]:  # rank 0 alone
                     with self.times("paper_pca"):
                         self.probes[k].set_paper_vectors(paper_pca(self.runner, self.tok, task.queries, o))

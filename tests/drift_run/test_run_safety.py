@@ -90,11 +90,11 @@ def test_resume_without_a_state_warns_then_runs(models, records, tmp_path, caplo
 def test_sigterm_saves_the_progress_like_ctrl_c(models, records, tmp_path, monkeypatch, full, no_html):
     real, calls = checkpoint_mod.Checkpointer.maybe_save, {"n": 0}
 
-    def term_after_third(self, progress):  # between two batches: what a scheduler's stop would hit most often
+    def term_after_third(self, progress, **kw):  # between two batches: what a scheduler's stop would hit most often
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(self, progress)
+        return real(self, progress, **kw)
 
     monkeypatch.setattr(checkpoint_mod.Checkpointer, "maybe_save", term_after_third)
     opts = {**OPTS, "checkpoint_every": 3600}  # no checkpoint of its own: only the SIGTERM's save writes progress
@@ -198,11 +198,16 @@ def test_a_failure_past_the_loop_keeps_the_finished_run(models, records, tmp_pat
     _assert_same(full, json.loads(json.dumps(summary["models"])), rel=0)
 
 
-def test_a_successful_run_writes_no_state(models, records, tmp_path, monkeypatch, no_html):
-    saved = []
+@pytest.mark.parametrize("every", [3600, 0])
+def test_a_successful_run_saves_no_state_after_its_last_batch(models, records, tmp_path, monkeypatch, no_html, every):
+    """checkpoint_every=0 saves after every batch but the last (the finished run's state is written only if its
+    summary or outputs fail); a run shorter than checkpoint_every saves none."""
+    saved, opts = [], {**OPTS, "checkpoint_every": every}
     monkeypatch.setattr(checkpoint_mod, "save_file", lambda tensors, path: saved.append(path))
-    report = drift(models["base"], models["tuned"], records, tmp_path, **{**OPTS, "checkpoint_every": 3600})
-    assert saved == [] and report.files["summary"].is_file() and not (tmp_path / ".driftscope-state").exists()
+    report = drift(models["base"], models["tuned"], records, tmp_path, **opts)
+    batches = len(run_mod.plan(models["base"], models["tuned"], records, DriftOptions(**opts)).tasks[0])
+    assert batches > 2 and len(saved) == (0 if every else batches - 1), (len(saved), batches)
+    assert report.files["summary"].is_file() and not (tmp_path / ".driftscope-state").exists()
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(models, records, tmp_path, monkeypatch, full,
