@@ -34,6 +34,7 @@ from driftscope.errors import Terminated
 from driftscope.engine.runner import LockstepRunner
 from driftscope.kernels import backend_status
 from driftscope.kernels.vocab_probe import vocab_probe
+from driftscope.kernels.scratch import release_scratch
 from driftscope.kernels.vocab_probe.reference import release_workspace
 from driftscope.util import strict_json
 from driftscope.probes.lens import LensHeads
@@ -357,6 +358,7 @@ def drift(
         report = _drift(base, tuned, data, out, world.start(opts), world, start)
     finally:
         release_workspace()  # the torch reference's CPU logit buffers: reused from batch to batch, not kept after
+        release_scratch()  # the forward's reused intermediates (kernels/scratch.py), likewise
     world.close()  # after a failure the group ends with the process: a teardown could wait on the failed collective
     return report
 

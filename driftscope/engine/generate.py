@@ -16,6 +16,7 @@ from driftscope.engine.decoding import GenerationEngine, GenRequest, Generation
 from driftscope.engine.model import Transformer
 from driftscope.engine.prompts import render_prompt
 from driftscope.engine.sampling import SamplingParams
+from driftscope.kernels.scratch import release_scratch
 from driftscope.options import GenerationOptions
 
 __all__ = ["generate", "load_for_generation", "make_requests", "progress_bar", "Generation", "SamplingParams",
@@ -108,6 +109,7 @@ def generate(model: str | Path | Transformer, prompts: Sequence[Any], sampling: 
         out = list(engine.run(requests, progress=bar))
     finally:
         bar.close()
+        release_scratch()  # the forward's reused CPU intermediates (kernels/scratch.py): not kept after the call
     for g in out:
         g.prompt = texts[g.index]
     return sorted(out, key=lambda g: (g.index, g.sample))

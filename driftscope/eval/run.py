@@ -158,6 +158,9 @@ def evaluate(model: str | Path, benchmarks: Sequence[str], out: str | Path, opti
         return result
     finally:
         lm.world.close()
+        from driftscope.kernels.scratch import release_scratch
+
+        release_scratch()  # the forward's reused CPU intermediates (kernels/scratch.py): not kept after the call
 
 
 def _evaluate(lm, names: list[str], out: Path, model, data_dir, o: EvalOptions) -> dict[str, Any]:

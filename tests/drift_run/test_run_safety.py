@@ -208,6 +208,9 @@ def test_a_successful_run_saves_no_state_after_its_last_batch(models, records, t
     batches = len(run_mod.plan(models["base"], models["tuned"], records, DriftOptions(**opts)).tasks[0])
     assert batches > 2 and len(saved) == (0 if every else batches - 1), (len(saved), batches)
     assert report.files["summary"].is_file() and not (tmp_path / ".driftscope-state").exists()
+    from driftscope.kernels import scratch
+
+    assert scratch._buffers == {}  # the forward's reused intermediates are not kept after the run
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(models, records, tmp_path, monkeypatch, full,
