@@ -1,15 +1,17 @@
 // Streaming covariance statistics in float64 (see cov_update.h). x [n, d] is read row by row in its own dtype
-// (float32 or float64): KB rows at a time are packed into a float64 panel [KB, dp] (dp: d rounded up to TILE and to
-// 64 bytes, zero-padded); then every TILE x TILE block (bi, bj), bj >= bi, of the upper triangle accumulates the
-// panel's rows as rank-1 updates in registers (a TILE-wide vector times TILE broadcast elements: the GEMM
-// micro-kernel shape), GI blocks of one block column at a time (a strip: each broadcast feeds GI FMAs), is added
-// into S[bi, bj] and mirrored into S[bj, bi]. A diagonal block keeps its upper triangle and mirrors it, so S stays
-// exactly symmetric. One OpenMP region: each thread packs its own panel (590 KB at d = 576: stays in L2) and owns a
-// fixed share of the strips and column sums. Every sum is taken in row order by one thread, so the result does not
-// depend on the thread count (nor on GI: strips give the bits of one block at a time).
-// Measured (d = 576, n = 7,042 float32 rows, 2 threads, loaded 2-core Xeon): 0.07 s against 0.29 s for torch's
-// upcast + float64 GEMM, which does the d² products where this does d²/2. Strips of 3 blocks (AVX-512), quiet,
-// n = 3,860: 36.5-38.6 ms against 46.4-51.9 ms one block at a time on 1 thread, 43 against 57 ms on 2.
+// (float32 or float64): KB rows at a time are packed into a float64 panel, block-major (TILE columns × KB rows per
+// block, contiguous; the last block zero-padded); then every TILE x TILE block (bi, bj), bj >= bi, of the upper
+// triangle accumulates the panel's rows as rank-1 updates in registers (a TILE-wide vector times TILE broadcast
+// elements: the GEMM micro-kernel shape), GI blocks of one block column at a time (a strip: each broadcast feeds GI
+// FMAs). A strip's sums over all panels are kept in the thread's strip-ordered buffer and added into S[bi, bj] and
+// S[bj, bi] once at the end; a diagonal block keeps its upper triangle and mirrors it, so S stays exactly
+// symmetric. One OpenMP region: each thread packs its own panel (590 KB at d = 576) and owns a fixed share of the
+// strips and column sums. Every sum is taken in row order by one thread, so the result does not depend on the
+// thread count (nor on GI: strips give the bits of one block at a time).
+// Measured (d = 576, n = 3,860 float32 rows, 2 threads, AMD EPYC Zen 3, 512 KiB L2 a core): 35.5 ms with row-major
+// panels and S updated per panel, 24.2 ms block-major, 19.7 ms with the strip buffer (65 GFLOP/s of the d²/2
+// products; bench/RESULTS.md). Earlier, Intel Xeon (2 MiB L2): 0.07 s against 0.29 s for torch's upcast + float64
+// GEMM at n = 7,042, which does the d² products where this does d²/2.
 #include "cov_update.h"
 
 #include <algorithm>
@@ -36,32 +38,42 @@ constexpr int64_t GI = 1;
 constexpr int64_t KB = 128;  // rows per panel
 typedef double vec __attribute__((vector_size(TILE * sizeof(double))));  // GCC/Clang vector extension
 
-// NI consecutive i-blocks [i0, i0 + NI·TILE) against the j-block at j0 over the panel's kn rows: each row's TILE
-// broadcasts of the j-block feed NI·TILE FMAs (NI = 1 made one broadcast load per FMA: load-bound). Every entry is
-// still Σ_k in row order by one FMA chain, the same arithmetic as one block at a time.
+// NI consecutive i-blocks bi.. against the j-block bj over the panel's kn rows, added into the strip's own
+// NI·TILE·TILE sums Tb (acc[g][q] lane p at Tb[(g·TILE + q)·TILE + p]). Each row's TILE broadcasts of the j-block feed
+// NI·TILE FMAs (NI = 1 made one broadcast load per FMA: load-bound). The panel is block-major (P[b][k][t] =
+// x[k0 + k, b·TILE + t]), so a block's rows are one contiguous 32·KB-byte run read front to back. Every entry is
+// Σ_k in row order by one FMA chain, the same arithmetic as one block at a time.
 template <int NI>
-inline void block_strip(double* S, const double* P, int64_t dp, int64_t kn, int64_t d, int64_t i0, int64_t j0) {
-  vec acc[NI][TILE] = {};  // acc[g][q][p] = Σ_k P[k, i0 + g·TILE + p] · P[k, j0 + q]: registers (unrolled, and read
-  for (int64_t k = 0; k < kn; ++k) {  // by lane only after the loop, from a copy: lane reads kept them in memory)
-    const double* row = P + k * dp;
+inline void block_strip(double* Tb, const double* P, int64_t kn, int64_t bi, int64_t bj) {
+  vec acc[NI][TILE] = {};  // registers (unrolled, and read by lane only after the loop, from a copy: lane reads kept
+  const double* pi = P + bi * KB * TILE;  // them in memory)
+  const double* pj = P + bj * KB * TILE;
+  for (int64_t k = 0; k < kn; ++k) {
     vec xi[NI];
 #pragma GCC unroll 4
-    for (int g = 0; g < NI; ++g) std::memcpy(&xi[g], row + i0 + g * TILE, sizeof(vec));
+    for (int g = 0; g < NI; ++g) std::memcpy(&xi[g], pi + (g * KB + k) * TILE, sizeof(vec));
 #pragma GCC unroll 8
     for (int64_t q = 0; q < TILE; ++q) {
-      const double b = row[j0 + q];
+      const double b = pj[k * TILE + q];
 #pragma GCC unroll 4
       for (int g = 0; g < NI; ++g) acc[g][q] += xi[g] * b;
     }
   }
-  double out[NI][TILE][TILE];
+  double out[NI * TILE * TILE];
   std::memcpy(out, acc, sizeof(out));
+  for (int e = 0; e < NI * TILE * TILE; ++e) Tb[e] += out[e];
+}
+
+// S += a strip's sums: block (i, j) into S[i, j] and mirrored into S[j, i]; a diagonal block's upper triangle only,
+// mirrored, so S stays exactly symmetric.
+inline void scatter(double* S, const double* Tb, int64_t blocks, int64_t d, int64_t bi, int64_t bj) {
+  const int64_t i0 = bi * TILE, j0 = bj * TILE;
   const int64_t qn = std::min(TILE, d - j0);
-  for (int g = 0; g < NI; ++g) {
+  for (int64_t g = 0; g < blocks; ++g) {
     const int64_t ig = i0 + g * TILE, pn = std::min(TILE, d - ig);
     for (int64_t p = 0; p < pn; ++p) {
       for (int64_t q = ig == j0 ? p : 0; q < qn; ++q) {
-        const double v = out[g][q][p];
+        const double v = Tb[(g * TILE + q) * TILE + p];
         S[(ig + p) * d + j0 + q] += v;
         if (ig + p != j0 + q) S[(j0 + q) * d + ig + p] += v;  // mirror: only this block writes (j, i)
       }
@@ -72,7 +84,8 @@ inline void block_strip(double* S, const double* P, int64_t dp, int64_t kn, int6
 template <typename T>
 void cov_rows(double* sx, double* S, const T* X, int64_t n, int64_t d, int64_t ld) {
   const int64_t nb = (d + TILE - 1) / TILE;
-  const int64_t dp = (nb * TILE + 7) / 8 * 8;  // panel row stride: whole 64-byte lines, so vector loads stay aligned
+  const int64_t panel = nb * KB * TILE;  // doubles per thread's panel, block-major (see block_strip)
+  constexpr int64_t SB = GI * TILE * TILE;  // sums per strip
   std::vector<int64_t> strips;  // (bi, blocks, bj): up to GI i-blocks bi.. <= bj of the upper triangle, bj-major
   strips.reserve(static_cast<size_t>(nb * (nb / GI + 1) * 3));
   for (int64_t bj = 0; bj < nb; ++bj)
@@ -92,38 +105,51 @@ void cov_rows(double* sx, double* S, const T* X, int64_t n, int64_t d, int64_t l
 #endif
     const int64_t s_lo = n_strips * t / nt, s_hi = n_strips * (t + 1) / nt;
     const int64_t c_lo = d * t / nt, c_hi = d * (t + 1) / nt;
-    double* P = static_cast<double*>(std::aligned_alloc(64, static_cast<size_t>(KB * dp) * sizeof(double)));
-    if (P == nullptr) {
+    double* P = static_cast<double*>(std::aligned_alloc(64, static_cast<size_t>(panel) * sizeof(double)));
+    // this thread's strips' sums over all panels, in strip order (written front to back, added into S once at the
+    // end: adding each panel's strip sums straight into S scattered 2·GI·TILE read-modify-writes over the d×d
+    // matrix per strip and panel, ~40% of the time at d = 576 on a 512 KiB-L2 core)
+    double* Tt = static_cast<double*>(std::calloc(static_cast<size_t>((s_hi - s_lo) * SB), sizeof(double)));
+    if (P == nullptr || Tt == nullptr) {
 #pragma omp atomic write
       oom = true;
     } else {
-      std::fill(P, P + KB * dp, 0.0);  // padding columns stay 0
+      std::fill(P, P + panel, 0.0);  // the last block's padding columns stay 0
       for (int64_t k0 = 0; k0 < n; k0 += KB) {
         const int64_t kn = std::min(KB, n - k0);
         for (int64_t k = 0; k < kn; ++k) {
           const T* src = X + (k0 + k) * ld;
-          double* dst = P + k * dp;
-          for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<double>(src[i]);
+          for (int64_t b = 0; b < nb; ++b) {
+            double* dst = P + (b * KB + k) * TILE;
+            const int64_t m = std::min(TILE, d - b * TILE);
+            for (int64_t q = 0; q < m; ++q) dst[q] = static_cast<double>(src[b * TILE + q]);
+          }
         }
         for (int64_t i = c_lo; i < c_hi; ++i) {  // this thread's column sums, in row order (deterministic)
+          const double* col = P + (i / TILE) * KB * TILE + i % TILE;
           double s = 0.0;
-          for (int64_t k = 0; k < kn; ++k) s += P[k * dp + i];
+          for (int64_t k = 0; k < kn; ++k) s += col[k * TILE];
           sx[i] += s;
         }
         for (int64_t b = s_lo; b < s_hi; ++b) {
-          const int64_t i0 = strips[3 * b] * TILE, blocks = strips[3 * b + 1], j0 = strips[3 * b + 2] * TILE;
+          const int64_t bi = strips[3 * b], blocks = strips[3 * b + 1], bj = strips[3 * b + 2];
+          double* Tb = Tt + (b - s_lo) * SB;
           if (blocks == GI)
-            block_strip<GI>(S, P, dp, kn, d, i0, j0);
+            block_strip<GI>(Tb, P, kn, bi, bj);
           else if (GI > 2 && blocks == 2)
-            block_strip<2>(S, P, dp, kn, d, i0, j0);
+            block_strip<2>(Tb, P, kn, bi, bj);
           else
-            block_strip<1>(S, P, dp, kn, d, i0, j0);
+            block_strip<1>(Tb, P, kn, bi, bj);
         }
       }
-      std::free(P);
+      for (int64_t b = s_lo; b < s_hi; ++b)
+        scatter(S, Tt + (b - s_lo) * SB, strips[3 * b + 1], d, strips[3 * b], strips[3 * b + 2]);
     }
+    std::free(P);
+    std::free(Tt);
   }
-  check(!oom, "cov_update: out of memory for a " + std::to_string(KB * dp * 8) + "-byte panel per thread");
+  check(!oom, "cov_update: out of memory for a " + std::to_string(panel * 8) + "-byte panel and " +
+                  std::to_string(n_strips * SB * 8) + " bytes of strip sums");
 }
 
 }  // namespace
