@@ -6,13 +6,19 @@
 // Two vector paths, picked at compile time (CMake builds with -march=native):
 // - AVX-512: 16 lanes, 8x3 blocks (24 of the 32 zmm registers accumulate); the K tail is one masked load, whose
 //   masked-off lanes read as zero (and cannot fault), so there is no scalar tail.
-// - AVX2 + FMA: 8 lanes, 6x2 blocks (12 + 2 w + 1 x = 15 of 16 ymm registers), scalar K tail.
-// At M = 16 the 6x2 AVX2 blocks ran at the AVX2 FMA peak (~85 GFLOP/s a core with the weight in cache), so a decode
-// step was compute-bound; 16 lanes reach ~115 GFLOP/s (bench/RESULTS.md). In a decode step the weights stream from
-// DRAM, so the first row block of each weight block prefetches a later block's rows (one prefetch per 64-byte line).
+// - AVX2 + FMA: 8 lanes, 6x2 blocks (12 + 2 w + 1 x = 15 of 16 ymm registers), scalar K tail, below XT_MIN_M rows.
+//   From XT_MIN_M rows, x is transposed instead (xT [K, 16] per 16 rows, the lanes run over x's rows): each weight
+//   element is broadcast once and feeds 2 FMAs per 16 rows, 5 weight rows at a time (10 accumulators + 2 x + 1
+//   broadcast: 13 registers; 6 rows spilled). In dot-product form every x row was loaded again for each weight row
+//   pair, and at M = 16, K >= 576 x (36 KB+) no longer fits the 32 KB L1: the 6x2 blocks ran at 88 GFLOP/s on 2
+//   Zen 3 cores with the weight in L2, the transposed form at 172 (bench/RESULTS.md). Each output is summed in chunks
+//   of XT_KC products (one FMA chain each, then the chunk sums in order): a single K-long chain would round ~K·2⁻²⁴.
+// In a decode step the weights stream from DRAM, so the first row block of each weight block prefetches a later
+// block's rows (one prefetch per 64-byte line).
 #include "small_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 
 #include "common.h"
@@ -57,6 +63,96 @@ inline __m256 hsum8(const __m256* r) {
 #endif
 
 #ifdef DRIFTSCOPE_AVX2
+constexpr int64_t XT_MIN_M = 8;  // below: memory-bound, where the 6x2 dot-product blocks stream faster (measured)
+constexpr int XT_R = 5;          // weight rows per block over 9..16 x rows (2 vectors of lanes)
+constexpr int XT_R1 = 12;        // ... over 8 x rows (1 vector): 12 accumulators
+constexpr int64_t XT_KC = 64;    // products per FMA chain before it is added into the output's chunk sum
+
+// out[m0..m0+mn, n0..n0+R] from xT [K, 8·V] (lanes: rows m0.. of x, zero past mn): R weight rows, each element
+// broadcast once against V vectors of x lanes
+template <int R, int V>
+inline void xt_block(float* out, const float* xT, const float* w, const float* bias, int64_t m0, int64_t mn,
+                     int64_t n0, int64_t N, int64_t K, bool prefetch) {
+  const float* ws[R];
+  for (int r = 0; r < R; ++r) ws[r] = w + (n0 + r) * K;
+  alignas(32) float t[R][V * 8] = {};  // the chunk sums, added in chunk order
+  for (int64_t c0 = 0; c0 < K; c0 += XT_KC) {
+    const int64_t c1 = std::min(K, c0 + XT_KC);
+    if (prefetch)
+      for (int r = 0; r < R; ++r)
+        for (int64_t k = c0; k < c1; k += kPrefetchEvery)
+          _mm_prefetch(reinterpret_cast<const char*>(ws[r] + kAhead * R * K + k), _MM_HINT_T0);
+    __m256 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+    int64_t k = c0;
+    for (; k + 4 <= c1; k += 4) {  // 4 k at a time in one loop body: a nested k loop kept acc on the stack (GCC)
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        __m256 xv[V];
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) xv[v] = _mm256_load_ps(xT + (k + u) * 8 * V + 8 * v);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) {
+          const __m256 b = _mm256_broadcast_ss(ws[r] + k + u);
+#pragma GCC unroll 2
+          for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(xv[v], b, acc[r][v]);
+        }
+      }
+    }
+    for (; k < c1; ++k) {
+      __m256 xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = _mm256_load_ps(xT + k * 8 * V + 8 * v);
+      for (int r = 0; r < R; ++r) {
+        const __m256 b = _mm256_broadcast_ss(ws[r] + k);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(xv[v], b, acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v)
+        _mm256_store_ps(&t[r][8 * v], _mm256_add_ps(_mm256_load_ps(&t[r][8 * v]), acc[r][v]));
+  }
+  for (int64_t m = 0; m < mn; ++m)
+    for (int r = 0; r < R; ++r) out[(m0 + m) * N + n0 + r] = t[r][m] + (bias ? bias[n0 + r] : 0.0f);
+}
+
+// x's rows in chunks of 16, each packed as xT [K, 16] (or [K, 8] for a chunk of <= 8 rows), zero-padded lanes; OpenMP
+// over blocks of weight rows, every chunk against a block while its rows are in L1
+void small_gemm_xt(float* out, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K) {
+  const int64_t chunks = (M + 15) / 16;
+  float* xT = static_cast<float*>(std::aligned_alloc(32, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
+  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t mn = std::min<int64_t>(16, M - c * 16), lanes = mn > 8 ? 16 : 8;
+    float* dst = xT + c * 16 * K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < lanes; ++m) dst[k * lanes + m] = m < mn ? x[(c * 16 + m) * K + k] : 0.0f;
+  }
+  const int R = M <= 8 ? XT_R1 : XT_R;
+  const int64_t full = N / R, blocks = full + N % R;  // then one-row blocks for the N remainder
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b < full ? b * R : full * R + (b - full);
+    const bool prefetch = b + kAhead < full;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t mn = std::min<int64_t>(16, M - c * 16);
+      const float* xc = xT + c * 16 * K;
+      const bool pf = prefetch && c == 0;
+      if (b >= full) {
+        if (mn > 8) xt_block<1, 2>(out, xc, w, bias, c * 16, mn, n0, N, K, false);
+        else xt_block<1, 1>(out, xc, w, bias, c * 16, mn, n0, N, K, false);
+      } else if (R == XT_R1) {
+        xt_block<XT_R1, 1>(out, xc, w, bias, c * 16, mn, n0, N, K, pf);
+      } else if (mn > 8) {
+        xt_block<XT_R, 2>(out, xc, w, bias, c * 16, mn, n0, N, K, pf);
+      } else {
+        xt_block<XT_R, 1>(out, xc, w, bias, c * 16, mn, n0, N, K, pf);
+      }
+    }
+  }
+  std::free(xT);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -174,6 +270,12 @@ void small_gemm(uintptr_t out_p, uintptr_t x_p, uintptr_t w_p, uintptr_t bias_p,
   const float* x = reinterpret_cast<const float*>(x_p);
   const float* w = reinterpret_cast<const float*>(w_p);
   const float* bias = reinterpret_cast<const float*>(bias_p);
+#ifdef DRIFTSCOPE_AVX2
+  if (M >= XT_MIN_M) {
+    small_gemm_xt(out, x, w, bias, M, N, K);
+    return;
+  }
+#endif
   const int64_t full = N / kNR;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < full; ++b) column_block<kNR>(out, x, w, bias, b * kNR, M, N, K);

@@ -13,10 +13,13 @@ from kernel_helpers import assert_close_verbose
 pytestmark = pytest.mark.skipif(not cpp_status("cpu"), reason="driftscope._C is not built")
 
 # (M, N, K): M and N remainders of the 6 x 2 (AVX2) and 8 x 3 (AVX-512) blocks, K tails of the 8- and 16-wide
-# vectors, the decode shapes (SmolLM2-135M's qkv, down and a slice of its head at 16 sequences)
+# vectors, the decode shapes (SmolLM2-135M's qkv, down and a slice of its head at 16 sequences); the AVX2 transposed
+# path (M >= 8): 12-row blocks at M = 8, 5-row blocks over 16-row chunks with a last chunk of <= 8 rows, N remainders
+# of both, K tails of its 4-step loop and of its 64-product chunks, and a long K (the chunk sums bound the rounding)
 SHAPES = [(1, 1, 1), (1, 4, 8), (2, 5, 9), (3, 7, 15), (4, 6, 16), (5, 3, 7), (16, 2304, 768), (17, 1001, 64),
           (SMALL_M, 96, 40), (7, 4096, 768), (8, 3, 16), (9, 4, 17), (15, 5, 31), (23, 8, 47), (24, 9, 33),
-          (16, 960, 576), (16, 576, 1536), (16, 4099, 576), (1, 3072, 576)]
+          (16, 960, 576), (16, 576, 1536), (16, 4099, 576), (1, 3072, 576),
+          (8, 25, 130), (40, 13, 3), (33, 11, 200), (16, 7, 8192)]
 # max |Δ| / (|x|·|w| summed): float32 accumulation of K products, measured ≤ 2e-7 here
 TOL = 2e-6
 
@@ -53,3 +56,16 @@ def test_dispatch_falls_back_to_blas_where_the_kernel_does_not_apply():
     x = torch.randn(3, 16)
     with use_backend("torch"):
         assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("M", [4, 16], ids=lambda m: f"M{m}")
+def test_long_sums_of_positive_products_stay_within_tolerance(M):
+    """Positive products do not cancel, so the rounding of a float32 sum grows with its length: 16,384 of them in one
+    FMA chain err by ~3e-6 of Σ|x·w|; the kernels' split sums (vector lanes, 64-product chunks) stay under TOL."""
+    g = torch.Generator().manual_seed(7)
+    K = 16384
+    x, w = torch.rand(M, K, generator=g), torch.rand(8, K, generator=g)
+    got = linear(x, w, out=torch.full((M, 8), float("nan")))
+    want = x.double() @ w.double().T  # = Σ|x·w| here
+    err = float(((got.double() - want).abs() / want).max())
+    assert err <= TOL, f"max error {err:.2e} relative to Σ|x·w|"
