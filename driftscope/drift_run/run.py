@@ -68,6 +68,8 @@ class _Run:
         base_dev, tuned_devs = p.opts.model_devices(len(p.tuned_dirs))
         self.device = torch.device(base_dev)  # the base's: the probes run there
         self.times = times
+        self._finished: dict | None = None  # the progress of a run whose loop ended (see keep_finished)
+        self._ckpt: Checkpointer | None = None
         kw = {"dtype": p.opts.dtype, "allow_pickle": p.opts.allow_pickle, "stream_layers": p.opts.stream_layers}
         n, where = len(p.tuned_dirs), ", ".join(dict.fromkeys([base_dev, *tuned_devs]))
         note(f"loading base + {n} tuned model{'s' * (n > 1)} ({p.opts.dtype} on {where}"
@@ -264,7 +266,7 @@ class _Run:
         """After a failure past the loop (the summary, the outputs, an interrupt): save the finished run's progress not
         saved yet, so that --resume only writes the outputs. Nothing before the loop ended: the probes may then hold
         part of a unit (the last checkpoint stays)."""
-        if getattr(self, "_finished", None) is not None:
+        if self._finished is not None:
             self._ckpt.flush(self._finished)
 
     # ---- results ------------------------------------------------------------------------------------------------

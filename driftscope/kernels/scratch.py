@@ -8,7 +8,7 @@ larger one is asked for: the same tag in the same thread gets the same memory ag
 its tensor before it asks for the tag again (a layer's intermediates are). Other devices get a plain `torch.empty`
 (CUDA's caching allocator already reuses memory). `release_scratch()` frees every buffer: drift(), generate() and
 evaluate() do at their end, so only a caller running a Transformer's forward itself keeps them (at most
-T·(2I + q|k|v width) floats per thread: 150 MB for SmolLM2 at 8,192 tokens) until it calls it.
+T·(2I + q|k|v width) floats per thread: 132 MB for SmolLM2 at 8,192 tokens) until it calls it.
 """
 from __future__ import annotations
 
