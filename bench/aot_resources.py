@@ -31,6 +31,7 @@ if __name__ == "__main__":  # @triton.jit reads TRITON_INTERPRET when a kernel i
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
+import triton  # noqa: E402, F401  (before driftscope: a CPU process imports it only when asked to)
 
 from driftscope.kernels.vocab_probe import triton_fold, triton_fused, triton_panel  # noqa: E402
 

@@ -1,7 +1,5 @@
 """`python -m driftscope ...`: the `driftscope` command."""
-import sys
-
-from driftscope.cli import main
+from driftscope.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -71,3 +71,16 @@ def test_run_records_package_versions_without_importing_them():
         assert got[name] == installed(name), (name, got[name])
     if not torch.cuda.is_available():
         assert not imported, "recording versions imported triton"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a CUDA device the triton backend imports triton")
+def test_cpu_process_without_the_interpreter_never_imports_triton():
+    """Nothing can run a Triton kernel there: the 0.16 s import is skipped, and the backend says why it is off."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import driftscope.engine.model; from driftscope.kernels._dispatch import triton_status; "
+            "print('triton' in sys.modules, triton_status('cpu').reason)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False no CUDA device and TRITON_INTERPRET is not 1"
