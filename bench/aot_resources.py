@@ -31,7 +31,7 @@ if __name__ == "__main__":  # @triton.jit reads TRITON_INTERPRET when a kernel i
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
-import triton  # noqa: E402, F401  (before driftscope: a CPU process imports it only when asked to)
+import triton  # noqa: E402  (before driftscope: a CPU process without TRITON_INTERPRET imports it only then)
 
 from driftscope.kernels.vocab_probe import triton_fold, triton_fused, triton_panel  # noqa: E402
 
@@ -184,7 +184,6 @@ def _sass_stats(cubin: bytes) -> dict:
 
 def compile_config(cfg: Config) -> dict:
     """Compile one configuration for sm_90; the row of the table (or its error)."""
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
