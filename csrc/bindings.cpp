@@ -8,6 +8,7 @@
 #include "cov_update.h"
 #include "paged_attention.h"
 #include "small_gemm.h"
+#include "varlen_attention.h"
 #include "vocab_probe.h"
 
 namespace py = pybind11;
@@ -50,4 +51,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("B"),
         py::arg("M"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("block_size"), py::arg("num_slots"),
         py::arg("scale"), py::arg("window") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("varlen_attention", &driftscope::varlen_attention, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("sq"), py::arg("sk"),
+        py::arg("sv"), py::arg("scale"), py::arg("window") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("varlen_attention_lanes", &driftscope::varlen_attention_lanes);
 }

@@ -57,3 +57,20 @@ def cov_update(
     ld: int,
     elem_bytes: int,  # 4 (float32) or 8 (float64)
 ) -> None: ...
+def varlen_attention(
+    out: int,  # [T, Hq, D] fp32 contiguous
+    q: int,  # [T, Hq, D] fp32, rows sq floats apart, heads D apart
+    k: int,  # [T, Hkv, D] fp32, rows sk floats apart
+    v: int,  # [T, Hkv, D] fp32, rows sv floats apart
+    cu_seqlens: int,  # [B+1] int32
+    B: int,
+    Hq: int,
+    Hkv: int,
+    D: int,  # a multiple of varlen_attention_lanes()
+    sq: int,
+    sk: int,
+    sv: int,
+    scale: float,
+    window: int = 0,  # > 0: keys i - window < j <= i
+) -> None: ...
+def varlen_attention_lanes() -> int: ...

@@ -2,8 +2,10 @@
 -> [T, Hq, D].
 
 `varlen_attention`'s backends, the table ATTENTION: flash-attn's varlen kernel (fp16/bf16 CUDA tensors, when
-installed), torch SDPA per sequence otherwise; `varlen_attention_torch` is the obviously-correct fp32 reference
-(explicit masked softmax), same signature.
+installed), cpp (`driftscope._C.varlen_attention`: float32 CPU tensors whose head dim is a multiple of the build's
+vector lanes; all sequences in one OpenMP call, the causal triangle skipped block-wise, csrc/varlen_attention.cpp),
+torch SDPA per sequence otherwise; `varlen_attention_torch` is the obviously-correct fp32 reference (explicit masked
+softmax), same signature.
 `window` (sliding-window attention, transformers' overlay): query i sees keys i - window < j <= i of its sequence;
 flash-attn takes it as window_size=(window - 1, 0), SDPA as banded masks over blocks of WINDOW_BLOCK queries (a
 block's keys start window - 1 before it, so no mask is larger than WINDOW_BLOCK × (WINDOW_BLOCK + window - 1)).
@@ -11,12 +13,14 @@ block's keys start window - 1 before it, so no mask is larger than WINDOW_BLOCK 
 branches that see the prefix and themselves only: several continuations of one context in one sequence);
 `tree_attention_torch` is its reference.
 
-There is no Triton kernel in this file (STYLE.md rule 4 lists three parts): flash-attn and SDPA already are the
-fast kernels, so the file holds the launcher (dispatch + checks) and the reference.
+There is no Triton kernel in this file (STYLE.md rule 4 lists three parts): on CUDA flash-attn and SDPA already are
+the fast kernels, so the file holds the launchers (dispatch + checks) and the reference.
 Roofline: 4·Σ_b L_b²·Hq·D/2 FLOPs (causal halves QKᵀ and PV; with a window, 4·Σ_b L_b·min(L_b, window)·Hq·D),
 bytes ≈ (Hq + 2·Hkv)·T·D·elt + Hq·T·D·elt.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +57,39 @@ def varlen_attention(
     if window is not None and window >= max_seqlen:
         window = None  # no sequence is longer than the window
     half = q.dtype in (torch.float16, torch.bfloat16)
-    return ATTENTION.impls[ATTENTION.select(q.device, flash_attn=half)](q, k, v, cu_seqlens, max_seqlen, scale, window)
+    backend = ATTENTION.select(q.device, flash_attn=half, cpp=cpp_admits(q, k, v))
+    return ATTENTION.impls[backend](q, k, v, cu_seqlens, max_seqlen, scale, window)
+
+
+@functools.cache
+def _lanes() -> int:
+    from driftscope import _C
+
+    return _C.varlen_attention_lanes()
+
+
+def cpp_admits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The cpp kernel's calls: float32 CPU tensors, head dim a multiple of its vector lanes, heads D apart."""
+    if q.dtype != torch.float32 or q.device.type != "cpu":
+        return False
+    D = q.shape[2]
+    try:
+        lanes = _lanes()
+    except ImportError:
+        return False
+    return D % lanes == 0 and all(t.stride(1) == D for t in (q, k, v))
+
+
+def _cpp_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
+    from driftscope import _C
+
+    T, Hq, D = q.shape
+    out = torch.empty(T, Hq, D, dtype=torch.float32)
+    cu = cu_seqlens.contiguous()
+    if T:
+        _C.varlen_attention(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), cu.shape[0] - 1,
+                            Hq, k.shape[1], D, q.stride(0), k.stride(0), v.stride(0), scale, window or 0)
+    return out
 
 
 def _flash_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int | None) -> torch.Tensor:
@@ -86,7 +122,8 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int
     return out
 
 
-ATTENTION = Op("attention", {"flash_attn": _flash_varlen, "torch": _sdpa_varlen}, takes={"flash_attn": "fp16/bf16"},
+ATTENTION = Op("attention", {"flash_attn": _flash_varlen, "cpp": _cpp_varlen, "torch": _sdpa_varlen},
+               takes={"flash_attn": "fp16/bf16", "cpp": "float32 with the head dim a multiple of the vector lanes"},
                strict=False)
 
 
