@@ -5,6 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef DRIFTSCOPE_OPENMP
 #include <omp.h>
@@ -36,6 +37,19 @@ inline float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return x < lo ? 0.0f : e * scale;
+}
+
+// f(std::integral_constant<int64_t, DC>{}) with DC = D for the head dims compiled as constants (64, 128), else DC = 0
+// (the kernel reads D at run time): the attention kernels' one dispatch on the head dim.
+template <class F>
+void with_head_dim(int64_t D, F&& f) {
+  if (D == 64) {
+    f(std::integral_constant<int64_t, 64>{});
+  } else if (D == 128) {
+    f(std::integral_constant<int64_t, 128>{});
+  } else {
+    f(std::integral_constant<int64_t, 0>{});
+  }
 }
 
 inline int max_threads() {

@@ -138,13 +138,9 @@ void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintp
                 std::to_string(blk) + " outside the cache");
     }
   }
-  if (D == 64) {
-    decode<64>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window);
-  } else if (D == 128) {
-    decode<128>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window);
-  } else {
-    decode<0>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window);
-  }
+  with_head_dim(D, [&](auto dc) {
+    decode<decltype(dc)::value>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window);
+  });
 }
 
 }  // namespace driftscope

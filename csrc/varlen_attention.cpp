@@ -200,13 +200,9 @@ void varlen_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintptr_t v
   const float* k = reinterpret_cast<const float*>(k_p);
   const float* v = reinterpret_cast<const float*>(v_p);
   const float sc = static_cast<float>(scale);
-  if (D == 64) {
-    run<64>(out, q, k, v, cu, B, Hq, Hkv, D, sq, sk, sv, sc, window);
-  } else if (D == 128) {
-    run<128>(out, q, k, v, cu, B, Hq, Hkv, D, sq, sk, sv, sc, window);
-  } else {
-    run<0>(out, q, k, v, cu, B, Hq, Hkv, D, sq, sk, sv, sc, window);
-  }
+  with_head_dim(D, [&](auto dc) {
+    run<decltype(dc)::value>(out, q, k, v, cu, B, Hq, Hkv, D, sq, sk, sv, sc, window);
+  });
 }
 
 }  // namespace driftscope
