@@ -79,3 +79,22 @@ def test_cpp_takes_only_float32_with_a_lane_multiple_head_dim():
     assert not cpp_admits(q.double(), k.double(), v.double())
     q, k, v, _, _ = _inputs([5], 2, 2, lanes + 4 if lanes > 4 else 6)
     assert not cpp_admits(q, k, v)
+
+
+def test_cpp_bits_do_not_depend_on_the_thread_count():
+    """Each output row is computed by one thread in a fixed order: 1 and 3 OpenMP threads give the same bits."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    child = ("import hashlib, torch; from driftscope.kernels import use_backend; "
+             "from driftscope.kernels.attention import varlen_attention; "
+             "g = torch.Generator().manual_seed(5); qkv = torch.randn(300, 15, 64, generator=g); "
+             "cu = torch.tensor([0, 7, 150, 151, 300], dtype=torch.int32)\n"
+             "with use_backend('cpp'):\n"
+             "    o = varlen_attention(qkv[:, :9], qkv[:, 9:12], qkv[:, 12:], cu, 149, 0.125, 40)\n"
+             "print(hashlib.sha256(o.numpy().tobytes()).hexdigest())")
+    digests = {n: subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, timeout=120,
+                                 env={**os.environ, "OMP_NUM_THREADS": str(n)}).stdout.strip() for n in (1, 3)}
+    assert len(set(digests.values())) == 1 and len(digests[1]) == len(hashlib.sha256().hexdigest()), digests
