@@ -86,6 +86,7 @@ def _cpp_varlen(q, k, v, cu_seqlens, max_seqlen: int, scale: float, window: int 
     T, Hq, D = q.shape
     out = torch.empty(T, Hq, D, dtype=torch.float32)
     cu = cu_seqlens.contiguous()
+    assert int(cu[0]) == 0 and int(cu[-1]) == T, f"cu_seqlens must run from 0 to T={T}, got {cu.tolist()}"  # in bounds
     if T:
         _C.varlen_attention(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), cu.shape[0] - 1,
                             Hq, k.shape[1], D, q.stride(0), k.stride(0), v.stride(0), scale, window or 0)
