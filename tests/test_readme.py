@@ -52,15 +52,11 @@ def _printed(quote: str, out: str) -> bool:
     integers (counts), each decimal within 1% of the quoted one or one unit of its last digit. A rank counts the
     logits above the target's, so at near-ties it follows the BLAS's rounding (0.326 vs 0.328 rank shift on a Zen 4
     MKL against the Zen 3 and Intel ones); an exact-text comparison held by luck of the machine."""
-    parts = DECIMAL.split(quote)
-    pattern = r"(-?\d+\.\d+)".join(re.escape(p) for p in parts)
-    want = [float(x) for x in DECIMAL.findall(quote)]
-    for m in re.finditer(pattern, out):
-        got = [float(x) for x in m.groups()]
-        units = [10.0 ** -len(x.split(".")[1]) for x in DECIMAL.findall(quote)]
-        if all(abs(g - w) <= max(0.01 * abs(w), u) + 1e-12 for g, w, u in zip(got, want, units)):
-            return True
-    return False
+    pattern = r"(-?\d+\.\d+)".join(re.escape(p) for p in DECIMAL.split(quote))
+    decimals = DECIMAL.findall(quote)
+    allowed = [max(0.01 * abs(float(x)), 10.0 ** -len(x.split(".")[1])) + 1e-12 for x in decimals]
+    return any(all(abs(float(g) - float(w)) <= a for g, w, a in zip(m.groups(), decimals, allowed))
+               for m in re.finditer(pattern, out))
 
 
 def _make_recipe(target: str) -> str:
