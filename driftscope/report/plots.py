@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 from driftscope.report.tables import escape_code_point, visible_text
@@ -46,6 +47,35 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
+
+
+_SUPERSCRIPT = str.maketrans("0123456789-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁻")
+_MATHTEXT = re.compile(r"^\$\\mathdefault\{(.*)\}\$$")
+
+
+def plain_log_label(label: str) -> str:
+    """A log axis' tick label from matplotlib's scientific formatter (`$\\mathdefault{10^{-3}}$`,
+    `$\\mathdefault{2\\times10^{1}}$`) as plain text (`10⁻³`, `2×10¹`), drawn without mathtext: its parser and
+    fonts took 0.3-0.4 s of a CLI drift report's two log-axis figures (bench/RESULTS.md)."""
+    m = _MATHTEXT.match(label)
+    if m is None:
+        return label
+    body = m.group(1).replace("\\times", "×")
+    return re.sub(r"\^\{([^}]*)\}", lambda e: e.group(1).translate(_SUPERSCRIPT), body)
+
+
+def _log_scale(ax, which: str) -> None:
+    """A log scale on ax's "x" or "y" axis with matplotlib's tick positions and labels, the labels as plain text."""
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    class PlainLogFormatter(LogFormatterSciNotation):
+        def __call__(self, x, pos=None):
+            return plain_log_label(super().__call__(x, pos))
+
+    getattr(ax, f"set_{which}scale")("log")  # the scale's default locators and formatters, then the labels replaced
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(PlainLogFormatter(10))
+    axis.set_minor_formatter(PlainLogFormatter(10, labelOnlyBase=False))
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,7 +238,7 @@ def kl_histogram_png(histograms: Mapping[str, Mapping], means: Mapping[str, floa
         if mean is not None and mean > 0:
             ax.axvline(mean, color=f"C{j}", ls="--", lw=1, label=f"{KL_NAMES[name]} token mean {mean:.3g}")
     lo, hi = _kl_xlim(bins, list(fracs.values()), show_first, show_last)
-    ax.set_xscale("log")
+    _log_scale(ax, "x")
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, max(max(f) for f in fracs.values()) * 1.4 or 1.0)
     _edge_bands(ax, bins, f"< {edges[0]:.0e}\n(incl. 0)" if show_first else None,
@@ -302,7 +332,7 @@ def rank_shift_histogram_png(histograms: Mapping[str, Mapping], title: str = "")
         ax.set_xlabel(_RANK_TITLES[name][1])
         log = any(c > 0 for c in counts)  # a log axis needs a positive value
         if log:
-            ax.set_yscale("log")
+            _log_scale(ax, "y")
         ax.set_ylabel("tokens (log scale)" if log else "tokens")
         ax.set_title(_RANK_TITLES[name][0], fontsize=9, wrap=True)
         ax.grid(alpha=0.3, axis="y")

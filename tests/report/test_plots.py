@@ -150,3 +150,25 @@ def test_long_title_is_not_clipped(task, drawn, plot):
     tight = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, every artist and the super-title included
     assert width >= tight.width * fig.dpi - 1 and height >= tight.height * fig.dpi - 1, \
         f"PNG {width}x{height} px cuts the drawing ({tight.width * fig.dpi:.0f}x{tight.height * fig.dpi:.0f} px)"
+
+
+@pytest.mark.parametrize("label,plain", [
+    (r"$\mathdefault{10^{-3}}$", "10⁻³"), (r"$\mathdefault{10^{0}}$", "10⁰"), (r"$\mathdefault{10^{12}}$", "10¹²"),
+    (r"$\mathdefault{2\times10^{1}}$", "2×10¹"), (r"$\mathdefault{0.01}$", "0.01"), ("", ""), ("100", "100")])
+def test_plain_log_label(label, plain):
+    assert plots.plain_log_label(label) == plain
+
+
+def test_log_axes_label_ticks_without_mathtext(task, drawn):
+    """The KL (log x) and rank-shift (log y) histograms label their decades as plain text, at the decades."""
+    superscript = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
+    kl, _ = drawn(plots.kl_histogram_png, task["histograms"])
+    rank, _ = drawn(plots.rank_shift_histogram_png, task["histograms"])
+    axes = [kl.axes[0].xaxis, *(ax.yaxis for ax in rank.axes)]
+    for axis in axes:
+        labels = [(t.get_text(), loc) for t, loc in zip(axis.get_ticklabels(), axis.get_ticklocs()) if t.get_text()]
+        assert labels, "a log axis without labels"
+        for text, loc in labels:
+            assert "$" not in text, text
+            assert text.startswith("10") and 10.0 ** int(text[2:].translate(superscript)) == pytest.approx(loc), \
+                (text, loc)
