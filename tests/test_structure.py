@@ -33,7 +33,10 @@ MAX_FILE_LINES = 450
 # ~35 lines: the MLP's gate|up output no longer page-faulted afresh per layer) and the CLI's malloc settings (~25).
 # 18,300 -> 18,400 (18,350 with them): the cpp prefill attention's launcher (kernels/attention.py, ~30 lines), the
 # CLI's fast exit (~20) and the conditional triton import (~5).
-PACKAGE_BUDGET = 18_400
+# 18,400 -> 18,500 (18,403 with them): plain-text log tick labels in the report (~25: mathtext's parser no longer runs)
+# and the last layer computed only at the rows a caller reads (~20: a drift's scored tokens, a generation step's
+# newest ones).
+PACKAGE_BUDGET = 18_500
 
 
 def _py_files() -> list[Path]:

@@ -102,17 +102,21 @@ class _Run:
     def process(self, k: int, batch: PackedBatch) -> None:
         """One packed batch of task k through every model in lockstep, into task k's probes."""
         self.tokens_scored += int(batch.score_mask.sum())  # a CPU tensor: no device sync
-        mask = batch.score_mask.to(self.device)
         probes, times = self.probes[k], self.times
+
+        rows = batch.score_mask.nonzero().squeeze(1).to(self.device)  # the rows of hb[mask], found on the CPU
+        final = self.runner.n_states - 1
 
         def on_layer(i: int, hb: torch.Tensor, hts: list[torch.Tensor]) -> None:
             with times("layer_probes"):
-                probes.on_layer(i, hb[mask], [ht[mask] for ht in hts])
+                if i == final:  # the forward computed only the scored rows there
+                    probes.on_layer(i, hb, hts)
+                else:
+                    probes.on_layer(i, hb.index_select(0, rows), [ht.index_select(0, rows) for ht in hts])
 
-        with times("forward"):
-            hb, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer)
+        with times("forward"):  # the final states of the scored positions, [N, d]
+            hb_s, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer, rows)
         targets = batch.scored_targets.to(self.device)
-        hb_s = hb[mask]
         bad: dict[int, torch.Tensor] = {}  # tuned model -> its scored tokens with non-finite logits, on the device
         outputs = None  # with the lens on, the output probe's results come from its calls (no GEMM of their own)
         if probes.lens is not None:
@@ -121,7 +125,7 @@ class _Run:
         for vv, js in self.vocab_groups.items():  # one call per valid_vocab: the base head's work once per group
             with times("vocab_probe"):
                 rs = [outputs[j] for j in js] if outputs is not None else vocab_probe(
-                    hb_s, self.base.lm_head_weight, [hts[j][mask] for j in js],
+                    hb_s, self.base.lm_head_weight, [hts[j] for j in js],
                     [self.tuned[j].lm_head_weight for j in js], targets, valid_vocab=vv)
             with times("token_probes"):
                 for j, r in zip(js, rs):

@@ -232,11 +232,14 @@ class GenerationEngine:
             batches.append(LayerBatch(cu_seqlens=cu_t, max_seqlen=max_seqlen, cos=cos, sin=sin, kv=kv))
         last = torch.tensor(list(range(nd)) + [nd + e - 1 for e in cu[1:]], device=dev)  # newest position per sequence
 
-        def hook(i, h0, hs):  # the layer probes see only the positions that predict a new token
+        n_layers = self.models[0].config.num_layers
+
+        def hook(i, h0, hs):  # the layer probes see only the positions that predict a new token (index L: those)
+            if i == n_layers:
+                return on_layer(i, h0, hs)
             on_layer(i, h0.index_select(0, last), [h.index_select(0, last) for h in hs])
 
-        finals = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None)
-        hidden = [h.index_select(0, last) for h in finals]  # [B, d] each
+        hidden = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None, last)  # [B, d] each
         logits = self.driver.head(hidden[self.sample_from], gemm=linear)  # [B, V] float32
         prm = [s.params for s in seqs]
         tokens = sample(

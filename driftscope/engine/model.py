@@ -144,7 +144,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, **kw) if c.qk_norm else None
         self.lora: nn.ModuleDict | None = None  # LowRank side paths on "wqkv" / "wo" (engine/lora.attach)
 
-    def forward(self, x: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> [T, d]
+    def forward(self, x: torch.Tensor, batch: LayerBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, d] -> [T, d]; `rows` (int64 [R]): only those positions' outputs, [R, d] (every position's keys and
+        values are still computed and attended to)."""
         T = x.shape[0]
         hq, hkv = self.n_heads, self.n_kv_heads
         w = self.wqkv.weight
@@ -166,6 +168,8 @@ class Attention(nn.Module):
         else:
             o = self._cached_attention(q, k, v, batch, kv)
         o = o.reshape(T, hq * self.head_dim)
+        if rows is not None:
+            o = o.index_select(0, rows)
         return _side_(linear(o, self.wo.weight, self.wo.bias), self.lora, "wo", o)
 
     def _cached_attention(self, q, k, v, batch: LayerBatch, kv: KVStep) -> torch.Tensor:  # -> [T, Hq, D]
@@ -216,8 +220,11 @@ class Block(nn.Module):
         self.mlp = MLP(c, device=device, dtype=dtype)
 
     @torch.inference_mode()
-    def forward(self, h: torch.Tensor, batch: LayerBatch) -> torch.Tensor:  # [T, d] -> new [T, d]; h is not modified
-        r = h + self.attn(self.attn_norm(h), batch)
+    def forward(self, h: torch.Tensor, batch: LayerBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, d] -> new [T, d] (h is not modified); with `rows` (int64 [R]) only those positions' outputs, [R, d]:
+        attention still reads every position's keys and values, the output projection and the MLP run on R rows."""
+        a = self.attn(self.attn_norm(h), batch, rows)
+        r = (h if rows is None else h.index_select(0, rows)) + a
         r += self.mlp(self.mlp_norm(r))
         return r
 
@@ -388,15 +395,18 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, output_hidden_states: bool = False,
-        batch: LayerBatch | None = None,
+        batch: LayerBatch | None = None, rows: torch.Tensor | None = None,
     ) -> ForwardOutput:
+        """`rows` (int64 [R]): `hidden` of those positions only, [R, d] (the last layer computes just them)."""
+        if rows is not None and output_hidden_states:
+            raise ValueError("rows and output_hidden_states exclude each other: the states are of every position")
         input_ids = self._ids(input_ids)  # a list of ids is taken too
         batch = self.prepare(input_ids, cu_seqlens) if batch is None else batch
         h = self.embed(input_ids)  # [T, d]
         states = [h] if output_hidden_states else None
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            h = layer(h, batch)
+            h = layer(h, batch, rows if i == n - 1 else None)
             if states is not None and i < n - 1:  # transformers replaces the last layer's output by the normed one
                 states.append(h)
         h = self.final_norm(h)

@@ -53,14 +53,16 @@ class LockstepRunner:
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, on_layer: LayerCallback | None = None
+        self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, on_layer: LayerCallback | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`rows`: see run_layers (the final states, and index L's, of those positions only)."""
         models = [self.base, *self.tuned]
         prepared: dict = {}  # rope tables once per distinct (device, dtype, theta/scaling), not once per model
         for m, k in zip(models, self._prep_keys):
             if k not in prepared:
                 prepared[k] = m.prepare(to_device(input_ids, m.device), to_device(cu_seqlens, m.device))
-        hs = run_layers(models, input_ids, [prepared[k] for k in self._prep_keys], on_layer)
+        hs = run_layers(models, input_ids, [prepared[k] for k in self._prep_keys], on_layer, rows)
         return hs[0], hs[1:]
 
 
@@ -71,17 +73,23 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_layers(models: Sequence[Transformer], ids: torch.Tensor, batches: Sequence,
-               on_layer: LayerCallback | None = None) -> list[torch.Tensor]:
+               on_layer: LayerCallback | None = None, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Every model over the same tokens, layer i of all models before layer i+1, each on its device; `batches[j]`
     is model j's LayerBatch. Calls on_layer(index, h_models[0], [h_models[1:]]) at every hidden-state index, and
-    returns the final normed hidden states [T, d] of each model, all on models[0]'s device."""
+    returns the final normed hidden states [T, d] of each model, all on models[0]'s device.
+
+    `rows` (int64 [R], on models[0]'s device): the positions whose final state the caller reads (a drift's scored
+    tokens, a generation step's newest ones). The last layer then computes only those outputs (no later layer reads
+    the others), so index L's states and the returned ones are [R, d], in `rows`' order."""
     dev = models[0].device
     hs = [m.embed(to_device(ids, m.device)) for m in models]  # [T, d] each, on its model's device
     last = models[0].config.num_layers
+    at = [None if rows is None else to_device(rows, m.device) for m in models]
     if on_layer is not None:
         on_layer(0, hs[0], [to_device(h, dev) for h in hs[1:]])
     for i in range(last):
-        hs = [m.layers[i](h, bt) for m, h, bt in zip(models, hs, batches)]  # launches run on all devices at once
+        sel = at if i == last - 1 else [None] * len(models)
+        hs = [m.layers[i](h, bt, r) for m, h, bt, r in zip(models, hs, batches, sel)]  # all devices at once
         if i == last - 1:  # transformers reports the final *normed* state at index L
             hs = [m.final_norm(h) for m, h in zip(models, hs)]
         if on_layer is not None:

@@ -122,19 +122,19 @@ def score_continuations(
         for tree in batch:
             bounds.append(bounds[-1] + len(tree.ids))
         cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
+        members = [(m, start) for tree, start in zip(batch, bounds) for m in tree.members]
+        rows = torch.tensor([start + r for (_, rs, _), start in members for r in rs], device=dev)  # the scored ones
         if any(tree.mask is not None for tree in batch):
             positions = torch.tensor([p for tree in batch for p in tree.positions], dtype=torch.int64, device=dev)
             layer_batch = model.prepare_tree(ids, cu, positions, tuple(tree.mask for tree in batch))
-            hidden = model.forward(ids, batch=layer_batch).hidden  # [T, d]
+            hidden = model.forward(ids, batch=layer_batch, rows=rows).hidden  # [len(rows), d]
         else:
-            hidden = model.forward(ids, cu).hidden
-        members = [(m, start) for tree, start in zip(batch, bounds) for m in tree.members]
-        rows = torch.tensor([start + r for (_, rs, _), start in members for r in rs], device=dev)
+            hidden = model.forward(ids, cu, rows=rows).hidden
         targets = torch.tensor([t for (_, _, ts), _ in members for t in ts], dtype=torch.int64, device=dev)
         logp = torch.empty(len(rows), dtype=torch.float64, device=dev)
         greedy = torch.empty(len(rows), dtype=torch.bool, device=dev)
         for s in range(0, len(rows), head_rows):
-            h = hidden.index_select(0, rows[s:s + head_rows])
+            h = hidden[s:s + head_rows]
             logits = model.head(h)  # [r, V] float32
             y = targets[s:s + head_rows]
             logp[s:s + head_rows] = logits.log_softmax(-1).gather(1, y[:, None])[:, 0].double()

@@ -99,3 +99,45 @@ def test_bad_ids(model):
         model.forward(torch.zeros(0, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"\[T\] or \[B, T\]"):
         model.logits(torch.zeros(1, 2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("rows", [[0, 4, 5, 13], [13, 2], list(range(14)), []],
+                         ids=["some", "unordered", "all", "none"])
+def test_layer_rows_are_the_full_layers_rows(model, rows):
+    """A layer asked for some positions' outputs (the last layer of a drift or a generation step) gives those rows
+    of the full layer: attention still reads every position's keys and values."""
+    ids, cu = _batch()
+    batch = model.prepare(ids, cu)
+    h = model.embed(ids)
+    for layer in model.layers[:-1]:
+        h = layer(h, batch)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    full = model.layers[-1](h, batch)
+    got = model.layers[-1](h, batch, idx)
+    assert got.shape == (len(rows), full.shape[1])
+    if rows:
+        assert_close(got, full[idx], 1e-6, "rows of the last layer")
+
+
+def test_run_layers_rows(model):
+    """run_layers(rows=...): index L's states and the returned ones are the chosen rows; earlier indices are whole."""
+    from driftscope.engine.runner import run_layers
+
+    ids, cu = _batch()
+    idx = torch.tensor([1, 5, 6, 12], dtype=torch.int64)
+    seen: dict[int, torch.Tensor] = {}
+    (got,) = run_layers([model], ids, [model.prepare(ids, cu)], lambda i, h, _: seen.setdefault(i, h), idx)
+    out = model.forward(ids, cu, output_hidden_states=True)
+    assert_close(got, out.hidden[idx], 1e-6, "final states")
+    L = len(model.layers)
+    assert torch.equal(seen[L], got)
+    for i in range(L):
+        assert torch.equal(seen[i], out.hidden_states[i]), i
+
+
+def test_forward_rows(model):
+    ids, cu = _batch()
+    idx = torch.tensor([13, 0, 7], dtype=torch.int64)
+    assert_close(model.forward(ids, cu, rows=idx).hidden, model.forward(ids, cu).hidden[idx], 1e-6, "forward rows")
+    with pytest.raises(ValueError, match="rows and output_hidden_states"):
+        model.forward(ids, cu, output_hidden_states=True, rows=idx)
