@@ -126,3 +126,11 @@ def test_j_separate_transformers_passes_are_one_process_each():
     assert peers._hf_drift_each_parse(outs, Path("/wd")) == {"scored": 20, "kl_tb": [0.5, 0.125],
                                                              "kl_bt": [0.25, 1.0]}
     assert [p.name for p in peers.WORKLOADS["drift4"]][2] == "transformers full logits, J passes"
+
+
+def test_gemm_rate_is_a_plausible_rate():
+    """The probe a peer round records before and after itself: GFLOP/s of one GEMM shape, from a fresh process."""
+    from bench.peers import gemm_rate
+
+    assert 0.5 < gemm_rate.rate(m=256, k=64, n=128, calls=3) < 1e5
+    assert run.gemm_rate(1) > 0.5

@@ -8,7 +8,9 @@ drift of the machine's speed falls on both sides alike. Per peer: wall seconds o
 (the largest ru_maxrss of its processes, from wait4), and what its output says (scored tokens, KL, decode rate).
 Per pair (driftscope, peer): the median of the per-round ratios peer seconds / driftscope seconds with their
 min–max, and the same for scored tokens/s where the two score different token counts. The 1-minute load average is
-recorded before and after each round; a round that starts with the load above the core count is flagged LOADED.
+recorded before and after each round; a round that starts with the load above the core count is flagged LOADED. So is
+the machine's float32 GEMM rate (bench/peers/gemm_rate.py, ~2 s): a round whose rate moved by more than 15% is
+flagged RATE MOVED (a shared VM's second vCPU can stop adding throughput within minutes).
 --check runs each peer once and prints what it measured (no ratios). Results: bench/.cache/peers/results-*.json.
 """
 from __future__ import annotations
@@ -81,6 +83,13 @@ def run_peer(peer: Peer, c: dict, wd: Path, threads: int) -> dict:
     return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024, **peer.parse(outs, wd)}
 
 
+def gemm_rate(threads: int) -> float:
+    """The machine's float32 GEMM rate (GFLOP/s) on `threads` threads now, from a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "bench.peers.gemm_rate"], env=env(threads), cwd=w.REPO,
+                         capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["gflops"])
+
+
 def ratios(runs: dict[str, list[dict]], base: str = "driftscope") -> dict[str, dict]:
     """Per peer (not driftscope's own other measurements): median and min–max of peer seconds / driftscope seconds
     (> 1: driftscope faster), of driftscope's scored tok/s over the peer's where both report scored tokens, and of
@@ -116,19 +125,23 @@ def main() -> None:
         peers = [p for p in WORKLOADS[wl] if not a.only or p.name == "driftscope" or p.name in a.only.split(",")]
         c = context(wl, a.threads)
         runs: dict[str, list[dict]] = {p.name: [] for p in peers}
-        loads = []
+        loads, rates = [], []
         for r in range(1 if a.check else a.rounds):
-            before = os.getloadavg()[0]
+            before, rate0 = os.getloadavg()[0], gemm_rate(a.threads)
             flag = " LOADED (load above the core count)" if before > cores else ""
             for p in peers if r % 2 == 0 else peers[::-1]:
                 res = run_peer(p, c, w.ROOT / "work" / wl / p.name.replace(" ", "_"), a.threads)
                 runs[p.name].append(res)
                 brief = {k: v for k, v in res.items() if k not in ("docs", "stages")}
                 print(f"[{wl} round {r}] {p.name}: {json.dumps(brief)}", flush=True)
-            after = os.getloadavg()[0]
+            after, rate1 = os.getloadavg()[0], gemm_rate(a.threads)
             loads.append((before, after))
-            print(f"[{wl} round {r}] load {before:.2f} -> {after:.2f} on {cores} cores{flag}", flush=True)
-        entry = {"runs": runs, "loads": loads}
+            rates.append((rate0, rate1))
+            if abs(rate1 - rate0) > 0.15 * max(rate0, rate1):
+                flag += " RATE MOVED (GEMM rate changed by more than 15%)"
+            print(f"[{wl} round {r}] load {before:.2f} -> {after:.2f} on {cores} cores, GEMM {rate0:.0f} -> "
+                  f"{rate1:.0f} GFLOP/s on {a.threads} threads{flag}", flush=True)
+        entry = {"runs": runs, "loads": loads, "gemm_gflops": rates}
         if not a.check:
             entry["ratios"] = ratios(runs)
         if wl == "eval":
