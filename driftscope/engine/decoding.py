@@ -239,7 +239,8 @@ class GenerationEngine:
                 return on_layer(i, h0, hs)
             on_layer(i, h0.index_select(0, last), [h.index_select(0, last) for h in hs])
 
-        hidden = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None, last)  # [B, d] each
+        rows = None if nd == T else last  # a pure decode step reads every row, in order: nothing to select
+        hidden = run_layers(self.models, ids_t, batches, hook if on_layer is not None else None, rows)  # [B, d] each
         logits = self.driver.head(hidden[self.sample_from], gemm=linear)  # [B, V] float32
         prm = [s.params for s in seqs]
         tokens = sample(
