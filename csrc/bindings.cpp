@@ -8,6 +8,7 @@
 #include "cov_update.h"
 #include "paged_attention.h"
 #include "small_gemm.h"
+#include "thread_pool.h"
 #include "varlen_attention.h"
 #include "vocab_probe.h"
 
@@ -23,6 +24,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
   });
   m.def("omp_max_threads", &driftscope::max_threads);
+  m.def("pool_spin_us", &driftscope::pool_spin_us);
+  m.def(  // the decode pool's contract, for tests: `jobs` jobs of n tasks each, task i adding 1 to counts[i] (int64)
+      "pool_count",
+      [](uintptr_t counts, int64_t n, int threads, int64_t jobs) {
+        auto* c = reinterpret_cast<int64_t*>(counts);
+        for (int64_t j = 0; j < jobs; ++j)
+          driftscope::parallel_tasks(n, threads, [c](int64_t i) { __atomic_fetch_add(c + i, 1, __ATOMIC_RELAXED); });
+      },
+      py::arg("counts"), py::arg("n"), py::arg("threads"), py::arg("jobs"), py::call_guard<py::gil_scoped_release>());
 
   py::class_<driftscope::VocabFold>(m, "VocabFold")
       .def(py::init<int64_t, int64_t, std::vector<std::pair<int64_t, int64_t>>>(), py::arg("n_rows"), py::arg("topk"),

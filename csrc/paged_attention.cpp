@@ -1,5 +1,5 @@
 // Paged decode attention (see paged_attention.h): keys and values are read in place through the block table (no
-// gather copy). OpenMP over (sequence, kv head); the query heads of one kv head share each key/value load. Two
+// gather copy). The decode pool (thread_pool.h) over (sequence, kv head); the query heads of one kv head share each key/value load. Two
 // passes over the context: scores (then max and exp-sum), then the probability-weighted sum of values; float32
 // throughout, with the max subtracted before exp as a stable softmax does. With a sliding window (> 0) only the last
 // `window` positions of each context are read. Positions are walked block by block (no division per position); the
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common.h"
+#include "thread_pool.h"
 
 namespace driftscope {
 
@@ -32,81 +33,77 @@ void decode(float* out, const float* q, const float* kc, const float* vc, const 
   const int64_t D = DC > 0 ? DC : D_;
   const int64_t G = Hq / Hkv;  // query heads per kv head
   const float sc = static_cast<float>(scale);
-#pragma omp parallel
-  {
-    std::vector<float> scores;  // [G, ctx]
-    std::vector<float> acc(G * D);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t p0 = window > 0 && ctx[b] > window ? ctx[b] - window : 0;  // first position in the window
-        const int64_t n = ctx[b] - p0;  // positions read: p0 .. ctx - 1, score index p - p0
-        scores.resize(G * n);
-        const float* qg = q + (b * Hq + g * G) * D;  // [G, D]
-        const int32_t* table = bt + b * M;
-        // positions p0 .. ctx - 1 block by block: slots are contiguous within a block (no division per position)
-        for (int64_t p = p0; p < ctx[b];) {
-          const int64_t in_block = p % block_size;
-          const int64_t len = std::min<int64_t>(block_size - in_block, ctx[b] - p);
-          const int64_t j = p / block_size;
-          const int64_t off = ((static_cast<int64_t>(table[j]) * block_size + in_block) * Hkv + g) * D;
-          const float* k = kc + off;
-          const float* v = vc + off;  // this key's value, prefetched for the second pass
-          // the same row of the next block (if the context reaches it): one block of look-ahead for K
-          const bool ahead = (j + 1) * block_size < ctx[b];
-          const float* kn =
-              ahead ? kc + ((static_cast<int64_t>(table[j + 1]) * block_size + in_block) * Hkv + g) * D : k;
-          for (int64_t t = 0; t < len; ++t, k += Hkv * D, v += Hkv * D, kn += Hkv * D) {
-            for (int64_t d = 0; d < D; d += kLineFloats) {
-              if (ahead) __builtin_prefetch(kn + d);
-              __builtin_prefetch(v + d);
-            }
-            float* st = scores.data() + (p - p0 + t);
-            for (int64_t h = 0; h < G; ++h) {
-              const float* qh = qg + h * D;
-              float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-              for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
-              st[h * n] = s * sc;
-            }
-          }
-          p += len;
+  // one task per (sequence, kv head), claimed one at a time on the decode pool (thread_pool.h)
+  parallel_tasks(B * Hkv, max_threads(), [&](int64_t task) {
+    thread_local std::vector<float> scores, acc;  // [G, ctx], [G, D]
+    acc.resize(G * D);
+    const int64_t b = task / Hkv, g = task % Hkv;
+    const int64_t p0 = window > 0 && ctx[b] > window ? ctx[b] - window : 0;  // first position in the window
+    const int64_t n = ctx[b] - p0;  // positions read: p0 .. ctx - 1, score index p - p0
+    scores.resize(G * n);
+    const float* qg = q + (b * Hq + g * G) * D;  // [G, D]
+    const int32_t* table = bt + b * M;
+    // positions p0 .. ctx - 1 block by block: slots are contiguous within a block (no division per position)
+    for (int64_t p = p0; p < ctx[b];) {
+      const int64_t in_block = p % block_size;
+      const int64_t len = std::min<int64_t>(block_size - in_block, ctx[b] - p);
+      const int64_t j = p / block_size;
+      const int64_t off = ((static_cast<int64_t>(table[j]) * block_size + in_block) * Hkv + g) * D;
+      const float* k = kc + off;
+      const float* v = vc + off;  // this key's value, prefetched for the second pass
+      // the same row of the next block (if the context reaches it): one block of look-ahead for K
+      const bool ahead = (j + 1) * block_size < ctx[b];
+      const float* kn =
+          ahead ? kc + ((static_cast<int64_t>(table[j + 1]) * block_size + in_block) * Hkv + g) * D : k;
+      for (int64_t t = 0; t < len; ++t, k += Hkv * D, v += Hkv * D, kn += Hkv * D) {
+        for (int64_t d = 0; d < D; d += kLineFloats) {
+          if (ahead) __builtin_prefetch(kn + d);
+          __builtin_prefetch(v + d);
         }
+        float* st = scores.data() + (p - p0 + t);
         for (int64_t h = 0; h < G; ++h) {
-          float* sh = scores.data() + h * n;
-          float mx = sh[0];
-#pragma omp simd reduction(max : mx)
-          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, sh[i]);
-          float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-          for (int64_t i = 0; i < n; ++i) {
-            sh[i] = exp_nonpositive(sh[i] - mx);
-            total += sh[i];
-          }
-          const float inv = 1.0f / total;
-          for (int64_t i = 0; i < n; ++i) sh[i] *= inv;
+          const float* qh = qg + h * D;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qh[d] * k[d];
+          st[h * n] = s * sc;
         }
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t p = p0; p < ctx[b];) {
-          const int64_t in_block = p % block_size;
-          const int64_t len = std::min<int64_t>(block_size - in_block, ctx[b] - p);
-          const float* v = vc + ((static_cast<int64_t>(table[p / block_size]) * block_size + in_block) * Hkv + g) * D;
-          for (int64_t t = 0; t < len; ++t, v += Hkv * D) {
-            const float* wt = scores.data() + (p - p0 + t);
-            for (int64_t h = 0; h < G; ++h) {
-              const float w = wt[h * n];
-              float* a = acc.data() + h * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
-            }
-          }
-          p += len;
-        }
-        float* og = out + (b * Hq + g * G) * D;
-        for (int64_t i = 0; i < G * D; ++i) og[i] = acc[i];
       }
+      p += len;
     }
-  }
+    for (int64_t h = 0; h < G; ++h) {
+      float* sh = scores.data() + h * n;
+      float mx = sh[0];
+#pragma omp simd reduction(max : mx)
+      for (int64_t i = 1; i < n; ++i) mx = std::max(mx, sh[i]);
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t i = 0; i < n; ++i) {
+        sh[i] = exp_nonpositive(sh[i] - mx);
+        total += sh[i];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t i = 0; i < n; ++i) sh[i] *= inv;
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t p = p0; p < ctx[b];) {
+      const int64_t in_block = p % block_size;
+      const int64_t len = std::min<int64_t>(block_size - in_block, ctx[b] - p);
+      const float* v = vc + ((static_cast<int64_t>(table[p / block_size]) * block_size + in_block) * Hkv + g) * D;
+      for (int64_t t = 0; t < len; ++t, v += Hkv * D) {
+        const float* wt = scores.data() + (p - p0 + t);
+        for (int64_t h = 0; h < G; ++h) {
+          const float w = wt[h * n];
+          float* a = acc.data() + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
+        }
+      }
+      p += len;
+    }
+    float* og = out + (b * Hq + g * G) * D;
+    for (int64_t i = 0; i < G * D; ++i) og[i] = acc[i];
+  });
 }
 
 }  // namespace

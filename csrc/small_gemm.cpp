@@ -1,5 +1,5 @@
 // Skinny GEMM (see small_gemm.h). Dot-product form on the weight's own [N, K] layout, so weights are read row
-// by row, once, and need no repacking: OpenMP splits N into blocks of NR weight rows; for each block every MR
+// by row, once, and need no repacking: the decode pool (thread_pool.h) splits N into blocks of NR weight rows; for each block every MR
 // rows of x are dotted with the NR weight rows at once (MR·NR vector accumulators), each loaded x vector feeding
 // NR FMAs and each weight vector MR. M/N remainders use narrower blocks of the same template. Accumulation is
 // float32 in vector lanes, summed at the end (as BLAS does, in another order).
@@ -22,6 +22,7 @@
 #include <string>
 
 #include "common.h"
+#include "thread_pool.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -46,6 +47,18 @@ constexpr int kNR = 2;  // rows of w per block: 12 accumulators + 2 w + 1 x = 15
 constexpr int64_t kAhead = 1;  // the next block's rows, into L1 (measured with the 6x2 blocks)
 #endif
 constexpr int64_t kPrefetchEvery = 16;  // floats: one prefetch per 64-byte line of each next weight row
+
+// f(b) for every block b in [0, blocks) on the decode pool (thread_pool.h): contiguous ranges of blocks, ~8 a thread,
+// so each thread streams whole stretches of the weight and claims rarely; a block's outputs are its own, so the
+// result does not depend on the threads
+template <class F>
+void for_blocks(int64_t blocks, F&& f) {
+  const int threads = max_threads();
+  const int64_t tasks = std::min<int64_t>(blocks, threads > 1 ? 8 * threads : 1);
+  parallel_tasks(tasks, threads, [&](int64_t t) {
+    for (int64_t b = t * blocks / tasks, e = (t + 1) * blocks / tasks; b < e; ++b) f(b);
+  });
+}
 
 #ifdef DRIFTSCOPE_AVX512
 // 16 lanes -> 8: lanes i and i + 8 added
@@ -116,7 +129,7 @@ inline void xt_block(float* out, const float* xT, const float* w, const float* b
     for (int r = 0; r < R; ++r) out[(m0 + m) * N + n0 + r] = t[r][m] + (bias ? bias[n0 + r] : 0.0f);
 }
 
-// x's rows in chunks of 16, each packed as xT [K, 16] (or [K, 8] for a chunk of <= 8 rows), zero-padded lanes; OpenMP
+// x's rows in chunks of 16, each packed as xT [K, 16] (or [K, 8] for a chunk of <= 8 rows), zero-padded lanes; the pool
 // over blocks of weight rows, every chunk against a block while its rows are in L1
 void small_gemm_xt(float* out, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K) {
   const int64_t chunks = (M + 15) / 16;
@@ -130,8 +143,7 @@ void small_gemm_xt(float* out, const float* x, const float* w, const float* bias
   }
   const int R = M <= 8 ? XT_R1 : XT_R;
   const int64_t full = N / R, blocks = full + N % R;  // then one-row blocks for the N remainder
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for_blocks(blocks, [&](int64_t b) {
     const int64_t n0 = b < full ? b * R : full * R + (b - full);
     const bool prefetch = b + kAhead < full;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -149,7 +161,7 @@ void small_gemm_xt(float* out, const float* x, const float* w, const float* bias
         xt_block<XT_R, 1>(out, xc, w, bias, c * 16, mn, n0, N, K, pf);
       }
     }
-  }
+  });
   std::free(xT);
 }
 
@@ -277,8 +289,7 @@ void small_gemm(uintptr_t out_p, uintptr_t x_p, uintptr_t w_p, uintptr_t bias_p,
   }
 #endif
   const int64_t full = N / kNR;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < full; ++b) column_block<kNR>(out, x, w, bias, b * kNR, M, N, K);
+  for_blocks(full, [&](int64_t b) { column_block<kNR>(out, x, w, bias, b * kNR, M, N, K); });
   const int64_t n0 = full * kNR;
   static_assert(kNR <= 3, "the N remainders below go up to 2");
   switch (N - n0) {

@@ -4,6 +4,9 @@ launchers in driftscope/kernels/ check shapes, dtypes and contiguity first. 0 me
 
 def has_openmp() -> bool: ...
 def omp_max_threads() -> int: ...
+def pool_spin_us() -> int: ...
+def pool_count(counts: int, n: int, threads: int, jobs: int) -> None:
+    """The decode pool's contract, for tests: `jobs` jobs of n tasks, task i adding 1 to counts[i] (int64 [n])."""
 
 class VocabFold:
     """Running per-row vocabulary-probe state over fp32 logits tiles (csrc/vocab_probe.h)."""
