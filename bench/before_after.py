@@ -18,11 +18,17 @@ revision since the API settled runs them:
 - vocab_probe: one cpp call, N = 512, d = 256, V = 151,936, one tuned head;
 - pairs: one cpp `vocab_probe_pairs` call over the logit lens's sources at one index (base and tuned outputs, base
   and tuned lens logits: 4 sources, N = 512, d = 256, V = 151,936) and its 4 pairs (output, cross, two self pairs);
-- lens: the drift workload with `lens="every:4"`, pca="none", no report.
+- lens: the drift workload with `lens="every:4"`, pca="none", no report;
+- generate_real: the generation peers' workload (bench/peers: SmolLM2-135M-Instruct, 16 chat prompts x 128 greedy
+  tokens, EOS ignored), in-process; build the weights first with `python -m bench.peers.weights 1`.
+
+`--policy PASSIVE` sets OMP_WAIT_POLICY in every process (the `driftscope` command's own default; unset otherwise);
+`--busy` keeps one busy-loop process running through the rounds (a machine shared with another job).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -48,6 +54,13 @@ elif kind == "generate":
     prompts = [f"Question {i}: what is {i} + {2 * i}? Answer:" for i in range(8)]
     t0 = time.perf_counter()
     driftscope.generate(base, prompts, max_new_tokens=64, temperature=0.0)
+elif kind == "generate_real":
+    msgs = [json.loads(line)["messages"] for line in open(data)]
+    model = driftscope.load_model(base, device="cpu", dtype="float32")
+    kw = dict(tokenizer=base, temperature=0.0, chat=True, ignore_eos=True, progress=False)
+    driftscope.generate(model, msgs[:2], max_new_tokens=4, **kw)  # warm-up
+    t0 = time.perf_counter()
+    driftscope.generate(model, msgs, max_new_tokens=128, **kw)
 elif kind == "lens":
     t0 = time.perf_counter()
     driftscope.drift(base, tuned, data, progress=False, max_batch_tokens=4096, pca="none", report=False,
@@ -109,8 +122,16 @@ def fixtures() -> tuple[Path, Path, Path]:
     return write_pair(root, 3)
 
 
-def run_once(site: Path | None, kind: str, args: list[str], threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def real_fixtures() -> list[str]:
+    """generate_real's arguments: the peers' real base model and its chat prompts (base, base, prompts)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.peers import weights, workloads
+
+    return [str(weights.base_hf()), str(weights.base_hf()), str(workloads.gen_prompts())]
+
+
+def run_once(site: Path | None, kind: str, args: list[str], threads: int, policy: str | None = None) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({"OMP_WAIT_POLICY": policy} if policy else {})}
     if site is None:  # the working tree, through the editable install
         cmd = [sys.executable, "-c", WORKLOAD]
     else:  # -S: no site hooks, so the editable install's finder cannot shadow the revision's copy
@@ -129,10 +150,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every process (default 1)")
     ap.add_argument("--workloads", default="drift,generate,vocab_probe")
+    ap.add_argument("--policy", default=None, help="OMP_WAIT_POLICY for every process (default: unset)")
+    ap.add_argument("--busy", action="store_true", help="one busy-loop process beside the rounds")
     a = ap.parse_args()
     site = build(a.rev)
     args = [str(p) for p in fixtures()]
     kinds = a.workloads.split(",")
+    real = real_fixtures() if "generate_real" in kinds else None
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if a.busy else None
+    if busy is not None:
+        atexit.register(busy.kill)  # also when a round fails
     load0 = os.getloadavg()
     times: dict[str, dict[str, list[float]]] = {k: {"rev": [], "tree": []} for k in kinds}
     for r in range(a.rounds):
@@ -140,12 +167,14 @@ def main() -> None:
             order = ["rev", "tree", "tree", "rev"] if r % 2 == 0 else ["tree", "rev", "rev", "tree"]
             got: dict[str, list[float]] = {"rev": [], "tree": []}
             for side in order:
-                got[side].append(run_once(site if side == "rev" else None, kind, args, a.threads))
+                got[side].append(run_once(site if side == "rev" else None, kind,
+                                          real if kind == "generate_real" else args, a.threads, a.policy))
             for side in got:
                 times[kind][side].append(statistics.mean(got[side]))
     load1 = os.getloadavg()
     print(f"{a.rev} ({_sh('git', 'rev-parse', '--short=12', a.rev)}) vs the working tree, {a.rounds} rounds, "
-          f"OMP_NUM_THREADS={a.threads}, load average {load0[0]:.2f} -> {load1[0]:.2f}")
+          f"OMP_NUM_THREADS={a.threads}, OMP_WAIT_POLICY={a.policy or 'unset'}{', one busy process' if busy else ''}, "
+          f"load average {load0[0]:.2f} -> {load1[0]:.2f}")
     for kind in kinds:
         ratios = [b / t for b, t in zip(times[kind]["rev"], times[kind]["tree"])]
         print(f"  {kind:12s} rev {statistics.median(times[kind]['rev']):7.3f} s  tree "

@@ -1,6 +1,8 @@
 """driftscope's decode rate on the generation workload, in one process: the model loaded once, one warm-up, then
 `generate` of 1 and of NEW_TOKENS new tokens (EOS ignored) for every prompt; decode tok/s =
 prompts·(NEW_TOKENS − 1) / (t_NEW − t_1): what llama-batched-bench's S_TG measures (the prefill cancels out).
+OpenMP's wait policy is the `driftscope` command's (cli.passive_openmp, before torch loads): under libgomp's default
+spin torch's idle threads compete with the decode pool's worker (bench/RESULTS.md).
 
     python -m bench.peers.ds_decode MODEL PROMPTS NEW_TOKENS
 """
@@ -15,6 +17,9 @@ from bench.peers.workloads import read_jsonl
 
 
 def main(model_path: str, prompts: str, new_tokens: int) -> dict:
+    from driftscope.cli import passive_openmp
+
+    passive_openmp()
     import driftscope
 
     msgs = [r["messages"] for r in read_jsonl(Path(prompts))]
