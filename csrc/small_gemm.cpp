@@ -1,11 +1,15 @@
 // Skinny GEMM (see small_gemm.h). Dot-product form on the weight's own [N, K] layout, so weights are read row
-// by row, once, and need no repacking: the decode pool (thread_pool.h) splits N into blocks of NR weight rows; for each block every MR
-// rows of x are dotted with the NR weight rows at once (MR·NR vector accumulators), each loaded x vector feeding
-// NR FMAs and each weight vector MR. M/N remainders use narrower blocks of the same template. Accumulation is
+// by row, once, and need no repacking: the decode pool (thread_pool.h) splits N into blocks of NR weight
+// rows; for each block every MR rows of x are dotted with the NR weight rows at once (MR·NR vector
+// accumulators), each loaded x vector feeding NR FMAs and each weight vector MR. M/N remainders use narrower blocks of the same template. Accumulation is
 // float32 in vector lanes, summed at the end (as BLAS does, in another order).
 // Two vector paths, picked at compile time (CMake builds with -march=native):
 // - AVX-512: 16 lanes, 8x3 blocks (24 of the 32 zmm registers accumulate); the K tail is one masked load, whose
-//   masked-off lanes read as zero (and cannot fault), so there is no scalar tail.
+//   masked-off lanes read as zero (and cannot fault), so there is no scalar tail. From XT16_MIN_M rows, x is
+//   transposed (xT [K, 16] per 16 rows, one zmm of lanes over x's rows) and each weight element is broadcast once
+//   against it, 12 weight rows at a time (12 accumulators, no lane sums at the end), summed in chunks of XT16_KC
+//   products as on AVX2: at M = 16 on 2 Zen 4 vCPUs 132-156 GFLOP/s against 93-114 for the 8x3 blocks (the
+//   decode step's weights at 17-19 GB/s instead of 11-14; bench/RESULTS.md).
 // - AVX2 + FMA: 8 lanes, 6x2 blocks (12 + 2 w + 1 x = 15 of 16 ymm registers), scalar K tail, below XT_MIN_M rows.
 //   From XT_MIN_M rows, x is transposed instead (xT [K, 16] per 16 rows, the lanes run over x's rows): each weight
 //   element is broadcast once and feeds 2 FMAs per 16 rows, 5 weight rows at a time (10 accumulators + 2 x + 1
@@ -65,6 +69,73 @@ void for_blocks(int64_t blocks, F&& f) {
 inline __m256 half_sum(__m512 v) {
   const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));  // AVX-512F only (no DQ)
   return _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+}
+
+constexpr int64_t XT16_MIN_M = 12;  // from here x is transposed (xt16_block); below, the 8x3 dot-product blocks (equal
+                                    // at 12 rows, 1.13x faster at 14, 1.2-1.3x at 16 and 32: bench/RESULTS.md)
+constexpr int XT16_R = 12;          // weight rows per block: 12 accumulators of 16 x rows
+constexpr int64_t XT16_KC = 64;     // products per FMA chain before the chunk sum (as XT_KC on AVX2)
+
+// out[m0..m0+mn, n0..n0+R] from xT [K, 16] (lanes: rows m0.. of x, zero past mn): each weight element broadcast
+// once against 16 rows of x; chunk sums of XT16_KC products, added in chunk order
+template <int R>
+inline void xt16_block(float* out, const float* xT, const float* w, const float* bias, int64_t m0, int64_t mn,
+                       int64_t n0, int64_t N, int64_t K, bool prefetch) {
+  const float* ws[R];
+  for (int r = 0; r < R; ++r) ws[r] = w + (n0 + r) * K;
+  __m512 t[R];
+  for (int r = 0; r < R; ++r) t[r] = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < K; c0 += XT16_KC) {
+    const int64_t c1 = std::min(K, c0 + XT16_KC);
+    if (prefetch)
+      for (int r = 0; r < R; ++r)
+        for (int64_t k = c0; k < c1; k += kPrefetchEvery)
+          _mm_prefetch(reinterpret_cast<const char*>(ws[r] + kAhead * R * K + k), _MM_HINT_T1);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t k = c0;
+    for (; k + 4 <= c1; k += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512 xv = _mm512_load_ps(xT + (k + u) * 16);
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_set1_ps(ws[r][k + u]), acc[r]);
+      }
+    }
+    for (; k < c1; ++k) {
+      const __m512 xv = _mm512_load_ps(xT + k * 16);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(xv, _mm512_set1_ps(ws[r][k]), acc[r]);
+    }
+    for (int r = 0; r < R; ++r) t[r] = _mm512_add_ps(t[r], acc[r]);
+  }
+  alignas(64) float s[R][16];
+  for (int r = 0; r < R; ++r) _mm512_store_ps(s[r], t[r]);
+  for (int64_t m = 0; m < mn; ++m)
+    for (int r = 0; r < R; ++r) out[(m0 + m) * N + n0 + r] = s[r][m] + (bias ? bias[n0 + r] : 0.0f);
+}
+
+// x's rows in chunks of 16, each packed as xT [K, 16] with zero lanes past M; the pool over blocks of XT16_R weight
+// rows (then one-row blocks for the N remainder), every chunk against a block while its rows are in L1
+void small_gemm_xt16(float* out, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K) {
+  const int64_t chunks = (M + 15) / 16;
+  float* xT = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
+  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t mn = std::min<int64_t>(16, M - c * 16);
+    float* dst = xT + c * 16 * K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < 16; ++m) dst[k * 16 + m] = m < mn ? x[(c * 16 + m) * K + k] : 0.0f;
+  }
+  const int64_t full = N / XT16_R, blocks = full + N % XT16_R;
+  for_blocks(blocks, [&](int64_t b) {
+    const int64_t n0 = b < full ? b * XT16_R : full * XT16_R + (b - full);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t mn = std::min<int64_t>(16, M - c * 16);
+      if (b < full) xt16_block<XT16_R>(out, xT + c * 16 * K, w, bias, c * 16, mn, n0, N, K, c == 0 && b + kAhead < full);
+      else xt16_block<1>(out, xT + c * 16 * K, w, bias, c * 16, mn, n0, N, K, false);
+    }
+  });
+  std::free(xT);
 }
 
 // the lane sums of 8 vectors, in one vector: [Σ r[0], ..., Σ r[7]] (a transpose by pairwise adds)
@@ -282,6 +353,12 @@ void small_gemm(uintptr_t out_p, uintptr_t x_p, uintptr_t w_p, uintptr_t bias_p,
   const float* x = reinterpret_cast<const float*>(x_p);
   const float* w = reinterpret_cast<const float*>(w_p);
   const float* bias = reinterpret_cast<const float*>(bias_p);
+#ifdef DRIFTSCOPE_AVX512
+  if (M >= XT16_MIN_M) {
+    small_gemm_xt16(out, x, w, bias, M, N, K);
+    return;
+  }
+#endif
 #ifdef DRIFTSCOPE_AVX2
   if (M >= XT_MIN_M) {
     small_gemm_xt(out, x, w, bias, M, N, K);

@@ -15,11 +15,14 @@ pytestmark = pytest.mark.skipif(not cpp_status("cpu"), reason="driftscope._C is 
 # (M, N, K): M and N remainders of the 6 x 2 (AVX2) and 8 x 3 (AVX-512) blocks, K tails of the 8- and 16-wide
 # vectors, the decode shapes (SmolLM2-135M's qkv, down and a slice of its head at 16 sequences); the AVX2 transposed
 # path (M >= 8): 12-row blocks at M = 8, 5-row blocks over 16-row chunks with a last chunk of <= 8 rows, N remainders
-# of both, K tails of its 4-step loop and of its 64-product chunks, and a long K (the chunk sums bound the rounding)
+# of both, K tails of its 4-step loop and of its 64-product chunks, and a long K (the chunk sums bound the rounding);
+# the AVX-512 transposed path from 12 rows: its first M (and the one below), zero lanes, N remainders of its 12-row
+# blocks, a second chunk of 12 rows
 SHAPES = [(1, 1, 1), (1, 4, 8), (2, 5, 9), (3, 7, 15), (4, 6, 16), (5, 3, 7), (16, 2304, 768), (17, 1001, 64),
           (SMALL_M, 96, 40), (7, 4096, 768), (8, 3, 16), (9, 4, 17), (15, 5, 31), (23, 8, 47), (24, 9, 33),
           (16, 960, 576), (16, 576, 1536), (16, 4099, 576), (1, 3072, 576),
-          (8, 25, 130), (40, 13, 3), (33, 11, 200), (16, 7, 8192)]
+          (8, 25, 130), (40, 13, 3), (33, 11, 200), (16, 7, 8192),
+          (11, 30, 70), (12, 25, 130), (13, 12, 64), (14, 37, 1536), (28, 24, 17)]
 # max |Δ| / (|x|·|w| summed): float32 accumulation of K products, measured ≤ 2e-7 here
 TOL = 2e-6
 
