@@ -3,8 +3,9 @@
 A decode step multiplies a handful of rows (one per running sequence) by every weight matrix. MKL's float32 GEMM
 is slow for few rows on the CPUs measured here (bench/RESULTS.md: 4–6 ms for [16, 768]·[768, 4096], the time of
 ~100 rows), so float32 inputs of ≤ SMALL_M rows go through the cpp backend, `driftscope._C.small_gemm` (AVX-512 or
-AVX2 dot products on the weight's own [N, K] layout; on AVX2 from 8 rows, x transposed so each weight element is
-broadcast once against 16 rows; OpenMP over N), which streams each weight once: the op's own rule in the table
+AVX2 dot products on the weight's own [N, K] layout; from 8 rows on AVX2 and 12 on AVX-512, x transposed so each
+weight element is broadcast once against 16 rows; its own thread pool over N, csrc/thread_pool.h), which streams
+each weight once: the op's own rule in the table
 LINEAR. Larger inputs and other devices or dtypes take torch's `F.linear` (BLAS, cuBLAS).
 `linear_torch` is the float64 reference, same signature.
 
