@@ -64,6 +64,22 @@ void for_blocks(int64_t blocks, F&& f) {
   });
 }
 
+// x's rows in chunks of 16, each packed as xT [K, lanes] (lanes = lanes_of(rows in the chunk): 16, or 8 for a chunk
+// of <= 8 rows on AVX2), zero past M, at the start of each chunk's 16·K floats; 64-byte aligned, freed by std::free
+template <class Lanes>
+float* pack_xT(const float* x, int64_t M, int64_t K, Lanes lanes_of) {
+  const int64_t chunks = (M + 15) / 16;
+  float* xT = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
+  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t mn = std::min<int64_t>(16, M - c * 16), lanes = lanes_of(mn);
+    float* dst = xT + c * 16 * K;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t m = 0; m < lanes; ++m) dst[k * lanes + m] = m < mn ? x[(c * 16 + m) * K + k] : 0.0f;
+  }
+  return xT;
+}
+
 #ifdef DRIFTSCOPE_AVX512
 // 16 lanes -> 8: lanes i and i + 8 added
 inline __m256 half_sum(__m512 v) {
@@ -114,18 +130,11 @@ inline void xt16_block(float* out, const float* xT, const float* w, const float*
     for (int r = 0; r < R; ++r) out[(m0 + m) * N + n0 + r] = s[r][m] + (bias ? bias[n0 + r] : 0.0f);
 }
 
-// x's rows in chunks of 16, each packed as xT [K, 16] with zero lanes past M; the pool over blocks of XT16_R weight
+// x packed as xT [K, 16] per 16 rows (pack_xT); the pool over blocks of XT16_R weight
 // rows (then one-row blocks for the N remainder), every chunk against a block while its rows are in L1
 void small_gemm_xt16(float* out, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K) {
   const int64_t chunks = (M + 15) / 16;
-  float* xT = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
-  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t mn = std::min<int64_t>(16, M - c * 16);
-    float* dst = xT + c * 16 * K;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t m = 0; m < 16; ++m) dst[k * 16 + m] = m < mn ? x[(c * 16 + m) * K + k] : 0.0f;
-  }
+  float* xT = pack_xT(x, M, K, [](int64_t) { return int64_t{16}; });
   const int64_t full = N / XT16_R, blocks = full + N % XT16_R;
   for_blocks(blocks, [&](int64_t b) {
     const int64_t n0 = b < full ? b * XT16_R : full * XT16_R + (b - full);
@@ -200,18 +209,11 @@ inline void xt_block(float* out, const float* xT, const float* w, const float* b
     for (int r = 0; r < R; ++r) out[(m0 + m) * N + n0 + r] = t[r][m] + (bias ? bias[n0 + r] : 0.0f);
 }
 
-// x's rows in chunks of 16, each packed as xT [K, 16] (or [K, 8] for a chunk of <= 8 rows), zero-padded lanes; the pool
-// over blocks of weight rows, every chunk against a block while its rows are in L1
+// x packed as xT [K, 16] per 16 rows, [K, 8] for a chunk of <= 8 rows (pack_xT); the pool over blocks of weight
+// rows, every chunk against a block while its rows are in L1
 void small_gemm_xt(float* out, const float* x, const float* w, const float* bias, int64_t M, int64_t N, int64_t K) {
   const int64_t chunks = (M + 15) / 16;
-  float* xT = static_cast<float*>(std::aligned_alloc(32, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
-  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t mn = std::min<int64_t>(16, M - c * 16), lanes = mn > 8 ? 16 : 8;
-    float* dst = xT + c * 16 * K;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t m = 0; m < lanes; ++m) dst[k * lanes + m] = m < mn ? x[(c * 16 + m) * K + k] : 0.0f;
-  }
+  float* xT = pack_xT(x, M, K, [](int64_t mn) { return mn > 8 ? int64_t{16} : int64_t{8}; });
   const int R = M <= 8 ? XT_R1 : XT_R;
   const int64_t full = N / R, blocks = full + N % R;  // then one-row blocks for the N remainder
   for_blocks(blocks, [&](int64_t b) {
