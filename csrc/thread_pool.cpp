@@ -65,7 +65,7 @@ class Pool {
   Pool() : pid_(getpid()), spin_(std::chrono::microseconds(read_spin_us())) {}
   pid_t pid() const { return pid_; }
 
-  // Called with job_mu_ held.
+  // Called with job_mu held (one job at a time).
   void run(int64_t n, int threads, PoolTask task, void* ctx) {
     grow(threads - 1);
     const uint32_t e = static_cast<uint32_t>(state_.load(std::memory_order_relaxed) >> 32) + 1;
