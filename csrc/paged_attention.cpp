@@ -1,12 +1,12 @@
-// Paged decode attention (see paged_attention.h): keys and values are read in place through the block table (no
-// gather copy). The decode pool (thread_pool.h) over (sequence, kv head); the query heads of one kv head share each key/value load. Two
-// passes over the context: scores (then max and exp-sum), then the probability-weighted sum of values; float32
-// throughout, with the max subtracted before exp as a stable softmax does. With a sliding window (> 0) only the last
-// `window` positions of each context are read. Positions are walked block by block (no division per position); the
-// score pass prefetches the same row of the next block's keys and this row's values, since the rows of one kv head
-// are strided (Hkv·D floats apart) and the blocks scattered; head dims 64 and 128 are compiled as constants; exp is
-// a polynomial the compiler vectorizes (exp_nonpositive). At SmolLM2-135M's decode shape (16 sequences x ~200
-// positions, 9 q / 3 kv heads, D = 64) these took a layer from 1.10 to 0.66 ms on one thread (bench/RESULTS.md).
+// Paged decode attention (see paged_attention.h): keys and values are read in place through the block table (no gather
+// copy). The decode pool (thread_pool.h) over (sequence, kv head); the query heads of one kv head share each key/value
+// load. Two passes over the context: scores (then max and exp-sum), then the probability-weighted sum of values;
+// float32 throughout, with the max subtracted before exp as a stable softmax does. With a sliding window (> 0) only the
+// last `window` positions of each context are read. Positions are walked block by block (no division per position); the
+// score pass prefetches the same row of the next block's keys and this row's values, since the rows of one kv head are
+// strided (Hkv·D floats apart) and the blocks scattered; head dims 64 and 128 are compiled as constants; exp is a
+// polynomial the compiler vectorizes (exp_nonpositive). At SmolLM2-135M's decode shape (16 sequences x ~200 positions,
+// 9 q / 3 kv heads, D = 64) these took a layer from 1.10 to 0.66 ms on one thread (bench/RESULTS.md).
 #include "paged_attention.h"
 
 #include <algorithm>

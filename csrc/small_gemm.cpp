@@ -1,8 +1,9 @@
 // Skinny GEMM (see small_gemm.h). Dot-product form on the weight's own [N, K] layout, so weights are read row
 // by row, once, and need no repacking: the decode pool (thread_pool.h) splits N into blocks of NR weight
 // rows; for each block every MR rows of x are dotted with the NR weight rows at once (MR·NR vector
-// accumulators), each loaded x vector feeding NR FMAs and each weight vector MR. M/N remainders use narrower blocks of the same template. Accumulation is
-// float32 in vector lanes, summed at the end (as BLAS does, in another order).
+// accumulators), each loaded x vector feeding NR FMAs and each weight vector MR. M/N remainders use narrower
+// blocks of the same template. Accumulation is float32 in vector lanes, summed at the end (as BLAS does, in another
+// order).
 // Two vector paths, picked at compile time (CMake builds with -march=native):
 // - AVX-512: 16 lanes, 8x3 blocks (24 of the 32 zmm registers accumulate); the K tail is one masked load, whose
 //   masked-off lanes read as zero (and cannot fault), so there is no scalar tail. From XT16_MIN_M rows, x is
@@ -70,7 +71,8 @@ template <class Lanes>
 float* pack_xT(const float* x, int64_t M, int64_t K, Lanes lanes_of) {
   const int64_t chunks = (M + 15) / 16;
   float* xT = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(chunks * 16 * K) * sizeof(float)));
-  check(xT != nullptr, "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
+  check(xT != nullptr,
+        "small_gemm: out of memory for x transposed (" + std::to_string(chunks * 16 * K * 4) + " bytes)");
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t mn = std::min<int64_t>(16, M - c * 16), lanes = lanes_of(mn);
     float* dst = xT + c * 16 * K;
@@ -140,8 +142,9 @@ void small_gemm_xt16(float* out, const float* x, const float* w, const float* bi
     const int64_t n0 = b < full ? b * XT16_R : full * XT16_R + (b - full);
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t mn = std::min<int64_t>(16, M - c * 16);
-      if (b < full) xt16_block<XT16_R>(out, xT + c * 16 * K, w, bias, c * 16, mn, n0, N, K, c == 0 && b + kAhead < full);
-      else xt16_block<1>(out, xT + c * 16 * K, w, bias, c * 16, mn, n0, N, K, false);
+      const float* xc = xT + c * 16 * K;
+      if (b < full) xt16_block<XT16_R>(out, xc, w, bias, c * 16, mn, n0, N, K, c == 0 && b + kAhead < full);
+      else xt16_block<1>(out, xc, w, bias, c * 16, mn, n0, N, K, false);
     }
   });
   std::free(xT);

@@ -8,7 +8,10 @@
 // This pool does neither: tasks are claimed one at a time from a shared counter, so the caller starts at once and
 // does every task no worker has taken (a sleeping or descheduled worker costs nothing but its absence), and an idle
 // worker spins for at most `spin_us` (DRIFTSCOPE_SPIN_US, default 200) after its last task, then sleeps. Within one
-// decode step the next job arrives while the worker still spins; between steps it sleeps.
+// decode step the next job arrives while the worker still spins; between steps it sleeps. While the worker's own
+// run-queue wait (/proc/thread-self/schedstat, looked at every 50 ms) shows another process on the cores, it does
+// not spin at all: spinning there used up its share of the core, and it was then preempted inside tasks the caller
+// had to wait for (bench/RESULTS.md).
 //
 // Results do not depend on the thread count or on which thread runs a task: each task writes its own outputs.
 #pragma once
