@@ -42,6 +42,9 @@ class DriftOptions(RunOptions, ModelOptions, PromptOptions, ThinkingOptions, Eng
         "(low-rank side paths on the base's shared weights: J adapters cost one base + J adapters; equal to merge "
         "within float32 rounding) or auto (merge while a copy per adapter fits in half the free memory)",
         choices=LORA_MODES))
+    share_prefix: bool = field(default=True, metadata=cli(
+        "run the token prefix all samples of a batch start with (an instruction every record repeats) once per batch "
+        "instead of once per sample: the same results within float32 rounding, fewer rows through the models"))
     # streaming: Σx, Σxxᵀ over scored tokens; paper: the paper's k-query procedure
     pca: str = field(default="streaming", metadata=cli(
         "hidden-state PCA: streaming (moments of the scored tokens), paper (the paper's k-query procedure) or none",

@@ -29,7 +29,7 @@ from driftscope.drift_run.paper_pca import paper_pca
 from driftscope.drift_run.plan import Plan, plan
 from driftscope.drift_run.summary import generation_summary, mark_nonfinite, model_summary
 from driftscope.cli_options import options_doc
-from driftscope.engine.data import PackedBatch
+from driftscope.engine.data import PackedBatch, share_prefix
 from driftscope.errors import Terminated
 from driftscope.engine.runner import LockstepRunner
 from driftscope.kernels import backend_status
@@ -101,6 +101,8 @@ class _Run:
     # ---- the units of work: _chunk_units and _batch_units give (size, None when done before, else the work) -----
     def process(self, k: int, batch: PackedBatch) -> None:
         """One packed batch of task k through every model in lockstep, into task k's probes."""
+        if self.opts.share_prefix and self.runner.can_share_prefix:  # the samples' common prefix once
+            batch = share_prefix(batch)
         self.tokens_scored += int(batch.score_mask.sum())  # a CPU tensor: no device sync
         probes, times = self.probes[k], self.times
 
@@ -115,7 +117,7 @@ class _Run:
                     probes.on_layer(i, hb.index_select(0, rows), [ht.index_select(0, rows) for ht in hts])
 
         with times("forward"):  # the final states of the scored positions, [N, d]
-            hb_s, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer, rows)
+            hb_s, hts = self.runner.forward(batch.input_ids, batch.cu_seqlens, on_layer, rows, batch.prefix)
         targets = batch.scored_targets.to(self.device)
         bad: dict[int, torch.Tensor] = {}  # tuned model -> its scored tokens with non-finite logits, on the device
         outputs = None  # with the lens on, the output probe's results come from its calls (no GEMM of their own)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from driftscope.records import Record
 
 __all__ = ["Sample", "PackedBatch", "record_texts", "tokenize_records", "pack_batches", "next_fit", "OVERLONG",
-           "fit_context", "fit_prompts"]
+           "fit_context", "fit_prompts", "share_prefix"]
 
 log = logging.getLogger(__name__)
 OVERLONG = ("error", "truncate")  # what to do with records longer than the models' context
@@ -185,6 +185,8 @@ class PackedBatch:
     input_ids [T] int64; cu_seqlens [B+1] int32; max_seqlen; score_mask [T] bool (positions predicting a
     response token); targets [T] int64 (next token where scored, −1 elsewhere); first_scored [T] bool (the
     first scored position of each sample); token_sample_ids [T] int64.
+    `prefix` > 0 (`share_prefix`): sequence 0 of cu_seqlens is a token prefix the B − 1 samples after it share
+    and continue (their rows hold only what follows it, at positions prefix...; no row of the prefix is scored).
     """
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -193,6 +195,7 @@ class PackedBatch:
     targets: torch.Tensor
     first_scored: torch.Tensor
     token_sample_ids: torch.Tensor
+    prefix: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -227,6 +230,37 @@ def _build(samples: Sequence[Sample]) -> PackedBatch:
         targets[a:b] = ids[a + 1:b + 1]
     sids = torch.tensor([s.sample_id for s in samples], dtype=torch.int64)
     return PackedBatch(ids, cu, max(lens), mask, targets, first, torch.repeat_interleave(sids, torch.tensor(lens)))
+
+
+def share_prefix(batch: PackedBatch, min_share: float = 1 / 32) -> PackedBatch:
+    """The batch with its samples' longest common token prefix stored once (`PackedBatch.prefix`), when that saves
+    at least `min_share` of its rows; else the batch itself. The prefix stops before every sample's first scored
+    position, so it holds context only; the scored rows keep their order (scored_* are unchanged)."""
+    bounds = batch.cu_seqlens.tolist()
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    if batch.prefix or len(spans) < 2:
+        return batch
+    firsts = batch.first_scored.nonzero().squeeze(1).tolist()  # one per sample, in order
+    limit = min(f - s for f, (s, _) in zip(firsts, spans))  # the prefix holds no scored row
+    (s0, _), ids = spans[0], batch.input_ids
+    p = limit
+    for s, _ in spans[1:]:
+        if p == 0:
+            break
+        same = (ids[s:s + p] == ids[s0:s0 + p]).logical_not().nonzero()
+        p = int(same[0]) if same.numel() else p
+    if p == 0 or (len(spans) - 1) * p < min_share * batch.n_tokens:
+        return batch
+    keep = torch.ones(batch.n_tokens, dtype=torch.bool)
+    for s, _ in spans:
+        keep[s:s + p] = False
+    keep[s0:s0 + p] = True  # sample 0's prefix rows are the shared prefix
+    lens = [p] + [e - s - p for s, e in spans]
+    cu = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(torch.int32)
+    sids = batch.token_sample_ids[keep]
+    sids[:p] = -1  # the prefix belongs to every sample
+    return PackedBatch(ids[keep], cu, batch.max_seqlen, batch.score_mask[keep], batch.targets[keep],
+                       batch.first_scored[keep], sids, p)
 
 
 def next_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -17,44 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from driftscope.engine.config import ModelConfig
+from driftscope.engine.layer_batch import KVStep, LayerBatch, SharedPrefix
 from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
 from driftscope.errors import InputError
 from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear
 from driftscope.kernels.paged_attention import paged_decode_attention
 from driftscope.kernels.scratch import scratch
-
-
-@dataclass
-class KVStep:
-    """One generation step's view of a model's paged KV cache (shared metadata from the scheduler, this model's cache).
-
-    The step's T tokens are `n_decode` decode tokens (one per running sequence, attending to its cached context)
-    followed by whole prefill sequences (`LayerBatch.cu_seqlens` covers those, causal among themselves).
-    """
-
-    k: torch.Tensor  # [L, S, Hkv, D] this model's key cache, S = num_blocks · block_size slots
-    v: torch.Tensor  # [L, S, Hkv, D]
-    slot_mapping: torch.Tensor  # [T] int64 slot where each new token's k/v is written
-    n_decode: int
-    gather: torch.Tensor  # [n_decode, Lmax] int64 slots of each decode sequence's context
-    key_mask: torch.Tensor  # [n_decode, Lmax] bool
-    block_tables: torch.Tensor  # [n_decode, M] int32
-    context_lens: torch.Tensor  # [n_decode] int32, including the new token
-    block_size: int
-
-
-@dataclass
-class LayerBatch:
-    """Per-batch data shared by all layers (and by both models of a lockstep pair when their configs agree)."""
-
-    cu_seqlens: torch.Tensor  # [B+1] int32, cu_seqlens[0] = 0, cu_seqlens[-1] = T (prefill part when kv is set)
-    max_seqlen: int
-    cos: torch.Tensor  # [T, 1, R] model dtype, R = rotary_dim / 2
-    sin: torch.Tensor  # [T, 1, R] model dtype
-    kv: KVStep | None = None
-    masks: tuple | None = None  # per sequence: bool [L, L] attention mask or None (causal); see tree_attention
-    window_masks: tuple | None = None  # `masks` restricted to the sliding window (by position), for windowed layers
 
 
 class LowRank(nn.Module):
@@ -159,6 +128,14 @@ class Attention(nn.Module):
         apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)  # q and k in one pass
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
         kv = batch.kv
+        if batch.shared is not None:  # each sample as a whole sequence (its prefix keys copied in), read back
+            sh = batch.shared
+            full = torch.index_select(qkv, 0, sh.gather, out=scratch(
+                "attn.qkv_full", (sh.gather.shape[0], *qkv.shape[1:]), x.dtype, x.device))
+            o = varlen_attention(full[:, :hq], full[:, hq : hq + hkv], full[:, hq + hkv :], sh.cu_seqlens,
+                                 sh.max_seqlen, self.scale, self.window)
+            o = o.reshape(o.shape[0], hq * self.head_dim).index_select(0, sh.back if rows is None else sh.back[rows])
+            return _side_(linear(o, self.wo.weight, self.wo.bias), self.lora, "wo", o)
         if batch.masks is not None:
             masks = batch.masks if self.window is None else batch.window_masks
             assert masks is not None, "a windowed layer needs LayerBatch.window_masks (Transformer.prepare_tree)"
@@ -347,15 +324,31 @@ class Transformer(nn.Module):
         return ids, cu.to(dev, torch.int32), [e - s for s, e in zip(bounds[:-1], bounds[1:])]
 
     @torch.inference_mode()
-    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> LayerBatch:
-        """Check the packing and compute positions and rope tables once per batch."""
+    def prepare(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, prefix: int = 0,
+                ) -> LayerBatch:
+        """Check the packing and compute positions and rope tables once per batch. `prefix` > 0: sequence 0 (that
+        many tokens) is a prefix every later sequence continues (engine.data.share_prefix): their positions start
+        at `prefix` and they attend to its keys, as if each had its own copy."""
         input_ids, cu_seqlens, lengths = self._packing(input_ids, cu_seqlens)
         T, dev = input_ids.shape[0], input_ids.device
+        if prefix:
+            return self._prepare_shared(input_ids, cu_seqlens, lengths, prefix)
         lens = torch.tensor(lengths, device=dev)
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=T)
         seq_lens = torch.repeat_interleave(lens, lens, output_size=T) if self.length_dependent_rope else None
         cos, sin = self.rope_tables(torch.arange(T, device=dev) - starts, seq_lens)  # positions restart per sequence
         return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin)
+
+    def _prepare_shared(self, input_ids, cu_seqlens, lengths: list[int], prefix: int) -> LayerBatch:
+        if len(lengths) < 2 or lengths[0] != prefix or min(lengths[1:]) < 1:
+            raise ValueError(f"prefix={prefix}: sequence 0 must be the prefix ({lengths[0]} tokens) and every later "
+                             f"sequence nonempty, got lengths {_shown(lengths)}")
+        if self.length_dependent_rope:  # each sample's rope would depend on its own length, the prefix's too
+            raise ValueError(f"{self.config.source}: rope_type={self.config.rope_type!r} depends on the sequence "
+                             "length, so its samples cannot share a prefix's states; run without prefix sharing")
+        shared, positions = SharedPrefix.of(cu_seqlens.tolist(), prefix, input_ids.device)
+        cos, sin = self.rope_tables(positions)
+        return LayerBatch(cu_seqlens=cu_seqlens, max_seqlen=max(lengths), cos=cos, sin=sin, shared=shared)
 
     @torch.inference_mode()
     def prepare_tree(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor,

@@ -51,17 +51,22 @@ class LockstepRunner:
     def device(self) -> torch.device:
         return self.base.device
 
+    @property
+    def can_share_prefix(self) -> bool:  # rope that depends on the sequence length gives each copy its own states
+        return not any(m.length_dependent_rope for m in (self.base, *self.tuned))
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, on_layer: LayerCallback | None = None,
-        rows: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None, prefix: int = 0,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`rows`: see run_layers (the final states, and index L's, of those positions only)."""
+        """`rows`: see run_layers (the final states, and index L's, of those positions only); `prefix`: sequence 0 is
+        a prefix the others continue (Transformer.prepare, engine.data.share_prefix)."""
         models = [self.base, *self.tuned]
         prepared: dict = {}  # rope tables once per distinct (device, dtype, theta/scaling), not once per model
         for m, k in zip(models, self._prep_keys):
             if k not in prepared:
-                prepared[k] = m.prepare(to_device(input_ids, m.device), to_device(cu_seqlens, m.device))
+                prepared[k] = m.prepare(to_device(input_ids, m.device), to_device(cu_seqlens, m.device), prefix)
         hs = run_layers(models, input_ids, [prepared[k] for k in self._prep_keys], on_layer, rows)
         return hs[0], hs[1:]
 

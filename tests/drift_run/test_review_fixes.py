@@ -173,11 +173,11 @@ def test_paper_pca_queries_carry_the_tokenizers_special_tokens(models, records, 
     fed: list[list[int]] = []
     original = LockstepRunner.forward
 
-    def spy(self, input_ids, cu_seqlens, on_layer=None, rows=None):
+    def spy(self, input_ids, cu_seqlens, on_layer=None, rows=None, prefix=0):
         if inspect.stack()[1].function == "paper_pca":
             cu = cu_seqlens.tolist()
             fed.extend(input_ids[a:b].tolist() for a, b in zip(cu[:-1], cu[1:]))
-        return original(self, input_ids, cu_seqlens, on_layer, rows)
+        return original(self, input_ids, cu_seqlens, on_layer, rows, prefix)
 
     monkeypatch.setattr(LockstepRunner, "forward", spy)
     drift(base, models["tuned"], records, pca="paper", pca_queries=4, **OPTS)
