@@ -5,7 +5,9 @@ One process, interleaved rounds (order rotated each round): drift without lens, 
 floor: the extra head GEMMs the lens needs (probes/lens.py's count: every:4 on L = 4 chooses indices {0, 4}, n' = 1
 below L; J = 1: (1 + J)·n' = 2 [N, d] x [d, V] GEMMs, each model's lens logits at index 0; the output logits are the
 output probe's, which the plain drift computes too) as bare `torch.matmul(states, W.T, out=buf)` (F.linear without
-bias, into one reused [256, V] fp32 buffer: no page faults counted) over the same N scored rows in 256-row panels.
+bias, into one reused [256, V] fp32 buffer: no page faults counted) over the same N scored rows in 256-row panels;
+where the probe's GEMMs run on oneDNN (kernels.linear.cpu_gemm) also those calls, [256, d] x [d, 16384] chunks, and
+each round's floor is the faster engine's.
 Both drifts: pca="none", report=False (their own noise is not the subject). OMP_NUM_THREADS is fixed before torch
 imports; the load average is recorded per round. Prints one JSON line per round and a summary line.
 
@@ -38,9 +40,11 @@ from drift_workloads import write_pair  # noqa: E402
 
 from driftscope import drift, load_tokenizer  # noqa: E402
 from driftscope.engine.loader import load_model  # noqa: E402
+from driftscope.kernels.linear import cpu_gemm, onednn_gemm  # noqa: E402
+from driftscope.kernels.vocab_probe.cpp import _cpp_tile_sizes  # noqa: E402
 from driftscope.records import load_samples  # noqa: E402
 
-N_RECORDS, LENS, PANEL = 3, "every:4", 256
+N_RECORDS, LENS = 3, "every:4"
 
 
 def _drift(base: Path, tuned: Path, data: Path, lens: str | None) -> dict:
@@ -67,35 +71,45 @@ def main() -> None:
     heads = [load_model(p).lm_head_weight.float().contiguous() for p in (base, tuned)]  # [V, d] each
     g = torch.Generator().manual_seed(0)
     states = [torch.randn(n, heads[0].shape[1], generator=g) for _ in heads]
-    buf = torch.empty(PANEL, heads[0].shape[0])
+    tile, chunk = _cpp_tile_sizes(n, heads[0].shape[0])  # the probe's token tile and vocabulary chunk
+    buf = torch.empty(tile, heads[0].shape[0])
 
     idx = _drift(base, tuned, data, LENS)["lens_indices"]  # warm-up: imports, first-call allocations, page cache
     per_head = sum(i != max(idx) for i in set(idx))  # the chosen indices below L: n' GEMMs per model
 
-    def floor() -> dict:
+    def floor(engine: str) -> dict:
         t0 = time.perf_counter()
         for w, h in zip(heads, states):
             for _ in range(per_head):
-                for r0 in range(0, n, PANEL):
-                    t = min(PANEL, n - r0)
-                    torch.matmul(h[r0:r0 + t], w.T, out=buf[:t])
+                for r0 in range(0, n, tile):
+                    t = min(tile, n - r0)
+                    if engine == "mkl":
+                        torch.matmul(h[r0:r0 + t], w.T, out=buf[:t])
+                    else:  # the probe's own chunks (its oneDNN outputs are [tile, chunk] tensors)
+                        for c0 in range(0, w.shape[0], chunk):
+                            cpu_gemm(h[r0:r0 + t], w[c0:c0 + chunk])
         return {"seconds": time.perf_counter() - t0, "gemms": per_head * len(heads), "rows": n}
 
     ways = {"plain": lambda: _drift(base, tuned, data, None), "lens": lambda: _drift(base, tuned, data, LENS),
-            "floor": floor}
+            "floor": lambda: floor("mkl")}
+    if onednn_gemm():  # the probe's GEMMs run on oneDNN here: the floor is the faster of the two engines
+        ways["floor_onednn"] = lambda: floor("onednn")
     results: dict[str, list[float]] = {k: [] for k in ways}
     names = list(ways)
     for r in range(ROUNDS):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             load = os.getloadavg()[0]
             out = ways[name]()
             results[name].append(out["seconds"])
             print(json.dumps({"round": r, "way": name, "load1": round(load, 2), **out}), flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     extra = [lens - plain for lens, plain in zip(results["lens"], results["plain"])]
+    floors = [min(f) for f in zip(*(results[k] for k in ways if k.startswith("floor")))]  # per round, best engine
     print(json.dumps({
-        "summary": True, "median_seconds": med, "extra_per_round": extra, "floor_per_round": results["floor"],
-        "extra_over_floor_median": statistics.median(extra) / med["floor"], "rows": n, "threads": THREADS,
+        "summary": True, "median_seconds": med, "extra_per_round": extra, "floor_per_round": floors,
+        "extra_over_floor_median": statistics.median(extra) / statistics.median(floors),
+        "extra_over_floor_paired": statistics.median(e / f for e, f in zip(extra, floors)), "gemm": "onednn" if
+        onednn_gemm() else "mkl", "rows": n, "threads": THREADS,
         "pair": "real" if REAL else "bench",
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": f"{platform.processor() or platform.machine()}"
         f", {os.cpu_count()} cpus", "torch": torch.__version__, "load_end": os.getloadavg()}), flush=True)

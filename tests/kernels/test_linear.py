@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from driftscope.kernels._dispatch import cpp_status, use_backend
-from driftscope.kernels.linear import SMALL_M, linear, linear_torch
+import driftscope.kernels.linear as lin
+from driftscope.kernels.linear import SMALL_M, cpu_gemm, linear, linear_torch
 from kernel_helpers import assert_close_verbose
 
 pytestmark = pytest.mark.skipif(not cpp_status("cpu"), reason="driftscope._C is not built")
@@ -53,12 +54,48 @@ def test_strided_rows_like_the_mlp_gate_view():
 def test_dispatch_falls_back_to_blas_where_the_kernel_does_not_apply():
     w = torch.randn(8, 16)
     big = torch.randn(SMALL_M + 1, 16)
-    assert torch.equal(linear(big, w), F.linear(big, w))  # more rows than SMALL_M: BLAS
+    assert torch.equal(linear(big, w), cpu_gemm(big, w))  # more rows than SMALL_M: torch's GEMM (MKL or oneDNN)
     x64 = torch.randn(3, 16, dtype=torch.float64)
     assert torch.equal(linear(x64, w.double()), F.linear(x64, w.double()))  # not float32
     x = torch.randn(3, 16)
     with use_backend("torch"):
-        assert torch.equal(linear(x, w), F.linear(x, w))
+        assert torch.equal(linear(x, w), cpu_gemm(x, w))
+
+
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
+def test_cpu_gemm_engines_against_float64(engine, monkeypatch):
+    """Either engine of torch's CPU GEMM (DRIFTSCOPE_CPU_GEMM), with and without bias, a strided x, into and beside
+    `out`: within float32 rounding of the float64 reference; mkl is F.linear bit for bit."""
+    if engine == "onednn" and not lin._onednn_present():
+        pytest.skip("this torch build has no oneDNN GEMM")
+    monkeypatch.setenv("DRIFTSCOPE_CPU_GEMM", engine)
+    assert lin.onednn_gemm() == (engine == "onednn")
+    g = torch.Generator().manual_seed(3)
+    for M, N, K in [(SMALL_M + 1, 40, 64), (300, 257, 96), (1, 5, 7)]:
+        x, w, b = torch.randn(M, 2 * K, generator=g)[:, :K], torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+        for bias in (None, b):
+            with use_backend("torch"):  # M = 1 too: the torch backend's GEMM, not the small-M kernel
+                got = linear(x, w, bias, out=torch.full((M, N), float("nan")) if M > SMALL_M else None)
+            assert_close_verbose(got, linear_torch(x, w, bias), atol=1e-5, rtol=1e-5, what=f"{engine} M{M}")
+            assert torch.equal(got, cpu_gemm(x, w, bias))
+            if engine == "mkl":
+                assert torch.equal(got, F.linear(x, w, bias))
+
+
+def test_cpu_gemm_rule(monkeypatch):
+    """auto: oneDNN on AVX-512 CPUs not made by Intel (MKL runs AVX2 kernels there), MKL elsewhere; a bad value of
+    DRIFTSCOPE_CPU_GEMM is named."""
+    monkeypatch.delenv("DRIFTSCOPE_CPU_GEMM", raising=False)
+    for vendor, cap, want in [("AuthenticAMD", "AVX512", True), ("GenuineIntel", "AVX512", False),
+                              ("AuthenticAMD", "AVX2", False), ("", "AVX512", False)]:
+        lin._auto.cache_clear()
+        monkeypatch.setattr(lin, "_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=cap: c)
+        assert lin.onednn_gemm() == (want and lin._onednn_present()), (vendor, cap)
+    lin._auto.cache_clear()
+    monkeypatch.setenv("DRIFTSCOPE_CPU_GEMM", "blis")
+    with pytest.raises(ValueError, match="DRIFTSCOPE_CPU_GEMM='blis': expected one of auto, mkl, onednn"):
+        lin.onednn_gemm()
 
 
 @pytest.mark.parametrize("M", [4, 16], ids=lambda m: f"M{m}")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from driftscope.kernels.linear import onednn_gemm
+
 CHILD = r"""
 import json, torch
 from driftscope.kernels import use_backend, vocab_probe
@@ -51,7 +53,9 @@ def test_cpp_peak_memory(panel_mib):
     peak, nv = res["peak_extra_bytes"], res["nv_bytes"]
     # expected: two 256×16384 fp32 tiles (32 MiB), per-row state and top-k (~0.5 MiB), [N] outputs, plus the
     # [256, V] panel when it is on; allow 64 MiB for them and allocator slack: 16x (4x with the panel) below one
-    # [N, V] fp32
+    # [N, V] fp32. oneDNN's GEMM (kernels.linear.cpu_gemm) returns each tile in memory of its own and keeps scratch
+    # (measured: ~65 MiB more than MKL writing into the probe's buffers): 128 MiB, 8x below.
+    slack = 128 if onednn_gemm() else 64
     panel = 256 * 131072 * 4 if panel_mib != "0" else 0
-    assert peak < panel + 64 * 2**20, f"peak extra {peak / 2**20:.1f} MiB vs [N,V] fp32 {nv / 2**20:.0f} MiB"
-    assert peak * (4 if panel else 16) < nv
+    assert peak < panel + slack * 2**20, f"peak extra {peak / 2**20:.1f} MiB vs [N,V] fp32 {nv / 2**20:.0f} MiB"
+    assert peak * (4 if panel else 1024 // slack) < nv

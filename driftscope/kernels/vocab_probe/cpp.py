@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from driftscope.kernels.linear import cpu_gemm, onednn_gemm
 from driftscope.kernels.vocab_probe.common import METRICS, _merge_recount
 
 
@@ -20,9 +21,16 @@ def _cpp_tile_sizes(n: int, vocab: int) -> tuple[int, int]:
 
 
 def _gemm(h, w_c, r0, r1, buf):  # identical call for identical (tile, chunk): same bits in pass 2
+    """[r1 - r0, chunk] logits: into `buf` by MKL, or a new tensor by oneDNN where kernels.linear picks it."""
+    if onednn_gemm():
+        return cpu_gemm(h[r0:r1], w_c)
     out = buf[: (r1 - r0) * w_c.shape[0]].view(r1 - r0, w_c.shape[0])
     torch.matmul(h[r0:r1], w_c.T, out=out)
     return out
+
+
+def _target_logits(h, w_y):  # [tile, d] x [tile, d] -> [tile]: the diagonal of the tile GEMM, by the probe's GEMM
+    return (cpu_gemm(h, w_y) if onednn_gemm() else torch.matmul(h, w_y.T)).diagonal()
 
 
 _recount_gemm = _gemm  # pass 2's GEMM: the same call, under its own name so that tests can make it differ
@@ -38,10 +46,10 @@ def _panel_bytes(explicit: int | None) -> int:
         raise ValueError(f"DRIFTSCOPE_CPP_PANEL_MIB={raw!r}: expected a number of MiB (0: no panel)") from None
 
 
-def _panel_shift(fold, p, panel, tile, r0, r1, chunks, out):
+def _panel_shift(fold, p, panel, r0, r1, chunks, out):
     """out[r] = pair p's rank_shift_top of rows [r0, r1) (all their chunks folded): from the top-k list, else 1 +
-    the count of the tile's stored base logits (panel block at tile·c0 per chunk) above the base logit at the tuned
-    top-1."""
+    the count of the tile's stored base logits (`panel[c0]`: chunk c0's [rows, cols]) above the base logit at the
+    tuned top-1."""
     from driftscope import _C
 
     rows = r1 - r0
@@ -52,7 +60,7 @@ def _panel_shift(fold, p, panel, tile, r0, r1, chunks, out):
         return
     act, cnt = need.to(torch.uint8), torch.zeros(rows, dtype=torch.int64)
     for c0, c1 in chunks:  # the own column is excluded; it is not above itself anyway
-        _C.count_greater(panel[tile * c0:].data_ptr(), c1 - c0, rows, c1 - c0, c0, thr.data_ptr(), top.data_ptr(),
+        _C.count_greater(panel[c0].data_ptr(), c1 - c0, rows, c1 - c0, c0, thr.data_ptr(), top.data_ptr(),
                          act.data_ptr(), cnt.data_ptr())
     out.copy_(torch.where(need, 1 + cnt, out))
 
@@ -110,7 +118,7 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
     def prologue(h, w):  # target logits by the same BLAS, [tile, tile] -> diagonal
         z = torch.empty(n, dtype=torch.float32)
         for r0, r1 in tiles:
-            z[r0:r1] = torch.matmul(h[r0:r1], w[targets[r0:r1]].to(torch.float32).T).diagonal()
+            z[r0:r1] = _target_logits(h[r0:r1], w[targets[r0:r1]].to(torch.float32))
         return z
 
     zpre = {s: prologue(hs[s], ws[s]) for s in used} if has_t else dict.fromkeys(used)
@@ -124,23 +132,29 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
     # panels fit the budget), so each pair's rank_shift_top undecided by the top-k list is counted there, on the
     # scanned values, before the next tile: no second base GEMM. Sources without a panel use a [tile, chunk] buffer;
     # the rows their pairs leave undecided go to the second pass.
-    budget, panels, sides = _panel_bytes(panel_bytes), {}, [a for a, _ in pairs]
+    # A panel: the [tile, V] memory chunk c0's GEMM writes into at tile·c0 (MKL), or the chunks' own tensors (oneDNN).
+    budget, panels, sides, own = _panel_bytes(panel_bytes), {}, [a for a, _ in pairs], onednn_gemm()
     for a in sorted(dict.fromkeys(sides), key=lambda a: -sides.count(a)):  # the base sides most pairs read first
         if (len(panels) + 1) * tile * vocab * 4 <= budget:
-            panels[a] = torch.empty(tile * vocab, dtype=torch.float32)
-    bufs = {s: torch.empty(tile * chunk, dtype=torch.float32) for s in used if s not in panels}
+            panels[a] = None if own else torch.empty(tile * vocab, dtype=torch.float32)
+    bufs = {s: None if own else torch.empty(tile * chunk, dtype=torch.float32) for s in used if s not in panels}
     local = {s: i for i, s in enumerate(used)}  # the fold's source index of each used source
     fold = _C.VocabFold(n, topk, [(local[a], local[b]) for a, b in pairs])
     zpre_ptrs = [ptr(zpre[s]) for s in used] if has_t else []
     shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in pairs]
     for r0, r1 in tiles:
+        kept: dict[int, dict[int, torch.Tensor]] = {a: {} for a in panels}  # panel source -> chunk -> its logits
         for c0, c1 in chunks:
-            z = [_gemm(hs[s], head_chunk(s, c0, c1), r0, r1, panels[s][tile * c0:] if s in panels else bufs[s])
-                 for s in used]
-            fold.fold([t.data_ptr() for t in z], c1 - c0, r1 - r0, c1 - c0, r0, c0, ptr(targets), zpre_ptrs)
+            z = {s: _gemm(hs[s], head_chunk(s, c0, c1), r0, r1,
+                          bufs[s] if s not in panels else None if own else panels[s][tile * c0:]) for s in used}
+            for a in panels:
+                kept[a][c0] = z[a]
+            fold.fold([z[s].data_ptr() for s in used], c1 - c0, r1 - r0, c1 - c0, r0, c0, ptr(targets), zpre_ptrs)
+            del z
         for p, (shift, (a, _)) in enumerate(zip(shifts, pairs)):
             if a in panels:
-                _panel_shift(fold, p, panels[a], tile, r0, r1, chunks, shift[r0:r1])
+                _panel_shift(fold, p, kept[a], r0, r1, chunks, shift[r0:r1])
+        del kept
     states = [_finalize(fold, p, n, has_t) for p in range(len(pairs))]
     for st, shift, (a, _) in zip(states, shifts, pairs):
         if a in panels:  # every row's shift, from the top-k list or counted on the panel
@@ -199,8 +213,8 @@ class _SharedRecount:
         act_s, act_y = [m.to(torch.uint8) for m in need_s], {s: m.to(torch.uint8) for s, m in need_y.items()}
         need = {s: torch.stack([need_y[s], *(m for m, (a, _) in zip(need_s, pairs) if a == s)]).any(0) for s in zy}
         todo = {s: [(r0, r1) for r0, r1 in tiles if bool(m[r0:r1].any())] for s, m in need.items()}
-        work = {s: bufs.get(s) if s in bufs else torch.empty(tiles[0][1] * (chunks[0][1] - chunks[0][0]))
-                for s, t in todo.items() if t}
+        size = tiles[0][1] * (chunks[0][1] - chunks[0][0])
+        work = {s: bufs.get(s) if s in bufs or onednn_gemm() else torch.empty(size) for s, t in todo.items() if t}
         for c0, c1 in chunks:
             cols = c1 - c0
             for s, rows in todo.items():
