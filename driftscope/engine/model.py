@@ -21,7 +21,7 @@ from driftscope.engine.layer_batch import KVStep, LayerBatch, SharedPrefix
 from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
 from driftscope.errors import InputError
 from driftscope.kernels.attention import tree_attention, varlen_attention
-from driftscope.kernels.linear import linear
+from driftscope.kernels.linear import linear, row_block
 from driftscope.kernels.paged_attention import paged_decode_attention
 from driftscope.kernels.scratch import scratch
 
@@ -179,6 +179,12 @@ class MLP(nn.Module):
         self.lora: nn.ModuleDict | None = None  # LowRank side paths on "w_gate_up" / "w_down" (engine/lora.attach)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, d] -> [T, d]
+        rows = row_block(x, 2 * self.inter)  # blocks whose gate|up output oneDNN's GEMM can take (kernels/linear.py)
+        if rows is None:
+            return self._rows(x)
+        return torch.cat([self._rows(x[r0 : r0 + rows]) for r0 in range(0, x.shape[0], rows)])
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         gu = linear(x, self.w_gate_up.weight, self.w_gate_up.bias,
                     out=scratch("mlp.gate_up", (x.shape[0], 2 * self.inter), x.dtype, x.device))
         gu = _side_(gu, self.lora, "w_gate_up", x)  # [T, 2I], reused memory (kernels/scratch.py)

@@ -14,7 +14,8 @@ MKL leaves AVX-512 unused, torch's oneDNN GEMM (`cpu_gemm`, below).
 another vendor float32 GEMMs go through oneDNN (`torch.ops.mkldnn._linear_pointwise`, in every x86 torch build),
 whose AVX-512 kernels run there: on a Zen 4 host, [256, 576]·[576, 16384] at 197 GFLOP/s against MKL's 135, the
 forward's q|k|v, o and down projections 1.14-1.26x (bench/RESULTS.md). Its output is a new tensor, so an output larger
-than glibc's reuse limit (32 MiB: fresh pages, faulted in on every call) stays with MKL writing into `out`.
+than glibc's reuse limit (32 MiB: fresh pages, faulted in on every call) stays with MKL writing into `out`, unless
+the caller splits its rows (`row_block`: the MLP's gate|up, 1.2x in blocks of 2,048 rows).
 DRIFTSCOPE_CPU_GEMM=mkl|onednn forces one (auto: the rule above).
 
 No Triton kernel (STYLE.md rule 4): on CUDA cuBLAS is the kernel. Roofline: 2·M·N·K FLOPs, N·K·4 bytes of weight
@@ -64,6 +65,15 @@ def _onednn_present() -> bool:
 def _auto() -> bool:
     return (_onednn_present() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and _vendor() not in ("", "GenuineIntel"))
+
+
+def row_block(x: torch.Tensor, n_cols: int) -> int | None:
+    """Rows per call that keep a [rows, n_cols] float32 output of `x`'s GEMM within FRESH_BYTES when it runs on
+    oneDNN (which returns its own output: larger ones are mapped afresh per call), else None (no need to split)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not onednn_gemm():
+        return None
+    rows = max(1, FRESH_BYTES // (4 * n_cols))
+    return rows if rows < x.shape[0] else None
 
 
 def cpu_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -141,3 +141,28 @@ def test_forward_rows(model):
     assert_close(model.forward(ids, cu, rows=idx).hidden, model.forward(ids, cu).hidden[idx], 1e-6, "forward rows")
     with pytest.raises(ValueError, match="rows and output_hidden_states"):
         model.forward(ids, cu, output_hidden_states=True, rows=idx)
+
+
+@pytest.mark.parametrize("fresh_rows", [5, 9])
+def test_mlp_in_row_blocks_equals_the_whole(model, monkeypatch, fresh_rows):
+    """Where oneDNN's GEMM returns its own outputs, the MLP runs in row blocks whose gate|up output stays within
+    glibc's reuse limit (kernels.linear.row_block): the same states as one call over all rows, within rounding."""
+    import driftscope.kernels.linear as lin
+
+    if not lin._onednn_present():
+        pytest.skip("this torch build has no oneDNN GEMM")
+    monkeypatch.setenv("DRIFTSCOPE_CPU_GEMM", "onednn")
+    ids, cu = _batch()
+    whole = model.forward(ids, cu, output_hidden_states=True)
+    inter = model.layers[0].mlp.inter
+    monkeypatch.setattr(lin, "FRESH_BYTES", fresh_rows * 4 * 2 * inter)
+    assert lin.row_block(torch.zeros(ids.shape[0], 8), 2 * inter) == fresh_rows
+    calls = []
+    mlp = type(model.layers[0].mlp)
+    original = mlp._rows
+    monkeypatch.setattr(mlp, "_rows", lambda self, x: calls.append(x.shape[0]) or original(self, x))
+    split = model.forward(ids, cu, output_hidden_states=True)
+    assert calls[: -(-ids.shape[0] // fresh_rows)] == [fresh_rows] * (ids.shape[0] // fresh_rows) + (
+        [ids.shape[0] % fresh_rows] if ids.shape[0] % fresh_rows else [])
+    for i, (a, b) in enumerate(zip(split.hidden_states, whole.hidden_states)):
+        assert_close(a, b, 1e-6, f"state {i}")
