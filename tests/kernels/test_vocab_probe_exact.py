@@ -92,12 +92,17 @@ def _assert_identities(got, inputs, kind: str) -> None:
         assert torch.equal(shift, 1 + (zb > zb[:, TIED_TOP : TIED_TOP + 1]).sum(-1))
 
 
+@pytest.mark.parametrize("engine", ["mkl", "onednn"])
 @pytest.mark.parametrize("panel", [None, 0], ids=["panel", "no_panel"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cpp_recount_exact_on_adversarial_inputs(kind, panel, monkeypatch):
+def test_cpp_recount_exact_on_adversarial_inputs(kind, panel, engine, monkeypatch):
     """Every row's target ranks through the second pass (prologue nudged one ulp), rank_shift_top beyond the top-2
-    counted on the stored base panel or (no panel) in the second pass: the exact ranks, no float64 fallback (CPU
-    BLAS repeats its own bits), and the other metrics as in the reference."""
+    counted on the stored base panel (MKL's buffer, or oneDNN's chunk tensors) or (no panel) in the second pass: the
+    exact ranks, no float64 fallback (CPU GEMMs repeat their own bits), and the other metrics as in the reference;
+    on both CPU GEMM engines (kernels.linear.cpu_gemm), whichever this host picks by default."""
+    if engine == "onednn" and not importlib.import_module("driftscope.kernels.linear")._onednn_present():
+        pytest.skip("this torch build has no oneDNN GEMM")
+    monkeypatch.setenv("DRIFTSCOPE_CPU_GEMM", engine)
     inputs = make_exact(kind)
     fell_back = _spy_fallback(monkeypatch)
     got = _run_cpp(inputs, panel_bytes=panel)

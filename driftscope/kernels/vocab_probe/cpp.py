@@ -142,9 +142,11 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
     fold = _C.VocabFold(n, topk, [(local[a], local[b]) for a, b in pairs])
     zpre_ptrs = [ptr(zpre[s]) for s in used] if has_t else []
     shifts = [torch.full((n,), -1, dtype=torch.int64) for _ in pairs]
+    kept: dict[int, dict[int, torch.Tensor]] = {a: {} for a in panels}  # panel source -> chunk -> its logits
     for r0, r1 in tiles:
-        kept: dict[int, dict[int, torch.Tensor]] = {a: {} for a in panels}  # panel source -> chunk -> its logits
         for c0, c1 in chunks:
+            for a in panels:  # the last tile's chunk goes just before its successor comes: the allocator reuses it
+                kept[a].pop(c0, None)
             z = {s: _gemm(hs[s], head_chunk(s, c0, c1), r0, r1,
                           bufs[s] if s not in panels else None if own else panels[s][tile * c0:]) for s in used}
             for a in panels:
@@ -154,7 +156,7 @@ def vocab_probe_cpp_pairs(hs, ws, pairs, targets, tile: int | None = None, chunk
         for p, (shift, (a, _)) in enumerate(zip(shifts, pairs)):
             if a in panels:
                 _panel_shift(fold, p, kept[a], r0, r1, chunks, shift[r0:r1])
-        del kept
+    kept.clear()
     states = [_finalize(fold, p, n, has_t) for p in range(len(pairs))]
     for st, shift, (a, _) in zip(states, shifts, pairs):
         if a in panels:  # every row's shift, from the top-k list or counted on the panel
