@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from analysis_helpers import TOKENIZER_FILES, reference_tokens
+from analysis_helpers import TOKENIZER_FILES, leaves, reference_tokens
 
 from driftscope import drift, load_tokenizer
 from driftscope.errors import InputError
@@ -54,21 +54,10 @@ def _tasks(summary: dict, name: str) -> dict:
     return summary["models"][name]["tasks"]
 
 
-def _leaves(x, path=""):
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from _leaves(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from _leaves(v, f"{path}[{i}]")
-    else:
-        yield path, x
-
-
 def _assert_close(got: dict, ref: dict, tokens: int) -> None:
     """Floats within float32 rounding; token and sample counts exact; a rank- or argmax-based mean may move by one
     token in `tokens` (a near-tie that rounding flips is not a difference between the two computations)."""
-    a, b = dict(_leaves(got)), dict(_leaves(ref))
+    a, b = dict(leaves(got)), dict(leaves(ref))
     assert a.keys() == b.keys()
     for k, v in a.items():
         if k.rsplit(".", 1)[-1] in COUNTS or isinstance(v, (str, bool)) or v is None:

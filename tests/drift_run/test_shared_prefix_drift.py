@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from analysis_helpers import TEXTS, reference_tokens
+from analysis_helpers import TEXTS, leaves, reference_tokens
 
 from driftscope import drift, load_tokenizer
 from driftscope.engine.runner import LockstepRunner
@@ -60,20 +60,9 @@ def test_shared_prefix_drift_matches_float64_transformers(runs, models, records)
         assert task[key]["token_mean"] == pytest.approx(float(r[key].double().mean()), abs=1e-9), key
 
 
-def _numbers(x, path=""):
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from _numbers(v, f"{path}[{i}]")
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        yield path, x
-
-
 def test_every_number_equals_the_whole_samples_run_within_float32_rounding(runs):
-    a = dict(_numbers(runs["shared"]["models"]))
-    b = dict(_numbers(runs["whole"]["models"]))
+    a = {k: v for k, v in leaves(runs["shared"]["models"]) if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    b = {k: v for k, v in leaves(runs["whole"]["models"]) if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert a.keys() == b.keys()
     bad = [(k, a[k], b[k]) for k in a if isinstance(b[k], int) and a[k] != b[k]
            or not math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6)]
