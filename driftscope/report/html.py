@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -123,12 +124,15 @@ def _draw_all(jobs: list[tuple]) -> list:
 
 
 def _cores() -> int:
-    """The cores this process may use, at most OMP_NUM_THREADS when set (the CLI sets 1 on a busy machine)."""
+    """The cores this process may use, at most its torch thread count when torch is loaded (the CLI runs 1 thread on
+    a busy machine), else OMP_NUM_THREADS when set."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch = sys.modules.get("torch")
     try:
-        return max(1, min(n, int(os.environ.get("OMP_NUM_THREADS") or n)))
+        cap = torch.get_num_threads() if torch is not None else int(os.environ.get("OMP_NUM_THREADS") or n)
     except ValueError:
-        return n
+        cap = n
+    return max(1, min(n, cap))
 
 
 # ---- header -----------------------------------------------------------------------------------------------------

@@ -195,3 +195,40 @@ def test_wide_tables_scroll_instead_of_being_cut(rendered):
     text = rendered[1]
     assert re.search(r"\.tw\{overflow-x:auto", text)
     assert text.count("<table>") == text.count('<div class="tw"><table>') > 0
+
+
+def test_figures_drawn_on_forked_processes_are_the_ones_drawn_here(tmp_path, monkeypatch):
+    """The figures go to a pool of up to the usable cores (capped by torch's thread count): the same report, byte for
+    byte, as drawn one at a time in this process; a failing figure is still shown and warned here."""
+    import driftscope.report.html as report_html
+
+    pytest.importorskip("matplotlib", reason="matplotlib not installed: the report has no plots to check")
+    if "fork" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no fork on this platform: the figures are drawn here")
+    monkeypatch.setattr(report_html, "_cores", lambda: 1)
+    here = write_report(tmp_path / "here", synthetic_summary()).read_text(encoding="utf-8")
+    pools = []
+    real = __import__("concurrent.futures").futures.ProcessPoolExecutor
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", lambda *a, **k: pools.append(a) or real(*a, **k))
+    monkeypatch.setattr(report_html, "_cores", lambda: 3)
+    forked = write_report(tmp_path / "forked", synthetic_summary()).read_text(encoding="utf-8")
+    assert pools and pools[0][0] == 3
+    assert re.sub(r"created [^<]*", "", forked) == re.sub(r"created [^<]*", "", here)
+    broken = {"histograms": {"kl_tb": {"edges": [1e-3, 1e-2], "counts": [1]}}}  # two figures, both failing
+    bad = {"models": {"m": {"tasks": {"t": broken, "u": broken}}}}
+    with pytest.warns(UserWarning, match="KL histogram"):
+        text = write_report(tmp_path / "bad", bad).read_text(encoding="utf-8")
+    assert len(pools) == 2 and text.count('class="error"') == 2
+
+
+def test_figure_processes_follow_the_thread_count(monkeypatch):
+    import torch
+
+    import driftscope.report.html as report_html
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert report_html._cores() == 1
+    finally:
+        torch.set_num_threads(before)
