@@ -109,18 +109,41 @@ def _draw(job: tuple) -> bytes | tuple[str, str]:
 
 def _draw_all(jobs: list[tuple]) -> list:
     """Each job's PNG or (exception type, message), in order: on up to `_cores()` forked processes when there are
-    several jobs (the same bytes as drawn here), else here, and here again if a worker cannot start or dies."""
+    several jobs (the same bytes as drawn here), else here, and here again if a worker cannot start, dies or is not
+    done by `_pool_seconds(len(jobs))` (a child forked while another thread held a lock can hang: its processes are
+    killed rather than waited for)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     workers = min(len(jobs), _cores())
     if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        pool = None
         try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                return list(pool.map(_draw, jobs))
-        except Exception as e:  # noqa: BLE001 — a broken pool or an unpicklable argument: the figures are drawn here
-            warnings.warn(f"report figures drawn one at a time ({type(e).__name__}: {e})", stacklevel=3)
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            got = list(pool.map(_draw, jobs, timeout=_pool_seconds(len(jobs))))
+            pool.shutdown()
+            return got
+        except Exception as e:  # noqa: BLE001 — a broken pool, an unpicklable argument, the deadline: drawn here
+            if pool is not None:
+                _abandon(pool)
+            warnings.warn(f"report figures drawn one at a time ({type(e).__name__}: {e or 'no result in time'})",
+                          stacklevel=3)
     return [_draw(job) for job in jobs]
+
+
+def _pool_seconds(n: int) -> float:
+    """The figure pool's deadline for n figures: ~0.2-0.6 s each on a quiet machine, this is ~20-50x that."""
+    return 60.0 + 10.0 * n
+
+
+def _abandon(pool) -> None:
+    """Stop a pool without waiting for it: queued jobs cancelled, its worker processes killed and reaped."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
 
 
 def _cores() -> int:

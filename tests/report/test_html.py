@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import copy
 import html
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,6 +221,37 @@ def test_figures_drawn_on_forked_processes_are_the_ones_drawn_here(tmp_path, mon
     with pytest.warns(UserWarning, match="KL histogram"):
         text = write_report(tmp_path / "bad", bad).read_text(encoding="utf-8")
     assert len(pools) == 2 and text.count('class="error"') == 2
+
+
+def _stuck_in_a_child(parent: int) -> bytes:  # a figure job that never returns in a forked worker
+    while os.getpid() != parent:
+        time.sleep(1)
+    return b"drawn here"
+
+
+def _drawn(text: str) -> bytes:
+    return text.encode()
+
+
+def test_a_stuck_figure_process_is_killed_and_its_figures_drawn_here(monkeypatch):
+    """A worker not done by the pool's deadline (a child forked while another thread held a lock can hang): every
+    figure is drawn in this process, with a warning, and the pool's processes are killed, not waited for."""
+    import multiprocessing
+
+    import driftscope.report.html as report_html
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform: the figures are drawn here")
+    monkeypatch.setattr(report_html, "_cores", lambda: 2)
+    monkeypatch.setattr(report_html, "_pool_seconds", lambda n: 3.0)
+    workers, abandon = [], report_html._abandon
+    monkeypatch.setattr(report_html, "_abandon", lambda pool: workers.extend(pool._processes.values()) or abandon(pool))
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="drawn one at a time"):
+        got = report_html._draw_all([(_stuck_in_a_child, (os.getpid(),), {}), (_drawn, ("ok",), {})])
+    assert got == [b"drawn here", b"ok"]
+    assert time.monotonic() - t0 < 30
+    assert workers and not any(p.is_alive() for p in workers)
 
 
 def test_figure_processes_follow_the_thread_count(monkeypatch):
