@@ -2,6 +2,7 @@
 work, whole processes (load included), interleaved rounds, equal thread counts.
 
     python -m bench.peers.run [--workloads drift,drift4,generate,eval] [--rounds 3] [--threads 2] [--check]
+        [--only NAMES] [--skip NAME ...]
 
 Round r runs every peer of a workload once, in list order when r is even and reversed when odd (A B, B A, ...), so a
 drift of the machine's speed falls on both sides alike. Per peer: wall seconds of its processes (summed), peak RSS
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--check", action="store_true", help="one round, no ratios: does every peer run?")
     ap.add_argument("--only", default="", help="comma-separated peer names to keep (driftscope always runs)")
+    ap.add_argument("--skip", action="append", default=[], metavar="PEER",
+                    help="a peer's exact name not to run (repeatable; unlike --only's, a name may hold commas)")
     a = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -122,7 +125,8 @@ def main() -> None:
     print(json.dumps(result["machine"]), flush=True)
     out_json = w.ROOT / f"results-{stamp}.json"
     for wl in a.workloads.split(","):
-        peers = [p for p in WORKLOADS[wl] if not a.only or p.name == "driftscope" or p.name in a.only.split(",")]
+        peers = [p for p in WORKLOADS[wl] if (not a.only or p.name == "driftscope" or p.name in a.only.split(","))
+                 and p.name not in a.skip]
         c = context(wl, a.threads)
         runs: dict[str, list[dict]] = {p.name: [] for p in peers}
         loads, rates = [], []
