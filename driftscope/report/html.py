@@ -143,6 +143,7 @@ def _abandon(pool) -> None:
     for p in procs:
         if p.is_alive():
             p.kill()
+    for p in procs:  # the pool's own thread may reap one first: then this join just returns
         p.join(5)
 
 
