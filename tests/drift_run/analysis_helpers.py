@@ -129,15 +129,3 @@ def reference_tokens(base: Path, tuned: Path, samples) -> dict[str, torch.Tensor
         first[0] = True
         cols["first"].append(first)
     return {k: torch.cat(v) for k, v in cols.items()}
-
-
-def leaves(x, path: str = ""):
-    """(path, value) of every leaf of a JSON value (a summary's numbers, compared one by one)."""
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from leaves(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from leaves(v, f"{path}[{i}]")
-    else:
-        yield path, x

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from analysis_helpers import TOKENIZER_FILES, leaves, reference_tokens
+from analysis_helpers import TOKENIZER_FILES, reference_tokens
+from json_helpers import leaves
 
 from driftscope import drift, load_tokenizer
 from driftscope.errors import InputError

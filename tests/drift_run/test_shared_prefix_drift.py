@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from analysis_helpers import TEXTS, leaves, reference_tokens
+from analysis_helpers import TEXTS, reference_tokens
+from json_helpers import leaves
 
 from driftscope import drift, load_tokenizer
 from driftscope.engine.runner import LockstepRunner

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from json_helpers import leaves
 
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.tokenizer import load_tokenizer
@@ -86,18 +87,6 @@ def fast_reports(monkeypatch) -> None:
 
     monkeypatch.setattr(driftscope.report, "write_report", lambda out, summary: Path(out) / "report.html")
     monkeypatch.setattr(driftscope.sweep_run.report, "write_report", lambda result, out: {})
-
-
-def leaves(x, path: str = ""):
-    """(path, value) of every leaf of a JSON value."""
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from leaves(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from leaves(v, f"{path}[{i}]")
-    else:
-        yield path, x
 
 
 def differences(a, b) -> list[tuple[str, object, object]]:
