@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "cov_update.h"
+#include "decode_glue.h"
 #include "paged_attention.h"
 #include "small_gemm.h"
 #include "thread_pool.h"
@@ -60,7 +61,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("paged_decode_attention", &driftscope::paged_decode_attention, py::arg("out"), py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("B"),
         py::arg("M"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("block_size"), py::arg("num_slots"),
-        py::arg("scale"), py::arg("window") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("scale"), py::arg("window") = 0, py::arg("ldq") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("rms_norm", &driftscope::rms_norm, py::arg("out"), py::arg("x"), py::arg("w"), py::arg("rows"), py::arg("d"),
+        py::arg("ldx"), py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &driftscope::add_rms_norm, py::arg("res"), py::arg("out"), py::arg("h"), py::arg("a"),
+        py::arg("w"), py::arg("rows"), py::arg("d"), py::arg("eps"), py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &driftscope::silu_mul, py::arg("out"), py::arg("gu"), py::arg("rows"), py::arg("inter"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope_cache_write", &driftscope::rope_cache_write, py::arg("qkv"), py::arg("cos"), py::arg("sin"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"), py::arg("T"), py::arg("Hq"), py::arg("Hkv"),
+        py::arg("D"), py::arg("R"), py::arg("num_slots"), py::call_guard<py::gil_scoped_release>());
   m.def("varlen_attention", &driftscope::varlen_attention, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens"), py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("sq"), py::arg("sk"),
         py::arg("sv"), py::arg("scale"), py::arg("window") = 0, py::call_guard<py::gil_scoped_release>());

@@ -29,7 +29,7 @@ constexpr int64_t kLineFloats = 16;  // one prefetch per 64-byte cache line
 template <int64_t DC>
 void decode(float* out, const float* q, const float* kc, const float* vc, const int32_t* bt, const int32_t* ctx,
             int64_t B, int64_t M, int64_t Hq, int64_t Hkv, int64_t D_, int64_t block_size, double scale,
-            int64_t window) {
+            int64_t window, int64_t ldq) {
   const int64_t D = DC > 0 ? DC : D_;
   const int64_t G = Hq / Hkv;  // query heads per kv head
   const float sc = static_cast<float>(scale);
@@ -41,7 +41,7 @@ void decode(float* out, const float* q, const float* kc, const float* vc, const 
     const int64_t p0 = window > 0 && ctx[b] > window ? ctx[b] - window : 0;  // first position in the window
     const int64_t n = ctx[b] - p0;  // positions read: p0 .. ctx - 1, score index p - p0
     scores.resize(G * n);
-    const float* qg = q + (b * Hq + g * G) * D;  // [G, D]
+    const float* qg = q + b * ldq + g * G * D;  // [G, D]
     const int32_t* table = bt + b * M;
     // positions p0 .. ctx - 1 block by block: slots are contiguous within a block (no division per position)
     for (int64_t p = p0; p < ctx[b];) {
@@ -110,7 +110,9 @@ void decode(float* out, const float* q, const float* kc, const float* vc, const 
 
 void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintptr_t v_p, uintptr_t bt_p,
                             uintptr_t ctx_p, int64_t B, int64_t M, int64_t Hq, int64_t Hkv, int64_t D,
-                            int64_t block_size, int64_t num_slots, double scale, int64_t window) {
+                            int64_t block_size, int64_t num_slots, double scale, int64_t window, int64_t ldq) {
+  if (ldq == 0) ldq = Hq * D;
+  check(ldq >= Hq * D, "paged_decode_attention: ldq=" + std::to_string(ldq) + " < Hq·D=" + std::to_string(Hq * D));
   check(window >= 0, "paged_decode_attention: window=" + std::to_string(window) + " must be >= 0 (0: no window)");
   check(B >= 0 && M >= 0 && Hq > 0 && Hkv > 0 && D > 0 && block_size > 0,
         "paged_decode_attention: bad sizes B=" + std::to_string(B) + " M=" + std::to_string(M) + " Hq=" +
@@ -136,7 +138,7 @@ void paged_decode_attention(uintptr_t out_p, uintptr_t q_p, uintptr_t k_p, uintp
     }
   }
   with_head_dim(D, [&](auto dc) {
-    decode<decltype(dc)::value>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window);
+    decode<decltype(dc)::value>(out, q, kc, vc, bt, ctx, B, M, Hq, Hkv, D, block_size, scale, window, ldq);
   });
 }
 

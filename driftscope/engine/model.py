@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from driftscope.engine import decode_layer
 from driftscope.engine.config import ModelConfig
 from driftscope.engine.layer_batch import KVStep, LayerBatch, SharedPrefix
 from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
@@ -206,6 +207,8 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, batch: LayerBatch, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[T, d] -> new [T, d] (h is not modified); with `rows` (int64 [R]) only those positions' outputs, [R, d]:
         attention still reads every position's keys and values, the output projection and the MLP run on R rows."""
+        if rows is None and batch.kv is not None and decode_layer.takes(self, h, batch):
+            return decode_layer.decode_block(self, h, batch)  # the same arithmetic in ~10 calls (a decode step)
         a = self.attn(self.attn_norm(h), batch, rows)
         r = (h if rows is None else h.index_select(0, rows)) + a
         r += self.mlp(self.mlp_norm(r))

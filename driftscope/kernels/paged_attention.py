@@ -85,10 +85,13 @@ def _cpp_paged(q, k_cache, v_cache, gather, key_mask, block_tables, context_lens
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     out = torch.empty(B, Hq, D, dtype=torch.float32)
-    qc, kc, vc = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    # q's sequences may be rows of a wider tensor (q|k|v): read in place when its heads are packed
+    qc = q if q.stride(2) == 1 and q.stride(1) == D else q.contiguous()
+    kc, vc = k_cache.contiguous(), v_cache.contiguous()
     bt, ctx = block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous()
     _C.paged_decode_attention(out.data_ptr(), qc.data_ptr(), kc.data_ptr(), vc.data_ptr(), bt.data_ptr(),
-                              ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale, window or 0)
+                              ctx.data_ptr(), B, bt.shape[1], Hq, Hkv, D, block_size, kc.shape[0], scale, window or 0,
+                              qc.stride(0) if B > 1 else Hq * D)
     return out
 
 

@@ -76,6 +76,24 @@ def test_paged_decode_attention_matches_the_reference(shape, dtype, backend):
     assert_close(out, ref, DTYPES[dtype], f"paged decode {_ids(shape)} {dtype}")
 
 
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=_ids)
+def test_cpp_kernel_reads_queries_in_place_from_a_wider_tensor(shape):
+    """q as the first heads of a q|k|v tensor (the decode layer's call, engine/decode_layer.py): sequences
+    (Hq + 2·Hkv)·D floats apart, read in place, the same result as from a contiguous copy."""
+    args, _, _ = _case(*shape, torch.float32)
+    q = args[0]
+    B, hq, d = q.shape
+    hkv = args[1].shape[1]
+    wide = torch.full((B, hq + 2 * hkv, d), float("nan"))
+    wide[:, :hq] = q
+    with use_backend("cpp"):
+        out = paged_decode_attention(wide[:, :hq], *args[1:])
+        same = paged_decode_attention(q, *args[1:])
+    assert torch.isfinite(out).all(), "a k or v head of the wider tensor was read as a query"
+    assert torch.equal(out, same)
+    assert_close(out, paged_decode_attention_torch(*args), DTYPES[torch.float32], f"strided q {_ids(shape)}")
+
+
 def test_cpp_kernel_softmax_underflow_matches_the_reference():
     """Scores ~1e3 apart: most probabilities underflow to 0 in float32 (the kernel's exp must give 0 there, not
     garbage) and the survivors decide the output."""
