@@ -6,7 +6,7 @@
 
 #include "common.h"
 #include "cov_update.h"
-#include "decode_glue.h"
+#include "glue.h"
 #include "paged_attention.h"
 #include "small_gemm.h"
 #include "thread_pool.h"

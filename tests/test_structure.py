@@ -40,8 +40,9 @@ MAX_FILE_LINES = 450
 # whole-sequence layout in engine/layer_batch.py ~25, the attention path and prepare(prefix=) ~25, the option ~5).
 # 18,600 -> 18,700 (18,654 with them): oneDNN's GEMMs where MKL leaves AVX-512 unused (kernels/linear.py cpu_gemm,
 # row_block and the MLP's row blocks ~60) and the report's figures drawn on forked processes (~35).
-# 18,700 -> 18,900 (18,849 with them): a decode step's layer in ~10 calls (engine/decode_layer.py ~50 lines, the glue
-# kernels' launchers and their torch references in kernels/decode_glue.py ~110, the strided-q attention call ~5).
+# 18,700 -> 18,900 (18,885 with them): the row-wise glue between a layer's GEMMs as one _C call each (kernels/glue.py:
+# launchers, torch references, dispatch tables ~130 lines; the model's use of them ~12) and a decode step's layer in
+# ~10 calls (engine/decode_layer.py ~50).
 PACKAGE_BUDGET = 18_900
 
 

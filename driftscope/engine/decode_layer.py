@@ -2,7 +2,7 @@
 
 A decode step's layer moves a few rows (one per running sequence) through four skinny GEMMs and paged attention;
 the rest, ~30 torch ops of ~1 us of work and ~10 us of dispatch each, cost a third of the step (bench/RESULTS.md,
-the decode profile). Here they are the `kernels/decode_glue.py` calls: the norm, rope with the cache writes, the
+the decode profile). Here they are the `kernels/glue.py` calls: the norm, rope with the cache writes, the
 residual add with the next norm, silu·up, and attention reads q in place from q|k|v. Same arithmetic as
 `Block.forward` (the reference: tests/engine/test_decode_layer.py compares the two and whole generations), to
 float32 rounding.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from driftscope.engine.layer_batch import LayerBatch
-from driftscope.kernels.decode_glue import add_rms_norm, rms_norm, rope_cache_write_, silu_mul
+from driftscope.kernels.glue import add_rms_norm, rms_norm, rope_cache_write_, silu_mul
 from driftscope.kernels.linear import LINEAR, SMALL_M
 from driftscope.kernels.paged_attention import PAGED_ATTENTION
 

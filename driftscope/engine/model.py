@@ -21,6 +21,7 @@ from driftscope.engine.config import ModelConfig
 from driftscope.engine.layer_batch import KVStep, LayerBatch, SharedPrefix
 from driftscope.engine.rope import apply_rope_, inv_freq_per_token, length_limit, rope_attention_factor, rope_inv_freq
 from driftscope.errors import InputError
+from driftscope.kernels import glue
 from driftscope.kernels.attention import tree_attention, varlen_attention
 from driftscope.kernels.linear import linear, row_block
 from driftscope.kernels.paged_attention import paged_decode_attention
@@ -93,6 +94,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim], new tensor
         if x.dtype == torch.float32:
+            if x.dim() == 2 and glue.use_cpp(x):
+                return glue.rms_norm(x, self.weight, self.eps)
             return torch.mul(x, _rstd(x, self.eps)).mul_(self.weight)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -126,7 +129,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             rms_norm_(qkv[:, :hq], self.q_norm.weight, self.eps)
             rms_norm_(qkv[:, hq : hq + hkv], self.k_norm.weight, self.eps)
-        apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)  # q and k in one pass
+        if glue.use_cpp(qkv) and qkv.is_contiguous():  # q and k in one pass
+            glue.rope_cache_write_(qkv, batch.cos, batch.sin, None, None, None, hq, hkv)
+        else:
+            apply_rope_(qkv[:, : hq + hkv], batch.cos, batch.sin)
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
         kv = batch.kv
         if batch.shared is not None:  # each sample as a whole sequence (its prefix keys copied in), read back
@@ -189,9 +195,11 @@ class MLP(nn.Module):
         gu = linear(x, self.w_gate_up.weight, self.w_gate_up.bias,
                     out=scratch("mlp.gate_up", (x.shape[0], 2 * self.inter), x.dtype, x.device))
         gu = _side_(gu, self.lora, "w_gate_up", x)  # [T, 2I], reused memory (kernels/scratch.py)
-        g = gu[:, : self.inter]  # [T, I] view with row stride 2I: BLAS takes it without a copy
-        F.silu(g, inplace=True)
-        g.mul_(gu[:, self.inter :])
+        if glue.use_cpp(gu):
+            g = glue.silu_mul(gu)  # [T, I], contiguous (oneDNN copies a strided one)
+        else:
+            g = gu[:, : self.inter]  # [T, I] view with row stride 2I: MKL takes it without a copy
+            F.silu(g, inplace=True).mul_(gu[:, self.inter :])
         return _side_(linear(g, self.w_down.weight, self.w_down.bias), self.lora, "w_down", g)
 
 
@@ -210,9 +218,13 @@ class Block(nn.Module):
         if rows is None and batch.kv is not None and decode_layer.takes(self, h, batch):
             return decode_layer.decode_block(self, h, batch)  # the same arithmetic in ~10 calls (a decode step)
         a = self.attn(self.attn_norm(h), batch, rows)
-        r = (h if rows is None else h.index_select(0, rows)) + a
-        r += self.mlp(self.mlp_norm(r))
-        return r
+        h = h if rows is None else h.index_select(0, rows)
+        if glue.use_cpp(a):  # the residual add and the next norm in one pass
+            r, x = glue.add_rms_norm(h, a, self.mlp_norm.weight, self.mlp_norm.eps)
+        else:
+            r = h + a
+            x = self.mlp_norm(r)
+        return r.add_(self.mlp(x))
 
 
 def _shown(x) -> str:

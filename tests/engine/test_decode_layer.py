@@ -1,7 +1,8 @@
-"""The decode step's fused layer (engine/decode_layer.py) and its glue kernels (kernels/decode_glue.py).
+"""The row-wise glue kernels (kernels/glue.py) and the decode step's fused layer (engine/decode_layer.py).
 
 Each glue kernel against its float32 torch reference on random and adversarial rows (large and tiny magnitudes, a
-zero row, strided rows, saturating silu inputs, partial rotary dims, T = 1); then the layer itself against the torch
+zero row, strided rows, saturating silu inputs, partial rotary dims, T = 1, and prefill-sized T over the pool's
+64-row chunks, whose result must not depend on the chunking); then the decode layer against the torch
 path of `Block.forward` on the states of real generations, every architecture case: at each decode call both run on
 the same input and the same cache (the cache restored between them), outputs and cache writes compared.
 """
@@ -16,7 +17,7 @@ from driftscope.engine import decode_layer
 from driftscope.engine.loader import load_model
 from driftscope.engine.sampling import SamplingParams
 from driftscope.kernels._dispatch import use_backend
-from driftscope.kernels.decode_glue import (
+from driftscope.kernels.glue import (
     add_rms_norm,
     add_rms_norm_torch,
     rms_norm,
@@ -40,7 +41,7 @@ def _rows(T: int, d: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("T,d", [(1, 576), (16, 576), (5, 24), (7, 100)])
+@pytest.mark.parametrize("T,d", [(1, 576), (16, 576), (5, 24), (7, 100), (200, 64)])
 def test_rms_norm_matches_the_reference(T, d):
     x = _rows(T, d, 1)
     w = torch.randn(d)
@@ -53,7 +54,7 @@ def test_rms_norm_matches_the_reference(T, d):
     assert torch.equal(rms_norm(wide[:, :d], w, 1e-6), rms_norm(x, w, 1e-6)), "strided rows read in place"
 
 
-@pytest.mark.parametrize("T,d", [(1, 64), (16, 576), (6, 33)])
+@pytest.mark.parametrize("T,d", [(1, 64), (16, 576), (6, 33), (130, 40)])
 def test_add_rms_norm_matches_the_reference(T, d):
     h, a, w = _rows(T, d, 2), torch.randn(T, d), torch.randn(d)
     res, out = add_rms_norm(h, a, w, 1e-6)
@@ -63,7 +64,7 @@ def test_add_rms_norm_matches_the_reference(T, d):
         assert_close(out[r], ref_out[r], TOL, f"add_rms_norm row {r}")
 
 
-@pytest.mark.parametrize("T,inter", [(1, 96), (16, 1536), (3, 37)])
+@pytest.mark.parametrize("T,inter", [(1, 96), (16, 1536), (3, 37), (300, 50)])
 def test_silu_mul_matches_the_reference(T, inter):
     gu = torch.randn(T, 2 * inter) * 4
     gu[0, :8] = torch.tensor([0.0, -0.0, 88.0, -88.0, 200.0, -200.0, 1e-30, -1e-30])  # exp range edges
@@ -73,7 +74,8 @@ def test_silu_mul_matches_the_reference(T, inter):
     assert (diff <= 4e-7 * ref.abs() + 1e-30).all(), f"max rel err {(diff / ref.abs().clamp_min(1e-30)).max():.3g}"
 
 
-@pytest.mark.parametrize("T,hq,hkv,D,R", [(1, 9, 3, 64, 32), (16, 4, 2, 24, 12), (5, 4, 4, 16, 4), (3, 2, 1, 24, 4)])
+@pytest.mark.parametrize("T,hq,hkv,D,R", [(1, 9, 3, 64, 32), (16, 4, 2, 24, 12), (5, 4, 4, 16, 4), (3, 2, 1, 24, 4),
+                                         (150, 4, 2, 16, 8)])
 def test_rope_cache_write_matches_the_reference(T, hq, hkv, D, R):
     g = torch.Generator().manual_seed(T + D)
     qkv = torch.randn(T, hq + 2 * hkv, D, generator=g)
@@ -87,6 +89,9 @@ def test_rope_cache_write_matches_the_reference(T, hq, hkv, D, R):
     rope_cache_write_(ours, cos, sin, caches[0], caches[1], slots, hq, hkv)
     rope_cache_write_torch(ref, cos, sin, caches[2], caches[3], slots, hq, hkv)
     assert_close(ours, ref, TOL, "rotated q|k|v")
+    alone = qkv.clone()
+    rope_cache_write_(alone, cos, sin, None, None, None, hq, hkv)  # rope only: the same rotation, no cache
+    assert torch.equal(alone, ours)
     assert torch.equal(ours[:, :, 2 * R :], qkv[:, :, 2 * R :]), "dims past the rotary ones pass through"
     assert torch.equal(ours[:, hq + hkv :], qkv[:, hq + hkv :]), "v is not rotated"
     for mine, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
@@ -94,6 +99,24 @@ def test_rope_cache_write_matches_the_reference(T, hq, hkv, D, R):
         assert_close(mine[slots], theirs[slots], TOL, "cache rows")
     assert torch.equal(caches[0][slots], ours[:, hq : hq + hkv]), "the rotated keys are what is cached"
     assert torch.equal(caches[1][slots], ours[:, hq + hkv :]), "the values are cached as they are"
+
+
+def test_rows_do_not_depend_on_the_batch():
+    """A row alone, or among 199 others (4 pool chunks): the same bits from every kernel."""
+    x, w = _rows(200, 96, 3), torch.randn(96)
+    gu = torch.randn(200, 2 * 96)
+    qkv = torch.randn(200, 8, 16)
+    cos, sin = torch.rand(200, 1, 8), torch.rand(200, 1, 8)
+    whole = qkv.clone()
+    rope_cache_write_(whole, cos, sin, None, None, None, 4, 2)
+    res, out = add_rms_norm(x, gu[:, :96], w, 1e-6)
+    for r in (0, 63, 64, 199):
+        one = qkv[r : r + 1].clone()
+        rope_cache_write_(one, cos[r : r + 1], sin[r : r + 1], None, None, None, 4, 2)
+        assert torch.equal(one[0], whole[r]), f"rope row {r}"
+        assert torch.equal(rms_norm(x[r : r + 1], w, 1e-6)[0], rms_norm(x, w, 1e-6)[r]), f"rms_norm row {r}"
+        assert torch.equal(silu_mul(gu[r : r + 1])[0], silu_mul(gu)[r]), f"silu_mul row {r}"
+        assert torch.equal(add_rms_norm(x[r : r + 1], gu[r : r + 1, :96], w, 1e-6)[1][0], out[r]), f"add row {r}"
 
 
 def test_rope_cache_write_refuses_a_slot_outside_the_cache():

@@ -175,8 +175,11 @@ def _check(summary: dict, ref: list[dict]) -> None:
     agree = sum(int(s["agree"].sum()) for s in ref)
     assert abs(round(task["top1_agreement"] * n) - agree) <= near_top, (task["top1_agreement"] * n, agree)
     # the paper's sampled KL: per sample, mean of log(p_y + 1e-10) - log(q_y + 1e-10) past the first response token
+    # A difference of two log-prob means (~1.25 each here, ~25x the difference): its float32 error is relative to
+    # them, not to the difference (measured 2.8e-7 and 5.9e-7 with two orderings of the same float32 arithmetic).
     per = [((s["logp_tuned"].exp() + 1e-10).log() - (s["logp_base"].exp() + 1e-10).log())[1:].mean() for s in ref]
-    assert task["sampled_kl"] == pytest.approx(abs(sum(per).item() / len(per)), rel=REL, abs=ABS)
+    scale = (abs(_mean(ref, "logp_base")[0]) + abs(_mean(ref, "logp_tuned")[0])) / 2
+    assert task["sampled_kl"] == pytest.approx(abs(sum(per).item() / len(per)), rel=0, abs=REL * scale)
     # llama.cpp's headline statistics (its KLD is KL(base||tuned), "same top p" the top-1 agreement)
     kl_bt, dp = torch.cat([s["kl_bt"] for s in ref]), torch.cat([s["dp"] for s in ref])
     ll = task["llama_cpp"]

@@ -1,24 +1,28 @@
-"""The element-wise work between a decode step's GEMMs on float32 CPU tensors, one `driftscope._C` call each.
+"""The row-wise work between a layer's GEMMs on float32 CPU tensors, one `driftscope._C` call each.
 
-A decode step runs a few rows (one per sequence) through each layer, and between its GEMMs torch spends ~10 us of
-dispatch per op on work of ~1 us: RMSNorm is 6 ops, rope 5, the cache writes 2, silu·up 2 plus a copy of the strided
-gate (bench/RESULTS.md, the decode profile). These four fold them:
+Between its GEMMs a layer runs chains of element-wise torch ops: RMSNorm is 6, rope 5, the residual add 1, silu·up 2
+plus a copy of the strided gate for the down GEMM. In a decode step (a few rows) each costs ~10 us of dispatch for
+~1 us of work; in a prefill (thousands of rows) each is a pass over memory (bench/RESULTS.md, the profiles). These
+fold each chain into one pass, over the decode pool's threads for many rows:
 
 - `rms_norm(x, w, eps)`: x [T, d] (rows may be strided) -> x · 1/sqrt(mean(x²) + eps) · w, new [T, d];
 - `add_rms_norm(h, a, w, eps)`: (h + a, rms_norm(h + a, w, eps)), the residual add and the next norm in one pass;
 - `silu_mul(gu)`: gu [T, 2I] (gate | up) -> silu(gate) · up, new contiguous [T, I];
 - `rope_cache_write_(qkv, cos, sin, k_cache, v_cache, slots, hq, hkv)`: rotate-half rope on the q and k heads of
   qkv [T, Hq + 2·Hkv, D] in place (cos/sin [T, 1, R] or [T, R], the first 2·R dims), then token t's k and v heads
-  into cache slot slots[t] ([S, Hkv, D] caches).
+  into cache slot slots[t] ([S, Hkv, D] caches); k_cache None: rope only.
 
-Each has its float32 torch reference, `<name>_torch`, same signature: the model's own ops (engine/model.py's
-RMSNorm, apply_rope_, index_copy_). The C++ sums squares in 16 lanes and uses a polynomial exp, so results agree
-with the references to float32 rounding, not bit for bit; used only by the decode step (engine/decode_layer.py).
+Each has its float32 torch reference, `<name>_torch`, same signature (the model's ops before these: RMSNorm,
+apply_rope_, index_copy_), and a dispatch table (NORM, ADD_NORM, SILU_MUL, ROPE: cpp for float32 CPU tensors, else
+torch). The C++ sums squares in 16 lanes and uses a polynomial exp: results agree with the references to float32
+rounding, not bit for bit; each row's result is the same whatever the batch or the thread count.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from driftscope.kernels._dispatch import Op
 
 
 def _f32_cpu(name: str, *ts: torch.Tensor) -> None:
@@ -62,20 +66,24 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rope_cache_write_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slots: torch.Tensor, hq: int, hkv: int) -> None:
+def rope_cache_write_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor | None,
+                      v_cache: torch.Tensor | None, slots: torch.Tensor | None, hq: int, hkv: int) -> None:
     from driftscope import _C
 
-    _f32_cpu("rope_cache_write_", qkv, cos, sin, k_cache, v_cache)
+    _f32_cpu("rope_cache_write_", qkv, cos, sin)
     T, H, D = qkv.shape
     R = cos.shape[-1]
     assert qkv.is_contiguous() and H == hq + 2 * hkv and 2 * R <= D, f"rope_cache_write_: qkv {tuple(qkv.shape)}"
-    assert k_cache.shape[1:] == (hkv, D) and k_cache.shape == v_cache.shape and k_cache.is_contiguous() \
-        and v_cache.is_contiguous(), f"rope_cache_write_: caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-    assert slots.shape == (T,) and slots.dtype == torch.int64, f"rope_cache_write_: slots {slots.dtype} {slots.shape}"
-    cos, sin, slots = cos.reshape(T, R).contiguous(), sin.reshape(T, R).contiguous(), slots.contiguous()
-    _C.rope_cache_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                        slots.data_ptr(), T, hq, hkv, D, R, k_cache.shape[0])
+    cos, sin = cos.reshape(T, R).contiguous(), sin.reshape(T, R).contiguous()
+    ptrs = (0, 0, 0, 0)
+    if k_cache is not None:
+        _f32_cpu("rope_cache_write_", k_cache, v_cache)
+        assert k_cache.shape[1:] == (hkv, D) and k_cache.shape == v_cache.shape and k_cache.is_contiguous() \
+            and v_cache.is_contiguous(), f"rope_cache_write_: caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        assert slots.shape == (T,) and slots.dtype == torch.int64, f"rope_cache_write_: slots {slots.dtype}"
+        slots = slots.contiguous()
+        ptrs = (k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), k_cache.shape[0])
+    _C.rope_cache_write(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), *ptrs[:3], T, hq, hkv, D, R, ptrs[3])
 
 
 def rms_norm_torch(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,8 +102,8 @@ def silu_mul_torch(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def rope_cache_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, slots: torch.Tensor, hq: int, hkv: int) -> None:
+def rope_cache_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor | None,
+                           v_cache: torch.Tensor | None, slots: torch.Tensor | None, hq: int, hkv: int) -> None:
     """Reference: rotate-half on the q and k heads' first 2·R dims, then index_copy_ into the caches."""
     T = qkv.shape[0]
     R = cos.shape[-1]
@@ -104,5 +112,19 @@ def rope_cache_write_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     x1, x2 = x[..., :R].clone(), x[..., R : 2 * R].clone()
     x[..., :R] = x1 * c - x2 * s
     x[..., R : 2 * R] = x2 * c + x1 * s
-    k_cache.index_copy_(0, slots, qkv[:, hq : hq + hkv])
-    v_cache.index_copy_(0, slots, qkv[:, hq + hkv :])
+    if k_cache is not None:
+        k_cache.index_copy_(0, slots, qkv[:, hq : hq + hkv])
+        v_cache.index_copy_(0, slots, qkv[:, hq + hkv :])
+
+
+NORM = Op("rms_norm", {"cpp": rms_norm, "torch": rms_norm_torch}, takes={"cpp": "float32 [T, d]"}, strict=False)
+ADD_NORM = Op("add_rms_norm", {"cpp": add_rms_norm, "torch": add_rms_norm_torch}, takes={"cpp": "float32"},
+              strict=False)
+SILU_MUL = Op("silu_mul", {"cpp": silu_mul, "torch": silu_mul_torch}, takes={"cpp": "float32"}, strict=False)
+ROPE = Op("rope", {"cpp": rope_cache_write_, "torch": rope_cache_write_torch}, takes={"cpp": "float32"},
+          strict=False)
+
+
+def use_cpp(x: torch.Tensor) -> bool:
+    """Whether the glue of a layer over x runs the cpp kernels: float32 CPU tensors, cpp not forced away."""
+    return x.dtype == torch.float32 and NORM.select(x.device, cpp=x.device.type == "cpu") == "cpp"
