@@ -1,8 +1,8 @@
 // Row-wise glue between the GEMMs (see glue.h). A decode step's few rows (16 x 576 floats, ~37 KB) run inline on the
 // caller: each call replaces 2-7 torch ops and their dispatch (~10 us apiece there). A prefill's thousands of rows go
-// in chunks of 64 rows over the decode pool (thread_pool.h); one pass over memory where torch makes 3-5. Each row is
-// computed by one thread in a fixed order (sums of squares in 16 double lanes, vectorized without -ffast-math,
-// then the lanes in order): the same bits for any thread count or batch composition.
+// in chunks of 64 rows over OpenMP's threads; one pass over memory where torch makes 3-5. Each row is computed by one
+// thread in a fixed order (sums of squares in 16 double lanes, vectorized without -ffast-math, then the lanes in
+// order): the same bits for any thread count or batch composition.
 #include "glue.h"
 
 #include <algorithm>
@@ -11,7 +11,6 @@
 #include <string>
 
 #include "common.h"
-#include "thread_pool.h"
 
 namespace driftscope {
 
@@ -20,7 +19,8 @@ namespace {
 constexpr int64_t kLanes = 16;
 constexpr int64_t kChunk = 64;  // rows a task
 
-// f(r0, r1) over [0, rows) in chunks of kChunk rows: inline for one chunk, else on the decode pool
+// f(r0, r1) over [0, rows) in chunks of kChunk rows: inline for one chunk (a decode step), else OpenMP's threads,
+// those of the GEMMs before and after it (the decode pool's worker would spin beside them after its last task)
 template <class F>
 void over_rows(int64_t rows, F&& f) {
   const int64_t n = (rows + kChunk - 1) / kChunk;
@@ -28,10 +28,12 @@ void over_rows(int64_t rows, F&& f) {
     f(int64_t{0}, rows);
     return;
   }
-  parallel_tasks(n, max_threads(), [&](int64_t t) { f(t * kChunk, std::min(rows, (t + 1) * kChunk)); });
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < n; ++t) f(t * kChunk, std::min(rows, (t + 1) * kChunk));
 }
 
-float sum_squares(const float* x, int64_t d) {  // in double lanes: the norm's one reduction, float32 inputs squared exactly
+// Σ x², in double lanes (float32 squares are exact in double): the norm's one reduction
+float sum_squares(const float* x, int64_t d) {
   double lane[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
