@@ -3,7 +3,7 @@
 Between its GEMMs a layer runs chains of element-wise torch ops: RMSNorm is 6, rope 5, the residual add 1, silu·up 2
 plus a copy of the strided gate for the down GEMM. In a decode step (a few rows) each costs ~10 us of dispatch for
 ~1 us of work; in a prefill (thousands of rows) each is a pass over memory (bench/RESULTS.md, the profiles). These
-fold each chain into one pass, over the decode pool's threads for many rows:
+fold each chain into one pass (many rows in 64-row chunks over OpenMP's threads, those of the GEMMs around them):
 
 - `rms_norm(x, w, eps)`: x [T, d] (rows may be strided) -> x · 1/sqrt(mean(x²) + eps) · w, new [T, d];
 - `add_rms_norm(h, a, w, eps)`: (h + a, rms_norm(h + a, w, eps)), the residual add and the next norm in one pass;
